@@ -1,0 +1,299 @@
+"""Synthetic ISLES 2018 CT-perfusion tree, the default data for the demo and the tests.
+
+The real release must be requested and registered for, so this writes a small look-alike with the same layout,
+file names, dtypes and slab geometry: anisotropic slabs of 2 to 22 axial slices, and some patients who give two
+slabs (cases A and B) that share one head and one set of lesions.
+
+Content, inside the brain (healthy grey / white matter, ischemic core):
+    CT    int32, Hounsfield units: air -1000, scalp 40, skull 800-1500, grey 40, white 30, CSF 5,
+          core 2-6 HU darker than its surroundings, noise SD 4 HU.
+    CBF   uint16, mL/100 g/min: grey ~55, white ~22, core ~3-8 (under 30 % of normal), penumbra ~65 % of normal.
+    CBV   uint16, 0.01 mL/100 g (400 = 4 mL/100 g): grey ~4, white ~2 mL/100 g; ~45 % of normal in the inner part
+          of the core only, ~15 % above normal in the penumbra.
+    MTT   float64, seconds: grey ~4, white ~5; penumbra ~8-10, core ~11-14.
+    Tmax  float64, seconds: normal 0-2; penumbra ~7-8, core ~10-11.
+    OT    uint8, 0/1: the ischemic core.
+The perfusion maps are 0 outside the brain and in CSF. Each map's abnormal region is shaped differently from the
+core (CBF: a slightly larger region, CBV: part of it, MTT and Tmax: a much larger penumbra) and carries voxel noise,
+so no single map thresholded reproduces the label while the maps together are informative.
+Geometry: in-plane spacing = field of view 215-250 mm / in_plane (0.84-0.98 mm at 256), slice thickness 2-12 mm
+(at most 120 mm per slab), 1 to 3 irregular lesions per patient drawn with a total volume of 15 mL (median; 3-100 mL),
+of which a slab shows a part (every training slab shows some).
+"""
+
+import csv
+import itertools
+import shutil
+from pathlib import Path
+
+import fire
+import nibabel as nib
+import numpy as np
+
+from scripts.isles import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
+
+FIRST_SMIR_ID = 345560
+DTYPES = {"CT": np.int32, "CBF": np.uint16, "CBV": np.uint16, "MTT": np.float64, "Tmax": np.float64, LABEL: np.uint8}
+PATIENTS_CSV = "patients.csv"
+
+BOX_MM = (140.0, 140.0, 110.0)  # half extent, around the head centre, of the region the random fields cover
+SLAB_LIMIT_MM = 70.0  # slabs stay within this distance of the head centre along z
+MAX_SLAB_MM = 120.0  # depth x thickness of one slab
+SCALP_MM = 4.0
+# Correlation length (mm) of each smooth random field of a patient, in the order they are drawn.
+FIELD_SIGMAS = {"shape": 25, "skull": 10, "folds": 3, "tissue": 8, "perfusion": 20, "core": 5, "cbf": 6,
+                "cbv": 5, "tmax": 8}
+EDGE = 0.1  # width of the soft edge of the ischemic regions, in units of the lesion radius
+
+
+def _sigmoid(t):
+    """Logistic function, overflow-free."""
+    return 0.5 * (1.0 + np.tanh(0.5 * t))
+
+
+def _irregular(field):
+    """Factor in [0.4, 1.6] that turns an ellipsoid distance into an irregular blob's."""
+    return 1.0 - 0.3 * np.clip(field, -2.0, 2.0)
+
+
+def _region(distance, field, scale):
+    """Soft mask (0-1) of an irregular region `scale` times the lesions' size, its edge shaped by `field`."""
+    return _sigmoid((1 - distance * _irregular(field) / scale) / EDGE)
+
+
+class _Field:
+    """Smooth Gaussian random field of unit variance over the patient box, evaluated on any axis-aligned grid."""
+
+    def __init__(self, rng, sigma):
+        step = 0.75 * sigma
+        self.sigma = float(sigma)
+        self.nodes = [np.arange(-half, half + step, step, dtype=np.float32) for half in BOX_MM]
+        self.values = rng.standard_normal([len(n) for n in self.nodes], dtype=np.float32)
+
+    def __call__(self, x, y, z):
+        """Field on the grid spanned by the 1-D coordinates x, y, z (mm), shape (len(x), len(y), len(z))."""
+        out = self.values
+        for axis, coords in ((2, z), (1, y), (0, x)):  # z first: a slab needs few z nodes
+            nodes = self.nodes[axis]
+            lo, hi = np.searchsorted(nodes, [coords.min() - 4 * self.sigma, coords.max() + 4 * self.sigma])
+            out = np.moveaxis(np.tensordot(out.take(np.arange(lo, hi), axis), self._weights(coords, nodes[lo:hi]),
+                                           axes=(axis, 1)), -1, axis)
+        return out
+
+    def _weights(self, coords, nodes):
+        """Gaussian kernel weights (cut at 4 sigma) of each coordinate on the nodes, for a unit-variance field."""
+        d = (coords[:, None] - nodes[None, :]) / self.sigma
+        w = np.exp(-0.5 * d**2) * (np.abs(d) <= 4)
+        return w / np.sqrt((w**2).sum(axis=1, keepdims=True))
+
+
+class _Slab:
+    """Axial extent of one case: `depth` slices `thickness` mm apart, centred at `center` mm."""
+
+    def __init__(self, depth, thickness, center):
+        self.depth, self.thickness = int(depth), float(thickness)
+        self.z = (center + (np.arange(depth) - (depth - 1) / 2) * thickness).astype(np.float32)
+
+
+class _Patient:
+    """One synthetic head with its lesions, and the one or two slabs acquired of it."""
+
+    def __init__(self, rng, in_plane, slices, n_slabs):
+        self.semi_axes = (float(rng.uniform(68, 78)), float(rng.uniform(86, 96)))  # half width (x), length (y), mm
+        self.half_height = float(rng.uniform(100, 120))
+        self.skull_mm = float(rng.uniform(5, 8))
+        self.spacing = float(rng.uniform(215, 250)) / in_plane
+        origin = -(in_plane - 1) / 2 * self.spacing + rng.uniform(-8, 8, size=2)
+        self.x, self.y = (o + self.spacing * np.arange(in_plane, dtype=np.float32) for o in origin.astype(np.float32))
+        self.fields = {name: _Field(rng, sigma) for name, sigma in FIELD_SIGMAS.items()}
+        self.slabs = self._draw_slabs(rng, slices, n_slabs)
+        self.lesions = self._draw_lesions(rng, int(rng.integers(n_slabs, 4)))
+        self.cbf_scale = float(rng.uniform(0.85, 1.15))
+        self.core_hypodensity = float(rng.uniform(2, 6))
+        self.penumbra_factor = {"cbf": float(rng.uniform(1.05, 1.3)), "cbv": float(rng.uniform(0.5, 0.8)),
+                                "tmax": float(rng.uniform(1.4, 2.0))}
+
+    @staticmethod
+    def _draw_slabs(rng, slices, n_slabs):
+        """Slab A somewhere around the head centre, slab B (if any) next to it, overlapping a little or not."""
+        depths = rng.choice(slices, size=n_slabs)
+        thicknesses = [rng.uniform(2, min(12, MAX_SLAB_MM / d)) for d in depths]
+        extents = [d * t for d, t in zip(depths, thicknesses)]
+        centers = [rng.uniform(-1, 1) * min(30.0, SLAB_LIMIT_MM - extents[0] / 2)]
+        if n_slabs == 2:
+            direction = -1.0 if centers[0] > 0 else 1.0
+            shift = (extents[0] + extents[1]) / 2 * rng.uniform(0.6, 1.0)
+            limit = SLAB_LIMIT_MM - extents[1] / 2
+            centers.append(np.clip(centers[0] + direction * shift, -limit, limit))
+        return [_Slab(d, t, c) for d, t, c in zip(depths, thicknesses, centers)]
+
+    def _draw_lesions(self, rng, n_lesions):
+        """Ellipsoids (centre, radii, angle about z) in one hemisphere; lesion i < number of slabs is centred on a
+        voxel of slab i, so every slab shows some core."""
+        total_mm3 = np.clip(rng.lognormal(np.log(15.0), 0.8), 3.0, 100.0) * 1000.0
+        side = rng.choice((-1.0, 1.0))
+        lesions = []
+        for i, volume in enumerate(total_mm3 * rng.dirichlet(np.full(n_lesions, 2.0))):
+            slab = self.slabs[i] if i < len(self.slabs) else self.slabs[rng.integers(len(self.slabs))]
+            center = self._lesion_center(rng, slab, side)
+            shape = rng.lognormal(0.0, 0.25, size=3)
+            radii = (3 * volume / (4 * np.pi)) ** (1 / 3) * shape / np.prod(shape) ** (1 / 3)
+            lesions.append((center, radii.astype(np.float32), float(rng.uniform(0, np.pi))))
+        return lesions
+
+    def _lesion_center(self, rng, slab, side):
+        """A voxel of `slab` in the `side` hemisphere, in brain tissue (not CSF), away from the skull."""
+        z = slab.z[rng.integers(slab.depth)][None]
+        anatomy = self.anatomy(self.x, self.y, z)
+        allowed = (anatomy["csf"][..., 0] < 0.3) & (side * self.x[:, None] > 0)
+        depth = np.where(allowed, anatomy["brain_depth"][..., 0], -np.inf)
+        candidates = np.argwhere(depth >= min(8.0, 0.5 * depth.max()))
+        i, j = candidates[rng.integers(len(candidates))]
+        return np.array([self.x[i], self.y[j], z[0]], dtype=np.float32)
+
+    def anatomy(self, x, y, z):
+        """Depth under the scalp and inside the skull (mm), grey-matter and CSF fractions on the grid x, y, z."""
+        f = {name: self.fields[name](x, y, z) for name in ("shape", "skull", "folds", "tissue")}
+        X, Y, Z = np.ix_(x, y, z)
+        taper = np.sqrt(np.clip(1 - (Z / self.half_height) ** 2, 0.05, None))
+        a, b = self.semi_axes[0] * taper, self.semi_axes[1] * taper
+        radius = np.sqrt((X / a) ** 2 + (Y / b) ** 2) + 0.02 * f["shape"]
+        depth = (1 - radius) * (a + b) / 2
+        skull_end = SCALP_MM + self.skull_mm + f["skull"]
+        brain_depth = depth - skull_end
+        cortex = _sigmoid((10.0 + 5.0 * f["tissue"] + 2.0 * f["folds"] - brain_depth) / 0.7)
+        deep_grey = _sigmoid((f["tissue"] - 1.0) / 0.25) * _sigmoid((brain_depth - 25.0) / 3.0)
+        ventricle = np.sqrt(((np.abs(X) - 8) / 6) ** 2 + ((Y - 5) / 20) ** 2 + ((Z - 15) / 12) ** 2)
+        ventricle = ventricle + 0.15 * f["tissue"]
+        surface_csf = _sigmoid((1.0 - brain_depth) / 0.5)
+        sulci = _sigmoid((f["folds"] - 1.3) / 0.2) * _sigmoid((10.0 - brain_depth) / 2.0)
+        csf = np.maximum(np.maximum(surface_csf, sulci), _sigmoid((1 - ventricle) / 0.08))
+        return {"depth": depth, "skull_end": skull_end, "skull_field": f["skull"], "brain_depth": brain_depth,
+                "grey": np.maximum(cortex, deep_grey), "csf": csf}
+
+    def lesion_distance(self, x, y, z):
+        """Smallest normalised ellipsoid distance to a lesion centre (< 1 inside a regular lesion)."""
+        X, Y, Z = np.ix_(x, y, z)
+        distances = []
+        for (cx, cy, cz), (rx, ry, rz), angle in self.lesions:
+            c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+            u, v = c * (X - cx) + s * (Y - cy), c * (Y - cy) - s * (X - cx)
+            distances.append(np.sqrt((u / rx) ** 2 + (v / ry) ** 2 + ((Z - cz) / rz) ** 2))
+        return np.minimum.reduce(distances)
+
+    def case(self, slab, rng):
+        """The six arrays (stored dtypes) and the affine of the case acquired as `slab`; `rng` draws its noise."""
+        x, y, z = self.x, self.y, slab.z
+        shape = (len(x), len(y), len(z))
+        anatomy = self.anatomy(x, y, z)
+        f = {name: self.fields[name](x, y, z) for name in ("perfusion", "core", "cbf", "cbv", "tmax")}
+        distance = self.lesion_distance(x, y, z)
+        core_q = distance * _irregular(f["core"])  # < 1 in the core
+        scale = self.penumbra_factor
+        severity = {  # the CBF deficit follows the core's edge loosely, the others not at all
+            "cbf": _region(distance, 0.6 * f["core"] + 0.8 * f["cbf"], scale["cbf"]),
+            "cbv": _region(distance, f["cbv"], scale["cbv"]),
+            "tmax": _region(distance, f["tmax"], scale["tmax"]),
+        }
+        brain = anatomy["brain_depth"] >= 0
+        grey, csf = anatomy["grey"], anatomy["csf"]
+        white = 1 - grey
+        perfused = brain * (1 - csf)
+
+        def noise(sd):
+            return sd * rng.standard_normal(shape, dtype=np.float32)
+
+        skull_fraction = np.clip((anatomy["depth"] - SCALP_MM) / (anatomy["skull_end"] - SCALP_MM), 0, 1)
+        bone = 800 + 650 * np.abs(np.cos(np.pi * skull_fraction)) + 40 * anatomy["skull_field"]
+        tissue = (30 + 10 * grey) * (1 - csf) + 5 * csf - self.core_hypodensity * _sigmoid((1 - core_q) / EDGE)
+        ct = np.select([brain, anatomy["depth"] >= SCALP_MM, anatomy["depth"] >= 0], [tissue, bone, 40.0], -1000.0)
+        ct = ct + noise(4.0)
+
+        cbf = (self.cbf_scale * (55 * grey + 22 * white) * (1 + 0.08 * f["perfusion"])
+               * (1 - 0.35 * severity["tmax"] - 0.5 * severity["cbf"]) * np.exp(noise(0.12)) * perfused)
+        cbv = ((4 * grey + 2 * white) * (1 + 0.05 * f["perfusion"]) * (1 + 0.15 * severity["tmax"])
+               * (1 - 0.6 * severity["cbv"]) * np.exp(noise(0.12)) * perfused)
+        mtt = ((4 * grey + 5 * white) * (1 + severity["tmax"] + 0.8 * severity["cbf"]) * np.exp(noise(0.1))
+               * perfused)
+        tmax = (np.clip(0.8 + 0.5 * f["perfusion"] + 7 * severity["tmax"] + 3 * severity["cbf"] + noise(0.5), 0, None)
+                * perfused)
+        arrays = {
+            "CT": np.rint(np.clip(ct, -1024, 3071)),
+            "CBF": np.rint(np.clip(cbf, 0, 65535)),
+            "CBV": np.rint(np.clip(100 * cbv, 0, 65535)),
+            "MTT": mtt,
+            "Tmax": tmax,
+            LABEL: (core_q < 1) & brain & (csf < 0.5),
+        }
+        affine = np.diag([self.spacing, self.spacing, slab.thickness, 1.0])
+        affine[:3, 3] = (x[0], y[0], z[0])
+        return {key: np.asarray(a, dtype=DTYPES[key]) for key, a in arrays.items()}, affine
+
+
+def _write_case(case_dir, arrays, affine, smir_ids):
+    """Write each array as SMIR.Brain.XX.O.<TOKEN>.<id>/SMIR.Brain.XX.O.<TOKEN>.<id>.nii under `case_dir`."""
+    for key, data in arrays.items():
+        name = smir_name(MODALITY_TOKENS[key][0], next(smir_ids))
+        folder = case_dir / name
+        folder.mkdir(parents=True)
+        image = nib.Nifti1Image(data, affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.header.set_xyzt_units("mm", "sec")
+        nib.save(image, folder / f"{name}.nii")
+
+
+def _write_split(split_dir, keys, num_cases, seed, split_index, in_plane, slices, two_slab_fraction, smir_ids):
+    """Write case_1 .. case_<num_cases> of one split; return the (case, patient) rows."""
+    rows = []
+    for patient_index in itertools.count(1):
+        if len(rows) == num_cases:
+            return rows
+        rng = np.random.default_rng([seed, split_index, patient_index])
+        n_slabs = 2 if rng.random() < two_slab_fraction else 1
+        patient = _Patient(rng, in_plane, slices, n_slabs)
+        for slab_index, slab in enumerate(patient.slabs[: num_cases - len(rows)]):
+            case = f"case_{len(rows) + 1}"
+            arrays, affine = patient.case(slab, np.random.default_rng([seed, split_index, patient_index, slab_index]))
+            _write_case(split_dir / case, {key: arrays[key] for key in keys}, affine, smir_ids)
+            rows.append((case, f"patient_{patient_index}"))
+
+
+def generate(output_dir, num_train=20, num_test=4, seed=0, in_plane=256, slices=(2, 4, 8, 16, 22),
+             two_slab_fraction=0.3, overwrite=False) -> dict:
+    """Write a synthetic ISLES 2018 tree (TRAINING with labels, TESTING without, patients.csv) to `output_dir`.
+
+    `slices` is a slab depth or the choices each case draws its depth from; a training patient gives two consecutive
+    cases with probability `two_slab_fraction`. The same arguments give byte-identical files. Existing TRAINING or
+    TESTING folders (or patients.csv) are replaced only with `overwrite=True`.
+    """
+    slices = (int(slices),) if np.isscalar(slices) else tuple(int(s) for s in slices)
+    if int(in_plane) < 16 or not slices or min(slices) < 1 or num_train < 0 or num_test < 0:
+        raise ValueError("need in_plane >= 16, slab depths >= 1 and non-negative case counts")
+    if not 0 <= two_slab_fraction <= 1:
+        raise ValueError(f"two_slab_fraction must lie in [0, 1], got {two_slab_fraction}")
+    output_dir = Path(output_dir)
+    train_dir, test_dir, csv_path = output_dir / TRAINING_DIR, output_dir / TESTING_DIR, output_dir / PATIENTS_CSV
+    existing = [d for d in (train_dir, test_dir) if d.is_dir() and any(d.iterdir())] + [csv_path] * csv_path.exists()
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists and is not empty; pass overwrite=True to replace it")
+    for folder in (train_dir, test_dir):
+        if folder.exists():
+            shutil.rmtree(folder)
+    csv_path.unlink(missing_ok=True)
+
+    smir_ids = itertools.count(FIRST_SMIR_ID)
+    common = {"seed": int(seed), "in_plane": int(in_plane), "slices": slices, "smir_ids": smir_ids}
+    rows = _write_split(train_dir, CHANNELS + (LABEL,), num_train, split_index=0,
+                        two_slab_fraction=two_slab_fraction, **common)
+    test_rows = _write_split(test_dir, CHANNELS, num_test, split_index=1, two_slab_fraction=0.0, **common)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    test_dir.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([("case", "patient"), *rows])
+    return {"output_dir": str(output_dir), "training": [case for case, _ in rows],
+            "testing": [case for case, _ in test_rows], "patients_csv": str(csv_path)}
+
+
+if __name__ == "__main__":
+    fire.Fire(generate)
