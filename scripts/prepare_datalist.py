@@ -1,0 +1,256 @@
+"""Build a MONAI datalist (with patient-grouped folds) from an ISLES 2018 CT-perfusion tree, and check its files.
+
+MONAI reads datalists (``load_decathlon_datalist``) but knows nothing of the ISLES folder layout, of
+patients who gave two slabs, or of the ways a scan folder can be broken; this module fills that gap.
+
+    python -m scripts.prepare_datalist --data_root DIR --output datalist.json --folds 5 --seed 0 [--check]
+"""
+
+import csv
+import json
+import logging
+import os
+from collections import defaultdict
+
+import nibabel as nib
+import numpy as np
+from monai.data import load_decathlon_datalist
+
+from scripts.isles import CHANNELS, IGNORED_TOKENS, LABEL, NIFTI_SUFFIXES, SMIR_NAME, TESTING_DIR, TRAINING_DIR
+from scripts.isles import key_of_token
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidCaseError(ValueError):
+    """A case that cannot be used; the message names the case and the file."""
+
+
+def _find_dir(parent, name):
+    """``parent/name`` matched case-insensitively (releases differ in the case of folder names)."""
+    if not os.path.isdir(parent):
+        return None
+    matches = [d for d in sorted(os.listdir(parent)) if d.lower() == name.lower() and os.path.isdir(os.path.join(parent, d))]
+    return os.path.join(parent, matches[0]) if matches else None
+
+
+def _case_sort_key(name):
+    number = name.rsplit("_", 1)[-1]
+    return (0, int(number), name) if number.isdigit() else (1, 0, name)
+
+
+def find_cases(data_root, section):
+    """Case folders (``case_N``) of ``TRAINING`` or ``TESTING``, in numeric order; [] if the section is absent."""
+    section_dir = _find_dir(data_root, section)
+    if section_dir is None:
+        return []
+    names = [d for d in os.listdir(section_dir) if os.path.isdir(os.path.join(section_dir, d))]
+    return [(name, os.path.join(section_dir, name)) for name in sorted(names, key=_case_sort_key)]
+
+
+def _map_file(case, map_dir):
+    """The one NIfTI file in a ``SMIR.Brain.XX.O.<MOD>.<id>`` folder."""
+    files = [f for f in sorted(os.listdir(map_dir)) if f.lower().endswith(NIFTI_SUFFIXES)]
+    if len(files) != 1:
+        found = ", ".join(sorted(os.listdir(map_dir))) or "nothing"
+        raise InvalidCaseError(f"{case}: expected one .nii or .nii.gz file in {map_dir}, found {found}")
+    return os.path.join(map_dir, files[0])
+
+
+def read_case(case, case_dir, with_label):
+    """Map the case's folders to ``{"image": [CT, CBF, CBV, MTT, Tmax], "label": OT}`` (absolute paths)."""
+    found = {}
+    for entry in sorted(os.listdir(case_dir)):
+        path = os.path.join(case_dir, entry)
+        match = SMIR_NAME.match(entry)
+        if not os.path.isdir(path) or match is None:
+            continue
+        token = match.group("mod")
+        key = key_of_token(token)
+        if key is None:
+            if token.upper() not in (t.upper() for t in IGNORED_TOKENS):
+                logger.warning("%s: ignoring folder %s (unknown modality %s)", case, path, token)
+            continue
+        if key in found:
+            raise InvalidCaseError(f"{case}: two folders for {key}: {os.path.dirname(found[key])} and {path}")
+        found[key] = _map_file(case, path)
+    if not found:
+        raise InvalidCaseError(f"{case}: no SMIR.Brain.XX.O.<MOD>.<id> map folders in {case_dir}")
+    wanted = CHANNELS + ((LABEL,) if with_label else ())
+    missing = [key for key in wanted if key not in found]
+    if missing:
+        raise InvalidCaseError(f"{case}: missing {', '.join(missing)} in {case_dir} (found {', '.join(found)})")
+    item = {"image": [found[c] for c in CHANNELS], "case": case}
+    if with_label:
+        item["label"] = found[LABEL]
+    return item
+
+
+def check_case(item, affine_atol=1e-2):
+    """Load every file of a datalist item (absolute paths) and check grids, values and the label.
+
+    Raises ``InvalidCaseError`` naming the case and the file for: unreadable/truncated/non-NIfTI files,
+    a shape or affine (beyond ``affine_atol`` mm) that differs from the CT's, NaN/Inf values, and a label
+    with values other than 0 and 1.
+    """
+    case = item.get("case", "?")
+    files = list(item["image"]) + ([item["label"]] if "label" in item else [])
+    ref_shape = ref_affine = None
+    for index, path in enumerate(files):
+        name = CHANNELS[index] if index < len(CHANNELS) else LABEL
+        try:
+            img = nib.load(path)
+            data = np.asanyarray(img.dataobj)
+        except Exception as err:  # nibabel raises several types for missing, truncated and foreign files
+            raise InvalidCaseError(f"{case}: cannot read {name} file {path}: {err}") from err
+        if ref_shape is None:
+            ref_shape, ref_affine = data.shape, img.affine
+        elif data.shape != ref_shape:
+            raise InvalidCaseError(f"{case}: {name} file {path} has shape {data.shape}, CT has {ref_shape}")
+        elif not np.allclose(img.affine, ref_affine, atol=affine_atol):
+            raise InvalidCaseError(
+                f"{case}: {name} file {path} has an affine that differs from the CT's by more than {affine_atol} mm"
+                f"\n{np.array2string(img.affine, precision=3)}\nvs CT\n{np.array2string(ref_affine, precision=3)}"
+            )
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise InvalidCaseError(f"{case}: {name} file {path} has {int((~np.isfinite(data)).sum())} NaN/Inf values")
+        if name == LABEL:
+            extra = np.setdiff1d(np.unique(data), [0, 1])
+            if extra.size:
+                raise InvalidCaseError(f"{case}: label file {path} is not binary: values {extra[:10].tolist()} besides 0/1")
+
+
+def read_patients_csv(path):
+    """``{case: patient}`` from a CSV with columns ``case,patient``."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"case", "patient"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: a case-to-patient CSV needs the columns 'case' and 'patient', got {reader.fieldnames}")
+        return {row["case"].strip(): row["patient"].strip() for row in reader}
+
+
+def assign_folds(cases, patients, folds, seed):
+    """Fold of each case; all cases of one patient share a fold, folds are balanced by case count."""
+    groups = defaultdict(list)
+    for case in cases:
+        groups[patients[case]].append(case)
+    if not 2 <= folds <= len(groups):
+        raise ValueError(f"folds must be between 2 and the number of patients ({len(groups)}), got {folds}")
+    order = sorted(groups)
+    np.random.default_rng(seed).shuffle(order)
+    sizes, fold_of = [0] * folds, {}
+    for patient in sorted(order, key=lambda p: -len(groups[p])):  # stable: ties keep the shuffled order
+        fold = int(np.argmin(sizes))
+        sizes[fold] += len(groups[patient])
+        fold_of.update({case: fold for case in groups[patient]})
+    return fold_of
+
+
+def _collect(data_root, section, with_label, check, skip_invalid):
+    items, skipped = [], []
+    for case, case_dir in find_cases(data_root, section):
+        try:
+            item = read_case(case, case_dir, with_label)
+            if check:
+                check_case(item)
+        except InvalidCaseError as err:
+            if not skip_invalid:
+                raise
+            skipped.append(f"{section}/{err}")
+            continue
+        items.append(item)
+    return items, skipped
+
+
+def _relative(item, data_root):
+    out = dict(item, image=[os.path.relpath(p, data_root) for p in item["image"]])
+    if "label" in item:
+        out["label"] = os.path.relpath(item["label"], data_root)
+    return out
+
+
+def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, skip_invalid=False):
+    """The datalist dict: ``training`` items with ``fold`` and ``patient``, ``testing`` items without label.
+
+    Without a case-to-patient CSV (argument, or ``patients.csv`` in ``data_root``) every case counts as its own
+    patient, so the two slabs of one ISLES patient may land in different folds; a warning says so.
+    """
+    data_root = os.path.abspath(data_root)
+    if not os.path.isdir(data_root):
+        raise FileNotFoundError(f"data_root {data_root} is not a folder")
+    training, skipped = _collect(data_root, TRAINING_DIR, True, check, skip_invalid)
+    testing, skipped_test = _collect(data_root, TESTING_DIR, False, check, skip_invalid)
+    skipped += skipped_test
+    if not training and not testing:
+        raise InvalidCaseError(f"{data_root}: no usable case folders under {TRAINING_DIR}/ or {TESTING_DIR}/")
+    if skipped:
+        logger.warning("skipped %d invalid case(s):\n  %s", len(skipped), "\n  ".join(skipped))
+    if patients_csv is None and os.path.isfile(os.path.join(data_root, "patients.csv")):
+        patients_csv = os.path.join(data_root, "patients.csv")
+    cases = [item["case"] for item in training]
+    if patients_csv is None:
+        logger.warning("no case-to-patient CSV: each case is its own patient; slabs of one patient may split across folds")
+        patients = {case: case for case in cases}
+    else:
+        patients = read_patients_csv(patients_csv)
+        unknown = [case for case in cases if case not in patients]
+        if unknown:
+            raise ValueError(f"{patients_csv}: no patient for case(s) {', '.join(unknown)}")
+    fold_of = assign_folds(cases, patients, folds, seed) if training else {}
+    for item in training:
+        item.update(patient=patients[item["case"]], fold=fold_of[item["case"]])
+    return {
+        "name": "ISLES 2018 CT perfusion",
+        "channels": list(CHANNELS),
+        "num_folds": folds,
+        "seed": seed,
+        "patients_csv": patients_csv,
+        "skipped": skipped,
+        "training": [_relative(item, data_root) for item in training],
+        "testing": [_relative(item, data_root) for item in testing],
+    }
+
+
+def main(data_root, output="datalist.json", folds=5, seed=0, patients_csv=None, check=False, skip_invalid=False,
+         overwrite=False):
+    """CLI: write the datalist of ``data_root`` to ``output``; never replaces an existing file without ``--overwrite``."""
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    datalist = build_datalist(data_root, folds, seed, patients_csv, check, skip_invalid)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(datalist, f, indent=2)
+    print(f"{output}: {len(datalist['training'])} training cases in {folds} folds, {len(datalist['testing'])} testing,"
+          f" {len(datalist['skipped'])} skipped")
+
+
+def load_fold(data_list_file_path, dataset_dir, fold, check=False):
+    """``{"train": [...], "validation": [...]}`` of one fold with absolute paths, for the training configs."""
+    if not os.path.isfile(data_list_file_path):
+        raise FileNotFoundError(
+            f"datalist {data_list_file_path} not found; build it with: python -m scripts.prepare_datalist"
+            f" --data_root {dataset_dir} --output {data_list_file_path}"
+        )
+    items = load_decathlon_datalist(data_list_file_path, data_list_key="training", base_dir=dataset_dir)
+    folds = sorted({item["fold"] for item in items})
+    if fold not in folds:
+        raise ValueError(f"fold {fold} is not in {data_list_file_path}, which has folds {folds}")
+    if check:
+        for item in items:
+            check_case(item)
+    return {
+        "train": [item for item in items if item["fold"] != fold],
+        "validation": [item for item in items if item["fold"] == fold],
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    import fire
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        fire.Fire(main)
+    except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {err}")

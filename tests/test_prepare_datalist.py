@@ -1,0 +1,245 @@
+"""The datalist builder and its input checks, on synthetic ISLES trees written to temp dirs."""
+
+import csv
+import glob
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.data import load_decathlon_datalist
+
+from scripts.isles import CHANNELS
+from scripts.prepare_datalist import InvalidCaseError, build_datalist, load_fold
+
+# The token each channel's folder carries in the synthetic tree (the real release's CT_ names).
+TOKENS = {"CT": ".CT.", "CBF": ".CT_CBF.", "CBV": ".CT_CBV.", "MTT": ".CT_MTT.", "Tmax": ".CT_Tmax.", "OT": ".OT."}
+
+
+@pytest.fixture
+def tree(synthetic_tree, tmp_path):
+    """A private copy of the session's synthetic tree that a test may break."""
+    root = tmp_path / "isles"
+    shutil.copytree(synthetic_tree, root)
+    return str(root)
+
+
+def map_file(root, case, token, section="TRAINING"):
+    (path,) = glob.glob(os.path.join(root, section, case, f"*{TOKENS[token]}*", "*.nii*"))
+    return path
+
+
+def read_patients(root):
+    with open(os.path.join(root, "patients.csv")) as f:
+        return {row["case"]: row["patient"] for row in csv.DictReader(f)}
+
+
+def test_datalist_content_and_channel_order(synthetic_tree):
+    datalist = build_datalist(synthetic_tree, folds=3, seed=0)
+    assert len(datalist["training"]) == 10 and len(datalist["testing"]) == 2
+    assert [item["case"] for item in datalist["training"]] == [f"case_{i}" for i in range(1, 11)]
+    for item in datalist["training"]:
+        assert len(item["image"]) == 5
+        for channel, path in zip(CHANNELS, item["image"]):
+            assert TOKENS[channel] in os.path.basename(path), (channel, path)
+            assert not os.path.isabs(path) and os.path.isfile(os.path.join(synthetic_tree, path))
+        assert TOKENS["OT"] in item["label"] and os.path.isfile(os.path.join(synthetic_tree, item["label"]))
+        assert item["fold"] in (0, 1, 2)
+    for item in datalist["testing"]:
+        assert "label" not in item and "fold" not in item and len(item["image"]) == 5
+        assert item["image"][0].startswith("TESTING")
+
+
+def test_written_datalist_loads_with_monai(synthetic_tree, tmp_path):
+    out = tmp_path / "datalist.json"
+    subprocess.run(
+        [sys.executable, "-m", "scripts.prepare_datalist", "--data_root", synthetic_tree, "--output", str(out),
+         "--folds", "5", "--seed", "0"],
+        cwd=os.path.dirname(os.path.dirname(__file__)), check=True, capture_output=True,
+    )
+    items = load_decathlon_datalist(str(out), data_list_key="training", base_dir=synthetic_tree)
+    assert len(items) == 10
+    assert all(os.path.isfile(p) for item in items for p in item["image"] + [item["label"]])
+    testing = load_decathlon_datalist(str(out), data_list_key="testing", base_dir=synthetic_tree)
+    assert len(testing) == 2 and all(os.path.isfile(p) for item in testing for p in item["image"])
+
+
+def test_folds_keep_patients_together_and_are_balanced(synthetic_tree):
+    patients = read_patients(synthetic_tree)
+    assert len(set(patients.values())) < len(patients), "fixture should hold a patient with two slabs"
+    for seed in (0, 1, 2):
+        training = build_datalist(synthetic_tree, folds=3, seed=seed)["training"]
+        fold_of_patient = {}
+        for item in training:
+            assert item["patient"] == patients[item["case"]]
+            assert fold_of_patient.setdefault(item["patient"], item["fold"]) == item["fold"]
+        sizes = np.bincount([item["fold"] for item in training], minlength=3)
+        assert sizes.min() >= 1 and sizes.max() - sizes.min() <= 2
+    first = [i["fold"] for i in build_datalist(synthetic_tree, folds=3, seed=7)["training"]]
+    assert first == [i["fold"] for i in build_datalist(synthetic_tree, folds=3, seed=7)["training"]]
+
+
+def test_without_patient_csv_each_case_is_a_patient(tree, caplog):
+    os.remove(os.path.join(tree, "patients.csv"))
+    with caplog.at_level(logging.WARNING):
+        training = build_datalist(tree, folds=5, seed=0)["training"]
+    assert "each case is its own patient" in caplog.text
+    assert all(item["patient"] == item["case"] for item in training)
+
+
+def test_patient_csv_must_cover_every_case(tree, tmp_path):
+    csv_path = tmp_path / "patients.csv"
+    csv_path.write_text("case,patient\ncase_1,p1\n")
+    with pytest.raises(ValueError, match="case_2"):
+        build_datalist(tree, patients_csv=str(csv_path))
+    with pytest.raises(ValueError, match="folds must be between 2"):
+        build_datalist(tree, folds=50)
+
+
+def test_real_release_naming_variants(tree):
+    """Lower-case section folder, .nii.gz files, MR_MTT/MR_Tmax tokens and an ignored 4DPWI folder."""
+    case_dir = os.path.join(tree, "TRAINING", "case_2")
+    for token, new in ((".CT_MTT.", ".MR_MTT."), (".CT_Tmax.", ".MR_Tmax.")):
+        (folder,) = glob.glob(os.path.join(case_dir, f"*{token}*"))
+        new_folder = folder.replace(token, new)
+        os.rename(folder, new_folder)
+        (nii,) = glob.glob(os.path.join(new_folder, "*.nii"))
+        img = nib.load(nii)
+        nib.save(img, os.path.join(new_folder, os.path.basename(nii).replace(token, new) + ".gz"))
+        os.remove(nii)
+    os.makedirs(os.path.join(case_dir, "SMIR.Brain.XX.O.CT_4DPWI.999999"))
+    os.rename(os.path.join(tree, "TRAINING"), os.path.join(tree, "training"))
+    datalist = build_datalist(tree, folds=2, seed=0, check=True)
+    item = next(i for i in datalist["training"] if i["case"] == "case_2")
+    assert item["image"][0].startswith("training/")
+    assert ".MR_MTT." in item["image"][3] and item["image"][3].endswith(".nii.gz")
+    assert ".MR_Tmax." in item["image"][4] and item["image"][4].endswith(".nii.gz")
+
+
+def rewrite(path, change):
+    img = nib.load(path)
+    data, affine = change(np.asanyarray(img.dataobj).copy(), img.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def break_missing_map(tree):
+    shutil.rmtree(os.path.dirname(map_file(tree, "case_4", "CBF")))
+    return "case_4", "CBF"
+
+
+def break_shape(tree):
+    path = map_file(tree, "case_4", "CBV")
+    rewrite(path, lambda d, a: (d[:-1], a))
+    return "case_4", os.path.basename(path)
+
+
+def break_affine(tree):
+    path = map_file(tree, "case_4", "MTT")
+
+    def shift(data, affine):
+        affine[0, 3] += 5.0
+        return data, affine
+
+    rewrite(path, shift)
+    return "case_4", os.path.basename(path)
+
+
+def break_truncated(tree):
+    path = map_file(tree, "case_4", "Tmax")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return "case_4", os.path.basename(path)
+
+
+def break_not_nifti(tree):
+    path = map_file(tree, "case_4", "CT")
+    with open(path, "w") as f:
+        f.write("this is not a NIfTI file\n")
+    return "case_4", os.path.basename(path)
+
+
+def break_nan(tree):
+    path = map_file(tree, "case_4", "MTT")
+
+    def add_nan(data, affine):
+        data.flat[0] = np.nan
+        return data, affine
+
+    rewrite(path, add_nan)
+    return "case_4", os.path.basename(path)
+
+
+def break_label(tree):
+    path = map_file(tree, "case_4", "OT")
+
+    def relabel(data, affine):
+        data[data == 1] = 2
+        return data, affine
+
+    rewrite(path, relabel)
+    return "case_4", os.path.basename(path)
+
+
+def break_empty_case(tree):
+    case_dir = os.path.join(tree, "TRAINING", "case_4")
+    shutil.rmtree(case_dir)
+    os.makedirs(case_dir)
+    return "case_4", "case_4"
+
+
+BREAKERS = [break_missing_map, break_shape, break_affine, break_truncated, break_not_nifti, break_nan, break_label,
+            break_empty_case]
+
+
+@pytest.mark.parametrize("breaker", BREAKERS, ids=[b.__name__[6:] for b in BREAKERS])
+def test_broken_input_is_named(tree, breaker, tmp_path, caplog):
+    case, file_hint = breaker(tree)
+    with pytest.raises(InvalidCaseError) as err:
+        build_datalist(tree, folds=3, check=True)
+    assert str(err.value).startswith(f"{case}:") and file_hint in str(err.value), str(err.value)
+
+    with caplog.at_level(logging.WARNING):
+        datalist = build_datalist(tree, folds=3, check=True, skip_invalid=True)
+    assert case not in [item["case"] for item in datalist["training"]]
+    assert len(datalist["training"]) == 9
+    assert len(datalist["skipped"]) == 1 and case in datalist["skipped"][0] and case in caplog.text
+
+    out = tmp_path / "datalist.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.prepare_datalist", "--data_root", tree, "--output", str(out), "--check"],
+        cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True,
+    )
+    assert result.returncode != 0 and f"error: {case}:" in result.stderr, result.stderr
+    assert not out.exists(), "nothing is written for broken input"
+
+
+def test_never_overwrites_a_datalist(synthetic_tree, tmp_path):
+    out = tmp_path / "datalist.json"
+    out.write_text("{}")
+    cmd = [sys.executable, "-m", "scripts.prepare_datalist", "--data_root", synthetic_tree, "--output", str(out)]
+    cwd = os.path.dirname(os.path.dirname(__file__))
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    assert out.read_text() == "{}"
+    subprocess.run(cmd + ["--overwrite"], cwd=cwd, check=True, capture_output=True)
+    assert len(json.loads(out.read_text())["training"]) == 10
+
+
+def test_load_fold_splits_and_reports_bad_values(synthetic_tree, tmp_path):
+    out = tmp_path / "datalist.json"
+    with open(out, "w") as f:
+        json.dump(build_datalist(synthetic_tree, folds=3, seed=0), f)
+    split = load_fold(str(out), synthetic_tree, fold=1, check=True)
+    assert split["validation"] and split["train"]
+    assert {i["fold"] for i in split["validation"]} == {1} and 1 not in {i["fold"] for i in split["train"]}
+    assert len(split["train"]) + len(split["validation"]) == 10
+    assert os.path.isabs(split["train"][0]["image"][0])
+    with pytest.raises(ValueError, match="fold 7 is not in"):
+        load_fold(str(out), synthetic_tree, fold=7)
+    with pytest.raises(FileNotFoundError, match="prepare_datalist"):
+        load_fold(str(tmp_path / "missing.json"), synthetic_tree, fold=0)
