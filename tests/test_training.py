@@ -1,0 +1,172 @@
+"""configs/train.json (and its classic-UNet and demo overrides) run through MONAI's ConfigWorkflow on tiny data."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from scripts.prepare_datalist import build_datalist
+
+# Small enough for this CPU: 5 levels still need every spatial size divisible by 16.
+TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "batch_size": 2, "num_workers": 0,
+        "epochs": 2, "val_interval": 1, "cache_rate": 1.0}
+
+
+@pytest.fixture(scope="module")
+def datalist_file(synthetic_tree, tmp_path_factory):
+    path = tmp_path_factory.mktemp("datalist") / "datalist.json"
+    with open(path, "w") as f:
+        json.dump(build_datalist(synthetic_tree, folds=3, seed=0), f)
+    return str(path)
+
+
+def workflow(repo_root, bundle_root, configs=("train.json",), **override):
+    """A ConfigWorkflow over the repo's configs that writes into ``bundle_root`` (not into the repo)."""
+    files = [os.path.join(repo_root, "configs", name) for name in configs]
+    wf = ConfigWorkflow(config_file=files, meta_file=os.path.join(repo_root, "configs", "metadata.json"),
+                        workflow_type="train", bundle_root=str(bundle_root), **override)
+    return wf
+
+
+def run_all(wf):
+    wf.initialize()
+    assert wf.check_properties() == [], "train.json must define every required train property"
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def tiny(synthetic_tree, datalist_file, **extra):
+    return {**TINY, "dataset_dir": synthetic_tree, "data_list_file_path": datalist_file, **extra}
+
+
+def raised_messages(excinfo):
+    """The messages of an exception and of its causes: config expressions wrap the error they evaluate."""
+    messages, err = [], excinfo.value
+    while err is not None:
+        messages.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    return "\n".join(messages)
+
+
+@pytest.mark.parametrize("configs", [("train.json",), ("train.json", "classic_unet.json")], ids=["modified", "classic"])
+def test_training_writes_checkpoints_and_metrics(repo_root, synthetic_tree, datalist_file, tmp_path, configs):
+    wf = run_all(workflow(repo_root, tmp_path, configs, **tiny(synthetic_tree, datalist_file)))
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2
+    metrics = wf.parser.get_parsed_content("validate#evaluator").state.metrics
+    assert set(metrics) == {"val_mean_dice", "val_jaccard", "val_precision", "val_recall"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
+    net = wf.parser.get_parsed_content("network_def")
+    net.load_state_dict(best)  # strict: the best checkpoint is exactly the network's state_dict
+    (latest,) = glob.glob(str(tmp_path / "models" / "checkpoint_epoch=*.pt"))
+    assert latest.endswith("checkpoint_epoch=2.pt")
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(torch.load(latest, map_location="cpu"))
+    assert glob.glob(str(tmp_path / "runs" / "events.out.tfevents.*"))
+
+
+def test_classic_config_is_the_classic_unet(repo_root, tmp_path):
+    wf = workflow(repo_root, tmp_path, ("train.json", "classic_unet.json"), features=[2, 4, 8, 16, 32])
+    wf.initialize()
+    net = wf.parser.get_parsed_content("network_def")
+    kinds = {type(m).__name__ for m in net.modules()}
+    assert {"ReLU", "BatchNorm3d"} <= kinds and not kinds & {"LeakyReLU", "InstanceNorm3d", "Dropout3d"}
+    assert all(m.p == 0 for m in net.modules() if isinstance(m, torch.nn.Dropout))
+    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    assert len(convs) == 23 and all(max(c.dilation) == 1 for c in convs)
+    assert wf.parser.get_parsed_content("epochs") == 200  # the paper trained the classic UNet for 200 epochs
+
+
+def final_weights(bundle_root):
+    return torch.load(glob.glob(str(bundle_root / "models" / "checkpoint_epoch=*.pt"))[0], map_location="cpu")["model"]
+
+
+def test_resume_continues_a_killed_run_at_the_next_epoch(repo_root, synthetic_tree, datalist_file, tmp_path):
+    first = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=3))
+    first.initialize()
+    killed = first.parser.get_parsed_content("train#trainer")
+    killed.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda engine: engine.terminate())
+    first.run()
+    assert killed.state.epoch == 2
+    saved = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", map_location="cpu")
+
+    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=3, resume=True))
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    started = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: started.append(engine.state.epoch))
+    wf.run()
+    wf.finalize()
+    assert started == [3], "a resumed run trains only the epochs it had not done"
+    assert trainer.state.iteration == 3 * len(trainer.data_loader)
+    resumed = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", map_location="cpu")
+    assert resumed["lr_scheduler"]["last_epoch"] == saved["lr_scheduler"]["last_epoch"] + 1
+    assert resumed["optimizer"]["state"][0]["step"] == saved["optimizer"]["state"][0]["step"] + len(trainer.data_loader)
+    assert not all(torch.equal(saved["model"][k], v) for k, v in resumed["model"].items())
+
+
+def test_resume_without_checkpoint_says_so(repo_root, synthetic_tree, datalist_file, tmp_path):
+    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, resume=True))
+    wf.initialize()
+    with pytest.raises(Exception) as excinfo:
+        wf.run()
+    assert "FileNotFoundError" in raised_messages(excinfo) and "none found to resume from" in raised_messages(excinfo)
+
+
+def test_checkpoints_load_onto_the_configured_device(repo_root, synthetic_tree, datalist_file, tmp_path):
+    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, device="$torch.device('cpu')"))
+    wf.initialize()
+    assert wf.parser.get_parsed_content("train#checkpoint_loader").map_location == torch.device("cpu")
+
+
+def test_same_seed_gives_identical_runs(repo_root, synthetic_tree, datalist_file, tmp_path):
+    for name in ("a", "b"):
+        run_all(workflow(repo_root, tmp_path / name, **tiny(synthetic_tree, datalist_file, epochs=1)))
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        ({"fold": 7}, ValueError, "fold 7 is not in"),
+        ({"data_list_file_path": "/nonexistent/datalist.json"}, FileNotFoundError, "prepare_datalist"),
+        ({"spatial_size": [32, 32, 30]}, ValueError, "divisible by 16"),
+    ],
+    ids=["unknown_fold", "missing_datalist", "spatial_size"],
+)
+def test_bad_config_values_fail_clearly(repo_root, synthetic_tree, datalist_file, tmp_path, override, error, message):
+    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, **override))
+    with pytest.raises(Exception) as excinfo:
+        wf.initialize()
+        wf.run()
+    assert f"{error.__name__}: " in raised_messages(excinfo) and message in raised_messages(excinfo)
+    assert not os.path.exists(tmp_path / "models" / "model.pt")
+
+
+def test_demo_learns(repo_root, tmp_path):
+    """A shorter demo through `monai.bundle run`: validation Dice well above trivial all-background/all-lesion."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           "['configs/train.json','configs/demo.json']", "--bundle_root", str(tmp_path), "--num_cases", "10",
+           "--epochs", "16", "--val_interval", "8"]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "best model:" in result.stdout and "TensorBoard logs:" in result.stdout
+    datalist = json.load(open(tmp_path / "demo_data" / "datalist.json"))
+    assert len(datalist["training"]) == 10
+    dice = float(result.stdout.rsplit("| best val_mean_dice ", 1)[1].split()[0])
+    # all-lesion guess: Dice = 2|L| / (|L| + N) on the validation fold's labels (at the demo's grid: an upper bound)
+    import nibabel as nib
+
+    fractions = [np.asanyarray(nib.load(tmp_path / "demo_data" / "isles" / item["label"]).dataobj).mean()
+                 for item in datalist["training"] if item["fold"] == 0]
+    all_lesion = max(2 * f / (f + 1) for f in fractions)
+    assert dice > max(0.3, 2 * all_lesion), (dice, all_lesion)
