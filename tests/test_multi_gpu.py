@@ -1,0 +1,132 @@
+"""configs/multi_gpu_train.json really launched with `torchrun --nproc_per_node=2` (gloo on CPU) on tiny data."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+
+from scripts.networks import ModifiedUNet
+from scripts.prepare_datalist import build_datalist
+
+TINY = ["--features", "[2,4,8,16,32]", "--spatial_size", "[32,32,16]", "--batch_size", "1", "--num_workers", "0",
+        "--epochs", "2", "--val_interval", "1"]
+ON_RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler"}  # the handlers that write logs without knowing of ranks
+
+
+class RankProbe:
+    """Test instrumentation, attached to an engine through the config like any MONAI handler: the cases each
+    epoch of this rank ran on, and at the end this rank's metrics, amp settings and network weights."""
+
+    def __init__(self, path):
+        self.path = path
+        self.cases = defaultdict(list)
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.ITERATION_STARTED, self.record)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def record(self, engine):
+        self.cases[engine.state.epoch].extend(engine.state.batch["case"])
+
+    def save(self, engine):
+        torch.save({"cases": dict(self.cases), "metrics": dict(engine.state.metrics), "amp_kwargs": engine.amp_kwargs,
+                    "weights": engine.network.module.state_dict()}, self.path)
+
+
+def per_rank(name):
+    return f"$@bundle_root + '/{name}_rank' + os.environ['RANK']"
+
+
+def probe_config(path):
+    """Per-rank output folders (so that a file written by rank 1 would show) and a RankProbe on both engines."""
+    config = {"ckpt_dir": per_rank("models"), "output_dir": per_rank("runs")}
+    for engine in ("train", "validate"):
+        config[f"+{engine}#handlers"] = [
+            {"_target_": "tests.test_multi_gpu.RankProbe", "path": per_rank(f"probe_{engine}") + " + '.pt'"}]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(repo_root, synthetic_tree, tmp_path_factory):
+    """Two epochs on 2 CPU processes: 6 training cases (3 per rank) and 3 validation cases (split 2 + 1)."""
+    root = tmp_path_factory.mktemp("ddp")
+    datalist = build_datalist(synthetic_tree, folds=2, seed=0)
+    # folds set by hand (not by patient): an even training set, so that DistributedSampler pads nothing
+    datalist["training"] = [dict(item, fold=0 if i < 3 else 1) for i, item in enumerate(datalist["training"][:9])]
+    with open(root / "datalist.json", "w") as f:
+        json.dump(datalist, f)
+    configs = ["configs/train.json", "configs/multi_gpu_train.json", probe_config(root / "probe.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "training", "--config_file", repr(configs), "--bundle_root", str(root),
+           "--dataset_dir", synthetic_tree, "--data_list_file_path", str(root / "datalist.json"),
+           "--backend", "gloo", "--device", "$torch.device('cpu')", *TINY]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    cases = {fold: {item["case"] for item in datalist["training"] if item["fold"] == fold} for fold in (0, 1)}
+    return root, result, cases
+
+
+def load_probe(root, engine, rank):
+    return torch.load(root / f"probe_{engine}_rank{rank}.pt", map_location="cpu")
+
+
+def test_ranks_train_on_disjoint_halves(ddp_run):
+    root, _, cases = ddp_run
+    probes = [load_probe(root, "train", rank) for rank in (0, 1)]
+    for epoch in (1, 2):
+        seen = [set(p["cases"][epoch]) for p in probes]
+        assert len(seen[0]) == len(seen[1]) == 3 and not seen[0] & seen[1], seen
+        assert seen[0] | seen[1] == cases[1]
+
+
+def test_validation_is_split_and_metrics_are_gathered(ddp_run):
+    root, _, cases = ddp_run
+    probes = [load_probe(root, "validate", rank) for rank in (0, 1)]
+    for epoch in (1, 2):
+        seen = [p["cases"][epoch] for p in probes]
+        assert sorted(map(len, seen)) == [1, 2] and set(seen[0]) | set(seen[1]) == cases[0], seen
+    # each rank holds different cases, so equal metrics on both ranks are the metrics of all 3 cases
+    assert set(probes[0]["metrics"]) == {"val_mean_dice", "val_jaccard", "val_precision", "val_recall"}
+    assert probes[0]["metrics"] == probes[1]["metrics"]
+
+
+def test_rank0_alone_writes_one_checkpoint_holding_the_final_weights(ddp_run):
+    root, result, _ = ddp_run
+    assert [os.path.basename(p) for p in glob.glob(str(root / "models_rank0" / "checkpoint_epoch=*.pt"))] == [
+        "checkpoint_epoch=2.pt"]
+    assert os.path.isfile(root / "models_rank0" / "model.pt")
+    assert glob.glob(str(root / "runs_rank0" / "events.out.tfevents.*"))
+    rank1_files = [f for folder in ("models_rank1", "runs_rank1") for _, _, fs in os.walk(root / folder) for f in fs]
+    assert rank1_files == []
+    assert result.stdout.count("Saved checkpoint at epoch") == 2, "ranks > 0 log nothing below WARNING"
+
+    saved = torch.load(root / "models_rank0" / "checkpoint_epoch=2.pt", map_location="cpu")["model"]
+    ModifiedUNet(features=[2, 4, 8, 16, 32]).load_state_dict(saved)  # strict: no DDP "module." prefix
+    for rank in (0, 1):
+        final = load_probe(root, "train", rank)["weights"]
+        assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in saved), rank
+
+
+def test_amp_dtype_reaches_both_engines(ddp_run):
+    root, _, _ = ddp_run
+    expected = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    for engine in ("train", "validate"):
+        assert load_probe(root, engine, 0)["amp_kwargs"] == {"dtype": expected}
+
+
+def test_only_log_writers_are_disabled_on_other_ranks(repo_root):
+    """multi_gpu_train.json disables train.json's handlers by list index: they must still be the log writers."""
+    parser = ConfigParser()
+    parser.read_config([os.path.join(repo_root, "configs", name) for name in ("train.json", "multi_gpu_train.json")])
+    for handlers in ("train#handlers", "validate#handlers"):
+        for handler in parser[handlers]:
+            assert ("_disabled_" in handler) == (handler["_target_"] in ON_RANK0_ONLY), (handlers, handler)
