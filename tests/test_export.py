@@ -1,0 +1,126 @@
+"""Export and metadata checks through the real `python -m monai.bundle ...` commands of docs/multi_gpu_and_export.md."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from monai.data import load_net_with_metadata
+
+from scripts.networks import ModifiedUNet
+
+FEATURES = [2, 4, 8, 16, 32]  # tiny, so the commands run fast; `--features` overrides train.json's as in training
+CONFIG = ["--meta_file", "configs/metadata.json", "--config_file", "configs/train.json", "--features", str(FEATURES)]
+ONNX_AXES = ("{'input_names': ['image'], 'output_names': ['pred'], 'dynamic_axes': "
+             "{'image': {0: 'batch', 2: 'x', 3: 'y', 4: 'z'}, 'pred': {0: 'batch', 2: 'x', 3: 'y', 4: 'z'}}}")
+SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "meta_schema.json")
+
+
+def bundle(repo_root, *args):
+    """Run `python -m monai.bundle ARGS` in the repo root; its combined output, after checking it succeeded."""
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=repo_root, check=False,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory):
+    """A network with non-trivial weights, saved as `models/model.pt` is (a plain state_dict), in eval mode."""
+    torch.manual_seed(0)
+    net = ModifiedUNet(features=FEATURES)
+    for p in net.parameters():  # away from the init values (e.g. norm weights of exactly 1)
+        p.data.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("export") / "model.pt"
+    torch.save(net.state_dict(), path)
+    return net.eval(), path
+
+
+def random_inputs(meta):
+    """The metadata's input shape with batch 1, and a different batch and spatial size."""
+    image = meta["network_data_format"]["inputs"]["image"]
+    torch.manual_seed(1)
+    channels = image["num_channels"]
+    return [torch.rand(1, channels, *image["spatial_shape"]), torch.rand(2, channels, 32, 32, 16)]
+
+
+@pytest.fixture(scope="module")
+def meta(repo_root):
+    with open(os.path.join(repo_root, "configs", "metadata.json")) as f:
+        return json.load(f)
+
+
+def test_torchscript_export_matches_eager(repo_root, eager, meta):
+    net, ckpt = eager
+    ts_file = ckpt.parent / "model.ts"
+    bundle(repo_root, "ckpt_export", "network_def", "--filepath", str(ts_file), "--ckpt_file", str(ckpt),
+           "--use_trace", "True", *CONFIG)
+    ts_net, ts_meta, extras = load_net_with_metadata(str(ts_file), more_extra_files=["train.json"])
+    assert ts_meta["network_data_format"] == meta["network_data_format"]
+    assert json.loads(extras["train.json"])["network_def"]["_target_"] == "scripts.networks.ModifiedUNet"
+    with torch.no_grad():
+        for x in random_inputs(meta):
+            torch.testing.assert_close(ts_net(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_export_matches_eager(repo_root, eager, meta):
+    net, ckpt = eager
+    onnx_file = ckpt.parent / "model.onnx"
+    bundle(repo_root, "onnx_export", "network_def", "--filepath", str(onnx_file), "--ckpt_file", str(ckpt),
+           "--converter_kwargs", ONNX_AXES, *CONFIG)
+    onnx.checker.check_model(onnx.load(str(onnx_file)))
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"] and [o.name for o in session.get_outputs()] == ["pred"]
+    with torch.no_grad():
+        for x in random_inputs(meta):
+            (pred,) = session.run(None, {"image": x.numpy()})
+            expected = net(x).numpy()
+            assert pred.shape == expected.shape
+            np.testing.assert_allclose(pred, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_verify_net_in_out_passes(repo_root):
+    out = bundle(repo_root, "verify_net_in_out", "network_def", "--device", "cpu", *CONFIG)
+    assert "data shape of network is verified with no error" in out
+
+
+def test_metadata_is_valid_offline(repo_root):
+    """MONAI's own `verify_metadata`: the schema file exists, so nothing is downloaded."""
+    out = bundle(repo_root, "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", SCHEMA)
+    assert "skipped downloading" in out and "metadata is verified with no error" in out
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("network_data_format",), None),
+        (("required_packages_version",), None),
+        (("version",), "1.0"),
+        (("network_data_format", "inputs", "image", "num_channels"), "5"),
+        (("network_data_format", "inputs", "image", "dtype"), "float"),
+        (("network_data_format", "outputs", "pred", "value_range"), [0]),
+        (("network_data_format", "outputs", "pred", "channel_def"), {"background": "0"}),
+    ],
+    ids=["no_io_format", "no_packages", "version", "channels_as_text", "dtype", "value_range", "channel_def"],
+)
+def test_schema_rejects_broken_metadata(meta, path, value):
+    broken = copy.deepcopy(meta)
+    parent = broken
+    for key in path[:-1]:
+        parent = parent[key]
+    if value is None:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    with open(SCHEMA) as f:
+        schema = json.load(f)
+    jsonschema.validate(meta, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
