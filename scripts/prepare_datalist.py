@@ -42,10 +42,13 @@ def _case_sort_key(name):
 def find_cases(data_root, section):
     """Case folders (``case_N``) of ``TRAINING`` or ``TESTING``, in numeric order; [] if the section is absent."""
     section_dir = _find_dir(data_root, section)
-    if section_dir is None:
-        return []
-    names = [d for d in os.listdir(section_dir) if os.path.isdir(os.path.join(section_dir, d))]
-    return [(name, os.path.join(section_dir, name)) for name in sorted(names, key=_case_sort_key)]
+    return [] if section_dir is None else case_folders(section_dir)
+
+
+def case_folders(folder):
+    """``(name, path)`` of the sub-folders of ``folder``, in numeric order of their ``_N`` suffix."""
+    names = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))]
+    return [(name, os.path.join(folder, name)) for name in sorted(names, key=_case_sort_key)]
 
 
 def _map_file(case, map_dir):
@@ -89,24 +92,33 @@ def read_case(case, case_dir, with_label):
 def check_case(item, affine_atol=1e-2):
     """Load every file of a datalist item (absolute paths) and check grids, values and the label.
 
-    Raises ``InvalidCaseError`` naming the case and the file for: unreadable/truncated/non-NIfTI files,
-    a shape or affine (beyond ``affine_atol`` mm) that differs from the CT's, NaN/Inf values, and a label
-    with values other than 0 and 1.
+    ``item["image"]`` is the 5 maps in channel order, or one 4D file with the 5 channels last (x, y, z, 5).
+    Raises ``InvalidCaseError`` naming the case and the file for: unreadable/truncated/non-NIfTI files, a 4D file
+    that is not (x, y, z, 5), a shape or affine (beyond ``affine_atol`` mm) that differs from the CT's, NaN/Inf
+    values, and a label with values other than 0 and 1.
     """
     case = item.get("case", "?")
-    files = list(item["image"]) + ([item["label"]] if "label" in item else [])
+    image = item["image"]
+    one_file = isinstance(image, str)
+    files = [("image", image)] if one_file else list(zip(CHANNELS, image))
+    files += [(LABEL, item["label"])] if "label" in item else []
     ref_shape = ref_affine = None
-    for index, path in enumerate(files):
-        name = CHANNELS[index] if index < len(CHANNELS) else LABEL
+    for name, path in files:
         try:
             img = nib.load(path)
             data = np.asanyarray(img.dataobj)
         except Exception as err:  # nibabel raises several types for missing, truncated and foreign files
             raise InvalidCaseError(f"{case}: cannot read {name} file {path}: {err}") from err
+        shape = data.shape
+        if name == "image":
+            if data.ndim != 4 or shape[3] != len(CHANNELS):
+                raise InvalidCaseError(f"{case}: image file {path} has shape {shape}; a single-file input must be"
+                                       f" (x, y, z, {len(CHANNELS)}) with the channels {', '.join(CHANNELS)} last")
+            shape = shape[:3]
         if ref_shape is None:
-            ref_shape, ref_affine = data.shape, img.affine
-        elif data.shape != ref_shape:
-            raise InvalidCaseError(f"{case}: {name} file {path} has shape {data.shape}, CT has {ref_shape}")
+            ref_shape, ref_affine = shape, img.affine
+        elif shape != ref_shape:
+            raise InvalidCaseError(f"{case}: {name} file {path} has shape {shape}, CT has {ref_shape}")
         elif not np.allclose(img.affine, ref_affine, atol=affine_atol):
             raise InvalidCaseError(
                 f"{case}: {name} file {path} has an affine that differs from the CT's by more than {affine_atol} mm"
@@ -224,13 +236,17 @@ def main(data_root, output="datalist.json", folds=5, seed=0, patients_csv=None, 
           f" {len(datalist['skipped'])} skipped")
 
 
-def load_fold(data_list_file_path, dataset_dir, fold, check=False):
-    """``{"train": [...], "validation": [...]}`` of one fold with absolute paths, for the training configs."""
+def _require_datalist(data_list_file_path, dataset_dir):
     if not os.path.isfile(data_list_file_path):
         raise FileNotFoundError(
             f"datalist {data_list_file_path} not found; build it with: python -m scripts.prepare_datalist"
             f" --data_root {dataset_dir} --output {data_list_file_path}"
         )
+
+
+def load_fold(data_list_file_path, dataset_dir, fold, check=False):
+    """``{"train": [...], "validation": [...]}`` of one fold with absolute paths, for the training configs."""
+    _require_datalist(data_list_file_path, dataset_dir)
     items = load_decathlon_datalist(data_list_file_path, data_list_key="training", base_dir=dataset_dir)
     folds = sorted({item["fold"] for item in items})
     if fold not in folds:
@@ -242,6 +258,88 @@ def load_fold(data_list_file_path, dataset_dir, fold, check=False):
         "train": [item for item in items if item["fold"] != fold],
         "validation": [item for item in items if item["fold"] == fold],
     }
+
+
+def load_section(data_list_file_path, dataset_dir, section="validation", fold=0, check=False):
+    """Labelled cases to evaluate, with absolute paths and a ``case`` name each: the ``"validation"`` (or
+    ``"train"``) part of ``fold`` (see ``load_fold``), or every case of another datalist section, e.g. ``"training"``
+    or a ``"testing"`` section that has labels."""
+    if section in ("train", "validation"):
+        items = load_fold(data_list_file_path, dataset_dir, fold, check)[section]
+    else:
+        _require_datalist(data_list_file_path, dataset_dir)
+        items = load_decathlon_datalist(data_list_file_path, data_list_key=section, base_dir=dataset_dir)
+        unlabelled = [item.get("case") or case_name(item["image"]) for item in items if "label" not in item]
+        if unlabelled:
+            raise InvalidCaseError(f"{data_list_file_path}: section '{section}' has no label for"
+                                   f" {', '.join(unlabelled)}; evaluation needs labels (inference.json does not)")
+        if check:
+            for item in items:
+                check_case(item)
+    if not items:
+        raise InvalidCaseError(f"{data_list_file_path}: no cases in section '{section}'")
+    return [dict(item, case=item.get("case") or case_name(item["image"])) for item in items]
+
+
+def case_name(image):
+    """Default name of a case whose ``image`` is one file or a list of files: the ISLES case folder (``case_N``
+    above ``SMIR.Brain.XX.O.<MOD>.<id>/``), else the (first) file's name without ``.nii``/``.nii.gz``."""
+    path = os.path.abspath(image if isinstance(image, str) else image[0])
+    folder = os.path.dirname(path)
+    if SMIR_NAME.match(os.path.basename(folder)):
+        return os.path.basename(os.path.dirname(folder))
+    name = os.path.basename(path)
+    return next(name[: -len(s)] for s in sorted(NIFTI_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s))
+
+
+def find_inputs(source, data_list_key="testing", check=False):
+    """Unlabelled cases to segment, as items ``{"image", "case"}`` with absolute paths; ``image`` is the 5 maps in
+    channel order (CT, CBF, CBV, MTT, Tmax) or one 4D NIfTI file with those 5 channels last. ``source`` is:
+
+    - an ISLES root (with a ``TESTING`` folder): its TESTING cases;
+    - a folder of ISLES case folders (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...``);
+    - a folder of 4D NIfTI files, one case each, named after the file;
+    - a datalist ``.json``: its ``data_list_key`` section (relative paths are relative to the file's folder), each
+      item named by its ``case`` or else by ``case_name``.
+
+    Labels are ignored. ``check`` runs ``check_case`` on every case. Raises ``InvalidCaseError`` naming the case and
+    the file, also when two cases would get the same name (their outputs are named after the case).
+    """
+    source = os.path.abspath(source)
+    if os.path.isfile(source) and source.lower().endswith(".json"):
+        items = [{"image": item["image"], "case": item.get("case") or case_name(item["image"])}
+                 for item in load_decathlon_datalist(source, is_segmentation=False, data_list_key=data_list_key)]
+    elif not os.path.isdir(source):
+        raise FileNotFoundError(f"{source} is neither a folder nor a datalist .json file")
+    elif _find_dir(source, TESTING_DIR):
+        items = [read_case(case, case_dir, with_label=False) for case, case_dir in find_cases(source, TESTING_DIR)]
+    else:
+        files = sorted(f for f in os.listdir(source)
+                       if f.lower().endswith(NIFTI_SUFFIXES) and os.path.isfile(os.path.join(source, f)))
+        if files:
+            items = [{"image": os.path.join(source, f), "case": case_name(os.path.join(source, f))} for f in files]
+        elif _find_dir(source, TRAINING_DIR):
+            raise InvalidCaseError(f"{source} has a {TRAINING_DIR} folder but no {TESTING_DIR} folder; to segment"
+                                   f" the training cases pass {os.path.join(source, TRAINING_DIR)}")
+        else:
+            items = [read_case(case, case_dir, with_label=False) for case, case_dir in case_folders(source)]
+    if not items:
+        raise InvalidCaseError(f"{source}: no cases (an ISLES root, a folder of case folders or of 4D NIfTI files,"
+                               f" or a datalist .json)")
+    seen = {}
+    for item in items:
+        image = item["image"]
+        if not isinstance(image, str) and len(image) != len(CHANNELS):
+            raise InvalidCaseError(f"{item['case']}: 'image' lists {len(image)} files, expected one 4D file or the"
+                                   f" {len(CHANNELS)} maps {', '.join(CHANNELS)}")
+        first = image if isinstance(image, str) else image[0]
+        if item["case"] in seen:
+            raise InvalidCaseError(f"two cases are named {item['case']} ({seen[item['case']]} and {first}); their"
+                                   f" outputs would overwrite each other")
+        seen[item["case"]] = first
+        if check:
+            check_case(item)
+    return items
 
 
 if __name__ == "__main__":
