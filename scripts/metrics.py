@@ -1,0 +1,162 @@
+"""Per-case lesion metrics in scanner units, for MONAI's evaluators and ``MetricsSaver`` (configs/evaluate.json).
+
+MONAI has the metrics themselves (``DiceMetric``, ``MeanIoU``, ``ConfusionMatrixMetric``, ``HausdorffDistanceMetric``,
+``SurfaceDistanceMetric``) and ``MetricsSaver``; this module fills the gaps around them:
+
+- ``SpacingMetricHandler``: MONAI's metric handlers call ``metric_fn(y_pred, y)`` without the voxel spacing, so
+  distances and volumes would come out in voxels.
+- ``LesionVolumeMetric``: MONAI has no volume metric.
+- ``ConfusionRatioMetric``: ``ConfusionMatrixMetric`` keeps each case's TP/FP/TN/FN counts, so the per-case report
+  would hold counts instead of precision and recall.
+- ``EmptyMaskRule``: MONAI's distance metrics give NaN or inf (depending on the metric) when a mask is empty.
+- ``write_report``: ``MetricsSaver`` writes one file per metric; a reader wants one row per case.
+
+Empty masks (docs/evaluation.md): Dice and Jaccard are 1 when both masks are empty and 0 when one is (MONAI with
+``ignore_empty=False``); precision is NaN for an empty prediction and recall NaN for an empty label (0/0); HD95 and
+ASSD are 0 when both are empty and NaN when one is; volumes are always defined. NaNs are left out of the summary
+statistics, whose ``notnans`` column counts the cases that entered them.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.handlers import IgniteMetricHandler
+from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric
+from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
+from monai.metrics.utils import do_metric_reduction
+
+__all__ = ["ConfusionRatioMetric", "EmptyMaskRule", "LesionVolumeMetric", "SpacingMetricHandler", "write_report"]
+
+
+class SpacingMetricHandler(IgniteMetricHandler):
+    """Metric handler that calls ``metric_fn`` case by case with ``spacing=`` that case's voxel size in mm.
+
+    The spacing is read from the prediction's affine, which after ``Invertd`` is the scan's own. ``y`` may be None
+    (inference: the predicted volume alone).
+    """
+
+    def update(self, output):
+        y_pred, y = output
+        for index, pred in enumerate(y_pred):
+            if not isinstance(pred, MetaTensor):
+                raise TypeError(f"{self._name}: predictions must be MetaTensors, their affine gives the voxel spacing")
+            label = None if y is None else y[index][None]
+            self.metric_fn(pred[None], label, spacing=[float(s) for s in pred.pixdim])
+
+
+class _PerCaseMetric(CumulativeIterationMetric):
+    """Buffers one value per case and channel; ``aggregate`` is the mean over the non-NaN values."""
+
+    def __init__(self, reduction="mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def aggregate(self, reduction=None):
+        return do_metric_reduction(self.get_buffer(), reduction or self.reduction)[0]
+
+
+class LesionVolumeMetric(_PerCaseMetric):
+    """Lesion volume in mL of binary masks (B, C, ...): voxel count times voxel volume (``spacing`` in mm, 1 mL =
+    1000 mm^3). ``of``: ``"pred"``, ``"label"`` or ``"abs_difference"`` (|pred - label|, the ISLES volume error)."""
+
+    def __init__(self, of="pred", reduction="mean"):
+        super().__init__(reduction)
+        if of not in ("pred", "label", "abs_difference"):
+            raise ValueError(f"of must be 'pred', 'label' or 'abs_difference', got {of!r}")
+        self.of = of
+
+    def _compute_tensor(self, y_pred, y=None, spacing=None):
+        if spacing is None:
+            raise ValueError("LesionVolumeMetric needs the voxel spacing in mm (use it through SpacingMetricHandler)")
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        if self.of != "pred" and y is None:
+            raise ValueError(f"the {self.of} volume needs the label")
+        volumes = {key: mask.flatten(2).sum(-1).double() * voxel_ml for key, mask in (("pred", y_pred), ("label", y))
+                   if mask is not None}
+        if self.of == "abs_difference":
+            return (volumes["pred"] - volumes["label"]).abs().float()
+        return volumes[self.of].float()
+
+
+class ConfusionRatioMetric(ConfusionMatrixMetric):
+    """One ratio of MONAI's ``ConfusionMatrixMetric`` (e.g. ``"precision"``, ``"recall"``) buffered per case, NaN
+    where it is 0/0 (precision of an empty prediction, recall against an empty label)."""
+
+    def __init__(self, metric_name, include_background=True, reduction="mean"):
+        super().__init__(include_background=include_background, metric_name=metric_name, compute_sample=True,
+                         reduction=reduction)
+
+    def _compute_tensor(self, y_pred, y=None, **kwargs):
+        return compute_confusion_matrix_metric(self.metric_name[0], super()._compute_tensor(y_pred, y))
+
+    def aggregate(self, compute_sample=False, reduction=None):
+        return do_metric_reduction(self.get_buffer(), reduction or self.reduction)[0]
+
+
+class EmptyMaskRule(_PerCaseMetric):
+    """A MONAI surface-distance metric (``HausdorffDistanceMetric``, ``SurfaceDistanceMetric``) with a defined value
+    on empty masks: ``both_empty`` (default 0 mm: the masks agree) when prediction and label are both empty, NaN
+    when exactly one is (there is no surface to measure to). Other cases keep the wrapped metric's value."""
+
+    def __init__(self, metric, both_empty=0.0, reduction="mean"):
+        super().__init__(reduction)
+        self.metric, self.both_empty = metric, float(both_empty)
+
+    def _compute_tensor(self, y_pred, y=None, **kwargs):
+        with warnings.catch_warnings():  # MONAI warns that empty masks give NaN or inf; the rule below replaces those
+            warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf distance")
+            value = self.metric(y_pred, y, **kwargs)
+        self.metric.reset()  # the wrapped metric is only used for its per-case values
+        pred_any, label_any = y_pred.flatten(2).any(-1), y.flatten(2).any(-1)
+        value = torch.where(pred_any & label_any, value, torch.nan)
+        return torch.where(~pred_any & ~label_any, self.both_empty, value)
+
+
+def write_report(details_dir, metrics, per_case_csv, summary_csv=None):
+    """Join the per-metric files ``MetricsSaver`` wrote to ``details_dir`` (``<metric>_raw.csv``, and with summary_ops
+    ``<metric>_summary.csv``) into ``per_case_csv`` (``case`` plus one column per metric, values as MetricsSaver wrote
+    them) and ``summary_csv`` (one row per metric: the summary columns); print the summary, or without one the per-case
+    table. Returns the per-case rows."""
+    columns = {metric: _read_csv(os.path.join(details_dir, f"{metric}_raw.csv")) for metric in metrics}
+    cases = [row["filename"] for row in columns[metrics[0]]]
+    for metric, rows in columns.items():
+        if [row["filename"] for row in rows] != cases:
+            raise ValueError(f"{details_dir}: {metric}_raw.csv lists other cases than {metrics[0]}_raw.csv")
+    table = [{"case": case, **{m: columns[m][i]["class0"] for m in metrics}} for i, case in enumerate(cases)]
+    _write_csv(per_case_csv, ["case", *metrics], table)
+    if summary_csv is None:
+        _print_table(f"{per_case_csv}:", ["case", *metrics], table)
+        return table
+    summary = []
+    for metric in metrics:
+        (row,) = [r for r in _read_csv(os.path.join(details_dir, f"{metric}_summary.csv")) if r["class"] == "class0"]
+        summary.append({"metric": metric, **{k: v for k, v in row.items() if k != "class"}})
+    header = ["metric", *(k for k in summary[0] if k != "metric")]
+    _write_csv(summary_csv, header, summary)
+    _print_table(f"{len(cases)} cases, per-case values in {per_case_csv}, summary in {summary_csv}:", header, summary)
+    return table
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _print_table(title, header, rows):
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
+    print(title)
+    for line in [dict(zip(header, header)), *rows]:
+        print("  ".join(str(line[h]).ljust(w) for h, w in zip(header, widths)))

@@ -1,0 +1,277 @@
+"""End to end on synthetic ISLES data: train a tiny model, `run evaluating` (configs/evaluate.json), then inference
+(configs/inference.json) on new scans; the written masks and CSVs are checked against the source files."""
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+from scipy import ndimage
+
+from scripts.isles import CHANNELS
+from scripts.prepare_datalist import InvalidCaseError, build_datalist, find_inputs, read_case
+from scripts.synthetic_isles import generate
+
+TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
+COLUMNS = ["dice", "jaccard", "precision", "recall", "hd95_mm", "assd_mm", "volume_true_ml", "volume_pred_ml",
+           "volume_abs_diff_ml"]
+EVALUATE = ("train.json", "evaluate.json")
+
+
+def workflow(repo_root, configs, workflow_type, **override):
+    return ConfigWorkflow(config_file=[os.path.join(repo_root, "configs", name) for name in configs],
+                          meta_file=os.path.join(repo_root, "configs", "metadata.json"), workflow_type=workflow_type,
+                          **override)
+
+
+def run_all(wf):
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def bundle_run(repo_root, *args):
+    """`python -m monai.bundle run ARGS` in the repo root, as a user types it; its stdout."""
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=repo_root, check=False,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def cli(**override):
+    return [x for key, value in override.items() for x in (f"--{key}", str(value))]
+
+
+def raises_file_exists(wf, path):
+    """initialize() stops with a FileExistsError naming a file under ``path`` (config expressions wrap errors)."""
+    with pytest.raises(Exception) as excinfo:
+        wf.initialize()
+    err = excinfo.value
+    while err is not None and not isinstance(err, FileExistsError):
+        err = err.__cause__ or err.__context__
+    assert err is not None and str(path) in str(err) and "--overwrite" in str(err), excinfo.value
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load(path):
+    img = nib.load(path)
+    return np.asanyarray(img.dataobj), img.affine
+
+
+@pytest.fixture(scope="module")
+def trained(repo_root, synthetic_tree, tmp_path_factory):
+    """A bundle root with a tiny model trained for one epoch on the session's synthetic tree (fold 0 held out)."""
+    root = tmp_path_factory.mktemp("bundle")
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps(build_datalist(synthetic_tree, folds=3, seed=0)))
+    settings = {**TINY, "dataset_dir": synthetic_tree, "data_list_file_path": str(datalist)}
+    run_all(workflow(repo_root, ("train.json",), "train", bundle_root=str(root), epochs=1, val_interval=1,
+                     **settings))
+    assert (root / "models" / "model.pt").is_file() and (root / "models" / "checkpoint_epoch=1.pt").is_file()
+    return root, settings
+
+
+def reference_metrics(pred, label, spacing):
+    """The metrics of docs/evaluation.md recomputed with numpy and scipy from the written mask and the label file."""
+    tp, fp, fn = (pred & label).sum(), (pred & ~label).sum(), (~pred & label).sum()
+    voxel_ml = float(np.prod(spacing)) / 1000
+    both_empty = not pred.any() and not label.any()
+    values = {"dice": 1.0 if both_empty else 2 * tp / (2 * tp + fp + fn),
+              "jaccard": 1.0 if both_empty else tp / (tp + fp + fn),
+              "precision": tp / (tp + fp) if pred.any() else math.nan,
+              "recall": tp / (tp + fn) if label.any() else math.nan,
+              "hd95_mm": 0.0 if both_empty else math.nan, "assd_mm": 0.0 if both_empty else math.nan,
+              "volume_true_ml": label.sum() * voxel_ml, "volume_pred_ml": pred.sum() * voxel_ml,
+              "volume_abs_diff_ml": abs(int(pred.sum()) - int(label.sum())) * voxel_ml}
+    if pred.any() and label.any():
+        edge_pred, edge_label = (m & ~ndimage.binary_erosion(m) for m in (pred, label))
+        to_label = ndimage.distance_transform_edt(~edge_label, sampling=spacing)[edge_pred]
+        to_pred = ndimage.distance_transform_edt(~edge_pred, sampling=spacing)[edge_label]
+        values["hd95_mm"] = max(np.percentile(to_label, 95), np.percentile(to_pred, 95))
+        values["assd_mm"] = np.concatenate([to_label, to_pred]).mean()
+    return values
+
+
+def close(written, expected):
+    value = float(written)
+    return math.isnan(expected) and math.isnan(value) or math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def evaluated(repo_root, trained):
+    """`run evaluating` through the command line, exactly as the README gives it."""
+    root, settings = trained
+    stdout = bundle_run(repo_root, "evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']",
+                        "--bundle_root", str(root), *cli(**settings))
+    return root / "runs" / "eval", stdout
+
+
+def test_evaluation_csv_matches_metrics_recomputed_from_the_written_masks(trained, evaluated):
+    (_, settings), (eval_dir, stdout) = trained, evaluated
+    with open(settings["data_list_file_path"]) as f:
+        datalist = json.load(f)
+    validation = {item["case"]: item for item in datalist["training"] if item["fold"] == 0}
+    rows = read_csv(eval_dir / "metrics_per_case.csv")
+    assert list(rows[0]) == ["case", *COLUMNS]
+    assert sorted(row["case"] for row in rows) == sorted(validation)
+    for row in rows:
+        label, label_affine = load(os.path.join(settings["dataset_dir"], validation[row["case"]]["label"]))
+        mask_img = nib.load(eval_dir / "masks" / f"{row['case']}.nii.gz")
+        mask = np.asanyarray(mask_img.dataobj)
+        assert mask.shape == label.shape and np.array_equal(mask_img.affine, label_affine), row["case"]
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        expected = reference_metrics(mask > 0, label > 0, mask_img.header.get_zooms()[:3])
+        for name in COLUMNS:
+            assert close(row[name], expected[name]), (row["case"], name, row[name], expected[name])
+    summary = {row["metric"]: row for row in read_csv(eval_dir / "metrics_summary.csv")}
+    assert list(summary) == COLUMNS and {"mean", "std", "median", "notnans"} <= set(summary["dice"])
+    assert "metrics_summary.csv" in stdout and "median" in stdout
+
+
+def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root, trained, evaluated, tmp_path):
+    (root, settings), (eval_dir, _) = trained, evaluated
+    raises_file_exists(workflow(repo_root, EVALUATE, "train", bundle_root=str(root), **settings), eval_dir)
+
+    model, latest = str(root / "models" / "model.pt"), str(root / "models" / "checkpoint_epoch=1.pt")
+    # an ensemble of one model with itself is that model: the same masks
+    twice = run_all(workflow(repo_root, EVALUATE, "train", bundle_root=str(root), output_dir=str(tmp_path),
+                             ensemble_checkpoints=[model, model], **settings))
+    assert twice.parser.get_parsed_content("pred_keys") == ["pred_0", "pred_1"]
+    for row in read_csv(eval_dir / "metrics_per_case.csv"):
+        name = f"{row['case']}.nii.gz"
+        assert np.array_equal(load(tmp_path / "eval" / "masks" / name)[0], load(eval_dir / "masks" / name)[0])
+
+    before = os.path.getmtime(eval_dir / "metrics_per_case.csv")
+    tta = run_all(workflow(repo_root, EVALUATE, "train", bundle_root=str(root), overwrite=True, tta_flips=True,
+                           ensemble_checkpoints=[model, latest], **settings))
+    assert type(tta.parser.get_parsed_content("validate#inferer")).__name__ == "FlipInferer"
+    rows = read_csv(eval_dir / "metrics_per_case.csv")
+    assert os.path.getmtime(eval_dir / "metrics_per_case.csv") > before and len(rows) == len(os.listdir(
+        eval_dir / "masks")) and all(row[name] != "" for row in rows for name in COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def new_scans(tmp_path_factory):
+    """Unlabelled scans the model never saw, as a datalist .json: ISLES 5-map cases of 256 x 256 x {2, 7, 22}, the
+    same grids at 512 in-plane as 4D (x, y, z, 5) files, and the 2-slice case again as a 4D file, plain and with its
+    x axis stored reversed (an LPS-like affine)."""
+    folder = tmp_path_factory.mktemp("new_scans")
+    items = []
+    for depth in (2, 7, 22):
+        root = folder / f"isles_{depth}"
+        generate(str(root), num_train=0, num_test=1, seed=depth, in_plane=256, slices=depth)
+        item = read_case("case_1", str(root / "TESTING" / "case_1"), with_label=False)
+        items.append({"image": item["image"], "case": f"isles_256x{depth}"})
+        maps = [nib.load(path) for path in item["image"]]
+        stack = np.stack([np.asanyarray(m.dataobj).astype(np.float32) for m in maps], axis=-1)
+        affine = maps[0].affine
+        big = stack.repeat(2, axis=0).repeat(2, axis=1)
+        big_affine = affine @ np.diag([0.5, 0.5, 1.0, 1.0])
+        nib.save(nib.Nifti1Image(big, big_affine), folder / f"ctp_512x{depth}.nii")
+        items.append({"image": str(folder / f"ctp_512x{depth}.nii"), "case": f"ctp_512x{depth}"})
+        if depth == 2:
+            nib.save(nib.Nifti1Image(stack, affine), folder / "ctp_256x2.nii.gz")
+            flipped = affine @ np.array([[-1, 0, 0, stack.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+            nib.save(nib.Nifti1Image(stack[::-1].copy(), flipped), folder / "ctp_256x2_lps.nii.gz")
+            items += [{"image": str(folder / f"ctp_256x2{s}.nii.gz"), "case": f"ctp_256x2{s}"} for s in ("", "_lps")]
+    datalist = folder / "new_scans.json"
+    datalist.write_text(json.dumps({"testing": items}))
+    return datalist, items
+
+
+def source_grid(image):
+    img = nib.load(image if isinstance(image, str) else image[0])
+    return img.shape[:3], img.affine
+
+
+def test_inference_masks_lie_exactly_on_the_source_scans(repo_root, trained, new_scans, tmp_path):
+    (root, settings), (datalist, items) = trained, new_scans
+    wf = workflow(repo_root, ("inference.json",), "infer", bundle_root=str(root), dataset_dir=str(datalist),
+                  output_dir=str(tmp_path), **{k: settings[k] for k in TINY})
+    wf.initialize()
+    assert wf.check_properties() == [], "inference.json must define every property of MONAI's inference workflow"
+    wf.run()
+    wf.finalize()
+    out = tmp_path / "predictions"
+    volumes = {row["case"]: float(row["volume_pred_ml"]) for row in read_csv(out / "volumes.csv")}
+    assert sorted(volumes) == sorted(item["case"] for item in items)
+    masks = {}
+    for item in items:
+        case = item["case"]
+        shape, affine = source_grid(item["image"])
+        img = nib.load(out / "masks" / f"{case}.nii.gz")
+        masks[case] = np.asanyarray(img.dataobj)
+        assert masks[case].shape == shape and np.array_equal(img.affine, affine), case
+        assert masks[case].dtype == np.uint8 and set(np.unique(masks[case])) <= {0, 1}
+        assert math.isclose(volumes[case], masks[case].sum() * np.prod(img.header.get_zooms()[:3]) / 1000,
+                            rel_tol=1e-5, abs_tol=1e-6)
+        with Image.open(out / "overlays" / f"{case}.png") as png:
+            assert png.size[0] > 256 and png.size[1] > 2 * 128
+    assert {m.shape for m in masks.values()} >= {(256, 256, 2), (256, 256, 7), (256, 256, 22), (512, 512, 2),
+                                                 (512, 512, 7), (512, 512, 22)}
+    # the 5 maps and the same maps in one 4D file give the same mask; so does the file stored mirrored along x
+    assert np.array_equal(masks["ctp_256x2"], masks["isles_256x2"])
+    assert np.array_equal(masks["ctp_256x2_lps"], masks["ctp_256x2"][::-1])
+
+
+def test_inference_command_on_an_isles_root(repo_root, trained, synthetic_tree):
+    root, settings = trained
+    stdout = bundle_run(repo_root, "--config_file", "configs/inference.json", "--dataset_dir", synthetic_tree,
+                        "--bundle_root", str(root), *cli(**{k: settings[k] for k in TINY}))
+    out = root / "runs" / "predictions"
+    testing = find_inputs(synthetic_tree)
+    assert [row["case"] for row in read_csv(out / "volumes.csv")] == [item["case"] for item in testing]
+    for item in testing:
+        shape, affine = source_grid(item["image"])
+        img = nib.load(out / "masks" / f"{item['case']}.nii.gz")
+        assert img.shape == shape and np.array_equal(img.affine, affine)
+        assert (out / "overlays" / f"{item['case']}.png").is_file()
+    assert "volumes.csv" in stdout
+    raises_file_exists(workflow(repo_root, ("inference.json",), "infer", bundle_root=str(root),
+                                dataset_dir=synthetic_tree, **{k: settings[k] for k in TINY}), out)
+
+
+def test_find_inputs_accepts_the_documented_layouts(synthetic_tree, new_scans):
+    datalist, items = new_scans
+    root_cases = find_inputs(synthetic_tree)
+    assert [item["case"] for item in root_cases] == ["case_1", "case_2"]
+    assert all(len(item["image"]) == len(CHANNELS) for item in root_cases)
+    assert find_inputs(os.path.join(synthetic_tree, "TESTING")) == root_cases
+    files = find_inputs(os.path.dirname(datalist), check=True)
+    assert [item["case"] for item in files] == ["ctp_256x2", "ctp_256x2_lps", "ctp_512x2", "ctp_512x22", "ctp_512x7"]
+    assert [item["case"] for item in find_inputs(str(datalist))] == [item["case"] for item in items]
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("shape", "must be (x, y, z, 5)"),
+    ("names", "two cases are named scan"),
+    ("maps", "lists 3 files"),
+    ("training_only", "no TESTING folder"),
+])
+def test_find_inputs_names_the_problem(tmp_path, broken, message):
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2, 5 if broken != "shape" else 3), np.float32), np.eye(4)), scan)
+    source = tmp_path
+    if broken in ("names", "maps"):
+        items = [{"image": str(scan)}, {"image": str(scan)}] if broken == "names" else [{"image": [str(scan)] * 3}]
+        source = tmp_path / "list.json"
+        source.write_text(json.dumps({"testing": items}))
+    elif broken == "training_only":
+        scan.unlink()
+        (tmp_path / "TRAINING" / "case_1").mkdir(parents=True)
+    with pytest.raises(InvalidCaseError, match=re.escape(message)) as excinfo:
+        find_inputs(str(source), check=True)
+    assert broken in ("names", "maps", "training_only") or str(scan) in str(excinfo.value)

@@ -1,0 +1,146 @@
+"""The metrics of configs/evaluate.json on hand-made masks with known answers, and the flip test-time inferer."""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+
+from scripts.inferers import FlipInferer
+from scripts.metrics import write_report
+
+SPACING = (0.5, 0.5, 5.0)  # mm: anisotropic, as ISLES slabs are
+VOXEL_ML = 0.5 * 0.5 * 5.0 / 1000
+NAN = math.nan
+COLUMNS = ["dice", "jaccard", "precision", "recall", "hd95_mm", "assd_mm", "volume_true_ml", "volume_pred_ml",
+           "volume_abs_diff_ml"]
+
+
+def box(z0, z1):
+    """A 4 x 4 in-plane box over slices z0..z1-1 of an 8 x 8 x 4 grid, channel first."""
+    mask = torch.zeros(1, 8, 8, 4)
+    mask[:, 2:6, 2:6, z0:z1] = 1
+    return mask
+
+
+EMPTY = torch.zeros(1, 8, 8, 4)
+# case: (prediction, label, expected values in COLUMNS order), worked out by hand in the comments
+CASES = {
+    # one slice of overlap out of two; every voxel of a 2-slice box is on its surface: 16 distances of 0 and 16 of
+    # one slice (5 mm) each way -> HD95 5 mm, ASSD 2.5 mm (1 and 0.5 if the spacing were ignored)
+    "shifted": (box(1, 3), box(0, 2), [0.5, 1 / 3, 0.5, 0.5, 5.0, 2.5, 32 * VOXEL_ML, 32 * VOXEL_ML, 0.0]),
+    # prediction = label (z 0-1) plus z 2-3: 56 of its 64 voxels are on its surface, 28 of them in the label (0 mm),
+    # 12 at 5 mm, 16 at 10 mm; 28 label voxels are on the prediction's surface, 4 are 0.5 mm (one voxel in-plane)
+    # from it -> HD95 max(10, 0.5) = 10 mm, ASSD (12 * 5 + 16 * 10 + 4 * 0.5) / (56 + 32) mm
+    "larger": (box(0, 4), box(0, 2), [2 / 3, 0.5, 0.5, 1.0, 10.0, 222 / 88, 32 * VOXEL_ML, 64 * VOXEL_ML,
+                                      32 * VOXEL_ML]),
+    "both_empty": (EMPTY, EMPTY, [1.0, 1.0, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0]),
+    "missed": (EMPTY, box(0, 2), [0.0, 0.0, NAN, 0.0, NAN, NAN, 32 * VOXEL_ML, 0.0, 32 * VOXEL_ML]),
+    "false_alarm": (box(0, 2), EMPTY, [0.0, 0.0, 0.0, NAN, NAN, NAN, 0.0, 32 * VOXEL_ML, 32 * VOXEL_ML]),
+}
+
+
+def on_grid(mask):
+    """The mask as the evaluator hands it over after Invertd: a MetaTensor on the scan's grid (here L-R flipped)."""
+    return MetaTensor(mask, affine=torch.diag(torch.tensor([-SPACING[0], SPACING[1], SPACING[2], 1.0])))
+
+
+def same(value, expected):
+    return math.isnan(expected) and math.isnan(value) or math.isclose(value, expected, rel_tol=1e-5, abs_tol=1e-6)
+
+
+@pytest.fixture
+def evaluated(repo_root, tmp_path):
+    """The metric handlers and MetricsSaver of train.json + evaluate.json run over CASES on a bare engine."""
+    parser = ConfigParser()
+    parser.read_config([os.path.join(repo_root, "configs", name) for name in ("train.json", "evaluate.json")])
+    parser["output_dir"] = str(tmp_path)
+    metrics = {**parser.get_parsed_content("validate#key_metric"),
+               **parser.get_parsed_content("validate#additional_metrics")}
+    assert list(metrics) == COLUMNS == parser.get_parsed_content("metric_names")
+    engine = Engine(lambda engine, batch: batch)
+    for name, handler in metrics.items():
+        handler.attach(engine, name)
+    saver = parser.get_parsed_content("eval_handlers")[1]
+    saver.attach(engine)
+    batches = [[{"case": case, "pred": on_grid(pred), "label": on_grid(label)}] for case, (pred, label, _) in
+               CASES.items()]
+    engine.run(batches)
+    return engine, os.path.join(str(tmp_path), "eval")
+
+
+def test_every_metric_on_hand_made_masks(evaluated):
+    engine, _ = evaluated
+    for column, name in enumerate(COLUMNS):
+        values = engine.state.metric_details[name].flatten().tolist()
+        for value, (case, (_, _, expected)) in zip(values, CASES.items()):
+            assert same(value, expected[column]), (name, case, value, expected[column])
+
+
+def test_per_case_csv_and_summary_leave_nans_out(evaluated, capsys):
+    _, eval_dir = evaluated
+    rows = write_report(os.path.join(eval_dir, "details"), COLUMNS, os.path.join(eval_dir, "per_case.csv"),
+                        os.path.join(eval_dir, "summary.csv"))
+    with open(os.path.join(eval_dir, "per_case.csv")) as f:
+        assert list(csv.DictReader(f)) == rows
+    assert [row["case"] for row in rows] == list(CASES)
+    for row, (_, _, expected) in zip(rows, CASES.values()):
+        assert all(same(float(row[name]), value) for name, value in zip(COLUMNS, expected)), row
+    with open(os.path.join(eval_dir, "summary.csv")) as f:
+        summary = {row["metric"]: row for row in csv.DictReader(f)}
+    assert list(summary) == COLUMNS
+    for column, name in enumerate(COLUMNS):
+        defined = [expected[column] for _, _, expected in CASES.values() if not math.isnan(expected[column])]
+        assert float(summary[name]["notnans"]) == len(defined)
+        assert math.isclose(float(summary[name]["mean"]), sum(defined) / len(defined), abs_tol=1e-4), name
+        assert {"std", "median"} <= set(summary[name])
+    printed = capsys.readouterr().out
+    assert "hd95_mm" in printed and "median" in printed
+
+
+def test_flip_inferer_averages_probabilities_of_the_mirror_images():
+    """A network that is not mirror-symmetric (it adds a ramp along x): every pass that flips x sees the ramp
+    reversed, so the mean probability is half softmax(x + ramp), half softmax(x + reversed ramp)."""
+    ramp = torch.linspace(-2, 2, 6).view(1, 1, 6, 1, 1) * torch.tensor([1.0, -1.0]).view(1, 2, 1, 1, 1)
+    inputs = torch.randn(1, 2, 6, 5, 4, generator=torch.Generator().manual_seed(0))
+
+    def net(x):
+        return x + ramp
+
+    expected = 0.5 * (torch.softmax(inputs + ramp, 1) + torch.softmax(inputs + ramp.flip(2), 1))
+    out = FlipInferer()(inputs, net)
+    assert out.shape == inputs.shape
+    assert torch.allclose(torch.softmax(out, 1), expected, atol=1e-6)
+    assert len(FlipInferer().flips) == 8 and FlipInferer(spatial_axes=[]).flips == [[]]
+    assert torch.allclose(torch.softmax(FlipInferer(spatial_axes=[])(inputs, net), 1), torch.softmax(net(inputs), 1))
+
+
+def test_inference_config_keeps_the_training_settings(repo_root):
+    """inference.json stands alone (model-zoo style): its copies of train.json's network and preprocessing, and of
+    evaluate.json's test-time settings, must not drift apart."""
+    configs = {}
+    for name in ("train", "evaluate", "inference"):
+        with open(os.path.join(repo_root, "configs", f"{name}.json")) as f:
+            configs[name] = json.load(f)
+    train, evaluate, infer = configs["train"], configs["evaluate"], configs["inference"]
+    for key in ("network_def", "network", "preprocessing_transforms", "spatial_size", "features", "channels",
+                "ct_window", "image_key", "label_key", "channel_keys", "perfusion_keys", "device", "amp"):
+        assert infer[key] == train[key], key
+    for key in ("spatial_keys", "tta_flips", "ensemble_checkpoints", "checkpoints", "pred_keys", "networks",
+                "checkpoint_loaders"):
+        assert infer[key] == evaluate[key], key
+    assert infer["inferer"] == evaluate["validate#inferer"]
+    eval_post, infer_post = evaluate["validate#postprocessing"], infer["postprocessing"]
+    differ = {"transform": ("@validate#preprocessing", "@preprocessing"),
+              "output_name_formatter": ("$scripts.outputs.name_by_case(@validate#dataset#data)",
+                                        "$scripts.outputs.name_by_case(@datalist)")}
+    for a, b in zip(eval_post["transforms"], infer_post["transforms"], strict=True):
+        if isinstance(a, dict):
+            assert {k: differ.get(k, (v,))[-1] for k, v in a.items()} == b
+        else:
+            assert a == b
