@@ -1,0 +1,187 @@
+"""Turn ISLES 2018 cases (five co-registered maps each) into single 5-channel NIfTI studies, e.g. for MONAI Label.
+
+MONAI Label hands a bundle ONE image file per study, while an ISLES case is five files (CT, CBF, CBV, MTT, Tmax).
+This writes each case as one 4D NIfTI of shape (x, y, z, 5), float32, channels in metadata.json's channel_def order,
+with the CT's affine (sform and qform copied from the CT header). The bundle's pre-processing loads that file and the
+five separate maps to the same (5, x, y, z) float32 array, so both give the same mask.
+
+    # one case folder -> OUT/case_7.nii.gz
+    python -m scripts.make_studies --source DIR/TESTING/case_7 --output_dir OUT
+    # a whole ISLES root -> a MONAI Label studies folder: OUT/training_case_N.nii.gz, OUT/testing_case_N.nii.gz,
+    # with --labels also the training labels as OUT/labels/final/training_case_N.nii.gz (what MONAI Label trains on)
+    python -m scripts.make_studies --source DIR --output_dir OUT [--sections TRAINING,TESTING] [--labels]
+
+Existing files are never replaced without ``--overwrite`` (checked for every planned file before anything is
+written); every case is checked first with the datalist builder's checks (``--check false`` skips that), and a bad
+case stops the run with a message naming the case and the file unless ``--skip_invalid`` is given.
+"""
+
+import gzip
+import logging
+import os
+
+import nibabel as nib
+import numpy as np
+
+from scripts.isles import CHANNELS, TESTING_DIR, TRAINING_DIR
+from scripts.prepare_datalist import InvalidCaseError, _find_dir, check_case, find_cases, read_case
+
+logger = logging.getLogger(__name__)
+
+STUDY_SUFFIX = ".nii.gz"
+LABELS_SUBDIR = os.path.join("labels", "final")  # MONAI Label's LocalDatastore: labels of tag "final"
+DESCRIPTION = "ISLES CTP channels: " + ",".join(CHANNELS)
+# Header fields that define the CT's voxel-to-world mapping, copied verbatim so that the study's affine is the CT's.
+_GEOMETRY_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                    "qoffset_z", "srow_x", "srow_y", "srow_z")
+
+
+def _load(case, name, path):
+    try:
+        img = nib.load(path)
+        # what MONAI's NibabelReader reads (scaling applied), cast as LoadImaged casts (float32)
+        return img, np.asanyarray(img.dataobj).astype(np.float32)
+    except Exception as err:  # nibabel raises several types for missing, truncated and foreign files
+        raise InvalidCaseError(f"{case}: cannot read {name} file {path}: {err}") from err
+
+
+def _geometry_header(ref_header, dtype):
+    header = nib.Nifti1Header()
+    for field in _GEOMETRY_FIELDS:
+        header[field] = ref_header[field]
+    header["pixdim"][:4] = ref_header["pixdim"][:4]  # qfac and the voxel spacing
+    header.set_xyzt_units(*ref_header.get_xyzt_units())
+    header.set_data_dtype(dtype)
+    return header
+
+
+def stack_case(item):
+    """The five maps of a datalist item (``{"image": [CT, CBF, CBV, MTT, Tmax], "case": ...}``) as one
+    ``(x, y, z, 5)`` float32 ``Nifti1Image`` with the CT's geometry. Shapes must agree (``check_case`` checks more)."""
+    case = item.get("case", "?")
+    if len(item["image"]) != len(CHANNELS):
+        raise InvalidCaseError(f"{case}: expected {len(CHANNELS)} maps ({', '.join(CHANNELS)}), got {len(item['image'])}")
+    ct, ct_data = _load(case, CHANNELS[0], item["image"][0])
+    if ct_data.ndim != 3:
+        raise InvalidCaseError(f"{case}: CT file {item['image'][0]} is {ct_data.ndim}D, expected a 3D volume")
+    data = np.empty(ct_data.shape + (len(CHANNELS),), dtype=np.float32)
+    data[..., 0] = ct_data
+    for index, (name, path) in enumerate(zip(CHANNELS[1:], item["image"][1:]), start=1):
+        arr = _load(case, name, path)[1]
+        if arr.shape != ct_data.shape:
+            raise InvalidCaseError(f"{case}: {name} file {path} has shape {arr.shape}, CT has {ct_data.shape}")
+        data[..., index] = arr
+    header = _geometry_header(ct.header, np.float32)
+    header["descrip"] = DESCRIPTION.encode()
+    return nib.Nifti1Image(data, None, header=header)
+
+
+def label_image(item):
+    """The case's OT label as uint8 with the CT's geometry."""
+    case = item.get("case", "?")
+    ct = nib.load(item["image"][0])
+    data = _load(case, "OT", item["label"])[1]
+    return nib.Nifti1Image(data.astype(np.uint8), None, header=_geometry_header(ct.header, np.uint8))
+
+
+def _save(img, path):
+    """Write ``img`` gzipped to ``path`` via a hidden temporary file, so a watching MONAI Label server never sees
+    a half-written study."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _plan(source, sections):
+    """``[(section, case, case_dir, study_id)]`` for a case folder or an ISLES root."""
+    source = os.path.abspath(source)
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"source {source} is not a folder")
+    if isinstance(sections, str):
+        sections = [s for s in sections.split(",") if s]
+    sections = [s.upper() for s in sections]
+    unknown = [s for s in sections if s not in (TRAINING_DIR, TESTING_DIR)]
+    if unknown or not sections:
+        raise ValueError(f"sections must be {TRAINING_DIR} and/or {TESTING_DIR}, got {sections}")
+    roots = [s for s in (TRAINING_DIR, TESTING_DIR) if _find_dir(source, s)]
+    if not roots:  # a single case folder
+        case = os.path.basename(source)
+        return [(None, case, source, case)]
+    plan = []
+    for section in sections:
+        plan += [(section, case, case_dir, f"{section.lower()}_{case}") for case, case_dir in find_cases(source, section)]
+    if not plan:
+        raise InvalidCaseError(f"{source}: no case folders under {' or '.join(s + '/' for s in sections)}")
+    return plan
+
+
+def convert(source, output_dir, sections=(TRAINING_DIR, TESTING_DIR), labels=False, overwrite=False, check=True,
+            skip_invalid=False):
+    """Write one 5-channel study per case of ``source`` into ``output_dir``; return ``{study_id: path}``.
+
+    ``source`` is one case folder (``.../case_N`` with its ``SMIR.Brain.XX.O.<MOD>.<id>`` map folders, written as
+    ``<case>.nii.gz``) or an ISLES root holding ``TRAINING/`` and/or ``TESTING/`` (each case written as
+    ``<section>_<case>.nii.gz``, e.g. ``training_case_1.nii.gz``, so the two sections' case numbers do not clash).
+    ``labels=True`` also writes each training case's OT as ``labels/final/<study_id>.nii.gz``.
+    """
+    plan = _plan(source, sections)
+    jobs = []
+    for section, case, case_dir, study in plan:
+        case = f"{section}/{case}" if section else case  # how errors name the case
+        with_label = bool(labels) and section != TESTING_DIR
+        study_path = os.path.join(output_dir, study + STUDY_SUFFIX)
+        label_path = os.path.join(output_dir, LABELS_SUBDIR, study + STUDY_SUFFIX) if with_label else None
+        jobs.append((case, case_dir, with_label, study, study_path, label_path))
+    if not overwrite:
+        existing = [p for job in jobs for p in job[4:] if p and os.path.exists(p)]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise FileExistsError(f"{existing[0]} exists{more}; pass --overwrite to replace")
+    written, skipped = {}, []
+    for case, case_dir, with_label, study, study_path, label_path in jobs:
+        try:
+            item = read_case(case, case_dir, with_label)
+            if check:
+                check_case(item)
+            image = stack_case(item)
+            label = label_image(item) if with_label else None
+        except InvalidCaseError as err:
+            if not skip_invalid:
+                raise
+            skipped.append(str(err))
+            continue
+        _save(image, study_path)
+        if label is not None:
+            _save(label, label_path)
+        written[study] = study_path
+        logger.info("%s -> %s%s", case_dir, study_path, f" (+ label {label_path})" if label_path else "")
+    if skipped:
+        logger.warning("skipped %d invalid case(s):\n  %s", len(skipped), "\n  ".join(skipped))
+    return written
+
+
+def main(source, output_dir, sections=f"{TRAINING_DIR},{TESTING_DIR}", labels=False, overwrite=False, check=True,
+         skip_invalid=False):
+    """CLI: see the module docstring."""
+    written = convert(source, output_dir, sections, labels, overwrite, check, skip_invalid)
+    print(f"{output_dir}: wrote {len(written)} 5-channel stud{'y' if len(written) == 1 else 'ies'}"
+          f" ({', '.join(CHANNELS)})" + (", with training labels in " + LABELS_SUBDIR if labels else ""))
+
+
+if __name__ == "__main__":
+    import sys
+
+    import fire
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        fire.Fire(main)
+    except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {err}")

@@ -1,0 +1,117 @@
+"""scripts/make_studies.py: ISLES cases (5 maps) -> single 5-channel 4D NIfTI studies, e.g. a MONAI Label studies folder."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.transforms import LoadImaged
+
+from scripts.isles import CHANNELS
+from scripts.make_studies import convert
+from scripts.prepare_datalist import InvalidCaseError, find_cases, read_case
+
+
+def maps_of(case_dir):
+    return read_case(os.path.basename(case_dir), case_dir, with_label=True)
+
+
+def test_one_case_is_one_4d_float32_file_with_the_cts_geometry(synthetic_tree, tmp_path):
+    case_dir = os.path.join(synthetic_tree, "TRAINING", "case_2")
+    written = convert(case_dir, str(tmp_path))
+    assert written == {"case_2": str(tmp_path / "case_2.nii.gz")}
+    assert sorted(os.listdir(tmp_path)) == ["case_2.nii.gz"]  # no label unless asked, no temporary left over
+    study = nib.load(tmp_path / "case_2.nii.gz")
+    item = maps_of(case_dir)
+    ct = nib.load(item["image"][0])
+    assert study.shape == ct.shape + (5,) and study.get_data_dtype() == np.float32
+    assert np.array_equal(study.affine, ct.affine)
+    assert np.array_equal(study.header.get_sform(), ct.header.get_sform())
+    assert np.array_equal(study.header.get_qform(), ct.header.get_qform())
+    assert study.header["descrip"].item().decode().endswith(",".join(CHANNELS))
+    data = study.get_fdata(dtype=np.float32)
+    for channel, path in enumerate(item["image"]):  # metadata.json's channel order: CT, CBF, CBV, MTT, Tmax
+        assert np.array_equal(data[..., channel], np.asanyarray(nib.load(path).dataobj).astype(np.float32)), channel
+
+
+def test_the_bundle_loads_the_study_and_the_five_maps_to_the_same_tensor(synthetic_tree, tmp_path):
+    """What configs/*.json's LoadImaged(ensure_channel_first=True) makes of either input: same values and affine."""
+    case_dir = os.path.join(synthetic_tree, "TESTING", "case_1")
+    convert(case_dir, str(tmp_path))
+    load = LoadImaged("image", ensure_channel_first=True, image_only=True)
+    maps = load({"image": read_case("case_1", case_dir, with_label=False)["image"]})["image"]
+    study = load({"image": str(tmp_path / "case_1.nii.gz")})["image"]
+    assert study.shape == maps.shape and study.shape[0] == 5
+    assert np.array_equal(study.numpy(), maps.numpy())
+    assert np.array_equal(study.affine.numpy(), maps.affine.numpy())
+
+
+def test_a_tree_fills_a_monai_label_studies_folder(synthetic_tree, tmp_path):
+    out = tmp_path / "studies"
+    written = convert(synthetic_tree, str(out), labels=True)
+    training = [c for c, _ in find_cases(synthetic_tree, "TRAINING")]
+    testing = [c for c, _ in find_cases(synthetic_tree, "TESTING")]
+    assert sorted(written) == sorted([f"training_{c}" for c in training] + [f"testing_{c}" for c in testing])
+    assert sorted(os.listdir(out / "labels" / "final")) == sorted(f"training_{c}.nii.gz" for c in training)
+    case_dir = os.path.join(synthetic_tree, "TRAINING", training[0])
+    label = nib.load(out / "labels" / "final" / f"training_{training[0]}.nii.gz")
+    ot = nib.load(maps_of(case_dir)["label"])
+    assert label.get_data_dtype() == np.uint8 and np.array_equal(label.affine, ot.affine)
+    assert np.array_equal(np.asanyarray(label.dataobj), np.asanyarray(ot.dataobj))
+
+    only_testing = convert(synthetic_tree, str(tmp_path / "testing_only"), sections="TESTING")
+    assert sorted(only_testing) == sorted(f"testing_{c}" for c in testing)
+
+
+def test_existing_files_are_never_replaced_without_overwrite(synthetic_tree, tmp_path):
+    out = tmp_path / "studies"
+    convert(synthetic_tree, str(out), sections="TESTING")
+    first = out / "testing_case_1.nii.gz"
+    first.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="testing_case_1.nii.gz exists.*--overwrite"):
+        convert(synthetic_tree, str(out), sections=("TESTING",))
+    assert first.read_bytes() == b"precious"
+    convert(synthetic_tree, str(out), sections="TESTING", overwrite=True)
+    assert nib.load(first).shape[-1] == 5
+
+
+def test_bad_cases_are_named_and_can_be_skipped(synthetic_tree, tmp_path):
+    root = tmp_path / "isles"
+    shutil.copytree(synthetic_tree, root)
+    broken = root / "TESTING" / "case_2"
+    os.remove(read_case("case_2", str(broken), with_label=False)["image"][2])  # the CBV map
+    with pytest.raises(InvalidCaseError, match=r"TESTING/case_2: expected one \.nii or \.nii\.gz file in .*CT_CBV"):
+        convert(str(root), str(tmp_path / "a"))
+    written = convert(str(root), str(tmp_path / "b"), skip_invalid=True)
+    assert "testing_case_2" not in written and "testing_case_1" in written
+    assert not os.path.exists(tmp_path / "b" / "testing_case_2.nii.gz")
+
+
+def test_shape_mismatch_is_reported_with_case_and_file(synthetic_tree, tmp_path):
+    case_dir = tmp_path / "case_9"
+    shutil.copytree(os.path.join(synthetic_tree, "TESTING", "case_1"), case_dir)
+    tmax = read_case("case_9", str(case_dir), with_label=False)["image"][4]
+    img = nib.load(tmax)
+    data = np.array(img.dataobj)[:-1]  # a copy: the file is memory-mapped and is about to be replaced
+    nib.save(nib.Nifti1Image(data, img.affine), tmax)
+    with pytest.raises(InvalidCaseError, match=r"case_9: Tmax file .* has shape"):
+        convert(str(case_dir), str(tmp_path / "out"))
+    with pytest.raises(InvalidCaseError, match=r"case_9: Tmax file .* has shape"):
+        convert(str(case_dir), str(tmp_path / "out"), check=False)  # stacking checks shapes too
+    assert not os.path.exists(tmp_path / "out" / "case_9.nii.gz")
+
+
+def test_cli(repo_root, synthetic_tree, tmp_path):
+    out = tmp_path / "studies"
+    cmd = [sys.executable, "-m", "scripts.make_studies", "--source", synthetic_tree, "--output_dir", str(out),
+           "--sections", "TESTING"]
+    result = subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 2 5-channel studies" in result.stdout
+    assert sorted(os.listdir(out)) == ["testing_case_1.nii.gz", "testing_case_2.nii.gz"]
+    again = subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0
+    assert again.stderr.strip().splitlines()[-1].startswith("error: ") and "--overwrite" in again.stderr
