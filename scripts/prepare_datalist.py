@@ -265,7 +265,7 @@ def load_section(data_list_file_path, dataset_dir, section="validation", fold=0,
     ``"train"``) part of ``fold`` (see ``load_fold``), or every case of another datalist section, e.g. ``"training"``
     or a ``"testing"`` section that has labels."""
     if section in ("train", "validation"):
-        items = load_fold(data_list_file_path, dataset_dir, fold, check)[section]
+        items = load_fold(data_list_file_path, dataset_dir, fold)[section]
     else:
         _require_datalist(data_list_file_path, dataset_dir)
         items = load_decathlon_datalist(data_list_file_path, data_list_key=section, base_dir=dataset_dir)
@@ -273,11 +273,11 @@ def load_section(data_list_file_path, dataset_dir, section="validation", fold=0,
         if unlabelled:
             raise InvalidCaseError(f"{data_list_file_path}: section '{section}' has no label for"
                                    f" {', '.join(unlabelled)}; evaluation needs labels (inference.json does not)")
-        if check:
-            for item in items:
-                check_case(item)
     if not items:
         raise InvalidCaseError(f"{data_list_file_path}: no cases in section '{section}'")
+    if check:
+        for item in items:
+            check_case(item)
     return [dict(item, case=item.get("case") or case_name(item["image"])) for item in items]
 
 

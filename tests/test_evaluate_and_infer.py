@@ -17,7 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from scripts.isles import CHANNELS
-from scripts.prepare_datalist import InvalidCaseError, build_datalist, find_inputs, read_case
+from scripts.prepare_datalist import InvalidCaseError, build_datalist, find_inputs, load_section, read_case
 from scripts.synthetic_isles import generate
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
@@ -275,3 +275,13 @@ def test_find_inputs_names_the_problem(tmp_path, broken, message):
     with pytest.raises(InvalidCaseError, match=re.escape(message)) as excinfo:
         find_inputs(str(source), check=True)
     assert broken in ("names", "maps", "training_only") or str(scan) in str(excinfo.value)
+
+
+def test_evaluation_sections(synthetic_tree, tmp_path):
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(build_datalist(synthetic_tree, folds=3, seed=0)))
+    validation = load_section(str(path), synthetic_tree, "validation", fold=1, check=True)
+    assert validation and {item["fold"] for item in validation} == {1}
+    assert len(load_section(str(path), synthetic_tree, "training")) == 10
+    with pytest.raises(InvalidCaseError, match="section 'testing' has no label for case_1, case_2"):
+        load_section(str(path), synthetic_tree, "testing")
