@@ -58,7 +58,13 @@ class _PerCaseMetric(CumulativeIterationMetric):
         self.reduction = reduction
 
     def aggregate(self, reduction=None):
-        return do_metric_reduction(self.get_buffer(), reduction or self.reduction)[0]
+        return _mean_of_defined(self.get_buffer(), reduction or self.reduction)
+
+
+def _mean_of_defined(values, reduction):
+    """MONAI's reduction over the non-NaN values; NaN (where MONAI gives 0) when there are none."""
+    reduced, not_nans = do_metric_reduction(values, reduction)
+    return torch.where(not_nans > 0, reduced, torch.nan)
 
 
 class LesionVolumeMetric(_PerCaseMetric):
@@ -96,7 +102,7 @@ class ConfusionRatioMetric(ConfusionMatrixMetric):
         return compute_confusion_matrix_metric(self.metric_name[0], super()._compute_tensor(y_pred, y))
 
     def aggregate(self, compute_sample=False, reduction=None):
-        return do_metric_reduction(self.get_buffer(), reduction or self.reduction)[0]
+        return _mean_of_defined(self.get_buffer(), reduction or self.reduction)
 
 
 class EmptyMaskRule(_PerCaseMetric):

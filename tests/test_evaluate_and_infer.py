@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from scripts.isles import CHANNELS
+from scripts.outputs import write_overlays
 from scripts.prepare_datalist import InvalidCaseError, build_datalist, find_inputs, load_section, read_case
 from scripts.synthetic_isles import generate
 
@@ -285,3 +286,19 @@ def test_evaluation_sections(synthetic_tree, tmp_path):
     assert len(load_section(str(path), synthetic_tree, "training")) == 10
     with pytest.raises(InvalidCaseError, match="section 'testing' has no label for case_1, case_2"):
         load_section(str(path), synthetic_tree, "testing")
+
+
+def test_overlay_refuses_a_mask_off_the_scan_grid(tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    affine = np.diag([0.9, 0.9, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 3, 5), dtype=np.float32), affine), scan)
+    (tmp_path / "masks").mkdir()
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[4:9, 5:10, 1] = 1
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "masks" / "scan.nii.gz")
+    write_overlays([{"image": str(scan), "case": "scan"}], tmp_path / "masks", tmp_path / "overlays")
+    with Image.open(tmp_path / "overlays" / "scan.png") as png:
+        assert (np.asarray(png.convert("RGB")) == (255, 0, 0)).all(-1).any(), "the lesion outline is drawn in red"
+    nib.save(nib.Nifti1Image(mask, affine @ np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / "masks" / "scan.nii.gz")
+    with pytest.raises(ValueError, match="does not lie on the grid of"):
+        write_overlays([{"image": str(scan), "case": "scan"}], tmp_path / "masks", tmp_path / "overlays")

@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from scripts.inferers import FlipInferer
-from scripts.metrics import write_report
+from scripts.metrics import ConfusionRatioMetric, write_report
 
 SPACING = (0.5, 0.5, 5.0)  # mm: anisotropic, as ISLES slabs are
 VOXEL_ML = 0.5 * 0.5 * 5.0 / 1000
@@ -144,3 +144,11 @@ def test_inference_config_keeps_the_training_settings(repo_root):
             assert {k: differ.get(k, (v,))[-1] for k, v in a.items()} == b
         else:
             assert a == b
+
+
+def test_means_of_undefined_values_are_nan_not_zero(evaluated):
+    engine, _ = evaluated
+    assert engine.state.metrics["hd95_mm"] == pytest.approx((5.0 + 10.0 + 0.0) / 3)
+    recall = ConfusionRatioMetric("recall")
+    recall(torch.ones(2, 1, 4, 4, 2), torch.zeros(2, 1, 4, 4, 2))  # two cases without a lesion: recall undefined
+    assert math.isnan(recall.aggregate())
