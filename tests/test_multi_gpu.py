@@ -1,22 +1,27 @@
-"""configs/multi_gpu_train.json really launched with `torchrun --nproc_per_node=2` (gloo on CPU) on tiny data."""
+"""configs/multi_gpu_train.json and multi_gpu_evaluate.json really launched with `torchrun --nproc_per_node=2` (gloo on
+CPU) on tiny data."""
 
+import csv
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
 from collections import defaultdict
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.networks import ModifiedUNet
 from scripts.prepare_datalist import build_datalist
 
-TINY = ["--features", "[2,4,8,16,32]", "--spatial_size", "[32,32,16]", "--batch_size", "1", "--num_workers", "0",
-        "--epochs", "2", "--val_interval", "1"]
+TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
+TRAIN = {"batch_size": 1, "epochs": 2, "val_interval": 1}
 ON_RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler"}  # the handlers that write logs without knowing of ranks
 
 
@@ -56,22 +61,36 @@ def probe_config(path):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(repo_root, synthetic_tree, tmp_path_factory):
-    """Two epochs on 2 CPU processes: 6 training cases (3 per rank) and 3 validation cases (split 2 + 1)."""
-    root = tmp_path_factory.mktemp("ddp")
+def split(synthetic_tree, tmp_path_factory):
+    """A datalist of 9 cases with folds set by hand (not by patient): 6 training cases, an even number so that
+    DistributedSampler pads nothing, and 3 validation cases (fold 0), which 2 ranks split 2 + 1."""
     datalist = build_datalist(synthetic_tree, folds=2, seed=0)
-    # folds set by hand (not by patient): an even training set, so that DistributedSampler pads nothing
     datalist["training"] = [dict(item, fold=0 if i < 3 else 1) for i, item in enumerate(datalist["training"][:9])]
-    with open(root / "datalist.json", "w") as f:
+    path = tmp_path_factory.mktemp("split") / "datalist.json"
+    with open(path, "w") as f:
         json.dump(datalist, f)
-    configs = ["configs/train.json", "configs/multi_gpu_train.json", probe_config(root / "probe.json")]
+    cases = {fold: {item["case"] for item in datalist["training"] if item["fold"] == fold} for fold in (0, 1)}
+    return {"dataset_dir": synthetic_tree, "data_list_file_path": str(path), **TINY}, cases
+
+
+def torchrun(repo_root, run_id, configs, bundle_root, **override):
+    """`torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run RUN_ID ...` on CPU with gloo."""
+    override = {"bundle_root": bundle_root, "backend": "gloo", "device": "$torch.device('cpu')", **override}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "training", "--config_file", repr(configs), "--bundle_root", str(root),
-           "--dataset_dir", synthetic_tree, "--data_list_file_path", str(root / "datalist.json"),
-           "--backend", "gloo", "--device", "$torch.device('cpu')", *TINY]
+           "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs),
+           *[x for key, value in override.items() for x in (f"--{key}", str(value))]]
     result = subprocess.run(cmd, cwd=repo_root, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    cases = {fold: {item["case"] for item in datalist["training"] if item["fold"] == fold} for fold in (0, 1)}
+    return result
+
+
+@pytest.fixture(scope="module")
+def ddp_run(repo_root, split, tmp_path_factory):
+    """Two epochs on 2 CPU processes: 6 training cases (3 per rank) and 3 validation cases (2 + 1)."""
+    settings, cases = split
+    root = tmp_path_factory.mktemp("ddp")
+    configs = ["configs/train.json", "configs/multi_gpu_train.json", probe_config(root / "probe.json")]
+    result = torchrun(repo_root, "training", configs, root, **settings, **TRAIN)
     return root, result, cases
 
 
@@ -123,10 +142,60 @@ def test_amp_dtype_reaches_both_engines(ddp_run):
         assert load_probe(root, engine, 0)["amp_kwargs"] == {"dtype": expected}
 
 
-def test_only_log_writers_are_disabled_on_other_ranks(repo_root):
-    """multi_gpu_train.json disables train.json's handlers by list index: they must still be the log writers."""
+@pytest.mark.parametrize(
+    "configs, handler_ids",
+    [(("train.json", "multi_gpu_train.json"), ("train#handlers", "validate#handlers")),
+     (("train.json", "evaluate.json", "multi_gpu_evaluate.json"), ("eval_handlers",))],
+    ids=["train", "evaluate"],
+)
+def test_only_log_writers_are_disabled_on_other_ranks(repo_root, configs, handler_ids):
+    """The multi-GPU overrides disable handlers by list index: these must still be the log writers."""
     parser = ConfigParser()
-    parser.read_config([os.path.join(repo_root, "configs", name) for name in ("train.json", "multi_gpu_train.json")])
-    for handlers in ("train#handlers", "validate#handlers"):
+    parser.read_config([os.path.join(repo_root, "configs", name) for name in configs])
+    for handlers in handler_ids:
         for handler in parser[handlers]:
             assert ("_disabled_" in handler) == (handler["_target_"] in ON_RANK0_ONLY), (handlers, handler)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return sorted(csv.DictReader(f), key=lambda row: next(iter(row.values())))
+
+
+def same_values(a, b):
+    return a.keys() == b.keys() and all(
+        x == y or math.isclose(float(x), float(y), rel_tol=1e-6) for x, y in zip(a.values(), b.values()))
+
+
+@pytest.fixture(scope="module")
+def ddp_eval(repo_root, split, ddp_run, tmp_path_factory):
+    """`run evaluating` of the model trained above: once in one process, once with torchrun on 2 CPU processes,
+    each rank writing into its own eval_dir (so that what rank 1 writes shows)."""
+    settings, cases = split
+    root = tmp_path_factory.mktemp("ddp_eval")
+    settings = {**settings, "ckpt_dir": str(ddp_run[0] / "models_rank0")}
+    configs = [os.path.join(repo_root, "configs", name) for name in ("train.json", "evaluate.json")]
+    single = ConfigWorkflow(config_file=configs, workflow_type="train", bundle_root=str(root / "single"), **settings)
+    single.initialize()
+    single.run()
+    configs = ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"]
+    result = torchrun(repo_root, "evaluating", configs, root / "ddp", **settings,
+                      eval_dir="$@output_dir + '/eval_rank' + os.environ['RANK']")
+    return root / "single" / "runs" / "eval", [root / "ddp" / "runs" / f"eval_rank{r}" for r in (0, 1)], result, cases
+
+
+def test_evaluation_splits_cases_and_rank0_writes_the_same_report(ddp_eval):
+    single, ranks, result, cases = ddp_eval
+    masks = [sorted(os.listdir(rank / "masks")) for rank in ranks]
+    assert sorted(map(len, masks)) == [1, 2] and sorted(masks[0] + masks[1]) == sorted(os.listdir(single / "masks"))
+    assert sorted(m.split(".")[0] for m in masks[0] + masks[1]) == sorted(cases[0])
+    for rank, names in zip(ranks, masks):
+        for name in names:
+            written, reference = (nib.load(folder / "masks" / name).get_fdata() for folder in (rank, single))
+            assert np.array_equal(written, reference), name
+    assert os.listdir(ranks[1]) == ["masks"], "rank 1 writes its cases' masks and no CSV"
+    for name in ("metrics_per_case.csv", "metrics_summary.csv"):
+        ddp, ref = read_csv(ranks[0] / name), read_csv(single / name)
+        assert len(ddp) == len(ref) and all(same_values(a, b) for a, b in zip(ddp, ref)), name
+    assert len(read_csv(ranks[0] / "metrics_per_case.csv")) == 3
+    assert result.stdout.count("3 cases, per-case values in") == 1
