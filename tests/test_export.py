@@ -23,14 +23,6 @@ ONNX_AXES = ("{'input_names': ['image'], 'output_names': ['pred'], 'dynamic_axes
 SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "meta_schema.json")
 
 
-def bundle(repo_root, *args):
-    """Run `python -m monai.bundle ARGS` in the repo root; its combined output, after checking it succeeded."""
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=repo_root, check=False,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
 @pytest.fixture(scope="module")
 def eager(tmp_path_factory):
     """A network with non-trivial weights, saved as `models/model.pt` is (a plain state_dict), in eval mode."""
@@ -41,6 +33,35 @@ def eager(tmp_path_factory):
     path = tmp_path_factory.mktemp("export") / "model.pt"
     torch.save(net.state_dict(), path)
     return net.eval(), path
+
+
+@pytest.fixture(scope="module")
+def bundle(repo_root, eager):
+    """The doc's four `python -m monai.bundle` commands, started together (they are independent; this halves the
+    wait on a 2-core machine). ``bundle(name)`` is that command's combined output, after checking it succeeded."""
+    ckpt = eager[1]
+    commands = {
+        "ckpt_export": ["ckpt_export", "network_def", "--filepath", str(ckpt.parent / "model.ts"), "--ckpt_file",
+                        str(ckpt), "--use_trace", "True", *CONFIG],
+        "onnx_export": ["onnx_export", "network_def", "--filepath", str(ckpt.parent / "model.onnx"), "--ckpt_file",
+                        str(ckpt), "--converter_kwargs", ONNX_AXES, *CONFIG],
+        "verify_net_in_out": ["verify_net_in_out", "network_def", "--device", "cpu", *CONFIG],
+        "verify_metadata": ["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", SCHEMA],
+    }
+    logs = {name: ckpt.parent / f"{name}.log" for name in commands}  # files, not pipes: no process blocks on output
+    running = {}
+    for name, args in commands.items():
+        with open(logs[name], "w") as log:
+            running[name] = subprocess.Popen([sys.executable, "-m", "monai.bundle", *args], cwd=repo_root,
+                                             stdout=log, stderr=subprocess.STDOUT)
+    outputs = {name: (proc.wait(timeout=300), logs[name].read_text()) for name, proc in running.items()}
+
+    def output(name):
+        returncode, text = outputs[name]
+        assert returncode == 0, text[-6000:]
+        return text
+
+    return output
 
 
 def random_inputs(meta):
@@ -57,11 +78,10 @@ def meta(repo_root):
         return json.load(f)
 
 
-def test_torchscript_export_matches_eager(repo_root, eager, meta):
+def test_torchscript_export_matches_eager(bundle, eager, meta):
     net, ckpt = eager
+    bundle("ckpt_export")
     ts_file = ckpt.parent / "model.ts"
-    bundle(repo_root, "ckpt_export", "network_def", "--filepath", str(ts_file), "--ckpt_file", str(ckpt),
-           "--use_trace", "True", *CONFIG)
     ts_net, ts_meta, extras = load_net_with_metadata(str(ts_file), more_extra_files=["train.json"])
     assert ts_meta["network_data_format"] == meta["network_data_format"]
     assert json.loads(extras["train.json"])["network_def"]["_target_"] == "scripts.networks.ModifiedUNet"
@@ -70,11 +90,10 @@ def test_torchscript_export_matches_eager(repo_root, eager, meta):
             torch.testing.assert_close(ts_net(x), net(x), rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_export_matches_eager(repo_root, eager, meta):
+def test_onnx_export_matches_eager(bundle, eager, meta):
     net, ckpt = eager
+    bundle("onnx_export")
     onnx_file = ckpt.parent / "model.onnx"
-    bundle(repo_root, "onnx_export", "network_def", "--filepath", str(onnx_file), "--ckpt_file", str(ckpt),
-           "--converter_kwargs", ONNX_AXES, *CONFIG)
     onnx.checker.check_model(onnx.load(str(onnx_file)))
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"] and [o.name for o in session.get_outputs()] == ["pred"]
@@ -86,14 +105,13 @@ def test_onnx_export_matches_eager(repo_root, eager, meta):
             np.testing.assert_allclose(pred, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_verify_net_in_out_passes(repo_root):
-    out = bundle(repo_root, "verify_net_in_out", "network_def", "--device", "cpu", *CONFIG)
-    assert "data shape of network is verified with no error" in out
+def test_verify_net_in_out_passes(bundle):
+    assert "data shape of network is verified with no error" in bundle("verify_net_in_out")
 
 
-def test_metadata_is_valid_offline(repo_root):
+def test_metadata_is_valid_offline(bundle):
     """MONAI's own `verify_metadata`: the schema file exists, so nothing is downloaded."""
-    out = bundle(repo_root, "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", SCHEMA)
+    out = bundle("verify_metadata")
     assert "skipped downloading" in out and "metadata is verified with no error" in out
 
 
