@@ -1,0 +1,153 @@
+"""Put this bundle, with a trained model, into a MONAI Label ``monaibundle`` app folder, ready for ``start_server``.
+
+MONAI Label's stock ``monaibundle`` sample app serves the bundles found in ``<app>/model/<name>/`` (with
+``--conf models <name>``). It reads ``configs/inference.json`` and ``configs/train.json`` ONLY, without the override
+files used on the command line, and loads ``models/model.pt`` non-strictly: a model trained with other ``features``
+than the configs say is served anyway, with whatever weights happen to fit. So this copies the bundle, writes the
+settings the model was trained with into the copy's configs, and checks that the weights load strictly.
+
+    # the released/full-size model (configs' defaults)
+    python -m scripts.monailabel_app --app_dir ~/isles-app --model models/model.pt
+    # the demo model (configs/demo.json's network)
+    python -m scripts.monailabel_app --app_dir ~/isles-app --model demo_data/models/model.pt \\
+        --features "[8,16,32,64,128]" --spatial_size "[64,64,16]"
+
+The sample app is taken from the MONAI Label installation of the running Python, else from ``.venv-monailabel``
+(``tools/monailabel-env``), else from ``--sample_app``. An existing ``<app>/model/<name>`` is replaced only with
+``--overwrite``; an existing app folder keeps its own files (several bundles can share one app).
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_APP = os.path.join("monailabel", "sample-apps", "monaibundle")  # under the environment's sys.prefix
+CONFIGS = ("inference.json", "train.json")  # what MONAI Label reads
+
+
+def find_sample_app(sample_app=None):
+    """The ``monaibundle`` sample app folder shipped in the monailabel wheel."""
+    candidates = [sample_app] if sample_app else []
+    if importlib.util.find_spec("monailabel") is not None:
+        candidates.append(os.path.join(sys.prefix, SAMPLE_APP))
+    candidates.append(os.path.join(BUNDLE_ROOT, ".venv-monailabel", SAMPLE_APP))
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "main.py")):
+            return path
+    raise FileNotFoundError(f"no MONAI Label monaibundle sample app in {', '.join(candidates)}; build the MONAI Label"
+                            " environment (bash tools/monailabel-env) or pass --sample_app")
+
+
+def _copy_bundle(target):
+    os.makedirs(os.path.join(target, "configs"))
+    for path in glob.glob(os.path.join(BUNDLE_ROOT, "configs", "*")):
+        name = os.path.basename(path)
+        if os.path.isfile(path) and name.endswith((".json", ".yaml", ".conf")) and not name.startswith("datalist"):
+            shutil.copy(path, os.path.join(target, "configs"))
+    shutil.copytree(os.path.join(BUNDLE_ROOT, "scripts"), os.path.join(target, "scripts"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(os.path.join(BUNDLE_ROOT, "docs"), os.path.join(target, "docs"))
+    shutil.copy(os.path.join(BUNDLE_ROOT, "LICENSE"), target)
+    os.makedirs(os.path.join(target, "models"))
+
+
+def _write_settings(target, settings):
+    """Set top-level ids in the copy's inference.json and train.json; every id must exist in one of them."""
+    used = set()
+    for name in CONFIGS:
+        path = os.path.join(target, "configs", name)
+        with open(path) as f:
+            config = json.load(f)
+        for key, value in settings.items():
+            if key in config:
+                config[key] = value
+                used.add(key)
+        with open(path, "w") as f:
+            json.dump(config, f, indent=4)
+    unknown = sorted(set(settings) - used)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}: not a top-level id of {' or '.join(CONFIGS)}")
+
+
+def check_model(bundle, model_path):
+    """Load ``model_path`` STRICTLY into the network of ``bundle``'s inference.json, as MONAI Label will not."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.networks import check_spatial_size
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle, "configs", "inference.json"))
+    parser["bundle_root"] = bundle
+    check_spatial_size(parser.get_parsed_content("spatial_size"), len(parser.get_parsed_content("features")))
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a full training checkpoint (checkpoint_epoch=N.pt)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{model_path} does not fit the network of features={parser['features']} (the configs'"
+            f" values): pass the --features (and --spatial_size) it was trained with, e.g. the demo's"
+            f" --features \"[8,16,32,64,128]\" --spatial_size \"[64,64,16]\"\n{str(err)[:600]}"
+        ) from err
+
+
+def install(app_dir, model="models/model.pt", name="isles_ctp", features=None, spatial_size=None, settings=None,
+            sample_app=None, overwrite=False):
+    """Create (or reuse) ``app_dir`` as a copy of the monaibundle sample app and put the bundle in
+    ``app_dir/model/<name>`` with ``model`` as ``models/model.pt``; returns the bundle folder.
+
+    ``features`` / ``spatial_size`` (and any other top-level ids in ``settings``, e.g. ``{"num_workers": 0}``) are
+    written into the copy's inference.json and train.json."""
+    if not os.path.isfile(model):
+        raise FileNotFoundError(f"no trained model at {model}: train one (README, 'Training'; the demo writes"
+                                " demo_data/models/model.pt) or pass --model")
+    app_dir = os.path.abspath(app_dir)
+    target = os.path.join(app_dir, "model", name)
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    settings = dict(settings or {})
+    if features is not None:
+        settings["features"] = [int(f) for f in features]
+    if spatial_size is not None:
+        settings["spatial_size"] = [int(s) for s in spatial_size]
+    if not os.path.isfile(os.path.join(app_dir, "main.py")):
+        shutil.copytree(find_sample_app(sample_app), app_dir, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    staging = os.path.join(app_dir, "model", f".{name}.partial")  # never a half-written bundle under model/<name>
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _copy_bundle(staging)
+        _write_settings(staging, settings)
+        shutil.copy(model, os.path.join(staging, "models", "model.pt"))
+        check_model(staging, os.path.join(staging, "models", "model.pt"))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def main(app_dir, model="models/model.pt", name="isles_ctp", features=None, spatial_size=None, settings=None,
+         sample_app=None, overwrite=False):
+    """CLI: see the module docstring."""
+    target = install(app_dir, model, name, features, spatial_size, settings, sample_app, overwrite)
+    print(f"{target}: bundle with {model} as models/model.pt\nstart the server with:\n"
+          f"  .venv-monailabel/bin/python -m monailabel.main start_server --app {os.path.dirname(os.path.dirname(target))}"
+          f" --studies STUDIES_DIR --conf models {name} --conf zoo_source github --conf sam2 false"
+          f" --host 127.0.0.1 --port 8000")
+
+
+if __name__ == "__main__":
+    import fire
+
+    try:
+        fire.Fire(main)
+    except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {err}")
