@@ -55,35 +55,41 @@ def _copy_bundle(target):
     os.makedirs(os.path.join(target, "models"))
 
 
-def _write_settings(target, settings):
-    """Set top-level ids in the copy's inference.json and train.json; every id must exist in one of them."""
-    used = set()
-    for name in CONFIGS:
-        path = os.path.join(target, "configs", name)
-        with open(path) as f:
-            config = json.load(f)
-        for key, value in settings.items():
-            if key in config:
-                config[key] = value
-                used.add(key)
-        with open(path, "w") as f:
-            json.dump(config, f, indent=4)
-    unknown = sorted(set(settings) - used)
+def _config(folder, name):
+    with open(os.path.join(folder, "configs", name)) as f:
+        return json.load(f)
+
+
+def _check_settings(settings):
+    """Every id to set must be a top-level id of inference.json or train.json (a typo would otherwise do nothing)."""
+    known = set().union(*(_config(BUNDLE_ROOT, name) for name in CONFIGS))
+    unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}: not a top-level id of {' or '.join(CONFIGS)}")
 
 
-def check_model(bundle, model_path):
-    """Load ``model_path`` STRICTLY into the network of ``bundle``'s inference.json, as MONAI Label will not."""
+def _write_settings(target, settings):
+    """Set top-level ids in the copy's inference.json and train.json, where each has them."""
+    for name in CONFIGS:
+        config = _config(target, name)
+        config.update({key: value for key, value in settings.items() if key in config})
+        with open(os.path.join(target, "configs", name), "w") as f:
+            json.dump(config, f, indent=4)
+
+
+def check_model(model_path, settings=None):
+    """Load ``model_path`` STRICTLY into the network of inference.json with ``settings`` applied, as MONAI Label
+    will not; raises ``ValueError`` saying which settings to pass."""
     import torch
     from monai.bundle import ConfigParser
 
     from scripts.networks import check_spatial_size
 
     parser = ConfigParser()
-    parser.read_config(os.path.join(bundle, "configs", "inference.json"))
-    parser["bundle_root"] = bundle
-    check_spatial_size(parser.get_parsed_content("spatial_size"), len(parser.get_parsed_content("features")))
+    parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
+    parser.update({"bundle_root": BUNDLE_ROOT, **(settings or {})})
+    features = parser.get_parsed_content("features")
+    check_spatial_size(parser.get_parsed_content("spatial_size"), len(features))
     network = parser.get_parsed_content("network_def")
     state = torch.load(model_path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -92,9 +98,9 @@ def check_model(bundle, model_path):
         network.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(
-            f"{model_path} does not fit the network of features={parser['features']} (the configs'"
-            f" values): pass the --features (and --spatial_size) it was trained with, e.g. the demo's"
-            f" --features \"[8,16,32,64,128]\" --spatial_size \"[64,64,16]\"\n{str(err)[:600]}"
+            f"{model_path} does not fit the network of features={features}: pass the --features (and"
+            f" --spatial_size) it was trained with, e.g. the demo's --features \"[8,16,32,64,128]\""
+            f" --spatial_size \"[64,64,16]\"\n{str(err)[:600]}"
         ) from err
 
 
@@ -117,6 +123,8 @@ def install(app_dir, model="models/model.pt", name="isles_ctp", features=None, s
         settings["features"] = [int(f) for f in features]
     if spatial_size is not None:
         settings["spatial_size"] = [int(s) for s in spatial_size]
+    _check_settings(settings)
+    check_model(model, settings)
     if not os.path.isfile(os.path.join(app_dir, "main.py")):
         shutil.copytree(find_sample_app(sample_app), app_dir, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -126,7 +134,6 @@ def install(app_dir, model="models/model.pt", name="isles_ctp", features=None, s
         _copy_bundle(staging)
         _write_settings(staging, settings)
         shutil.copy(model, os.path.join(staging, "models", "model.pt"))
-        check_model(staging, os.path.join(staging, "models", "model.pt"))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
     finally:
