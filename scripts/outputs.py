@@ -13,22 +13,25 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["name_by_case", "refuse_existing", "write_overlays"]
+from scripts.prepare_datalist import case_name
+
+__all__ = ["batch_cases", "case_formatter", "refuse_existing", "write_overlays"]
 
 PANEL = 256  # pixels on the longer side of one slice
 OUTLINE = (255, 0, 0)
 
 
-def name_by_case(items):
-    """``output_name_formatter`` for ``SaveImaged`` that names each output after its case (``items``: the datalist,
-    ``{"image", "case"}``) instead of after its first input file, e.g. ``SMIR.Brain.XX.O.CT.345563``."""
-    cases = {item["image"] if isinstance(item["image"], str) else item["image"][0]: item["case"] for item in items}
+def case_formatter(meta, saver):
+    """``output_name_formatter`` for ``SaveImaged``: name the output after its case (``case_name`` of the first input
+    file: the ISLES case folder, else the file name) instead of after the file, e.g. ``SMIR.Brain.XX.O.CT.345563``."""
+    # FolderLayout strips what looks like a file extension from the subject: give it one to strip.
+    return {"subject": f"{case_name(meta['filename_or_obj'])}.nii.gz"}
 
-    def formatter(meta, saver):
-        # FolderLayout strips what looks like a file extension from the subject: give it one to strip.
-        return {"subject": f"{cases[meta['filename_or_obj']]}.nii.gz"}
 
-    return formatter
+def batch_cases(batch):
+    """``batch_transform`` for ``MetricsSaver``: each case's name, as ``case_formatter`` names its mask, for the
+    ``filename`` column."""
+    return [{"filename_or_obj": case_name(item["image"].meta["filename_or_obj"])} for item in batch]
 
 
 def refuse_existing(paths, overwrite=False):
@@ -45,14 +48,14 @@ def refuse_existing(paths, overwrite=False):
 
 
 def write_overlays(items, mask_dir, overlay_dir, ct_window=(0, 100), max_slices=4):
-    """For each case ``{"image", "case"}``, write ``overlay_dir/<case>.png``: axial slices of the CT (top row, window
-    ``ct_window`` HU) and CBF (bottom row), read from the input files, with the outline (red) of the lesion mask read
-    back from ``mask_dir/<case>.nii.gz``. Slices: those with the largest lesion area, else spread over the slab.
+    """For each datalist item (``image``: 5 map files or one 4D file) write ``overlay_dir/<case>.png`` (``case_name``):
+    axial slices of the CT (top row, window ``ct_window`` HU) and CBF (bottom row), read from the input files, with the
+    outline (red) of the lesion mask read back from ``mask_dir/<case>.nii.gz``. Slices: those with the largest lesion area, else spread over the slab.
     Shown in RAS orientation (anterior up, patient's right on the right). Raises ``ValueError`` naming both files when
     a mask does not lie on its scan's grid."""
     os.makedirs(overlay_dir, exist_ok=True)
     for item in items:
-        case = item["case"]
+        case = case_name(item["image"])
         mask_path = os.path.join(mask_dir, f"{case}.nii.gz")
         ct, cbf, affine, source = _ct_and_cbf(item["image"])
         mask_img = nib.load(mask_path)

@@ -261,29 +261,30 @@ def load_fold(data_list_file_path, dataset_dir, fold, check=False):
 
 
 def load_section(data_list_file_path, dataset_dir, section="validation", fold=0, check=False):
-    """Labelled cases to evaluate, with absolute paths and a ``case`` name each: the ``"validation"`` (or
-    ``"train"``) part of ``fold`` (see ``load_fold``), or every case of another datalist section, e.g. ``"training"``
-    or a ``"testing"`` section that has labels."""
+    """Labelled cases to evaluate, with absolute paths: the ``"validation"`` (or ``"train"``) part of ``fold`` (see
+    ``load_fold``), or every case of another datalist section, e.g. ``"training"`` or a ``"testing"`` section that has
+    labels. Raises ``InvalidCaseError`` for cases without a label, and when two cases get one ``case_name``."""
     if section in ("train", "validation"):
         items = load_fold(data_list_file_path, dataset_dir, fold)[section]
     else:
         _require_datalist(data_list_file_path, dataset_dir)
         items = load_decathlon_datalist(data_list_file_path, data_list_key=section, base_dir=dataset_dir)
-        unlabelled = [item.get("case") or case_name(item["image"]) for item in items if "label" not in item]
+        unlabelled = [case_name(item["image"]) for item in items if "label" not in item]
         if unlabelled:
             raise InvalidCaseError(f"{data_list_file_path}: section '{section}' has no label for"
                                    f" {', '.join(unlabelled)}; evaluation needs labels (inference.json does not)")
     if not items:
         raise InvalidCaseError(f"{data_list_file_path}: no cases in section '{section}'")
+    _check_names(items)
     if check:
         for item in items:
             check_case(item)
-    return [dict(item, case=item.get("case") or case_name(item["image"])) for item in items]
+    return items
 
 
 def case_name(image):
-    """Default name of a case whose ``image`` is one file or a list of files: the ISLES case folder (``case_N``
-    above ``SMIR.Brain.XX.O.<MOD>.<id>/``), else the (first) file's name without ``.nii``/``.nii.gz``."""
+    """Name of a case, which its outputs carry, from its ``image`` (one file or a list of files): the ISLES case folder
+    (``case_N`` above ``SMIR.Brain.XX.O.<MOD>.<id>/``), else the (first) file's name without ``.nii``/``.nii.gz``."""
     path = os.path.abspath(image if isinstance(image, str) else image[0])
     folder = os.path.dirname(path)
     if SMIR_NAME.match(os.path.basename(folder)):
@@ -292,52 +293,62 @@ def case_name(image):
     return next(name[: -len(s)] for s in sorted(NIFTI_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s))
 
 
+def _check_names(items):
+    """Every case must get its own ``case_name``: outputs are named after it."""
+    seen = {}
+    for item in items:
+        name, first = case_name(item["image"]), item["image"] if isinstance(item["image"], str) else item["image"][0]
+        if name in seen:
+            raise InvalidCaseError(f"two cases are named {name} ({seen[name]} and {first}); their outputs would"
+                                   f" overwrite each other: outputs are named after the ISLES case folder, else after"
+                                   f" the (first) file")
+        seen[name] = first
+
+
 def find_inputs(source, data_list_key="testing", check=False):
     """Unlabelled cases to segment, as items ``{"image", "case"}`` with absolute paths; ``image`` is the 5 maps in
-    channel order (CT, CBF, CBV, MTT, Tmax) or one 4D NIfTI file with those 5 channels last. ``source`` is:
+    channel order (CT, CBF, CBV, MTT, Tmax) or one 4D NIfTI file with those 5 channels last, ``case`` its
+    ``case_name``. ``source`` is:
 
     - an ISLES root (with a ``TESTING`` folder): its TESTING cases;
     - a folder of ISLES case folders (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...``);
-    - a folder of 4D NIfTI files, one case each, named after the file;
-    - a datalist ``.json``: its ``data_list_key`` section (relative paths are relative to the file's folder), each
-      item named by its ``case`` or else by ``case_name``.
+    - a folder of 4D NIfTI files, one case each;
+    - a datalist ``.json``: the ``image`` of each item of its ``data_list_key`` section (relative paths are relative to
+      the file's folder).
 
     Labels are ignored. ``check`` runs ``check_case`` on every case. Raises ``InvalidCaseError`` naming the case and
-    the file, also when two cases would get the same name (their outputs are named after the case).
+    the file, also when two cases would get the same name.
     """
     source = os.path.abspath(source)
     if os.path.isfile(source) and source.lower().endswith(".json"):
-        items = [{"image": item["image"], "case": item.get("case") or case_name(item["image"])}
-                 for item in load_decathlon_datalist(source, is_segmentation=False, data_list_key=data_list_key)]
+        images = [item["image"] for item in load_decathlon_datalist(source, is_segmentation=False,
+                                                                    data_list_key=data_list_key)]
     elif not os.path.isdir(source):
         raise FileNotFoundError(f"{source} is neither a folder nor a datalist .json file")
     elif _find_dir(source, TESTING_DIR):
-        items = [read_case(case, case_dir, with_label=False) for case, case_dir in find_cases(source, TESTING_DIR)]
+        images = [read_case(case, case_dir, with_label=False)["image"] for case, case_dir in
+                  find_cases(source, TESTING_DIR)]
     else:
         files = sorted(f for f in os.listdir(source)
                        if f.lower().endswith(NIFTI_SUFFIXES) and os.path.isfile(os.path.join(source, f)))
         if files:
-            items = [{"image": os.path.join(source, f), "case": case_name(os.path.join(source, f))} for f in files]
+            images = [os.path.join(source, f) for f in files]
         elif _find_dir(source, TRAINING_DIR):
             raise InvalidCaseError(f"{source} has a {TRAINING_DIR} folder but no {TESTING_DIR} folder; to segment"
                                    f" the training cases pass {os.path.join(source, TRAINING_DIR)}")
         else:
-            items = [read_case(case, case_dir, with_label=False) for case, case_dir in case_folders(source)]
-    if not items:
+            images = [read_case(case, case_dir, with_label=False)["image"] for case, case_dir in case_folders(source)]
+    if not images:
         raise InvalidCaseError(f"{source}: no cases (an ISLES root, a folder of case folders or of 4D NIfTI files,"
                                f" or a datalist .json)")
-    seen = {}
+    items = [{"image": image, "case": case_name(image)} for image in images]
     for item in items:
-        image = item["image"]
-        if not isinstance(image, str) and len(image) != len(CHANNELS):
-            raise InvalidCaseError(f"{item['case']}: 'image' lists {len(image)} files, expected one 4D file or the"
-                                   f" {len(CHANNELS)} maps {', '.join(CHANNELS)}")
-        first = image if isinstance(image, str) else image[0]
-        if item["case"] in seen:
-            raise InvalidCaseError(f"two cases are named {item['case']} ({seen[item['case']]} and {first}); their"
-                                   f" outputs would overwrite each other")
-        seen[item["case"]] = first
-        if check:
+        if not isinstance(item["image"], str) and len(item["image"]) != len(CHANNELS):
+            raise InvalidCaseError(f"{item['case']}: 'image' lists {len(item['image'])} files, expected one 4D file or"
+                                   f" the {len(CHANNELS)} maps {', '.join(CHANNELS)}")
+    _check_names(items)
+    if check:
+        for item in items:
             check_case(item)
     return items
 

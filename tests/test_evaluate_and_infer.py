@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -166,22 +167,24 @@ def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root,
 
 @pytest.fixture(scope="module")
 def new_scans(tmp_path_factory):
-    """Unlabelled scans the model never saw, as a datalist .json: ISLES 5-map cases of 256 x 256 x {2, 7, 22}, the
-    same grids at 512 in-plane as 4D (x, y, z, 5) files, and the 2-slice case again as a 4D file, plain and with its
-    x axis stored reversed (an LPS-like affine)."""
+    """Unlabelled scans the model never saw, as a datalist .json: ISLES 5-map cases of 256 x 256 x {2, 7, 22} (an
+    ISLES root's TESTING cases case_2, case_7, case_22), the same grids at 512 in-plane as 4D (x, y, z, 5) files, and
+    the 2-slice case again as a 4D file, plain and with its x axis stored reversed (an LPS-like affine)."""
     folder = tmp_path_factory.mktemp("new_scans")
+    testing = folder / "isles" / "TESTING"
+    testing.mkdir(parents=True)
     items = []
     for depth in (2, 7, 22):
-        root = folder / f"isles_{depth}"
-        generate(str(root), num_train=0, num_test=1, seed=depth, in_plane=256, slices=depth)
-        item = read_case("case_1", str(root / "TESTING" / "case_1"), with_label=False)
-        items.append({"image": item["image"], "case": f"isles_256x{depth}"})
+        generated = folder / f"generated_{depth}"
+        generate(str(generated), num_train=0, num_test=1, seed=depth, in_plane=256, slices=depth)
+        shutil.move(generated / "TESTING" / "case_1", testing / f"case_{depth}")
+        item = read_case(f"case_{depth}", str(testing / f"case_{depth}"), with_label=False)
+        items.append(item)
         maps = [nib.load(path) for path in item["image"]]
         stack = np.stack([np.asanyarray(m.dataobj).astype(np.float32) for m in maps], axis=-1)
         affine = maps[0].affine
         big = stack.repeat(2, axis=0).repeat(2, axis=1)
-        big_affine = affine @ np.diag([0.5, 0.5, 1.0, 1.0])
-        nib.save(nib.Nifti1Image(big, big_affine), folder / f"ctp_512x{depth}.nii")
+        nib.save(nib.Nifti1Image(big, affine @ np.diag([0.5, 0.5, 1.0, 1.0])), folder / f"ctp_512x{depth}.nii")
         items.append({"image": str(folder / f"ctp_512x{depth}.nii"), "case": f"ctp_512x{depth}"})
         if depth == 2:
             nib.save(nib.Nifti1Image(stack, affine), folder / "ctp_256x2.nii.gz")
@@ -189,7 +192,7 @@ def new_scans(tmp_path_factory):
             nib.save(nib.Nifti1Image(stack[::-1].copy(), flipped), folder / "ctp_256x2_lps.nii.gz")
             items += [{"image": str(folder / f"ctp_256x2{s}.nii.gz"), "case": f"ctp_256x2{s}"} for s in ("", "_lps")]
     datalist = folder / "new_scans.json"
-    datalist.write_text(json.dumps({"testing": items}))
+    datalist.write_text(json.dumps({"testing": [{"image": item["image"]} for item in items]}))
     return datalist, items
 
 
@@ -224,7 +227,7 @@ def test_inference_masks_lie_exactly_on_the_source_scans(repo_root, trained, new
     assert {m.shape for m in masks.values()} >= {(256, 256, 2), (256, 256, 7), (256, 256, 22), (512, 512, 2),
                                                  (512, 512, 7), (512, 512, 22)}
     # the 5 maps and the same maps in one 4D file give the same mask; so does the file stored mirrored along x
-    assert np.array_equal(masks["ctp_256x2"], masks["isles_256x2"])
+    assert np.array_equal(masks["ctp_256x2"], masks["case_2"])
     assert np.array_equal(masks["ctp_256x2_lps"], masks["ctp_256x2"][::-1])
 
 
@@ -253,7 +256,8 @@ def test_find_inputs_accepts_the_documented_layouts(synthetic_tree, new_scans):
     assert find_inputs(os.path.join(synthetic_tree, "TESTING")) == root_cases
     files = find_inputs(os.path.dirname(datalist), check=True)
     assert [item["case"] for item in files] == ["ctp_256x2", "ctp_256x2_lps", "ctp_512x2", "ctp_512x22", "ctp_512x7"]
-    assert [item["case"] for item in find_inputs(str(datalist))] == [item["case"] for item in items]
+    assert find_inputs(str(datalist)) == items
+    assert [item["case"] for item in find_inputs(str(datalist.parent / "isles"))] == ["case_2", "case_7", "case_22"]
 
 
 @pytest.mark.parametrize("broken, message", [

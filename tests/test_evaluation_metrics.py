@@ -68,8 +68,8 @@ def evaluated(repo_root, tmp_path):
         handler.attach(engine, name)
     saver = parser.get_parsed_content("eval_handlers")[1]
     saver.attach(engine)
-    batches = [[{"case": case, "pred": on_grid(pred), "label": on_grid(label)}] for case, (pred, label, _) in
-               CASES.items()]
+    batches = [[{"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/data/{case}.nii.gz"}),
+                 "pred": on_grid(pred), "label": on_grid(label)}] for case, (pred, label, _) in CASES.items()]
     engine.run(batches)
     return engine, os.path.join(str(tmp_path), "eval")
 
@@ -103,6 +103,14 @@ def test_per_case_csv_and_summary_leave_nans_out(evaluated, capsys):
     assert "hd95_mm" in printed and "median" in printed
 
 
+def test_means_of_undefined_values_are_nan_not_zero(evaluated):
+    engine, _ = evaluated
+    assert engine.state.metrics["hd95_mm"] == pytest.approx((5.0 + 10.0 + 0.0) / 3)
+    recall = ConfusionRatioMetric("recall")
+    recall(torch.ones(2, 1, 4, 4, 2), torch.zeros(2, 1, 4, 4, 2))  # two cases without a lesion: recall undefined
+    assert math.isnan(recall.aggregate())
+
+
 def test_flip_inferer_averages_probabilities_of_the_mirror_images():
     """A network that is not mirror-symmetric (it adds a ramp along x): every pass that flips x sees the ramp
     reversed, so the mean probability is half softmax(x + ramp), half softmax(x + reversed ramp)."""
@@ -134,21 +142,11 @@ def test_inference_config_keeps_the_training_settings(repo_root):
     for key in ("spatial_keys", "tta_flips", "ensemble_checkpoints", "checkpoints", "pred_keys", "networks",
                 "checkpoint_loaders"):
         assert infer[key] == evaluate[key], key
+    assert infer["load_keys"] == ["@image_key"], "MONAI Label's requests have no label"
     assert infer["inferer"] == evaluate["validate#inferer"]
-    eval_post, infer_post = evaluate["validate#postprocessing"], infer["postprocessing"]
-    differ = {"transform": ("@validate#preprocessing", "@preprocessing"),
-              "output_name_formatter": ("$scripts.outputs.name_by_case(@validate#dataset#data)",
-                                        "$scripts.outputs.name_by_case(@datalist)")}
-    for a, b in zip(eval_post["transforms"], infer_post["transforms"], strict=True):
-        if isinstance(a, dict):
-            assert {k: differ.get(k, (v,))[-1] for k, v in a.items()} == b
-        else:
-            assert a == b
-
-
-def test_means_of_undefined_values_are_nan_not_zero(evaluated):
-    engine, _ = evaluated
-    assert engine.state.metrics["hd95_mm"] == pytest.approx((5.0 + 10.0 + 0.0) / 3)
-    recall = ConfusionRatioMetric("recall")
-    recall(torch.ones(2, 1, 4, 4, 2), torch.zeros(2, 1, 4, 4, 2))  # two cases without a lesion: recall undefined
-    assert math.isnan(recall.aggregate())
+    eval_post, infer_post = evaluate["validate#postprocessing"]["transforms"], infer["postprocessing"]["transforms"]
+    invert = {"transform": "@preprocessing"}  # evaluation inverts its own preprocessing instance
+    assert [dict(t, **invert) if t.get("_target_") == "Invertd" else t for t in eval_post[:1] + eval_post[2:]] == (
+        infer_post[:1] + infer_post[2:]) and eval_post[1] == infer_post[1]
+    assert "@datalist" not in json.dumps(infer["preprocessing_transforms"]) + json.dumps(infer_post), \
+        "MONAI Label builds pre- and postprocessing without the run's datalist"
