@@ -43,14 +43,6 @@ TRAIN_CASES = [f"case_{i}" for i in range(1, 7)]  # studies with labels/final la
 TARGET = "case_7"  # the study inferred over HTTP: unlabelled in the datastore, stored mirrored (LPS)
 START_TIMEOUT, INFER_TIMEOUT, TRAIN_TIMEOUT = 240, 180, 600  # seconds
 
-# What the shipped configs/inference.json must not do for MONAI Label (see docs/monai_label.md, "Known limits").
-KNOWN_GAPS = {
-    "load_label": "its LoadImaged lists the label key: MONAI Label's LoadImageTensord then fails with KeyError 'label'",
-    "datalist_in_post": "its SaveImaged formatter resolves @datalist (find_inputs on dataset_dir) when MONAI Label "
-                        "builds the postprocessing, which fails outside `run inference`",
-}
-
-
 def _monailabel_prefix():
     """sys.prefix of the MONAI Label environment (the sample apps live under it), or a reason why it is unusable."""
     if not os.path.isfile(ML_PYTHON):
@@ -71,31 +63,6 @@ def ml_prefix():
             pytest.fail(reason)
         pytest.skip(reason)
     return prefix
-
-
-def shipped_gaps(config):
-    """Which KNOWN_GAPS the given inference.json config has."""
-    gaps = []
-    load = next(t for t in config["preprocessing_transforms"] if t.get("_target_") == "LoadImaged")
-    if isinstance(load["keys"], list) and "@label_key" in load["keys"]:
-        gaps.append("load_label")
-    post = json.dumps(config["postprocessing"])
-    if "@datalist" in post:
-        gaps.append("datalist_in_post")
-    return gaps
-
-
-def patch_gaps(config, gaps):
-    """A stand-in fix of each gap, applied to the test's copy only, so that everything else is still checked while the
-    shipped inference.json has the gap (the test then ends as an expected failure naming it)."""
-    if "load_label" in gaps:
-        next(t for t in config["preprocessing_transforms"] if t.get("_target_") == "LoadImaged")["keys"] = \
-            "@spatial_keys"
-    if "datalist_in_post" in gaps:
-        for t in config["postprocessing"]["transforms"]:
-            if isinstance(t, dict) and t.get("_target_") == "SaveImaged":
-                t["output_name_formatter"] = ("$lambda meta, saver: {'subject': scripts.prepare_datalist.case_name("
-                                              "meta['filename_or_obj']) + '.nii.gz'}")
 
 
 def write_json(path, content):
@@ -156,11 +123,7 @@ def app(ml_prefix, isles, tmp_path_factory):
     assert bundle == app_dir / "model" / MODEL and sorted(os.listdir(bundle / "models")) == ["model.pt"]
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
     assert inference["features"] == TINY["features"] and inference["num_workers"] == 0
-    gaps = shipped_gaps(inference)
-    if gaps:
-        patch_gaps(inference, gaps)
-        write_json(bundle / "configs" / "inference.json", inference)
-    return app_dir, bundle, gaps
+    return app_dir, bundle
 
 
 def free_port():
@@ -197,7 +160,7 @@ class Server:
 def server(app, studies, tmp_path_factory):
     """`python -m monailabel.main start_server` (what the `monailabel` console script runs) on 127.0.0.1:<free port>,
     waited for until /info/ answers; stopped by its PID (and its process group) afterwards."""
-    app_dir, _, _ = app
+    app_dir, _ = app
     folder, _ = studies
     log = tmp_path_factory.mktemp("server") / "server.log"
     port = free_port()
@@ -294,7 +257,7 @@ def check_mask(img, study):
 
 
 def test_infer_serves_the_trained_bundle_on_the_studys_grid(server, app, studies, tmp_path):
-    _, bundle, gaps = app
+    _, bundle = app
     folder, lesion = studies
     study = nib.load(folder / f"{TARGET}.nii.gz")
     by_id = check_mask(as_image(infer_by_id(server, TARGET), tmp_path, "by_id.nii.gz"), study)
@@ -308,14 +271,12 @@ def test_infer_serves_the_trained_bundle_on_the_studys_grid(server, app, studies
     # the same file uploaded (what a client does with a local volume) gives the same mask
     uploaded = check_mask(as_image(infer_by_upload(server, folder / f"{TARGET}.nii.gz"), tmp_path, "up.nii.gz"), study)
     assert np.array_equal(uploaded, by_id)
-    if gaps:
-        pytest.xfail("served only after patching the copy's inference.json: " + "; ".join(KNOWN_GAPS[g] for g in gaps))
 
 
 def test_training_through_monai_label_and_serving_the_result(server, app, studies, tmp_path):
     """BundleTrainTask (POST /train/<model>, run as MONAI Label runs it: a background process) on the studies'
     labels/final: it overrides max_epochs, the train and validation data and the train handlers of train.json."""
-    _, bundle, gaps = app
+    _, bundle = app
     folder, _ = studies
     model_pt = bundle / "models" / "model.pt"
     before = model_pt.stat().st_mtime_ns
@@ -341,6 +302,3 @@ def test_training_through_monai_label_and_serving_the_result(server, app, studie
     served = check_mask(as_image(infer_by_id(server, TARGET), tmp_path, "after.nii.gz"), study)
     direct = check_mask(direct_run(bundle, folder / f"{TARGET}.nii.gz", tmp_path / "direct"), study)
     assert np.array_equal(served, direct)
-    if gaps:
-        pytest.xfail("inference checked only after patching the copy's inference.json: "
-                     + "; ".join(KNOWN_GAPS[g] for g in gaps))
