@@ -176,12 +176,6 @@ def main(source, output_dir, sections=f"{TRAINING_DIR},{TESTING_DIR}", labels=Fa
 
 
 if __name__ == "__main__":
-    import sys
+    from scripts.cli import run
 
-    import fire
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        fire.Fire(main)
-    except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run(main)

@@ -152,9 +152,6 @@ def main(app_dir, model="models/model.pt", name="isles_ctp", features=None, spat
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.cli import run
 
-    try:
-        fire.Fire(main)
-    except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run(main)

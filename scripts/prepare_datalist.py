@@ -16,8 +16,16 @@ import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
 
-from scripts.isles import CHANNELS, IGNORED_TOKENS, LABEL, NIFTI_SUFFIXES, SMIR_NAME, TESTING_DIR, TRAINING_DIR
-from scripts.isles import key_of_token
+from scripts.isles import (
+    CHANNELS,
+    IGNORED_TOKENS,
+    LABEL,
+    NIFTI_SUFFIXES,
+    SMIR_NAME,
+    TESTING_DIR,
+    TRAINING_DIR,
+    key_of_token,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -354,12 +362,6 @@ def find_inputs(source, data_list_key="testing", check=False):
 
 
 if __name__ == "__main__":
-    import sys
+    from scripts.cli import run
 
-    import fire
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        fire.Fire(main)
-    except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run(main)
