@@ -1,0 +1,297 @@
+"""Speed and memory of training and inference on this machine, against the hardware's practical ceiling.
+
+    python benchmarks/run.py                       # demo size, all sections
+    python benchmarks/run.py --sizes "['demo','paper']" --output benchmarks/results.json
+
+Each section prints a table and everything lands in one JSON file:
+- ``ceiling``: GFLOP/s of one large ``conv3d`` forward (the practical ceiling of the convolution kernels);
+- ``networks``: one training step (forward, Jaccard loss, backward, Adam) of the modified UNet, the classic
+  baseline (BasicUNet) and MONAI's UNet on tensors already in memory, FLOPs counted with torch's
+  ``FlopCounterMode``, as GFLOP/s and as a ratio to the ceiling, in both memory formats;
+- ``pipeline``: the same step fed by the real CacheDataset + random transforms + DataLoader (num_workers 0, 1, 2)
+  and ThreadDataLoader, and the share the data pipeline adds;
+- ``inference``: whole-case inference through configs/inference.json (load 5 maps, preprocess, predict, invert,
+  save) per case, against the bare forward at ``spatial_size``;
+- ``scaling``: step time and peak memory against batch size and spatial size;
+- peak resident memory of each section, each measured in its own child process.
+Not part of the tests: timings are never asserted.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+SIZES = {  # name: (batch, features, spatial_size)
+    "demo": (2, [8, 16, 32, 64, 128], [64, 64, 16]),
+    "paper": (2, [64, 128, 256, 512, 1024], [128, 128, 32]),
+}
+
+
+def timed(fn, repeats, warmup=1):
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def networks(features):
+    from monai.networks.nets import BasicUNet, UNet
+
+    from scripts.networks import ModifiedUNet
+
+    return {
+        "modified": ModifiedUNet(features=features),
+        "classic (BasicUNet)": BasicUNet(3, 5, 2, features=list(features) + [features[0]], act="relu", norm="batch",
+                                         dropout=0.0, upsample="deconv"),
+        "monai UNet": UNet(3, 5, 2, channels=features, strides=[2] * (len(features) - 1), num_res_units=2,
+                           norm="instance"),
+    }
+
+
+def make_step(net, memory_format):
+    """One training step of ``net`` on a batch dict, the loss and optimizer of configs/train.json."""
+    from monai.losses import DiceLoss
+
+    net = net.to(memory_format=memory_format).train()
+    loss_fn = DiceLoss(jaccard=True, include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4, weight_decay=1e-3)
+
+    def step(image, label):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net(image.to(memory_format=memory_format)), label)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def batch(size, spatial):
+    image = torch.randn(size, 5, *spatial)
+    label = (torch.rand(size, 1, *spatial) > 0.97).float()
+    return image, label
+
+
+def step_flops(net, image, label):
+    step = make_step(net, torch.contiguous_format)
+    with FlopCounterMode(display=False) as counter:
+        step(image, label)
+    return counter.get_total_flops()
+
+
+def section_ceiling(spatial, repeats):
+    """GFLOP/s of a 64->64 channel 3x3x3 conv3d forward on [2, 64, *spatial], in both memory formats."""
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1)
+    x = torch.randn(2, 64, *spatial)
+    flops = 2 * 64 * 64 * 27 * x[:, :1].numel()
+    out = {}
+    with torch.no_grad():
+        for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last_3d", torch.channels_last_3d)):
+            c, xi = conv.to(memory_format=fmt), x.to(memory_format=fmt)
+            out[name] = flops / timed(lambda: c(xi), repeats) / 1e9
+    return {"gflops": out, "best": max(out.values())}
+
+
+def section_networks(size, repeats, ceiling):
+    bs, features, spatial = SIZES[size]
+    image, label = batch(bs, spatial)
+    rows = []
+    for name, net in networks(features).items():
+        flops = step_flops(net, image, label)
+        for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last_3d", torch.channels_last_3d)):
+            step = make_step(net, fmt)
+            seconds = timed(lambda: step(image, label), repeats)
+            rows.append({"network": name, "memory_format": fmt_name, "step_s": seconds, "gflop": flops / 1e9,
+                         "gflops": flops / seconds / 1e9, "of_ceiling": flops / seconds / 1e9 / ceiling})
+    return rows
+
+
+def synthetic_datalist(workdir, num_cases):
+    from scripts.prepare_datalist import load_fold, main as write_datalist
+    from scripts.synthetic_isles import generate
+
+    root = os.path.join(workdir, "isles")
+    generate(root, num_train=num_cases, num_test=2, seed=0)
+    path = os.path.join(workdir, "datalist.json")
+    write_datalist(root, path, folds=2, seed=0)
+    return root, path, load_fold(path, root, 0)
+
+
+def train_parser(size, root, datalist_path, **override):
+    from monai.bundle import ConfigParser
+
+    bs, features, spatial = SIZES[size]
+    parser = ConfigParser()
+    parser.read_config(os.path.join(REPO_ROOT, "configs", "train.json"))
+    parser.update({"bundle_root": tempfile.mkdtemp(), "dataset_dir": root, "data_list_file_path": datalist_path,
+                   "features": features, "spatial_size": spatial, "batch_size": bs, "check_inputs": False, **override})
+    return parser
+
+
+def section_pipeline(size, repeats, workdir):
+    """Step time fed by the real data pipeline vs on in-memory tensors of the same shape."""
+    from monai.data import DataLoader, ThreadDataLoader
+
+    bs, features, spatial = SIZES[size]
+    root, path, _ = synthetic_datalist(workdir, num_cases=12)
+    parser = train_parser(size, root, path, num_workers=0)
+    dataset = parser.get_parsed_content("train#dataset")
+    step = make_step(parser.get_parsed_content("network_def"), torch.contiguous_format)
+    image, label = batch(bs, spatial)
+    bare = timed(lambda: step(image, label), repeats)
+    rows = [{"loader": "tensors in memory", "step_s": bare, "pipeline_share": 0.0}]
+    loaders = {f"DataLoader num_workers={n}": lambda n=n: DataLoader(dataset, batch_size=bs, shuffle=True,
+                                                                     num_workers=n, persistent_workers=n > 0)
+               for n in (0, 1, 2)}
+    loaders["ThreadDataLoader"] = lambda: ThreadDataLoader(dataset, batch_size=bs, shuffle=True, num_workers=0)
+    for name, make in loaders.items():
+        loader = make()
+        batches = len(loader)
+
+        def epoch():
+            for data in loader:
+                step(data["image"], data["label"])
+
+        seconds = timed(epoch, max(1, repeats // 2)) / batches
+        rows.append({"loader": name, "step_s": seconds, "pipeline_share": seconds / bare - 1})
+    return rows
+
+
+def section_inference(size, repeats, workdir):
+    """Whole-case inference through configs/inference.json vs the bare forward at spatial_size."""
+    from monai.bundle import ConfigWorkflow
+
+    bs, features, spatial = SIZES[size]
+    root = os.path.join(workdir, "isles_inference")
+    from scripts.synthetic_isles import generate
+
+    generate(root, num_train=0, num_test=6, seed=1)
+    bundle_root = tempfile.mkdtemp()
+    os.makedirs(os.path.join(bundle_root, "models"))
+    from scripts.networks import ModifiedUNet
+
+    net = ModifiedUNet(features=features).eval()
+    torch.save(net.state_dict(), os.path.join(bundle_root, "models", "model.pt"))
+    with torch.no_grad():
+        x = torch.randn(1, 5, *spatial)
+        forward = timed(lambda: net(x), repeats)
+
+    def whole_run():
+        wf = ConfigWorkflow(config_file=os.path.join(REPO_ROOT, "configs", "inference.json"), workflow_type="infer",
+                            meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"), bundle_root=bundle_root,
+                            dataset_dir=root, features=features, spatial_size=spatial,
+                            output_dir=tempfile.mkdtemp())
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+
+    seconds = timed(whole_run, 1, warmup=0) / 6
+    return {"per_case_s": seconds, "bare_forward_s": forward, "ratio": seconds / forward}
+
+
+def section_scaling(features, batches, spatials, repeats):
+    rows = []
+
+    for spatial in spatials:
+        for bs in batches:
+            rows.append(run_child("scaling_point", {"features": features, "batch": bs, "spatial": spatial,
+                                                    "repeats": repeats}))
+    return rows
+
+
+def scaling_point(features, batch_size, spatial, repeats):
+    from scripts.networks import ModifiedUNet
+
+    image, label = batch(batch_size, spatial)
+    step = make_step(ModifiedUNet(features=features), torch.contiguous_format)
+    before = peak_rss_mib()
+    seconds = timed(lambda: step(image, label), repeats)
+    return {"batch": batch_size, "spatial": spatial, "step_s": seconds, "peak_rss_mib": peak_rss_mib(),
+            "rss_growth_mib": peak_rss_mib() - before}
+
+
+def run_child(section, kwargs):
+    """Run one section in a fresh process so its peak RSS is its own."""
+    code = (f"import json, sys; sys.path.insert(0, {REPO_ROOT!r}); from benchmarks.run import child; "
+            f"print('@@' + json.dumps(child({section!r}, {json.dumps(kwargs)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.rsplit("@@", 1)[1])
+
+
+def child(section, kwargs_json):
+    kwargs = json.loads(kwargs_json)
+    if section == "scaling_point":
+        return scaling_point(kwargs["features"], kwargs["batch"], kwargs["spatial"], kwargs["repeats"])
+    with tempfile.TemporaryDirectory() as workdir:
+        if section == "pipeline":
+            result = section_pipeline(kwargs["size"], kwargs["repeats"], workdir)
+        else:
+            result = section_inference(kwargs["size"], kwargs["repeats"], workdir)
+    return {"rows": result, "peak_rss_mib": peak_rss_mib()}
+
+
+def print_table(title, rows):
+    print(f"\n## {title}")
+    rows = rows if isinstance(rows, list) else [rows]
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+
+
+def main(sizes=("demo",), repeats=3, output="benchmarks/results.json", scaling=True, inference=True):
+    """Run every section for each size in ``sizes`` and write ``output`` (JSON)."""
+    results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                           "cuda": torch.cuda.is_available()},
+               "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:])}
+    for size in sizes:
+        bs, features, spatial = SIZES[size]
+        ceiling = section_ceiling(spatial, repeats)
+        print_table(f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s", ceiling["gflops"])
+        nets = section_networks(size, repeats, ceiling["best"])
+        print_table(f"{size}: training step, batch {bs}, features {features}, input {spatial}", nets)
+        section = {"ceiling": ceiling, "networks": nets}
+        if size == "demo":
+            section["pipeline"] = run_child("pipeline", {"size": size, "repeats": repeats})
+            print_table(f"{size}: data pipeline (peak RSS {section['pipeline']['peak_rss_mib']:.0f} MiB)",
+                        section["pipeline"]["rows"])
+            if inference:
+                section["inference"] = run_child("inference", {"size": size, "repeats": repeats})
+                print_table(f"{size}: whole-case inference (peak RSS {section['inference']['peak_rss_mib']:.0f} MiB)",
+                            section["inference"]["rows"])
+        results[size] = section
+    if scaling:
+        results["scaling"] = section_scaling(SIZES["demo"][1], [1, 2, 4], [[64, 64, 16], [128, 128, 32],
+                                                                           [256, 256, 32]], max(1, repeats - 1))
+        print_table(f"scaling, features {SIZES['demo'][1]}", results["scaling"])
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwritten {output}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
