@@ -137,7 +137,7 @@ def test_inference_config_keeps_the_training_settings(repo_root):
             configs[name] = json.load(f)
     train, evaluate, infer = configs["train"], configs["evaluate"], configs["inference"]
     for key in ("network_def", "network", "preprocessing_transforms", "spatial_size", "features", "channels",
-                "ct_window", "image_key", "label_key", "channel_keys", "perfusion_keys", "device", "amp"):
+                "ct_window", "image_key", "label_key", "channel_keys", "perfusion_keys", "device", "amp", "channels_last"):
         assert infer[key] == train[key], key
     for key in ("spatial_keys", "tta_flips", "ensemble_checkpoints", "checkpoints", "pred_keys", "networks",
                 "checkpoint_loaders"):

@@ -68,6 +68,9 @@ def test_training_writes_checkpoints_and_metrics(repo_root, synthetic_tree, data
     best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
     net = wf.parser.get_parsed_content("network_def")
     net.load_state_dict(best)  # strict: the best checkpoint is exactly the network's state_dict
+    trained = wf.parser.get_parsed_content("network")
+    conv = next(m for m in trained.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d), "channels_last is on by default"
     (latest,) = glob.glob(str(tmp_path / "models" / "checkpoint_epoch=*.pt"))
     assert latest.endswith("checkpoint_epoch=2.pt")
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(torch.load(latest, map_location="cpu"))
