@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from monai.bundle import ConfigParser
 
-from scripts.networks import ConvBlock, ModifiedUNet, UpBlock, check_spatial_size
+from scripts.networks import ConvBlock, ModifiedUNet, UpBlock, check_spatial_size, instance_norm_as_group_norm
 
 TINY = (2, 4, 8, 16, 32)
 
@@ -17,6 +17,11 @@ def convs(module):
 
 def count(module, kind):
     return sum(isinstance(m, kind) for m in module.modules())
+
+
+def instance_norms(module):
+    """The instance norms of ``module``: GroupNorms with one group per channel (see instance_norm_as_group_norm)."""
+    return [m for m in module.modules() if isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels]
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +48,8 @@ def test_paper_defaults_layers():
     net = ModifiedUNet()
     assert count(net, nn.LeakyReLU) == 18  # every 3x3x3 conv, none after up-convs or head
     assert all(m.negative_slope == 0.01 for m in net.modules() if isinstance(m, nn.LeakyReLU))
-    assert count(net, nn.InstanceNorm3d) == 18
-    assert all(m.affine for m in net.modules() if isinstance(m, nn.InstanceNorm3d))
+    assert len(instance_norms(net)) == count(net, nn.GroupNorm) == 18
+    assert all(m.affine for m in instance_norms(net))
     assert count(net, nn.ReLU) == count(net, nn.BatchNorm3d) == 0
     assert count(net, nn.MaxPool3d) == 1  # one stateless pool, applied between levels
     # default dropout: bottleneck only, two Dropout3d(0.5)
@@ -99,7 +104,7 @@ def test_dilation_placement():
 def test_act_and_norm_are_configurable():
     net = ModifiedUNet(features=TINY, act="relu", norm="batch")
     assert count(net, nn.ReLU) == count(net, nn.BatchNorm3d) == 18
-    assert count(net, nn.LeakyReLU) == count(net, nn.InstanceNorm3d) == 0
+    assert count(net, nn.LeakyReLU) == count(net, nn.GroupNorm) == count(net, nn.InstanceNorm3d) == 0
     assert not any(m.bias is not None for m in convs(ModifiedUNet(features=TINY, bias=False))[:-1])
 
 
@@ -197,6 +202,26 @@ def test_blocks_are_reusable_units():
     assert block(torch.randn(1, 5, 8, 8, 8)).shape == (1, 4, 8, 8, 8)
     up = UpBlock(3, 8, 4, "relu", "instance")
     assert up(torch.randn(1, 8, 4, 4, 4), torch.randn(1, 4, 8, 8, 8)).shape == (1, 4, 8, 8, 8)
+
+
+def test_instance_norm_as_group_norm_is_instance_norm_and_keeps_channels_last():
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 8, 12, 6)
+    fast = ConvBlock(3, 5, 4, "relu", ("instance", {"affine": True}))
+    reference = nn.Sequential(*(nn.Sequential(c.conv, nn.InstanceNorm3d(4, affine=True), nn.ReLU()) for c in fast))
+    for conv, ref in zip(fast, reference):  # random affine parameters, shared by both
+        nn.init.normal_(conv.adn.N.weight)
+        nn.init.normal_(conv.adn.N.bias)
+        ref[1].load_state_dict(conv.adn.N.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fast(x), reference(x), atol=1e-5)
+        fast = fast.to(memory_format=torch.channels_last_3d)
+        out = fast(x.to(memory_format=torch.channels_last_3d))
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    # anything but plain (affine) instance norm passes through unchanged
+    for norm in ("batch", ("instance", {"track_running_stats": True}), ("group", {"num_groups": 2})):
+        assert instance_norm_as_group_norm(norm, 4) == norm
+    assert instance_norm_as_group_norm("INSTANCE", 4) == ("group", {"num_groups": 4, "affine": False, "eps": 1e-5})
 
 
 def test_bundle_config_construction():
