@@ -82,11 +82,29 @@ def test_classic_config_is_the_classic_unet(repo_root, tmp_path):
     wf.initialize()
     net = wf.parser.get_parsed_content("network_def")
     kinds = {type(m).__name__ for m in net.modules()}
-    assert {"ReLU", "BatchNorm3d"} <= kinds and not kinds & {"LeakyReLU", "InstanceNorm3d", "Dropout3d"}
+    assert {"ReLU", "BatchNorm3d"} <= kinds and not kinds & {"LeakyReLU", "InstanceNorm3d", "GroupNorm", "Dropout3d"}
     assert all(m.p == 0 for m in net.modules() if isinstance(m, torch.nn.Dropout))
     convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
     assert len(convs) == 23 and all(max(c.dilation) == 1 for c in convs)
     assert wf.parser.get_parsed_content("epochs") == 200  # the paper trained the classic UNet for 200 epochs
+
+
+def test_augmentation_rotates_in_plane_and_hands_plain_tensors_to_the_network(repo_root, tmp_path):
+    """Thick-slice slabs: a rotation may turn each axial slice, never tilt one slice into the next."""
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, RandRotated
+
+    wf = workflow(repo_root, tmp_path)
+    augment = Compose(wf.parser.get_parsed_content("train#random_transforms"))
+    (rotate,) = [t for t in augment.transforms if isinstance(t, RandRotated)]
+    rotate.set_random_state(seed=1).prob = 1.0  # always rotate, by -0.10 rad with this seed
+    slab = torch.arange(1.0, 9.0).repeat(1, 32, 32, 1)  # slice z holds the value z + 1 everywhere
+    item = augment({"image": MetaTensor(slab.repeat(5, 1, 1, 1)), "label": MetaTensor(slab)})
+    label = item["label"]
+    assert type(label) is torch.Tensor and type(item["image"]) is torch.Tensor  # no MetaTensor overhead
+    for z in range(8):  # flips may reverse the slice order; each slice still holds one value (or padding)
+        assert len(set(label[0, :, :, z].unique().tolist()) - {0.0}) == 1, f"slice {z} mixes slices"
+    assert (label == 0).any(), "the rotation was applied (corners padded)"
 
 
 def final_weights(bundle_root):
