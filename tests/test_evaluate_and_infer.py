@@ -13,7 +13,10 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
+from monai.data import MetaTensor
+from monai.transforms import Invertd
 from PIL import Image
 from scipy import ndimage
 
@@ -229,6 +232,17 @@ def test_inference_masks_lie_exactly_on_the_source_scans(repo_root, trained, new
     # the 5 maps and the same maps in one 4D file give the same mask; so does the file stored mirrored along x
     assert np.array_equal(masks["ctp_256x2"], masks["case_2"])
     assert np.array_equal(masks["ctp_256x2_lps"], masks["ctp_256x2"][::-1])
+    # the mask is the argmax of both softmax channels mapped back to the scan: the configs map back only the lesion
+    # channel and threshold it at 0.5 (the same for two classes, and torch.argmax over channels is slow on a CPU)
+    preprocessing = wf.parser.get_parsed_content("preprocessing")
+    data = preprocessing({"image": next(item["image"] for item in items if item["case"] == "case_7")})
+    with torch.no_grad():
+        logits = wf.parser.get_parsed_content("network").eval()(data["image"][None].as_tensor())
+    data["pred"] = MetaTensor(torch.softmax(logits, dim=1)[0])
+    inverted = Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)["pred"]
+    assert inverted.shape == (2, 256, 256, 7)
+    assert 0 < masks["case_7"].sum() < masks["case_7"].size, "a mask with both classes"
+    assert np.array_equal(torch.argmax(inverted, dim=0).numpy(), masks["case_7"])
 
 
 def test_inference_command_on_an_isles_root(repo_root, trained, synthetic_tree):
