@@ -224,6 +224,17 @@ def test_instance_norm_as_group_norm_is_instance_norm_and_keeps_channels_last():
     assert instance_norm_as_group_norm("INSTANCE", 4) == ("group", {"num_groups": 4, "affine": False, "eps": 1e-5})
 
 
+def test_checkpoints_of_instance_norm3d_models_load_strictly():
+    """Weights saved before instance norm was built as GroupNorm (bundle 0.3.0) load into today's network."""
+    old = ModifiedUNet(features=TINY, norm=("instance", {"affine": True, "momentum": 0.1}))  # kept as InstanceNorm3d
+    assert count(old, nn.InstanceNorm3d) == 18 and count(old, nn.GroupNorm) == 0
+    new = ModifiedUNet(features=TINY)
+    new.load_state_dict(old.state_dict())  # strict
+    x = torch.randn(1, 5, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(new.eval()(x), old.eval()(x), atol=1e-5)
+
+
 def test_bundle_config_construction():
     parser = ConfigParser(
         {
