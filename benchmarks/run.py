@@ -1,18 +1,21 @@
 """Speed and memory of training and inference on this machine, against the hardware's practical ceiling.
 
-    python benchmarks/run.py                       # demo size, all sections
-    python benchmarks/run.py --sizes "['demo','paper']" --output benchmarks/results.json
+    python benchmarks/run.py --repeats 3 --output benchmarks/results.json   # demo and paper size, ~30 min on 2 cores
+    python benchmarks/run.py --sizes "['demo']"                             # demo size only, ~3 min
 
 Each section prints a table and everything lands in one JSON file:
 - ``ceiling``: GFLOP/s of one large ``conv3d`` forward (the practical ceiling of the convolution kernels);
 - ``networks``: one training step (forward, Jaccard loss, backward, Adam) of the modified UNet, the classic
   baseline (BasicUNet) and MONAI's UNet on tensors already in memory, FLOPs counted with torch's
   ``FlopCounterMode``, as GFLOP/s and as a ratio to the ceiling, in both memory formats;
-- ``pipeline``: the same step fed by the real CacheDataset + random transforms + DataLoader (num_workers 0, 1, 2)
-  and ThreadDataLoader, and the share the data pipeline adds;
+- ``pipeline``: the time per batch of the real CacheDataset + random transforms of configs/train.json through
+  DataLoader (num_workers 0, 1, 2) and ThreadDataLoader, alone and (demo size) feeding the training step, and the
+  share the data pipeline adds to the step on in-memory tensors (at the paper size, where one step takes half a
+  minute here, the share is estimated as loader time / step time);
 - ``inference``: whole-case inference through configs/inference.json (load 5 maps, preprocess, predict, invert,
-  save) per case, against the bare forward at ``spatial_size``;
-- ``scaling``: step time and peak memory against batch size and spatial size;
+  save the NIfTI mask) per case once the workflow runs, and the whole ``run`` per case including start-up, CSV and
+  PNG overlays, against the bare forward of the same network at ``spatial_size``;
+- ``scaling``: step time and peak memory against batch size and spatial size, demo and paper features;
 - peak resident memory of each section, each measured in its own child process.
 Not part of the tests: timings are never asserted.
 """
@@ -37,6 +40,7 @@ SIZES = {  # name: (batch, features, spatial_size)
     "demo": (2, [8, 16, 32, 64, 128], [64, 64, 16]),
     "paper": (2, [64, 128, 256, 512, 1024], [128, 128, 32]),
 }
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 
 
 def timed(fn, repeats, warmup=1):
@@ -52,7 +56,13 @@ def timed(fn, repeats, warmup=1):
 
 
 def peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process in MiB. Linux's VmHWM starts afresh at exec, unlike getrusage's
+    ru_maxrss, which a child process inherits from the parent it was forked from."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def networks(features):
@@ -106,7 +116,7 @@ def section_ceiling(spatial, repeats):
     flops = 2 * 64 * 64 * 27 * x[:, :1].numel()
     out = {}
     with torch.no_grad():
-        for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last_3d", torch.channels_last_3d)):
+        for name, fmt in MEMORY_FORMATS.items():
             c, xi = conv.to(memory_format=fmt), x.to(memory_format=fmt)
             out[name] = flops / timed(lambda: c(xi), repeats) / 1e9
     return {"gflops": out, "best": max(out.values())}
@@ -118,7 +128,7 @@ def section_networks(size, repeats, ceiling):
     rows = []
     for name, net in networks(features).items():
         flops = step_flops(net, image, label)
-        for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last_3d", torch.channels_last_3d)):
+        for fmt_name, fmt in MEMORY_FORMATS.items():
             step = make_step(net, fmt)
             seconds = timed(lambda: step(image, label), repeats)
             rows.append({"network": name, "memory_format": fmt_name, "step_s": seconds, "gflop": flops / 1e9,
@@ -148,86 +158,95 @@ def train_parser(size, root, datalist_path, **override):
     return parser
 
 
-def section_pipeline(size, repeats, workdir):
-    """Step time fed by the real data pipeline vs on in-memory tensors of the same shape."""
+def section_pipeline(size, repeats, workdir, with_steps):
+    """Time per batch of the training data pipeline alone and, if ``with_steps``, feeding the training step."""
     from monai.data import DataLoader, ThreadDataLoader
 
     bs, features, spatial = SIZES[size]
     root, path, _ = synthetic_datalist(workdir, num_cases=12)
     parser = train_parser(size, root, path, num_workers=0)
     dataset = parser.get_parsed_content("train#dataset")
-    step = make_step(parser.get_parsed_content("network_def"), torch.contiguous_format)
-    image, label = batch(bs, spatial)
-    bare = timed(lambda: step(image, label), repeats)
-    rows = [{"loader": "tensors in memory", "step_s": bare, "pipeline_share": 0.0}]
     loaders = {f"DataLoader num_workers={n}": lambda n=n: DataLoader(dataset, batch_size=bs, shuffle=True,
                                                                      num_workers=n, persistent_workers=n > 0)
                for n in (0, 1, 2)}
     loaders["ThreadDataLoader"] = lambda: ThreadDataLoader(dataset, batch_size=bs, shuffle=True, num_workers=0)
+    rows = []
+    if with_steps:
+        fmt = MEMORY_FORMATS["channels_last_3d" if parser.get_parsed_content("channels_last") else "contiguous"]
+        step = make_step(parser.get_parsed_content("network_def"), fmt)  # as configs/train.json builds it
+        image, label = batch(bs, spatial)
+        bare = timed(lambda: step(image, label), repeats)
+        rows.append({"loader": "tensors in memory", "loader_s": 0.0, "step_s": bare, "pipeline_share": 0.0})
     for name, make in loaders.items():
         loader = make()
-        batches = len(loader)
 
-        def epoch():
+        def epoch(train):
             for data in loader:
-                step(data["image"], data["label"])
+                if train:
+                    step(data["image"], data["label"])
 
-        seconds = timed(epoch, max(1, repeats // 2)) / batches
-        rows.append({"loader": name, "step_s": seconds, "pipeline_share": seconds / bare - 1})
+        row = {"loader": name, "loader_s": timed(lambda: epoch(False), repeats) / len(loader)}
+        if with_steps:
+            row["step_s"] = timed(lambda: epoch(True), max(1, repeats // 2)) / len(loader)
+            row["pipeline_share"] = row["step_s"] / bare - 1
+        rows.append(row)
     return rows
 
 
-def section_inference(size, repeats, workdir):
-    """Whole-case inference through configs/inference.json vs the bare forward at spatial_size."""
+def section_inference(size, repeats, workdir, num_workers):
+    """Per-case whole inference through configs/inference.json vs the bare forward of its network."""
+    from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
-    bs, features, spatial = SIZES[size]
-    root = os.path.join(workdir, "isles_inference")
+    from scripts.networks import ModifiedUNet
     from scripts.synthetic_isles import generate
 
-    generate(root, num_train=0, num_test=6, seed=1)
-    bundle_root = tempfile.mkdtemp()
+    bs, features, spatial = SIZES[size]
+    cases = 6
+    root = os.path.join(workdir, "isles_inference")
+    generate(root, num_train=0, num_test=cases, seed=1)
+    bundle_root = tempfile.mkdtemp(dir=workdir)
     os.makedirs(os.path.join(bundle_root, "models"))
-    from scripts.networks import ModifiedUNet
-
-    net = ModifiedUNet(features=features).eval()
-    torch.save(net.state_dict(), os.path.join(bundle_root, "models", "model.pt"))
-    with torch.no_grad():
-        x = torch.randn(1, 5, *spatial)
-        forward = timed(lambda: net(x), repeats)
-
-    def whole_run():
+    torch.save(ModifiedUNet(features=features).state_dict(), os.path.join(bundle_root, "models", "model.pt"))
+    rows = []
+    for workers in num_workers:
         wf = ConfigWorkflow(config_file=os.path.join(REPO_ROOT, "configs", "inference.json"), workflow_type="infer",
                             meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"), bundle_root=bundle_root,
-                            dataset_dir=root, features=features, spatial_size=spatial,
-                            output_dir=tempfile.mkdtemp())
+                            dataset_dir=root, features=features, spatial_size=spatial, num_workers=workers,
+                            output_dir=tempfile.mkdtemp(dir=workdir))
+        start = time.perf_counter()
         wf.initialize()
+        done = []
+        wf.parser.get_parsed_content("evaluator").add_event_handler(Events.ITERATION_COMPLETED,
+                                                                    lambda: done.append(time.perf_counter()))
         wf.run()
         wf.finalize()
-
-    seconds = timed(whole_run, 1, warmup=0) / 6
-    return {"per_case_s": seconds, "bare_forward_s": forward, "ratio": seconds / forward}
-
-
-def section_scaling(features, batches, spatials, repeats):
-    rows = []
-
-    for spatial in spatials:
-        for bs in batches:
-            rows.append(run_child("scaling_point", {"features": features, "batch": bs, "spatial": spatial,
-                                                    "repeats": repeats}))
+        run_s = (time.perf_counter() - start) / cases
+        net = wf.parser.get_parsed_content("network").eval()  # checkpoint loaded, configured memory format
+        x = torch.randn(1, 5, *spatial)
+        with torch.no_grad():
+            forward = timed(lambda: net(x), repeats)
+        per_case = (done[-1] - done[0]) / (len(done) - 1)  # steady state: case 2 to the last
+        rows.append({"num_workers": workers, "per_case_s": per_case, "bare_forward_s": forward,
+                     "ratio": per_case / forward, "run_per_case_s": run_s, "run_ratio": run_s / forward})
     return rows
+
+
+def section_scaling(points, repeats):
+    """Training step time and peak RSS at each ``(features, batch, spatial)`` point, each in its own process."""
+    return [run_child("scaling_point", {"features": f, "batch": b, "spatial": s, "repeats": repeats})
+            for f, b, s in points]
 
 
 def scaling_point(features, batch_size, spatial, repeats):
     from scripts.networks import ModifiedUNet
 
     image, label = batch(batch_size, spatial)
-    step = make_step(ModifiedUNet(features=features), torch.contiguous_format)
+    step = make_step(ModifiedUNet(features=features), torch.channels_last_3d)
     before = peak_rss_mib()
     seconds = timed(lambda: step(image, label), repeats)
-    return {"batch": batch_size, "spatial": spatial, "step_s": seconds, "peak_rss_mib": peak_rss_mib(),
-            "rss_growth_mib": peak_rss_mib() - before}
+    return {"features": features, "batch": batch_size, "spatial": spatial, "step_s": seconds,
+            "peak_rss_mib": peak_rss_mib(), "rss_growth_mib": peak_rss_mib() - before}
 
 
 def run_child(section, kwargs):
@@ -244,9 +263,9 @@ def child(section, kwargs_json):
         return scaling_point(kwargs["features"], kwargs["batch"], kwargs["spatial"], kwargs["repeats"])
     with tempfile.TemporaryDirectory() as workdir:
         if section == "pipeline":
-            result = section_pipeline(kwargs["size"], kwargs["repeats"], workdir)
+            result = section_pipeline(kwargs["size"], kwargs["repeats"], workdir, kwargs["with_steps"])
         else:
-            result = section_inference(kwargs["size"], kwargs["repeats"], workdir)
+            result = section_inference(kwargs["size"], kwargs["repeats"], workdir, kwargs["num_workers"])
     return {"rows": result, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -259,32 +278,45 @@ def print_table(title, rows):
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
 
 
-def main(sizes=("demo",), repeats=3, output="benchmarks/results.json", scaling=True, inference=True):
-    """Run every section for each size in ``sizes`` and write ``output`` (JSON)."""
+def main(sizes=("demo", "paper"), repeats=3, paper_repeats=1, output="benchmarks/results.json", scaling=True,
+         inference=True):
+    """Run every section for each size in ``sizes`` and write ``output`` (JSON).
+
+    ``paper_repeats`` (timed calls after one warm-up) applies at the paper size, where one training step of each
+    network takes tens of seconds on a CPU.
+    """
     results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                            "cuda": torch.cuda.is_available()},
                "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:])}
     for size in sizes:
         bs, features, spatial = SIZES[size]
-        ceiling = section_ceiling(spatial, repeats)
+        reps = repeats if size == "demo" else paper_repeats
+        ceiling = section_ceiling(spatial, reps)
         print_table(f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s", ceiling["gflops"])
-        nets = section_networks(size, repeats, ceiling["best"])
+        nets = section_networks(size, reps, ceiling["best"])
         print_table(f"{size}: training step, batch {bs}, features {features}, input {spatial}", nets)
         section = {"ceiling": ceiling, "networks": nets}
-        if size == "demo":
-            section["pipeline"] = run_child("pipeline", {"size": size, "repeats": repeats})
-            print_table(f"{size}: data pipeline (peak RSS {section['pipeline']['peak_rss_mib']:.0f} MiB)",
-                        section["pipeline"]["rows"])
-            if inference:
-                section["inference"] = run_child("inference", {"size": size, "repeats": repeats})
-                print_table(f"{size}: whole-case inference (peak RSS {section['inference']['peak_rss_mib']:.0f} MiB)",
-                            section["inference"]["rows"])
+        demo = size == "demo"
+        section["pipeline"] = run_child("pipeline", {"size": size, "repeats": repeats, "with_steps": demo})
+        if not demo:  # one step here takes tens of seconds: the share is the loader's time over the step's
+            step = next(r["step_s"] for r in nets if r["network"] == "modified" and r["memory_format"] == "channels_last_3d")
+            for row in section["pipeline"]["rows"]:
+                row["pipeline_share_estimate"] = row["loader_s"] / step
+        print_table(f"{size}: data pipeline per batch (peak RSS {section['pipeline']['peak_rss_mib']:.0f} MiB)",
+                    section["pipeline"]["rows"])
+        if inference:
+            section["inference"] = run_child("inference", {"size": size, "repeats": reps,
+                                                           "num_workers": [0, 4] if demo else [4]})
+            print_table(f"{size}: whole-case inference (peak RSS {section['inference']['peak_rss_mib']:.0f} MiB)",
+                        section["inference"]["rows"])
         results[size] = section
     if scaling:
-        results["scaling"] = section_scaling(SIZES["demo"][1], [1, 2, 4], [[64, 64, 16], [128, 128, 32],
-                                                                           [256, 256, 32]], max(1, repeats - 1))
-        print_table(f"scaling, features {SIZES['demo'][1]}", results["scaling"])
+        demo_features, paper_features = SIZES["demo"][1], SIZES["paper"][1]
+        points = [(demo_features, b, s) for s in ([64, 64, 16], [128, 128, 32], [256, 256, 32]) for b in (1, 2, 4)]
+        points += [(paper_features, b, [128, 128, 32]) for b in (1, 2)]
+        results["scaling"] = section_scaling(points, max(1, repeats - 1))
+        print_table("scaling of the modified UNet's training step (channels_last_3d)", results["scaling"])
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(results, f, indent=2)
