@@ -8,6 +8,7 @@ Each section prints a table and everything lands in one JSON file:
 - ``networks``: one training step (forward, Jaccard loss, backward, Adam) of the modified UNet, the classic
   baseline (BasicUNet) and MONAI's UNet on tensors already in memory, FLOPs counted with torch's
   ``FlopCounterMode``, as GFLOP/s and as a ratio to the ceiling, in both memory formats;
+- ``compile`` (demo size): the modified UNet's step under ``torch.compile``, with the time the first step took;
 - ``pipeline``: the time per batch of the real CacheDataset + random transforms of configs/train.json through
   DataLoader (num_workers 0, 1, 2) and ThreadDataLoader, alone and (demo size) feeding the training step, and the
   share the data pipeline adds to the step on in-memory tensors (at the paper size, where one step takes half a
@@ -134,6 +135,23 @@ def section_networks(size, repeats, ceiling):
             rows.append({"network": name, "memory_format": fmt_name, "step_s": seconds, "gflop": flops / 1e9,
                          "gflops": flops / seconds / 1e9, "of_ceiling": flops / seconds / 1e9 / ceiling})
     return rows
+
+
+def section_compile(size, repeats, ceiling):
+    """The modified UNet's step with the network under ``torch.compile`` (inductor), channels_last_3d."""
+    from scripts.networks import ModifiedUNet
+
+    bs, features, spatial = SIZES[size]
+    image, label = batch(bs, spatial)
+    net = ModifiedUNet(features=features)
+    flops = step_flops(net, image, label)
+    step = make_step(torch.compile(net.to(memory_format=torch.channels_last_3d)), torch.channels_last_3d)
+    start = time.perf_counter()
+    step(image, label)  # compiles
+    compile_s = time.perf_counter() - start
+    seconds = timed(lambda: step(image, label), repeats)
+    return {"network": "modified", "memory_format": "channels_last_3d", "compile_s": compile_s, "step_s": seconds,
+            "gflops": flops / seconds / 1e9, "of_ceiling": flops / seconds / 1e9 / ceiling}
 
 
 def synthetic_datalist(workdir, num_cases):
@@ -298,6 +316,9 @@ def main(sizes=("demo", "paper"), repeats=3, paper_repeats=1, output="benchmarks
         print_table(f"{size}: training step, batch {bs}, features {features}, input {spatial}", nets)
         section = {"ceiling": ceiling, "networks": nets}
         demo = size == "demo"
+        if demo:  # compiling the paper-size network takes too long on a CPU to be worth a row
+            section["compile"] = section_compile(size, reps, ceiling["best"])
+            print_table(f"{size}: training step with torch.compile", section["compile"])
         section["pipeline"] = run_child("pipeline", {"size": size, "repeats": repeats, "with_steps": demo})
         if not demo:  # one step here takes tens of seconds: the share is the loader's time over the step's
             step = next(r["step_s"] for r in nets if r["network"] == "modified" and r["memory_format"] == "channels_last_3d")
