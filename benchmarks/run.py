@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,8 @@ MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": tor
 
 
 def timed(fn, repeats, warmup=1):
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    """Shortest wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls: what the code does when nothing
+    else interferes (on a shared machine, medians of the same run moved by up to 1.5x between runs)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -53,7 +53,7 @@ def timed(fn, repeats, warmup=1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def peak_rss_mib():
@@ -145,6 +145,7 @@ def section_compile(size, repeats, ceiling):
     image, label = batch(bs, spatial)
     net = ModifiedUNet(features=features)
     flops = step_flops(net, image, label)
+    torch._inductor.config.force_disable_caches = True  # time a real compile, not a cache hit of an earlier run
     step = make_step(torch.compile(net.to(memory_format=torch.channels_last_3d)), torch.channels_last_3d)
     start = time.perf_counter()
     step(image, label)  # compiles
