@@ -190,38 +190,44 @@ def train_parser(size, root, datalist_path, **override):
 
 
 def section_pipeline(size, repeats, workdir, with_steps):
-    """Time per batch of the training data pipeline alone and, if ``with_steps``, feeding the training step."""
+    """Time per batch of the training data pipeline alone and, if ``with_steps``, feeding the training step.
+
+    The in-memory reference steps over batches taken from the same loader beforehand (the same tensors, no
+    pipeline). Rounds alternate between the reference and every loader, so a slow spell of a shared machine hits
+    them alike; each figure is the fastest round.
+    """
     from monai.data import DataLoader, ThreadDataLoader
 
     bs, features, spatial = SIZES[size]
     root, path, _ = synthetic_datalist(workdir, num_cases=12)
     parser = train_parser(size, root, path, num_workers=0)
     dataset = parser.get_parsed_content("train#dataset")
-    loaders = {f"DataLoader num_workers={n}": lambda n=n: DataLoader(dataset, batch_size=bs, shuffle=True,
-                                                                     num_workers=n, persistent_workers=n > 0)
-               for n in (0, 1, 2)}
-    loaders["ThreadDataLoader"] = lambda: ThreadDataLoader(dataset, batch_size=bs, shuffle=True, num_workers=0)
-    rows = []
+    loaders = {f"DataLoader num_workers={n}": DataLoader(dataset, batch_size=bs, shuffle=True, num_workers=n,
+                                                         persistent_workers=n > 0) for n in (0, 1, 2)}
+    loaders["ThreadDataLoader"] = ThreadDataLoader(dataset, batch_size=bs, shuffle=True, num_workers=0)
     if with_steps:
         fmt = MEMORY_FORMATS["channels_last_3d" if parser.get_parsed_content("channels_last") else "contiguous"]
         step = make_step(parser.get_parsed_content("network_def"), fmt)  # as configs/train.json builds it
-        image, label = batch(bs, spatial)
-        bare = timed(lambda: step(image, label), repeats)
-        rows.append({"loader": "tensors in memory", "loader_s": 0.0, "step_s": bare, "pipeline_share": 0.0})
-    for name, make in loaders.items():
-        loader = make()
+        in_memory = list(loaders["DataLoader num_workers=0"])
 
-        def epoch(train):
-            for data in loader:
-                if train:
-                    step(data["image"], data["label"])
+    def per_batch(batches, train):
+        start = time.perf_counter()
+        for data in batches:
+            if train:
+                step(data["image"], data["label"])
+        return (time.perf_counter() - start) / len(batches)
 
-        row = {"loader": name, "loader_s": timed(lambda: epoch(False), repeats) / len(loader)}
-        if with_steps:
-            row["step_s"] = timed(lambda: epoch(True), max(1, repeats // 2)) / len(loader)
-            row["pipeline_share"] = row["step_s"] / bare - 1
-        rows.append(row)
-    return rows
+    loader_s = {name: timed(lambda loader=loader: per_batch(loader, False), repeats) for name, loader in loaders.items()}
+    if not with_steps:
+        return [{"loader": name, "loader_s": seconds} for name, seconds in loader_s.items()]
+    fed = {name: [] for name in ["tensors in memory", *loaders]}
+    for _ in range(repeats + 1):  # the first round warms up
+        fed["tensors in memory"].append(per_batch(in_memory, True))
+        for name, loader in loaders.items():
+            fed[name].append(per_batch(loader, True))
+    bare = min(fed["tensors in memory"][1:])
+    return [{"loader": name, "loader_s": loader_s.get(name, 0.0), "step_s": min(times[1:]),
+             "pipeline_share": min(times[1:]) / bare - 1} for name, times in fed.items()]
 
 
 def section_inference(size, repeats, workdir, num_workers):
