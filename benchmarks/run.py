@@ -194,12 +194,13 @@ def section_pipeline(size, repeats, workdir, with_steps):
 
     The in-memory reference steps over batches taken from the same loader beforehand (the same tensors, no
     pipeline). Rounds alternate between the reference and every loader, so a slow spell of a shared machine hits
-    them alike; each figure is the fastest round.
+    them alike; each figure is the fastest round after a warm-up round. 24 synthetic cases (12 for training) give
+    6 batches per round: with a rotation drawn for half the samples, fewer batches make a round's cost a lottery.
     """
     from monai.data import DataLoader, ThreadDataLoader
 
     bs, features, spatial = SIZES[size]
-    root, path, _ = synthetic_datalist(workdir, num_cases=12)
+    root, path, _ = synthetic_datalist(workdir, num_cases=24)
     parser = train_parser(size, root, path, num_workers=0)
     dataset = parser.get_parsed_content("train#dataset")
     loaders = {f"DataLoader num_workers={n}": DataLoader(dataset, batch_size=bs, shuffle=True, num_workers=n,
@@ -208,7 +209,7 @@ def section_pipeline(size, repeats, workdir, with_steps):
     if with_steps:
         fmt = MEMORY_FORMATS["channels_last_3d" if parser.get_parsed_content("channels_last") else "contiguous"]
         step = make_step(parser.get_parsed_content("network_def"), fmt)  # as configs/train.json builds it
-        in_memory = list(loaders["DataLoader num_workers=0"])
+        loaders = {"tensors in memory": list(loaders["DataLoader num_workers=0"]), **loaders}
 
     def per_batch(batches, train):
         start = time.perf_counter()
@@ -217,17 +218,19 @@ def section_pipeline(size, repeats, workdir, with_steps):
                 step(data["image"], data["label"])
         return (time.perf_counter() - start) / len(batches)
 
-    loader_s = {name: timed(lambda loader=loader: per_batch(loader, False), repeats) for name, loader in loaders.items()}
-    if not with_steps:
-        return [{"loader": name, "loader_s": seconds} for name, seconds in loader_s.items()]
-    fed = {name: [] for name in ["tensors in memory", *loaders]}
+    rounds = {name: {"loader_s": [], "step_s": []} for name in loaders}
     for _ in range(repeats + 1):  # the first round warms up
-        fed["tensors in memory"].append(per_batch(in_memory, True))
-        for name, loader in loaders.items():
-            fed[name].append(per_batch(loader, True))
-    bare = min(fed["tensors in memory"][1:])
-    return [{"loader": name, "loader_s": loader_s.get(name, 0.0), "step_s": min(times[1:]),
-             "pipeline_share": min(times[1:]) / bare - 1} for name, times in fed.items()]
+        for name, batches in loaders.items():
+            rounds[name]["loader_s"].append(per_batch(batches, False))
+            if with_steps:
+                rounds[name]["step_s"].append(per_batch(batches, True))
+    rows = [{"loader": name, **{key: min(times[1:]) for key, times in row.items() if times}}
+            for name, row in rounds.items()]
+    if with_steps:
+        bare = rows[0]["step_s"]
+        for row in rows:
+            row["pipeline_share"] = row["step_s"] / bare - 1
+    return rows
 
 
 def section_inference(size, repeats, workdir, num_workers):
