@@ -12,8 +12,10 @@ five separate maps to the same (5, x, y, z) float32 array, so both give the same
     python -m scripts.make_studies --source DIR --output_dir OUT [--sections TRAINING,TESTING] [--labels]
 
 Existing files are never replaced without ``--overwrite`` (checked for every planned file before anything is
-written); every case is checked first with the datalist builder's checks (``--check false`` skips that), and a bad
-case stops the run with a message naming the case and the file unless ``--skip_invalid`` is given.
+written); every case is read and checked with the datalist builder's checks before the first study is written, so
+a bad case stops the run with a message naming the case and the file and nothing written, unless ``--skip_invalid``
+is given (then the other cases are written). ``--nocheck`` skips the checks; a file that cannot be stacked then
+stops the run part-way.
 """
 
 import gzip
@@ -99,6 +101,59 @@ def _save(img, path):
             os.remove(tmp)
 
 
+def _read_and_check(case, case_dir, with_label, check):
+    """The datalist item of a case folder (``read_case``), checked with ``check_case`` unless ``check`` is false.
+
+    Args:
+        case: How messages name the case, e.g. ``TRAINING/case_3``.
+        case_dir: The case folder.
+        with_label: Whether the case must have its OT label.
+        check: Whether to load and check every file.
+
+    Returns:
+        ``{"image": [CT, CBF, CBV, MTT, Tmax], "case": case}``, with ``"label"`` for ``with_label``.
+    """
+    item = read_case(case, case_dir, with_label)
+    if check:
+        check_case(item)
+    return item
+
+
+def _images(item, with_label):
+    """The images to write for a datalist item.
+
+    Args:
+        item: From ``_read_and_check``.
+        with_label: Whether to make the label image too.
+
+    Returns:
+        ``(study, label)``: ``stack_case(item)`` and ``label_image(item)``, or None for the label without
+        ``with_label``.
+    """
+    return stack_case(item), label_image(item) if with_label else None
+
+
+def _unless_skipped(skipped, skip_invalid, action, *args):
+    """``action(*args)``; with ``skip_invalid`` an ``InvalidCaseError`` is noted in ``skipped`` and gives None.
+
+    Args:
+        skipped: The messages of the cases skipped so far; appended to.
+        skip_invalid: Whether a bad case is skipped rather than stopping the run.
+        action: What to do with the case.
+        *args: Its arguments.
+
+    Returns:
+        What ``action`` returns, or None for a skipped case.
+    """
+    try:
+        return action(*args)
+    except InvalidCaseError as err:
+        if not skip_invalid:
+            raise
+        skipped.append(str(err))
+        return None
+
+
 def _plan(source, sections):
     """``[(section, case, case_dir, study_id)]`` for a case folder or an ISLES root."""
     source = os.path.abspath(source)
@@ -144,19 +199,15 @@ def convert(source, output_dir, sections=(TRAINING_DIR, TESTING_DIR), labels=Fal
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise FileExistsError(f"{existing[0]} exists{more}; pass --overwrite to replace")
-    written, skipped = {}, []
-    for case, case_dir, with_label, study, study_path, label_path in jobs:
-        try:
-            item = read_case(case, case_dir, with_label)
-            if check:
-                check_case(item)
-            image = stack_case(item)
-            label = label_image(item) if with_label else None
-        except InvalidCaseError as err:
-            if not skip_invalid:
-                raise
-            skipped.append(str(err))
+    skipped = []
+    items = [_unless_skipped(skipped, skip_invalid, _read_and_check, case, case_dir, with_label, check)
+             for case, case_dir, with_label, *_ in jobs]  # every case read and checked before the first is written
+    written = {}
+    for (case, case_dir, with_label, study, study_path, label_path), item in zip(jobs, items):
+        images = None if item is None else _unless_skipped(skipped, skip_invalid, _images, item, with_label)
+        if images is None:
             continue
+        image, label = images
         _save(image, study_path)
         if label is not None:
             _save(label, label_path)
@@ -167,8 +218,8 @@ def convert(source, output_dir, sections=(TRAINING_DIR, TESTING_DIR), labels=Fal
     return written
 
 
-def main(source, output_dir, sections=f"{TRAINING_DIR},{TESTING_DIR}", labels=False, overwrite=False, check=True,
-         skip_invalid=False):
+def main(source: str, output_dir: str, sections: str | tuple | list = f"{TRAINING_DIR},{TESTING_DIR}",
+         labels: bool = False, overwrite: bool = False, check: bool = True, skip_invalid: bool = False):
     """CLI: see the module docstring."""
     written = convert(source, output_dir, sections, labels, overwrite, check, skip_invalid)
     print(f"{output_dir}: wrote {len(written)} 5-channel stud{'y' if len(written) == 1 else 'ies'}"

@@ -21,12 +21,17 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_APP = os.path.join("monailabel", "sample-apps", "monaibundle")  # under the environment's sys.prefix
 CONFIGS = ("inference.json", "train.json")  # what MONAI Label reads
+# MONAI Label retrains in place: POST /train runs train.json into the bundle folder whose models/model.pt it serves,
+# which a plain training run refuses to replace (train.json's `overwrite`).
+APP_SETTINGS = {"train.json": {"overwrite": True}}
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a folder of its own under <app>/model/
 
 
 def find_sample_app(sample_app=None):
@@ -69,10 +74,11 @@ def _check_settings(settings):
 
 
 def _write_settings(target, settings):
-    """Set top-level ids in the copy's inference.json and train.json, where each has them."""
+    """Set top-level ids in the copy's inference.json and train.json, where each has them, and ``APP_SETTINGS``."""
     for name in CONFIGS:
         config = _config(target, name)
         config.update({key: value for key, value in settings.items() if key in config})
+        config.update(APP_SETTINGS.get(name, {}))
         with open(os.path.join(target, "configs", name), "w") as f:
             json.dump(config, f, indent=4)
 
@@ -91,8 +97,16 @@ def check_model(model_path, settings=None):
     features = parser.get_parsed_content("features")
     check_spatial_size(parser.get_parsed_content("spatial_size"), len(features))
     network = parser.get_parsed_content("network_def")
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for empty, truncated and foreign files
+        lines = str(err).strip().splitlines()  # torch's messages run over several lines; EOFError has none
+        reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise ValueError(f"{model_path}: not a loadable PyTorch checkpoint ({reason})") from err
+    if not isinstance(state, dict):  # a bad file like the ones above: ValueError, which the CLI reports in one line
+        raise ValueError(  # noqa: TRY004
+            f"{model_path}: not a PyTorch checkpoint of a network (holds a {type(state).__name__}, not a state dict)")
+    if isinstance(state.get("model"), dict):
         state = state["model"]  # a full training checkpoint (checkpoint_epoch=N.pt)
     try:
         network.load_state_dict(state, strict=True)
@@ -104,20 +118,44 @@ def check_model(model_path, settings=None):
         ) from err
 
 
+def _check_replaceable(target, models_dir):
+    """Refuse to let ``--overwrite`` remove ``target`` unless it is a folder of its own in ``models_dir``: not a link
+    (to a folder elsewhere, or to a sibling bundle), whose real path is strictly inside ``models_dir``.
+
+    Args:
+        target: The existing ``<app>/model/<name>``.
+        models_dir: ``<app>/model``.
+
+    Raises:
+        ValueError: If ``target`` is a link or resolves to anything but itself under ``models_dir``.
+    """
+    real_target = os.path.realpath(target)
+    if os.path.islink(target) or real_target != os.path.join(os.path.realpath(models_dir), os.path.basename(target)):
+        raise ValueError(f"{target} resolves to {real_target}, not to a folder of its own in {models_dir}; --overwrite"
+                         f" replaces only such a folder: remove {target} yourself or pick another --name")
+
+
 def install(app_dir, model="models/model.pt", name="isles_ctp", features=None, spatial_size=None, settings=None,
             sample_app=None, overwrite=False):
     """Create (or reuse) ``app_dir`` as a copy of the monaibundle sample app and put the bundle in
     ``app_dir/model/<name>`` with ``model`` as ``models/model.pt``; returns the bundle folder.
 
     ``features`` / ``spatial_size`` (and any other top-level ids in ``settings``, e.g. ``{"num_workers": 0}``) are
-    written into the copy's inference.json and train.json."""
+    written into the copy's inference.json and train.json. ``name`` must be a plain folder name; with ``overwrite`` an
+    existing ``app_dir/model/<name>`` folder is replaced, never a link or anything outside ``app_dir/model``."""
+    if not BUNDLE_NAME.fullmatch(name):
+        raise ValueError(f"--name must be a plain folder name (letters, digits, '.', '_' and '-', starting with a"
+                         f" letter or digit), got {name!r}")
     if not os.path.isfile(model):
         raise FileNotFoundError(f"no trained model at {model}: train one (README, 'Training'; the demo writes"
                                 " demo_data/models/model.pt) or pass --model")
     app_dir = os.path.abspath(app_dir)
-    target = os.path.join(app_dir, "model", name)
-    if os.path.exists(target) and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    models_dir = os.path.join(app_dir, "model")
+    target = os.path.join(models_dir, name)
+    if os.path.lexists(target):
+        if not overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        _check_replaceable(target, models_dir)
     settings = dict(settings or {})
     if features is not None:
         settings["features"] = [int(f) for f in features]
@@ -128,21 +166,23 @@ def install(app_dir, model="models/model.pt", name="isles_ctp", features=None, s
     if not os.path.isfile(os.path.join(app_dir, "main.py")):
         shutil.copytree(find_sample_app(sample_app), app_dir, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    staging = os.path.join(app_dir, "model", f".{name}.partial")  # never a half-written bundle under model/<name>
+    staging = os.path.join(models_dir, f".{name}.partial")  # never a half-written bundle under model/<name>
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _copy_bundle(staging)
         _write_settings(staging, settings)
         shutil.copy(model, os.path.join(staging, "models", "model.pt"))
-        shutil.rmtree(target, ignore_errors=True)
+        if os.path.lexists(target):
+            shutil.rmtree(target)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def main(app_dir, model="models/model.pt", name="isles_ctp", features=None, spatial_size=None, settings=None,
-         sample_app=None, overwrite=False):
+def main(app_dir: str, model: str = "models/model.pt", name: str = "isles_ctp", features: list | tuple | None = None,
+         spatial_size: list | tuple | None = None, settings: dict | None = None, sample_app: str | None = None,
+         overwrite: bool = False):
     """CLI: see the module docstring."""
     target = install(app_dir, model, name, features, spatial_size, settings, sample_app, overwrite)
     print(f"{target}: bundle with {model} as models/model.pt\nstart the server with:\n"

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
 
+from scripts.cli import as_bool
 from scripts.isles import (
     CHANNELS,
     IGNORED_TOKENS,
@@ -54,8 +55,11 @@ def find_cases(data_root, section):
 
 
 def case_folders(folder):
-    """``(name, path)`` of the sub-folders of ``folder``, in numeric order of their ``_N`` suffix."""
-    names = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))]
+    """``(name, path)`` of the sub-folders of ``folder``, in numeric order of their ``_N`` suffix.
+
+    A symbolic link whose target is missing is listed too (``read_case`` then names it), not dropped unseen."""
+    names = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
+             or os.path.islink(os.path.join(folder, d)) and not os.path.exists(os.path.join(folder, d))]
     return [(name, os.path.join(folder, name)) for name in sorted(names, key=_case_sort_key)]
 
 
@@ -70,6 +74,8 @@ def _map_file(case, map_dir):
 
 def read_case(case, case_dir, with_label):
     """Map the case's folders to ``{"image": [CT, CBF, CBV, MTT, Tmax], "label": OT}`` (absolute paths)."""
+    if not os.path.isdir(case_dir):
+        raise InvalidCaseError(f"{case}: {case_dir} is a symbolic link to {os.readlink(case_dir)}, which does not exist")
     found = {}
     for entry in sorted(os.listdir(case_dir)):
         path = os.path.join(case_dir, entry)
@@ -97,20 +103,55 @@ def read_case(case, case_dir, with_label):
     return item
 
 
-def check_case(item, affine_atol=1e-2):
+# Largest magnitude accepted in a map or label, after the header's scaling. No CT (HU), perfusion map or label value
+# comes near it; beyond it lie "no value" markers such as FLT_MAX (3.4e38), and a float32 z-score over a slab with such
+# a value loses the rest of the map (beyond about 1e19 its sum of squares overflows to Inf, and the input to NaN).
+MAX_ABS_VALUE = 1e6
+
+
+def same_grid(affine, ref_affine):
+    """Whether two affines describe one grid, by the rule MONAI's ``NibabelReader`` applies when it stacks the maps
+    of a case (``np.allclose`` with its default tolerances), so that the check refuses exactly what loading would."""
+    return np.allclose(affine, ref_affine)
+
+
+def _values_problem(data):
+    """What is wrong with a map's values as the pipeline reads them (float32 after the header's scaling), or None."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = data.astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        count = int((~finite).sum())
+        where = "" if np.isfinite(data).all() else " (NaN/Inf in the file)"
+        return f"{count} values that are NaN/Inf as float32{where}, e.g. {data[~finite].flat[0]:.4g}"
+    large = np.abs(values) > MAX_ABS_VALUE
+    if large.any():
+        return (f"{int(large.sum())} values beyond +-{MAX_ABS_VALUE:g} (largest {np.abs(values).max():.4g}), e.g. a"
+                f" 'no value' marker; set them to 0 (or to a value the map can hold) before use")
+    return None
+
+
+def check_case(item):
     """Load every file of a datalist item (absolute paths) and check grids, values and the label.
 
     ``item["image"]`` is the 5 maps in channel order, or one 4D file with the 5 channels last (x, y, z, 5).
-    Raises ``InvalidCaseError`` naming the case and the file for: unreadable/truncated/non-NIfTI files, a 4D file
-    that is not (x, y, z, 5), a shape or affine (beyond ``affine_atol`` mm) that differs from the CT's, NaN/Inf
-    values, and a label with values other than 0 and 1.
+    Values are checked as the pipeline reads them: after the header's scaling (``scl_slope``/``scl_inter``), as
+    float32.
+
+    Returns:
+        The number of lesion voxels of the label, None for an item without label.
+
+    Raises:
+        InvalidCaseError: naming the case and the file, for unreadable/truncated/non-NIfTI files, a 4D file that is not
+            (x, y, z, 5), a shape or affine that differs from the CT's (``same_grid``), values that are NaN/Inf as
+            float32 or beyond ``MAX_ABS_VALUE``, and a label with values other than 0 and 1.
     """
     case = item.get("case", "?")
     image = item["image"]
     one_file = isinstance(image, str)
     files = [("image", image)] if one_file else list(zip(CHANNELS, image))
     files += [(LABEL, item["label"])] if "label" in item else []
-    ref_shape = ref_affine = None
+    ref_shape = ref_affine = lesion_voxels = None
     for name, path in files:
         try:
             img = nib.load(path)
@@ -127,17 +168,21 @@ def check_case(item, affine_atol=1e-2):
             ref_shape, ref_affine = shape, img.affine
         elif shape != ref_shape:
             raise InvalidCaseError(f"{case}: {name} file {path} has shape {shape}, CT has {ref_shape}")
-        elif not np.allclose(img.affine, ref_affine, atol=affine_atol):
+        elif not same_grid(img.affine, ref_affine):
             raise InvalidCaseError(
-                f"{case}: {name} file {path} has an affine that differs from the CT's by more than {affine_atol} mm"
-                f"\n{np.array2string(img.affine, precision=3)}\nvs CT\n{np.array2string(ref_affine, precision=3)}"
+                f"{case}: {name} file {path} has an affine that differs from the CT's (by up to"
+                f" {np.abs(img.affine - ref_affine).max():.2g}; MONAI stacks maps only when np.allclose holds)"
+                f"\n{np.array2string(img.affine, precision=6)}\nvs CT\n{np.array2string(ref_affine, precision=6)}"
             )
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise InvalidCaseError(f"{case}: {name} file {path} has {int((~np.isfinite(data)).sum())} NaN/Inf values")
+        problem = _values_problem(data)
+        if problem:
+            raise InvalidCaseError(f"{case}: {name} file {path} has {problem}")
         if name == LABEL:
             extra = np.setdiff1d(np.unique(data), [0, 1])
             if extra.size:
                 raise InvalidCaseError(f"{case}: label file {path} is not binary: values {extra[:10].tolist()} besides 0/1")
+            lesion_voxels = int(np.count_nonzero(data))
+    return lesion_voxels
 
 
 def read_patients_csv(path):
@@ -146,7 +191,15 @@ def read_patients_csv(path):
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"case", "patient"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: a case-to-patient CSV needs the columns 'case' and 'patient', got {reader.fieldnames}")
-        return {row["case"].strip(): row["patient"].strip() for row in reader}
+        patients = {}
+        for line, row in enumerate(reader, start=2):
+            case, patient = (row["case"] or "").strip(), (row["patient"] or "").strip()
+            if not case or not patient:
+                raise ValueError(f"{path}, line {line}: empty case or patient")
+            if patients.setdefault(case, patient) != patient:
+                raise ValueError(f"{path}, line {line}: case {case} is given to patient {patient}, an earlier line gave"
+                                 f" it to patient {patients[case]}")
+        return patients
 
 
 def assign_folds(cases, patients, folds, seed):
@@ -231,8 +284,8 @@ def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, s
     }
 
 
-def main(data_root, output="datalist.json", folds=5, seed=0, patients_csv=None, check=False, skip_invalid=False,
-         overwrite=False):
+def main(data_root: str, output: str = "datalist.json", folds: int = 5, seed: int = 0, patients_csv: str | None = None,
+         check: bool = False, skip_invalid: bool = False, overwrite: bool = False):
     """CLI: write the datalist of ``data_root`` to ``output``; never replaces an existing file without ``--overwrite``."""
     if os.path.exists(output) and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
@@ -252,20 +305,55 @@ def _require_datalist(data_list_file_path, dataset_dir):
         )
 
 
+def check_entries(items, source, need_label=False, need_fold=False):
+    """Check the structure of datalist items before any file is read: ``image`` one file or the 5 maps, and where
+    asked a ``label`` file and an integer ``fold``. Raises ``InvalidCaseError`` naming the case and ``source``."""
+    for index, item in enumerate(items):
+        image = item.get("image")
+        case = item.get("case") or (case_name(image) if image else f"item {index}")
+        if not (isinstance(image, str) or isinstance(image, list) and len(image) == len(CHANNELS)
+                and all(isinstance(p, str) for p in image)):
+            count = len(image) if isinstance(image, list) else repr(image)
+            raise InvalidCaseError(f"{case}: 'image' in {source} lists {count} files, expected one 4D file or the"
+                                   f" {len(CHANNELS)} maps {', '.join(CHANNELS)}")
+        if need_label and not isinstance(item.get("label"), str):
+            raise InvalidCaseError(f"{case}: no 'label' file in {source}; training and evaluation need one per case")
+        fold = item.get("fold")
+        if need_fold and (isinstance(fold, bool) or not isinstance(fold, int)):
+            raise InvalidCaseError(f"{case}: 'fold' in {source} must be an integer, got {fold!r}")
+
+
 def load_fold(data_list_file_path, dataset_dir, fold, check=False):
-    """``{"train": [...], "validation": [...]}`` of one fold with absolute paths, for the training configs."""
+    """One fold of the ``training`` section, for the training configs.
+
+    Args:
+        data_list_file_path: the datalist (``python -m scripts.prepare_datalist``).
+        dataset_dir: the folder its paths are relative to.
+        fold: the fold held out for validation.
+        check: run ``check_case`` on every case, and refuse a fold whose training labels are all empty.
+
+    Returns:
+        ``{"train": [...], "validation": [...]}``, items with absolute paths.
+    """
     _require_datalist(data_list_file_path, dataset_dir)
     items = load_decathlon_datalist(data_list_file_path, data_list_key="training", base_dir=dataset_dir)
+    check_entries(items, data_list_file_path, need_label=True, need_fold=True)
     folds = sorted({item["fold"] for item in items})
     if fold not in folds:
         raise ValueError(f"fold {fold} is not in {data_list_file_path}, which has folds {folds}")
-    if check:
-        for item in items:
-            check_case(item)
-    return {
+    split = {
         "train": [item for item in items if item["fold"] != fold],
         "validation": [item for item in items if item["fold"] == fold],
     }
+    if as_bool(check, "check_inputs"):
+        lesion_voxels = {item["case"] if "case" in item else case_name(item["image"]): check_case(item)
+                         for item in split["train"]}
+        if lesion_voxels and not any(lesion_voxels.values()):
+            raise InvalidCaseError(f"{data_list_file_path}: the labels of all {len(lesion_voxels)} training cases of"
+                                   f" fold {fold} are empty; the network would learn nothing (its loss stays near 1)")
+        for item in split["validation"]:
+            check_case(item)
+    return split
 
 
 def load_section(data_list_file_path, dataset_dir, section="validation", fold=0, check=False):
@@ -277,6 +365,7 @@ def load_section(data_list_file_path, dataset_dir, section="validation", fold=0,
     else:
         _require_datalist(data_list_file_path, dataset_dir)
         items = load_decathlon_datalist(data_list_file_path, data_list_key=section, base_dir=dataset_dir)
+        check_entries(items, data_list_file_path)
         unlabelled = [case_name(item["image"]) for item in items if "label" not in item]
         if unlabelled:
             raise InvalidCaseError(f"{data_list_file_path}: section '{section}' has no label for"
@@ -284,7 +373,7 @@ def load_section(data_list_file_path, dataset_dir, section="validation", fold=0,
     if not items:
         raise InvalidCaseError(f"{data_list_file_path}: no cases in section '{section}'")
     _check_names(items)
-    if check:
+    if as_bool(check, "check_inputs"):
         for item in items:
             check_case(item)
     return items
@@ -350,12 +439,9 @@ def find_inputs(source, data_list_key="testing", check=False):
         raise InvalidCaseError(f"{source}: no cases (an ISLES root, a folder of case folders or of 4D NIfTI files,"
                                f" or a datalist .json)")
     items = [{"image": image, "case": case_name(image)} for image in images]
-    for item in items:
-        if not isinstance(item["image"], str) and len(item["image"]) != len(CHANNELS):
-            raise InvalidCaseError(f"{item['case']}: 'image' lists {len(item['image'])} files, expected one 4D file or"
-                                   f" the {len(CHANNELS)} maps {', '.join(CHANNELS)}")
+    check_entries(items, source)
     _check_names(items)
-    if check:
+    if as_bool(check, "check_inputs"):
         for item in items:
             check_case(item)
     return items

@@ -91,6 +91,35 @@ def test_bad_cases_are_named_and_can_be_skipped(synthetic_tree, tmp_path):
     assert not os.path.exists(tmp_path / "b" / "testing_case_2.nii.gz")
 
 
+def test_a_bad_later_case_stops_the_run_before_any_study_is_written(repo_root, synthetic_tree, tmp_path):
+    """Every case is read and checked first, so a rerun after fixing the case is not refused for files half a run
+    wrote; with --skip_invalid the other cases are written."""
+    root = tmp_path / "isles"
+    shutil.copytree(synthetic_tree, root)
+    case, case_dir = find_cases(str(root), "TRAINING")[-1]
+    cbf = read_case(case, case_dir, with_label=True)["image"][1]
+    with open(cbf, "r+b") as f:
+        f.truncate(os.path.getsize(cbf) // 2)
+    out = tmp_path / "studies"
+    cmd = [sys.executable, "-m", "scripts.make_studies", "--source", str(root), "--output_dir", str(out), "--labels"]
+    result = subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    error = result.stderr[result.stderr.find("error: "):]  # nibabel's reason runs over two lines
+    assert error.startswith(f"error: TRAINING/{case}: ") and cbf in error.splitlines()[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists(), "no study is written when a case is bad"
+
+    skipping = subprocess.run(cmd + ["--skip_invalid"], check=False, cwd=repo_root, capture_output=True, text=True,
+                              timeout=300)
+    assert skipping.returncode == 0, skipping.stderr
+    assert f"skipped 1 invalid case(s):\n  TRAINING/{case}: " in skipping.stderr
+    training = [c for c, _ in find_cases(str(root), "TRAINING") if c != case]
+    testing = [c for c, _ in find_cases(str(root), "TESTING")]
+    expected = [f"training_{c}.nii.gz" for c in training] + [f"testing_{c}.nii.gz" for c in testing]
+    assert sorted(os.listdir(out)) == sorted(expected + ["labels"])
+    assert sorted(os.listdir(out / "labels" / "final")) == sorted(f"training_{c}.nii.gz" for c in training)
+
+
 def test_shape_mismatch_is_reported_with_case_and_file(synthetic_tree, tmp_path):
     case_dir = tmp_path / "case_9"
     shutil.copytree(os.path.join(synthetic_tree, "TESTING", "case_1"), case_dir)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,81 @@ def test_existing_bundle_is_replaced_only_with_overwrite(tmp_path, sample_app, t
         install(str(app), tiny_model, features=TINY, sample_app=sample_app)
     install(str(app), tiny_model, features=TINY, sample_app=sample_app, overwrite=True)
     assert (app / "main.py").read_text() == "# edited by the user\n", "an existing app keeps its own files"
+
+
+def snapshot(folder):
+    """Every file, folder and link under ``folder``: ``{relative path: the file's bytes, "folder" or the link}``."""
+    found = {}
+    for parent, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = os.path.join(parent, name)
+            if os.path.islink(path):
+                found[os.path.relpath(path, folder)] = f"link to {os.readlink(path)}"
+            else:
+                found[os.path.relpath(path, folder)] = "folder" if os.path.isdir(path) else Path(path).read_bytes()
+    return found
+
+
+@pytest.mark.parametrize("name", [".", "..", "", "../app", "model/../..", "a/b", "-x", ".isles_ctp.partial", "a b"])
+def test_only_a_plain_folder_name_is_accepted(tmp_path, sample_app, tiny_model, name):
+    """With --overwrite, "." would have replaced the whole model/ folder and ".." the app folder."""
+    app = tmp_path / "app"
+    install(str(app), tiny_model, features=TINY, sample_app=sample_app)  # a sibling bundle: model/isles_ctp
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"--name must be a plain folder name \(letters, digits, '\.', '_' and '-',"):
+        install(str(app), tiny_model, name, features=TINY, sample_app=sample_app, overwrite=True)
+    assert snapshot(tmp_path) == before, "the app folder, its bundles and what lies beside it are untouched"
+
+
+@pytest.mark.parametrize("points_to", ["a_folder_elsewhere", "a_sibling_bundle"])
+def test_overwrite_never_removes_through_a_link(tmp_path, sample_app, tiny_model, points_to):
+    app = tmp_path / "app"
+    install(str(app), tiny_model, features=TINY, sample_app=sample_app)
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    (elsewhere / "data.txt").write_text("keep me\n")
+    link = app / "model" / "linked"
+    link.symlink_to(elsewhere if points_to == "a_folder_elsewhere" else app / "model" / "isles_ctp")
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="linked resolves to .*, not to a folder of its own in .*model; --overwrite"):
+        install(str(app), tiny_model, "linked", features=TINY, sample_app=sample_app, overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_refuses_a_name_that_is_no_folder_of_its_own(repo_root, tmp_path, sample_app, tiny_model):
+    app = tmp_path / "app"
+    install(str(app), tiny_model, features=TINY, sample_app=sample_app)
+    before = snapshot(tmp_path)
+    cmd = [sys.executable, "-m", "scripts.monailabel_app", "--app_dir", str(app), "--model", tiny_model, "--features",
+           str(TINY), "--sample_app", sample_app, "--name", "..", "--overwrite"]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        ("error: --name must be a plain folder name (letters, digits, '.', '_' and '-', starting with a letter or"
+         " digit), got '..'")
+    ]
+    assert snapshot(tmp_path) == before
+
+
+BROKEN_CHECKPOINTS = {  # how to write each, from a good checkpoint
+    "empty": lambda path, good: path.write_bytes(b""),
+    "truncated": lambda path, good: path.write_bytes(good.read_bytes()[: good.stat().st_size // 2]),
+    "text": lambda path, good: path.write_text("not a checkpoint\n"),
+    "a_list": lambda path, good: torch.save([1, 2], path),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN_CHECKPOINTS)
+def test_a_file_that_is_no_checkpoint_is_named_in_one_line(repo_root, tmp_path, sample_app, tiny_model, kind):
+    model = tmp_path / f"{kind}.pt"
+    BROKEN_CHECKPOINTS[kind](model, Path(tiny_model))
+    cmd = [sys.executable, "-m", "scripts.monailabel_app", "--app_dir", str(tmp_path / "app"), "--model", str(model),
+           "--features", str(TINY), "--sample_app", sample_app]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {model}: not a ") and " PyTorch checkpoint " in line, line
+    assert not os.path.exists(tmp_path / "app")
 
 
 def test_cli_errors_are_one_line(repo_root, tmp_path, sample_app):

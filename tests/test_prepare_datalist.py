@@ -15,7 +15,7 @@ import pytest
 from monai.data import load_decathlon_datalist
 
 from scripts.isles import CHANNELS
-from scripts.prepare_datalist import InvalidCaseError, build_datalist, load_fold
+from scripts.prepare_datalist import InvalidCaseError, build_datalist, check_case, load_fold
 
 # The token each channel's folder carries in the synthetic tree (the real release's CT_ names).
 TOKENS = {"CT": ".CT.", "CBF": ".CT_CBF.", "CBV": ".CT_CBV.", "MTT": ".CT_MTT.", "Tmax": ".CT_Tmax.", "OT": ".OT."}
@@ -174,6 +174,61 @@ def break_nan(tree):
     return "case_4", os.path.basename(path)
 
 
+def break_flt_max_marker(tree):
+    """float32 Tmax with FLT_MAX, a common 'no value' marker, in 20 voxels: finite, but not a value."""
+    path = map_file(tree, "case_4", "Tmax")
+
+    def mark(data, affine):
+        data = data.astype(np.float32)
+        data.flat[:20] = np.finfo(np.float32).max
+        return data, affine
+
+    rewrite(path, mark)
+    return "case_4", os.path.basename(path)
+
+
+def break_float64_overflow(tree):
+    """float64 MTT with 1e300: finite in the file, Inf as the float32 the pipeline reads."""
+    path = map_file(tree, "case_4", "MTT")
+
+    def huge(data, affine):
+        data.flat[5] = 1e300
+        return data, affine
+
+    rewrite(path, huge)
+    return "case_4", os.path.basename(path)
+
+
+def break_scaled_overflow(tree):
+    """int16 CBF whose header scl_slope is 1e37: every non-zero value overflows float32 after scaling."""
+    path = map_file(tree, "case_4", "CBF")
+    rewrite(path, lambda d, a: (d.astype(np.int16), a))
+    with open(path, "r+b") as f:  # NIfTI-1: scl_slope and scl_inter are float32 at bytes 112 and 116
+        f.seek(112)
+        f.write(np.array([1e37, 0.0], dtype="<f4").tobytes())
+    assert nib.load(path).dataobj.slope == pytest.approx(1e37)  # the image moves the scaling to its proxy
+    return "case_4", os.path.basename(path)
+
+
+def break_affine_rounding(tree):
+    """A rotation entry 2e-4 off the CT's: too much for MONAI's np.allclose when it stacks the maps."""
+    path = map_file(tree, "case_4", "CBV")
+
+    def nudge(data, affine):
+        affine[0, 1] += 2e-4
+        return data, affine
+
+    rewrite(path, nudge)
+    return "case_4", os.path.basename(path)
+
+
+def break_dangling_case_link(tree):
+    case_dir = os.path.join(tree, "TRAINING", "case_4")
+    shutil.rmtree(case_dir)
+    os.symlink(os.path.join(tree, "elsewhere", "case_4"), case_dir)
+    return "case_4", "symbolic link"
+
+
 def break_label(tree):
     path = map_file(tree, "case_4", "OT")
 
@@ -193,7 +248,8 @@ def break_empty_case(tree):
 
 
 BREAKERS = [break_missing_map, break_shape, break_affine, break_truncated, break_not_nifti, break_nan, break_label,
-            break_empty_case]
+            break_empty_case, break_flt_max_marker, break_float64_overflow, break_scaled_overflow,
+            break_affine_rounding, break_dangling_case_link]
 
 
 @pytest.mark.parametrize("breaker", BREAKERS, ids=[b.__name__[6:] for b in BREAKERS])
@@ -243,3 +299,80 @@ def test_load_fold_splits_and_reports_bad_values(synthetic_tree, tmp_path):
         load_fold(str(out), synthetic_tree, fold=7)
     with pytest.raises(FileNotFoundError, match="prepare_datalist"):
         load_fold(str(tmp_path / "missing.json"), synthetic_tree, fold=0)
+
+
+@pytest.mark.parametrize("offset", [1e-9, 2e-4], ids=["rounding", "off_grid"])
+def test_check_refuses_exactly_the_affines_monai_cannot_stack(tree, offset):
+    """One rule for check and pipeline: a map is accepted by the check if and only if LoadImaged stacks it."""
+    from monai.transforms import LoadImage
+
+    path = map_file(tree, "case_4", "CBV")
+
+    def nudge(data, affine):
+        affine[0, 1] += offset
+        return data, affine
+
+    rewrite(path, nudge)
+    item = next(i for i in build_datalist(tree, folds=2)["training"] if i["case"] == "case_4")
+    item = dict(item, image=[os.path.join(tree, p) for p in item["image"]], label=os.path.join(tree, item["label"]))
+    try:
+        LoadImage(image_only=True)(item["image"])
+        loads = True
+    except RuntimeError as err:
+        assert "affine matrix of all images should be the same" in str(err)
+        loads = False
+    try:
+        check_case(item)
+        checked = True
+    except InvalidCaseError as err:
+        assert str(err).startswith("case_4:") and os.path.basename(path) in str(err)
+        checked = False
+    assert checked == loads == (offset < 1e-6)
+
+
+def test_patients_csv_with_conflicting_rows_is_refused(tree, tmp_path):
+    rows = "case,patient\n" + "".join(f"case_{i},p{i}\n" for i in range(1, 11))
+    same = tmp_path / "same.csv"
+    same.write_text(rows + "case_3,p3\n")  # a repeated identical row is harmless
+    assert {i["patient"] for i in build_datalist(tree, patients_csv=str(same))["training"]} >= {"p3"}
+    conflict = tmp_path / "conflict.csv"
+    conflict.write_text(rows + "case_3,p7\n")
+    with pytest.raises(ValueError, match=r"line 12: case case_3 is given to patient p7, an earlier line gave it to p"):
+        build_datalist(tree, patients_csv=str(conflict))
+
+
+def write_datalist(path, tree, change):
+    datalist = build_datalist(tree, folds=3, seed=0)
+    change(datalist["training"][1])
+    with open(path, "w") as f:
+        json.dump(datalist, f)
+    return datalist["training"][1]["case"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda item: item.pop("label"), "no 'label' file"),
+        (lambda item: item.pop("fold"), "'fold' in .* must be an integer, got None"),
+        (lambda item: item.update(fold="0"), "'fold' in .* must be an integer, got '0'"),
+        (lambda item: item["image"].pop(), "lists 4 files, expected one 4D file or the 5 maps"),
+        (lambda item: item["image"].append(item["image"][0]), "lists 6 files"),
+    ],
+    ids=["no_label", "no_fold", "string_fold", "four_images", "six_images"],
+)
+def test_malformed_datalist_entries_are_named_before_training(tree, tmp_path, change, message):
+    path = tmp_path / "datalist.json"
+    case = write_datalist(path, tree, change)
+    with pytest.raises(InvalidCaseError, match=f"^{case}: .*{message}"):
+        load_fold(str(path), tree, fold=0)
+
+
+def test_a_fold_whose_training_labels_are_all_empty_is_refused(tree, tmp_path):
+    for label in glob.glob(os.path.join(tree, "TRAINING", "*", "*.OT.*", "*.nii*")):
+        rewrite(label, lambda d, a: (np.zeros_like(d), a))
+    path = tmp_path / "datalist.json"
+    with open(path, "w") as f:
+        json.dump(build_datalist(tree, folds=3, seed=0), f)
+    load_fold(str(path), tree, fold=0)  # without the check nothing is read
+    with pytest.raises(InvalidCaseError, match="the labels of all [0-9]+ training cases of fold 0 are empty"):
+        load_fold(str(path), tree, fold=0, check=True)
