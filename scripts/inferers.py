@@ -12,7 +12,15 @@ import math
 import torch
 from monai.inferers import Inferer, SimpleInferer
 
-__all__ = ["FlipInferer"]
+__all__ = ["FlipInferer", "test_time_inferer"]
+
+
+def test_time_inferer(tta_flips=False) -> Inferer:
+    """The inferer of evaluation and inference: ``FlipInferer()`` with ``tta_flips`` (a bool, or true/false as typed
+    on the command line), else MONAI's ``SimpleInferer()``."""
+    from scripts.cli import as_bool
+
+    return FlipInferer() if as_bool(tta_flips, "tta_flips") else SimpleInferer()
 
 
 class FlipInferer(Inferer):

@@ -17,7 +17,7 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Pool
 
-__all__ = ["ConvBlock", "UpBlock", "ModifiedUNet", "check_spatial_size", "instance_norm_as_group_norm"]
+__all__ = ["ConvBlock", "UpBlock", "ModifiedUNet", "check_spatial_size", "instance_norm_as_group_norm", "to_device"]
 
 
 def _as_int(value, what: str) -> int:
@@ -80,6 +80,23 @@ def instance_norm_as_group_norm(norm: str | tuple, channels: int) -> str | tuple
     if not isinstance(name, str) or name.lower() != "instance" or not set(args) <= {"affine", "eps"}:
         return norm
     return ("group", {"num_groups": channels, "affine": args.get("affine", False), "eps": args.get("eps", 1e-5)})
+
+
+def to_device(network: nn.Module, device, channels_last=True) -> nn.Module:
+    """``network`` moved to ``device``, its weights in ``channels_last_3d`` memory format when ``channels_last``.
+
+    Args:
+        network: the network (a 3D one for ``channels_last``).
+        device: a ``torch.device`` or its name (``"cpu"``, ``"cuda:0"``, as typed on the command line).
+        channels_last: a bool, or true/false as typed on the command line.
+
+    Returns:
+        The network, moved in place.
+    """
+    from scripts.cli import as_bool
+
+    layout = torch.channels_last_3d if as_bool(channels_last, "channels_last") else torch.contiguous_format
+    return network.to(torch.device(device), memory_format=layout)
 
 
 class ConvBlock(nn.Sequential):

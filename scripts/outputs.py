@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 
+from scripts.cli import as_bool
 from scripts.prepare_datalist import case_name
 
 __all__ = ["batch_cases", "case_formatter", "refuse_existing", "write_overlays"]
@@ -36,8 +37,9 @@ def batch_cases(batch):
 
 def refuse_existing(paths, overwrite=False):
     """Raise ``FileExistsError`` naming the first existing file among ``paths`` (for a folder: its first entry),
-    unless ``overwrite``. Called before any prediction, so that nothing is replaced by surprise."""
-    if overwrite:
+    unless ``overwrite`` (a bool, or true/false as typed on the command line). Called before any prediction, so that
+    nothing is replaced by surprise."""
+    if as_bool(overwrite, "overwrite"):
         return
     for path in paths:
         entries = sorted(os.listdir(path)) if os.path.isdir(path) else []

@@ -2,6 +2,7 @@
 (configs/inference.json) on new scans; the written masks and CSVs are checked against the source files."""
 
 import csv
+import glob
 import json
 import math
 import os
@@ -320,3 +321,67 @@ def test_overlay_refuses_a_mask_off_the_scan_grid(tmp_path):
     nib.save(nib.Nifti1Image(mask, affine @ np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / "masks" / "scan.nii.gz")
     with pytest.raises(ValueError, match="does not lie on the grid of"):
         write_overlays([{"image": str(scan), "case": "scan"}], tmp_path / "masks", tmp_path / "overlays")
+
+
+def error_chain(excinfo):
+    """The messages of an exception and of its causes: engines and config expressions wrap the error they meet."""
+    messages, err = [], excinfo.value
+    while err is not None:
+        messages.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    return "\n".join(messages)
+
+
+def infer_expecting_error(repo_root, root, settings, dataset_dir, out, **override):
+    wf = workflow(repo_root, ("inference.json",), "infer", bundle_root=str(root), dataset_dir=str(dataset_dir),
+                  output_dir=str(out), **{k: settings[k] for k in TINY}, **override)
+    with pytest.raises(Exception) as excinfo:
+        wf.initialize()
+        wf.run()
+    assert not glob.glob(str(out / "predictions" / "masks" / "*")), "no mask is written"
+    assert not (out / "predictions" / "volumes.csv").exists(), "no volume is reported"
+    return error_chain(excinfo)
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_inference_refuses_an_input_that_is_not_finite_as_float32(repo_root, trained, synthetic_tree, tmp_path,
+                                                                  check_inputs):
+    """A float64 Tmax with 1e300 is Inf as the float32 the network reads: no mask, no 0.0 mL, the case named."""
+    root, settings = trained
+    case_dir = tmp_path / "cases" / "case_9"
+    shutil.copytree(os.path.join(synthetic_tree, "TESTING", "case_1"), case_dir)
+    (tmax,) = glob.glob(str(case_dir / "*.CT_Tmax.*" / "*.nii"))
+    img = nib.load(tmax)
+    data = np.asanyarray(img.dataobj).astype(np.float64)
+    data.flat[100] = 1e300
+    nib.save(nib.Nifti1Image(data, img.affine), tmax)
+    message = infer_expecting_error(repo_root, root, settings, tmp_path / "cases", tmp_path / "out",
+                                    check_inputs=check_inputs)
+    expected = f"case_9: Tmax file {tmax} has 1 values that are NaN/Inf as float32" if check_inputs else \
+        "case_9: the input 'image' holds NaN or Inf in channel(s) Tmax"
+    assert expected in message, message
+
+
+def test_inference_refuses_a_prediction_that_is_not_finite(repo_root, trained, synthetic_tree, tmp_path):
+    root, settings = trained
+    model = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
+    broken = tmp_path / "nan_model.pt"
+    torch.save({k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in model.items()}, broken)
+    message = infer_expecting_error(repo_root, root, settings, synthetic_tree, tmp_path / "out",
+                                    ensemble_checkpoints=[str(broken)])
+    assert "case_1: the prediction 'pred' holds NaN or Inf" in message, message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_network"])
+def test_inference_names_a_checkpoint_it_cannot_load(repo_root, trained, synthetic_tree, tmp_path, damage):
+    root, settings = trained
+    broken = tmp_path / "model.pt"
+    if damage == "truncated":
+        data = (root / "models" / "model.pt").read_bytes()
+        broken.write_bytes(data[: len(data) // 2])
+    else:
+        torch.save(workflow(repo_root, ("inference.json",), "infer", features=[4, 8, 16, 32, 64]).parser
+                   .get_parsed_content("network_def").state_dict(), broken)
+    message = infer_expecting_error(repo_root, root, settings, synthetic_tree, tmp_path / "out",
+                                    ensemble_checkpoints=[str(broken)])
+    assert f"ValueError: {broken}: cannot load this checkpoint" in message, message

@@ -74,8 +74,9 @@ def split(synthetic_tree, tmp_path_factory):
 
 
 def torchrun(repo_root, run_id, configs, bundle_root, **override):
-    """`torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run RUN_ID ...` on CPU with gloo."""
-    override = {"bundle_root": bundle_root, "backend": "gloo", "device": "$torch.device('cpu')", **override}
+    """`torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run RUN_ID ...` on CPU with gloo; the
+    device given as users type it, `--device cpu` (a string, not a torch.device)."""
+    override = {"bundle_root": bundle_root, "backend": "gloo", "device": "cpu", **override}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs),
            *[x for key, value in override.items() for x in (f"--{key}", str(value))]]
@@ -154,6 +155,7 @@ def test_only_log_writers_are_disabled_on_other_ranks(repo_root, configs, handle
     parser.read_config([os.path.join(repo_root, "configs", name) for name in configs])
     for handlers in handler_ids:
         for handler in parser[handlers]:
+            handler = parser[handler[1:]] if isinstance(handler, str) and handler.startswith("@") else handler
             assert ("_disabled_" in handler) == (handler["_target_"] in ON_RANK0_ONLY), (handlers, handler)
 
 

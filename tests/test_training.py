@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -137,16 +139,22 @@ def test_resume_continues_a_killed_run_at_the_next_epoch(repo_root, synthetic_tr
 
 def test_resume_without_checkpoint_says_so(repo_root, synthetic_tree, datalist_file, tmp_path):
     wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, resume=True))
-    wf.initialize()
     with pytest.raises(Exception) as excinfo:
-        wf.run()
-    assert "FileNotFoundError" in raised_messages(excinfo) and "none found to resume from" in raised_messages(excinfo)
+        wf.initialize()
+    assert "FileNotFoundError: no loadable checkpoint_epoch=*.pt in" in raised_messages(excinfo)
 
 
-def test_checkpoints_load_onto_the_configured_device(repo_root, synthetic_tree, datalist_file, tmp_path):
-    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, device="$torch.device('cpu')"))
-    wf.initialize()
-    assert wf.parser.get_parsed_content("train#checkpoint_loader").map_location == torch.device("cpu")
+def test_resume_loads_onto_the_device_given_as_a_string(repo_root, synthetic_tree, datalist_file, tmp_path):
+    """`--device cpu` on the command line is a string, not a torch.device: every use of the id must take it."""
+    first = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file))
+    first.initialize()
+    first.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+    first.run()
+    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, device="cpu", resume=True))
+    run_all(wf)
+    assert wf.parser.get_parsed_content("train#checkpoint_loader").map_location == "cpu"
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
 
 
 def test_same_seed_gives_identical_runs(repo_root, synthetic_tree, datalist_file, tmp_path):
@@ -190,3 +198,161 @@ def test_demo_learns(repo_root, tmp_path):
                  for item in datalist["training"] if item["fold"] == 0]
     all_lesion = max(2 * f / (f + 1) for f in fractions)
     assert dice > max(0.1, 5 * all_lesion), (dice, all_lesion)
+
+
+def killed_after(repo_root, bundle_root, synthetic_tree, datalist_file, epoch, **override):
+    """A run of train.json stopped at the end of ``epoch`` (its checkpoint written), as a kill there would leave it."""
+    wf = workflow(repo_root, bundle_root, **tiny(synthetic_tree, datalist_file, **override))
+    wf.initialize()
+    wf.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_COMPLETED(once=epoch), lambda engine: engine.terminate())
+    wf.run()
+    return wf
+
+
+def test_a_second_run_never_replaces_a_trained_model_unasked(repo_root, synthetic_tree, datalist_file, tmp_path):
+    killed_after(repo_root, tmp_path, synthetic_tree, datalist_file, 1, epochs=3)
+    model, latest = tmp_path / "models" / "model.pt", tmp_path / "models" / "checkpoint_epoch=1.pt"
+    before = model.read_bytes()
+    with pytest.raises(Exception) as excinfo:
+        workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file)).initialize()
+    message = raised_messages(excinfo)
+    assert f"FileExistsError: {model} exists" in message and "--resume true" in message and "--overwrite true" in message
+    assert model.read_bytes() == before and latest.exists()
+    with pytest.raises(Exception) as excinfo:
+        workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, resume=True, overwrite=True)).initialize()
+    assert "pass one of them" in raised_messages(excinfo)
+
+    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=1, overwrite=True))
+    wf.initialize()
+    assert not latest.exists(), "the replaced run's checkpoint is gone: a later --resume must not continue it"
+    assert model.read_bytes() == before, "the earlier model stays until this run's first validation replaces it"
+    wf.run()
+    assert model.read_bytes() != before and latest.exists()
+
+
+def test_resume_keeps_the_best_validation_so_far(repo_root, synthetic_tree, datalist_file, tmp_path):
+    """A resumed run compares its validations with the best one before the kill, and replaces model.pt only for a
+    better one (the best so far is set out of reach here, so no resumed epoch may replace model.pt)."""
+    killed_after(repo_root, tmp_path, synthetic_tree, datalist_file, 2, epochs=4)
+    path = tmp_path / "models" / "checkpoint_epoch=2.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["validation"]["best_metric_epoch"] in (1, 2)
+    state["validation"]["best_metric"] = 2.0
+    state["validation"]["saver"]["_saved"] = [(2.0, name) for _, name in state["validation"]["saver"]["_saved"]]
+    torch.save(state, path)
+    model = (tmp_path / "models" / "model.pt").read_bytes()
+
+    wf = run_all(workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=4, resume=True)))
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.epoch == 4, "the resumed run validated epochs 3 and 4"
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (2.0, state["validation"]["best_metric_epoch"])
+    assert (tmp_path / "models" / "model.pt").read_bytes() == model
+
+
+def test_resume_refuses_other_epochs_and_finished_runs(repo_root, synthetic_tree, datalist_file, tmp_path):
+    killed_after(repo_root, tmp_path, synthetic_tree, datalist_file, 1, epochs=2)
+    with pytest.raises(Exception) as excinfo:
+        workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=5, resume=True)).initialize()
+    assert "is from a run of 2 epochs" in raised_messages(excinfo) and "--epochs 2" in raised_messages(excinfo)
+    run_all(workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=2, resume=True)))
+    with pytest.raises(Exception) as excinfo:
+        workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=2, resume=True)).initialize()
+    assert "finished all its 2 epochs" in raised_messages(excinfo)
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint(repo_root, synthetic_tree, datalist_file, tmp_path, capsys):
+    killed_after(repo_root, tmp_path, synthetic_tree, datalist_file, 1, epochs=3)
+    damaged = tmp_path / "models" / "checkpoint_epoch=2.pt"
+    damaged.write_bytes(b"")  # what MONAI's own saver leaves when killed while writing
+    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=3, resume=True))
+    wf.initialize()
+    assert f"cannot resume from {damaged} (EOFError: the file is empty)" in capsys.readouterr().out  # bundle logging
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    started = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: started.append(engine.state.epoch))
+    wf.run()
+    assert started == [2, 3]
+
+
+# Run in a subprocess: train.json through monai.bundle, with torch.save replaced by one that writes a part of the
+# file and then kills the process (SIGKILL) on the KILL_AT-th save.
+DYING_SAVE = """
+import os, signal, sys
+import torch
+sys.path.insert(0, os.getcwd())
+saves, save = [0], torch.save
+def dying_save(obj, f, *args, **kwargs):
+    saves[0] += 1
+    if saves[0] == int(os.environ["KILL_AT"]):
+        out = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+        out.write(b"PK" + bytes(500))
+        out.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, f, *args, **kwargs)
+torch.save = dying_save
+from monai.bundle.scripts import run
+run(sys.argv[1], config_file="configs/train.json", meta_file="configs/metadata.json", **eval(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5])
+def test_a_kill_while_a_checkpoint_is_written_leaves_loadable_files(repo_root, synthetic_tree, datalist_file, tmp_path,
+                                                                      kill_at):
+    """Per validated epoch the run saves model.pt (when the metric improves), then checkpoint_epoch=N.pt; the kill
+    lands in one of them. Every file left loads; a resume continues from the latest checkpoint or, before the first
+    one, says there is none, and a new run then replaces the killed one."""
+    script = tmp_path / "dying_save.py"
+    script.write_text(DYING_SAVE)
+    override = {**tiny(synthetic_tree, datalist_file, epochs=3), "bundle_root": str(tmp_path)}
+
+    def run(kill_at, **extra):
+        return subprocess.run([sys.executable, str(script), "training", repr({**override, **extra})], cwd=repo_root,
+                              env={**os.environ, "KILL_AT": str(kill_at)}, capture_output=True, text=True, timeout=600)
+
+    killed = run(kill_at)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    models = tmp_path / "models"
+    for path in glob.glob(str(models / "*.pt")):
+        torch.load(path, map_location="cpu", weights_only=True)
+    latest = glob.glob(str(models / "checkpoint_epoch=*.pt"))
+    resumed = run(0, resume=True)
+    if latest:
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    else:
+        assert resumed.returncode != 0 and "no loadable checkpoint_epoch=*.pt in" in resumed.stderr
+        restarted = run(0, overwrite=True)
+        assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert os.path.exists(models / "checkpoint_epoch=3.pt")
+    torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+
+
+def test_a_non_finite_loss_stops_training_before_anything_is_saved(repo_root, synthetic_tree, datalist_file, tmp_path):
+    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, learning_rate=1e30))
+    wf.initialize()
+    with pytest.raises(Exception) as excinfo:
+        wf.run()
+    assert re.search(r"FloatingPointError: training loss is nan at epoch 1, iteration \d", raised_messages(excinfo))
+    assert glob.glob(str(tmp_path / "models" / "*.pt")) == []
+
+
+def test_a_flt_max_marker_never_reaches_the_network(repo_root, synthetic_tree, tmp_path):
+    """A float32 'no value' marker (FLT_MAX) in a Tmax map: the check names the file; without the check, the
+    pipeline names the case and the map (a float32 z-score of it is NaN) before training starts."""
+    tree = tmp_path / "isles"
+    shutil.copytree(synthetic_tree, tree)
+    (tmax,) = glob.glob(str(tree / "TRAINING" / "case_3" / "*.CT_Tmax.*" / "*.nii"))
+    img = nib.load(tmax)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    data.flat[:20] = np.finfo(np.float32).max
+    nib.save(nib.Nifti1Image(data, img.affine), tmax)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(build_datalist(str(tree), folds=3, seed=0)))
+    for check, message in ((True, f"InvalidCaseError: case_3: Tmax file {tmax} has 20 values beyond"),
+                           (False, "ValueError: case_3: the input 'image' holds NaN or Inf in channel(s) Tmax")):
+        wf = workflow(repo_root, tmp_path / str(check), **tiny(str(tree), str(datalist), check_inputs=check))
+        with pytest.raises(Exception) as excinfo:
+            wf.initialize()
+            wf.run()
+        assert message in raised_messages(excinfo)
+        assert glob.glob(str(tmp_path / str(check) / "models" / "*.pt")) == []

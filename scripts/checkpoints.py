@@ -1,0 +1,198 @@
+"""Training checkpoints that survive a kill at any moment, and resumes that continue the run they resume.
+
+MONAI's ``CheckpointSaver`` writes in place (its ``DiskSaver`` has ``atomic=False``) after ignite has removed the file
+it replaces, so a kill while ``checkpoint_epoch=N.pt`` is written leaves a part of it and no previous one. Its
+key-metric record (which ``model.pt`` is the best so far) and the evaluator's best metric are not in the training
+state, so a resumed run takes its first validation for a new best. And a resume restores a learning-rate schedule
+that ends where the checkpointed run ended, whatever ``epochs`` now says.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+
+import ignite.distributed as idist
+import torch
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from scripts.cli import as_bool
+from scripts.safe_files import write_atomically
+
+__all__ = ["BestValidation", "NamedCheckpointLoader", "SafeCheckpointSaver", "prepare_ckpt_dir", "resume_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+LATEST_PATTERN = "checkpoint_epoch=*.pt"  # what CheckpointSaver(save_interval=1) names the latest training state
+BEST_MODEL = "model.pt"
+
+
+class _KeepPreviousDiskSaver(BaseSaveHandler):
+    """Ignite save handler: each file is written whole under a temporary name and renamed; the file that ignite asks
+    to remove before a save (the one the new file replaces) is removed only after the new one is in place. As
+    ignite's ``DiskSaver``, only one rank of a distributed run writes.
+
+    Args:
+        dirname: the folder to save into.
+        filename: a fixed file name for every save (MONAI's ``key_metric_filename``), None for ignite's names.
+        save_on_rank: the rank that writes.
+    """
+
+    def __init__(self, dirname: str, filename: str | None = None, save_on_rank: int = 0):
+        self.dirname, self.filename, self.save_on_rank = dirname, filename, save_on_rank
+        self._replaced: list[str] = []
+
+    def __call__(self, checkpoint, filename, metadata=None):
+        if idist.get_rank() != self.save_on_rank:
+            return
+        name = self.filename or filename
+        os.makedirs(self.dirname, exist_ok=True)
+        write_atomically(os.path.join(self.dirname, name), lambda f: torch.save(checkpoint, f))
+        for old in self._replaced:
+            if old != name and os.path.exists(os.path.join(self.dirname, old)):
+                os.remove(os.path.join(self.dirname, old))
+        self._replaced = []
+
+    def remove(self, filename):
+        self._replaced.append(self.filename or filename)
+
+
+class SafeCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) whose files are written atomically, the previous one kept until
+    the new one is complete, and whose key-metric record can be saved (``state_dict``) as well as loaded."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler = _KeepPreviousDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+
+    def state_dict(self) -> dict:
+        """The key-metric record, ``{"_saved": [(score, filename)]}``, the counterpart of ``load_state_dict``."""
+        if self._key_metric_checkpoint is None:
+            raise ValueError("this CheckpointSaver does not save by key metric: it has no record to save")
+        return self._key_metric_checkpoint.state_dict()
+
+
+class NamedCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` (same arguments) whose errors name the checkpoint file: torch's own messages for a
+    truncated file or for weights of another network do not."""
+
+    def __call__(self, engine) -> None:
+        try:
+            super().__call__(engine)
+        except Exception as err:  # torch raises several types for damaged files and mismatched weights
+            reason = " ".join(str(err).split())[:600]
+            raise ValueError(f"{self.load_path}: cannot load this checkpoint ({type(err).__name__}: {reason}); a"
+                             " model trained with other --features needs those --features") from err
+
+
+class BestValidation:
+    """The best validation so far, as one entry of the training checkpoint: the evaluator's best metric and its epoch
+    and the best-model saver's record of it, so that a resumed run compares new validations with the real best.
+
+    Args:
+        evaluator: the validation engine (MONAI ``Evaluator``), whose ``state.best_metric(_epoch)`` are kept.
+        saver: the ``SafeCheckpointSaver`` that writes the best model.
+    """
+
+    def __init__(self, evaluator, saver: SafeCheckpointSaver):
+        self.evaluator, self.saver = evaluator, saver
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch),
+                "saver": self.saver.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        self.saver.load_state_dict(state["saver"])
+
+
+def _epoch_of(path):
+    match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path)
+    return int(match.group(1)) if match else -1
+
+
+def resume_checkpoint(ckpt_dir: str, epochs: int, resume=True) -> str | None:
+    """The training state to resume: the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (by N) that loads; a damaged
+    one is named in a warning and the next older one is taken.
+
+    Args:
+        ckpt_dir: the training run's checkpoint folder.
+        epochs: the ``epochs`` of the resumed run, which must be the checkpointed run's: its learning-rate schedule
+            ends there.
+        resume: whether the run resumes (a bool, or true/false as typed on the command line).
+
+    Returns:
+        The path of the checkpoint; None when not ``resume``.
+
+    Raises:
+        FileNotFoundError: no loadable checkpoint in ``ckpt_dir``.
+        ValueError: the checkpoint was saved by a run of other ``epochs``, or by one that had finished.
+    """
+    if not as_bool(resume, "resume"):
+        return None
+    candidates = sorted(glob.glob(os.path.join(ckpt_dir, LATEST_PATTERN)), key=_epoch_of, reverse=True)
+    damaged = []
+    for path in candidates:
+        try:
+            if os.path.getsize(path) == 0:
+                raise EOFError("the file is empty")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # truncated, empty and foreign files raise several types
+            logger.warning("cannot resume from %s (%s: %s); trying an older checkpoint", path, type(err).__name__, err)
+            damaged.append(path)
+            continue
+        trainer = state.get("trainer") if isinstance(state, dict) else None
+        if not isinstance(trainer, dict) or "max_epochs" not in trainer:
+            raise ValueError(f"{path} holds no trainer state: it is not a training checkpoint of train.json")
+        run_epochs = int(trainer["max_epochs"])
+        epoch = int(trainer["epoch"]) if "epoch" in trainer else int(trainer["iteration"]) // int(trainer["epoch_length"])
+        if run_epochs != epochs:
+            raise ValueError(f"{path} is from a run of {run_epochs} epochs, whose learning-rate schedule ends at epoch"
+                             f" {run_epochs}; resume it with --epochs {run_epochs} (a longer run would train at"
+                             f" learning rate 0), or start a new run with --overwrite true")
+        if epoch >= run_epochs:
+            raise ValueError(f"{path}: that run finished all its {run_epochs} epochs; there is nothing to resume")
+        return path
+    found = f" (damaged: {', '.join(damaged)})" if damaged else ""
+    raise FileNotFoundError(f"no loadable {LATEST_PATTERN} in {ckpt_dir} to resume from{found}")
+
+
+def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = False) -> None:
+    """Make sure a training run may write into ``ckpt_dir``, before any work is done.
+
+    A new run (neither ``resume`` nor ``overwrite``) refuses a folder that holds a trained model or checkpoints.
+    ``overwrite`` removes the earlier run's ``checkpoint_epoch=N.pt`` (a later resume would otherwise continue that
+    run); its ``model.pt`` stays until this run's first validation replaces it.
+
+    Args:
+        ckpt_dir: the checkpoint folder (created if absent).
+        resume: this run continues the run in ``ckpt_dir`` (a bool, or true/false as typed on the command line).
+        overwrite: this run replaces the run in ``ckpt_dir`` (likewise).
+
+    Raises:
+        ValueError: both ``resume`` and ``overwrite``.
+        FileExistsError: naming the file found, and the two ways on.
+    """
+    resume, overwrite = as_bool(resume, "resume"), as_bool(overwrite, "overwrite")
+    if resume and overwrite:
+        raise ValueError("--resume true continues the run in the checkpoint folder and --overwrite true replaces it;"
+                         " pass one of them")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if resume:
+        return
+    latest = sorted(glob.glob(os.path.join(ckpt_dir, LATEST_PATTERN)), key=_epoch_of)
+    existing = ([os.path.join(ckpt_dir, BEST_MODEL)] if os.path.exists(os.path.join(ckpt_dir, BEST_MODEL)) else [])
+    existing += latest
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists: {ckpt_dir} holds an earlier training run. Pass --resume true to"
+                              f" continue it, or --overwrite true to start a new run that replaces it (or choose"
+                              f" another --ckpt_dir)")
+    for path in latest:
+        os.remove(path)
