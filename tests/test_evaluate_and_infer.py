@@ -21,6 +21,7 @@ from monai.transforms import Invertd
 from PIL import Image
 from scipy import ndimage
 
+from helpers import raised_messages
 from scripts.isles import CHANNELS
 from scripts.outputs import write_overlays
 from scripts.prepare_datalist import InvalidCaseError, build_datalist, find_inputs, load_section, read_case
@@ -323,15 +324,6 @@ def test_overlay_refuses_a_mask_off_the_scan_grid(tmp_path):
         write_overlays([{"image": str(scan), "case": "scan"}], tmp_path / "masks", tmp_path / "overlays")
 
 
-def error_chain(excinfo):
-    """The messages of an exception and of its causes: engines and config expressions wrap the error they meet."""
-    messages, err = [], excinfo.value
-    while err is not None:
-        messages.append(f"{type(err).__name__}: {err}")
-        err = err.__cause__ or err.__context__
-    return "\n".join(messages)
-
-
 def infer_expecting_error(repo_root, root, settings, dataset_dir, out, **override):
     wf = workflow(repo_root, ("inference.json",), "infer", bundle_root=str(root), dataset_dir=str(dataset_dir),
                   output_dir=str(out), **{k: settings[k] for k in TINY}, **override)
@@ -340,7 +332,7 @@ def infer_expecting_error(repo_root, root, settings, dataset_dir, out, **overrid
         wf.run()
     assert not glob.glob(str(out / "predictions" / "masks" / "*")), "no mask is written"
     assert not (out / "predictions" / "volumes.csv").exists(), "no volume is reported"
-    return error_chain(excinfo)
+    return raised_messages(excinfo)
 
 
 @pytest.mark.parametrize("check_inputs", [True, False])

@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
+from helpers import raised_messages
 from scripts.prepare_datalist import build_datalist
 
 # Small enough for this CPU: 5 levels still need every spatial size divisible by 16.
@@ -48,15 +49,6 @@ def run_all(wf):
 
 def tiny(synthetic_tree, datalist_file, **extra):
     return {**TINY, "dataset_dir": synthetic_tree, "data_list_file_path": datalist_file, **extra}
-
-
-def raised_messages(excinfo):
-    """The messages of an exception and of its causes: config expressions wrap the error they evaluate."""
-    messages, err = [], excinfo.value
-    while err is not None:
-        messages.append(f"{type(err).__name__}: {err}")
-        err = err.__cause__ or err.__context__
-    return "\n".join(messages)
 
 
 @pytest.mark.parametrize("configs", [("train.json",), ("train.json", "classic_unet.json")], ids=["modified", "classic"])
@@ -356,3 +348,47 @@ def test_a_flt_max_marker_never_reaches_the_network(repo_root, synthetic_tree, t
             wf.run()
         assert message in raised_messages(excinfo)
         assert glob.glob(str(tmp_path / str(check) / "models" / "*.pt")) == []
+
+
+def bundle_training(repo_root, bundle_root, synthetic_tree, datalist_file, **override):
+    """`python -m monai.bundle run training` with train.json, as a user types it (values as text)."""
+    args = {**tiny(synthetic_tree, datalist_file), "bundle_root": str(bundle_root), **override}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+           "--meta_file", "configs/metadata.json", *[x for k, v in args.items() for x in (f"--{k}", str(v))]]
+    return subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_flags_typed_false_on_the_command_line_are_false(repo_root, synthetic_tree, datalist_file, tmp_path):
+    """`--overwrite false` reaches the config as the text 'false', which Python takes for true."""
+    killed_after(repo_root, tmp_path, synthetic_tree, datalist_file, 1, epochs=2)
+    before = (tmp_path / "models" / "model.pt").read_bytes()
+    _, stderr = bundle_training(repo_root, tmp_path, synthetic_tree, datalist_file, epochs=2, resume="false",
+                                overwrite="false").communicate(timeout=600)
+    assert "FileExistsError" in stderr and "holds an earlier training run" in stderr, stderr[-2000:]
+    assert (tmp_path / "models" / "model.pt").read_bytes() == before
+
+
+def test_kill_9_at_random_moments_then_resume(repo_root, synthetic_tree, datalist_file, tmp_path):
+    """SIGKILL at seeded random moments of `monai.bundle run training` (start-up takes about 4 s here, then an epoch
+    with its validation and checkpoints about 0.1 s); after each kill every checkpoint and model.pt there loads, and
+    the next start resumes (or, before the first checkpoint, starts again) until the run is done."""
+    rng = np.random.default_rng(12)
+    models, kills = tmp_path / "models", 0
+    while True:
+        latest = glob.glob(str(models / "checkpoint_epoch=*.pt"))
+        mode = {"resume": True} if latest else {"overwrite": True}
+        process = bundle_training(repo_root, tmp_path, synthetic_tree, datalist_file, epochs=120, **mode)
+        try:
+            _, stderr = process.communicate(timeout=float(rng.uniform(4, 9)) if kills < 4 else 600)
+        except subprocess.TimeoutExpired:
+            process.kill()  # SIGKILL
+            _, stderr = process.communicate()
+            kills += 1
+        for path in glob.glob(str(models / "*.pt")):
+            torch.load(path, map_location="cpu", weights_only=True)
+        if process.returncode == 0:
+            break
+        assert process.returncode == -9, stderr[-2000:]
+    assert kills >= 1
+    final = torch.load(models / "checkpoint_epoch=120.pt", map_location="cpu", weights_only=True)
+    assert final["trainer"]["iteration"] == 120 * final["trainer"]["epoch_length"]
