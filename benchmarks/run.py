@@ -36,8 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from scripts.demo import network_settings  # noqa: E402
+
 SIZES = {  # name: (batch, features, spatial_size)
-    "demo": (2, [8, 16, 32, 64, 128], [64, 64, 16]),
+    "demo": (2, network_settings()["features"], network_settings()["spatial_size"]),
     "paper": (2, [64, 128, 256, 512, 1024], [128, 128, 32]),
 }
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
@@ -168,7 +170,8 @@ def section_compile(size, repeats, ceiling):
 
 
 def synthetic_datalist(workdir, num_cases):
-    from scripts.prepare_datalist import load_fold, main as write_datalist
+    from scripts.datalist import load_fold
+    from scripts.prepare_datalist import main as write_datalist
     from scripts.synthetic_isles import generate
 
     root = os.path.join(workdir, "isles")

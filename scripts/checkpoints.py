@@ -22,7 +22,14 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from scripts.cli import as_bool
 from scripts.safe_files import write_atomically
 
-__all__ = ["BestValidation", "NamedCheckpointLoader", "SafeCheckpointSaver", "prepare_ckpt_dir", "resume_checkpoint"]
+__all__ = [
+    "BestValidation",
+    "EnsembleCheckpointLoader",
+    "NamedCheckpointLoader",
+    "SafeCheckpointSaver",
+    "prepare_ckpt_dir",
+    "resume_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +92,36 @@ class NamedCheckpointLoader(CheckpointLoader):
         try:
             super().__call__(engine)
         except Exception as err:  # torch raises several types for damaged files and mismatched weights
-            reason = " ".join(str(err).split())[:600]
-            raise ValueError(f"{self.load_path}: cannot load this checkpoint ({type(err).__name__}: {reason}); a"
-                             " model trained with other --features needs those --features") from err
+            from scripts.demo import network_settings
+
+            lines = str(err).strip().splitlines()
+            reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+            if not reason.startswith("RuntimeError: Error(s) in loading state_dict"):
+                raise ValueError(f"{self.load_path}: not a loadable PyTorch checkpoint ({reason})") from err
+            demo = " ".join(f"--{key} \"{str(value).replace(' ', '')}\"" for key, value in network_settings().items())
+            raise ValueError(f"{self.load_path}: does not fit the network ({' '.join(lines[1:3]).strip()[:300]}); pass"
+                             f" the settings it was trained with, e.g. the demo's {demo}") from err
+
+
+class EnsembleCheckpointLoader:
+    """Ignite handler: each checkpoint of ``load_paths`` loaded strictly into the network at its place in
+    ``networks`` when the engine starts (one of each for a single model), by ``NamedCheckpointLoader``.
+
+    Args:
+        load_paths: the checkpoints (``model.pt`` state dicts, or training checkpoints with a ``"model"`` entry).
+        networks: as many networks, e.g. an ``EnsembleEvaluator``'s.
+        map_location: where the weights go (the ``device`` id).
+    """
+
+    def __init__(self, load_paths, networks, map_location=None):
+        if len(load_paths) != len(networks):
+            raise ValueError(f"{len(load_paths)} checkpoints for {len(networks)} networks")
+        self.loaders = [NamedCheckpointLoader(load_path=path, load_dict={"model": network}, map_location=map_location)
+                        for path, network in zip(load_paths, networks)]
+
+    def attach(self, engine) -> None:
+        for loader in self.loaders:
+            loader.attach(engine)
 
 
 class BestValidation:

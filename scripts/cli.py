@@ -19,8 +19,8 @@ import typing
 HELP_FLAGS = ("-h", "--help")
 # What fire takes for a flag: "--name", "-n", "-name" (a negative number such as "-5" is a value).
 _FLAG = re.compile(r"^(--|-[a-zA-Z])")
-_TYPE_NAMES = {bool: "True or False", int: "an integer", str: "a string", list: "a list", tuple: "a tuple",
-               dict: "a dict", type(None): "None"}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               tuple: "a tuple", dict: "a dict", type(None): "None"}
 
 
 def as_bool(value, name):
@@ -149,6 +149,8 @@ def check_value(name, value, annotation):
         return value
     if bool in allowed and isinstance(value, str):
         return as_bool(value, name)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     if str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     names = [_TYPE_NAMES[kind] for kind in allowed]

@@ -14,7 +14,7 @@ from monai.config import KeysCollection
 from monai.handlers import from_engine
 from monai.transforms import MapTransform
 
-from scripts.prepare_datalist import case_name
+from scripts.isles import case_name
 
 __all__ = ["RequireFinited", "StopOnNonFinite"]
 

@@ -1,6 +1,18 @@
-"""What the ISLES 2018 CT-perfusion release looks like on disk, shared by the generator and the datalist builder."""
+"""The ISLES 2018 CT-perfusion release on disk: its layout, finding and reading its cases, checking their files, and
+the names their outputs carry. Shared by the generator, the datalist builder, the configs' loaders and make_studies.
 
+MONAI reads datalists and NIfTI files but knows nothing of the ISLES folder layout or of the ways a scan folder can be
+broken; this module fills that gap.
+"""
+
+import logging
+import os
 import re
+
+import nibabel as nib
+import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # Model input channels, in the fixed order of metadata.json's channel_def.
 CHANNELS = ("CT", "CBF", "CBV", "MTT", "Tmax")
@@ -38,3 +50,217 @@ def key_of_token(token: str):
         if token.lower() in (t.lower() for t in tokens):
             return key
     return None
+
+
+class InvalidCaseError(ValueError):
+    """A case that cannot be used; the message names the case and the file."""
+
+
+def find_dir(parent, name):
+    """``parent/name`` matched case-insensitively (releases differ in the case of folder names)."""
+    if not os.path.isdir(parent):
+        return None
+    matches = [d for d in sorted(os.listdir(parent)) if d.lower() == name.lower() and os.path.isdir(os.path.join(parent, d))]
+    return os.path.join(parent, matches[0]) if matches else None
+
+
+def _case_sort_key(name):
+    number = name.rsplit("_", 1)[-1]
+    return (0, int(number), name) if number.isdigit() else (1, 0, name)
+
+
+def find_cases(data_root, section):
+    """Case folders (``case_N``) of ``TRAINING`` or ``TESTING``, in numeric order; [] if the section is absent."""
+    section_dir = find_dir(data_root, section)
+    return [] if section_dir is None else case_folders(section_dir)
+
+
+def case_folders(folder):
+    """``(name, path)`` of the sub-folders of ``folder``, in numeric order of their ``_N`` suffix.
+
+    A symbolic link whose target is missing is listed too (``read_case`` then names it), not dropped unseen."""
+    names = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
+             or os.path.islink(os.path.join(folder, d)) and not os.path.exists(os.path.join(folder, d))]
+    return [(name, os.path.join(folder, name)) for name in sorted(names, key=_case_sort_key)]
+
+
+def _map_file(case, map_dir):
+    """The one NIfTI file in a ``SMIR.Brain.XX.O.<MOD>.<id>`` folder."""
+    files = [f for f in sorted(os.listdir(map_dir)) if f.lower().endswith(NIFTI_SUFFIXES)]
+    if len(files) != 1:
+        found = ", ".join(sorted(os.listdir(map_dir))) or "nothing"
+        raise InvalidCaseError(f"{case}: expected one .nii or .nii.gz file in {map_dir}, found {found}")
+    return os.path.join(map_dir, files[0])
+
+
+def read_case(case, case_dir, with_label):
+    """Map the case's folders to ``{"image": [CT, CBF, CBV, MTT, Tmax], "label": OT}`` (absolute paths)."""
+    if not os.path.isdir(case_dir):
+        raise InvalidCaseError(f"{case}: {case_dir} is a symbolic link to {os.readlink(case_dir)}, which does not exist")
+    found = {}
+    for entry in sorted(os.listdir(case_dir)):
+        path = os.path.join(case_dir, entry)
+        match = SMIR_NAME.match(entry)
+        if not os.path.isdir(path) or match is None:
+            continue
+        token = match.group("mod")
+        key = key_of_token(token)
+        if key is None:
+            if token.upper() not in (t.upper() for t in IGNORED_TOKENS):
+                logger.warning("%s: ignoring folder %s (unknown modality %s)", case, path, token)
+            continue
+        if key in found:
+            raise InvalidCaseError(f"{case}: two folders for {key}: {os.path.dirname(found[key])} and {path}")
+        found[key] = _map_file(case, path)
+    if not found:
+        raise InvalidCaseError(f"{case}: no SMIR.Brain.XX.O.<MOD>.<id> map folders in {case_dir}")
+    wanted = CHANNELS + ((LABEL,) if with_label else ())
+    missing = [key for key in wanted if key not in found]
+    if missing:
+        raise InvalidCaseError(f"{case}: missing {', '.join(missing)} in {case_dir} (found {', '.join(found)})")
+    item = {"image": [found[c] for c in CHANNELS], "case": case}
+    if with_label:
+        item["label"] = found[LABEL]
+    return item
+
+
+# Largest magnitude accepted in a map or label, after the header's scaling. No CT (HU), perfusion map or label value
+# comes near it; beyond it lie "no value" markers such as FLT_MAX (3.4e38), and a float32 z-score over a slab with such
+# a value loses the rest of the map (beyond about 1e19 its sum of squares overflows to Inf, and the input to NaN).
+MAX_ABS_VALUE = 1e6
+
+
+def same_grid(affine, ref_affine):
+    """Whether two affines describe one grid, by the rule MONAI's ``NibabelReader`` applies when it stacks the maps
+    of a case (``np.allclose`` with its default tolerances), so that the check refuses exactly what loading would."""
+    return np.allclose(affine, ref_affine)
+
+
+def _values_problem(data):
+    """What is wrong with a map's values as the pipeline reads them (float32 after the header's scaling), or None."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = data.astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        count = int((~finite).sum())
+        where = "" if np.isfinite(data).all() else " (NaN/Inf in the file)"
+        return f"{count} values that are NaN/Inf as float32{where}, e.g. {data[~finite].flat[0]:.4g}"
+    large = np.abs(values) > MAX_ABS_VALUE
+    if large.any():
+        return (f"{int(large.sum())} values beyond +-{MAX_ABS_VALUE:g} (largest {np.abs(values).max():.4g}), e.g. a"
+                f" 'no value' marker; set them to 0 (or to a value the map can hold) before use")
+    return None
+
+
+def check_case(item):
+    """Load every file of a datalist item (absolute paths) and check grids, values and the label.
+
+    ``item["image"]`` is the 5 maps in channel order, or one 4D file with the 5 channels last (x, y, z, 5).
+    Values are checked as the pipeline reads them: after the header's scaling (``scl_slope``/``scl_inter``), as
+    float32.
+
+    Returns:
+        The number of lesion voxels of the label, None for an item without label.
+
+    Raises:
+        InvalidCaseError: naming the case and the file, for unreadable/truncated/non-NIfTI files, a 4D file that is not
+            (x, y, z, 5), a shape or affine that differs from the CT's (``same_grid``), values that are NaN/Inf as
+            float32 or beyond ``MAX_ABS_VALUE``, and a label with values other than 0 and 1.
+    """
+    case = item.get("case", "?")
+    image = item["image"]
+    one_file = isinstance(image, str)
+    files = [("image", image)] if one_file else list(zip(CHANNELS, image))
+    files += [(LABEL, item["label"])] if "label" in item else []
+    ref_shape = ref_affine = lesion_voxels = None
+    for name, path in files:
+        try:
+            img = nib.load(path)
+            data = np.asanyarray(img.dataobj)
+        except Exception as err:  # nibabel raises several types for missing, truncated and foreign files
+            raise InvalidCaseError(f"{case}: cannot read {name} file {path}: {err}") from err
+        shape = data.shape
+        if name == "image":
+            if data.ndim != 4 or shape[3] != len(CHANNELS):
+                raise InvalidCaseError(f"{case}: image file {path} has shape {shape}; a single-file input must be"
+                                       f" (x, y, z, {len(CHANNELS)}) with the channels {', '.join(CHANNELS)} last")
+            shape = shape[:3]
+        if ref_shape is None:
+            ref_shape, ref_affine = shape, img.affine
+        elif shape != ref_shape:
+            raise InvalidCaseError(f"{case}: {name} file {path} has shape {shape}, CT has {ref_shape}")
+        elif not same_grid(img.affine, ref_affine):
+            raise InvalidCaseError(
+                f"{case}: {name} file {path} has an affine that differs from the CT's (by up to"
+                f" {np.abs(img.affine - ref_affine).max():.2g}; MONAI stacks maps only when np.allclose holds)"
+                f"\n{np.array2string(img.affine, precision=6)}\nvs CT\n{np.array2string(ref_affine, precision=6)}"
+            )
+        problem = _values_problem(data)
+        if problem:
+            raise InvalidCaseError(f"{case}: {name} file {path} has {problem}")
+        if name == LABEL:
+            extra = np.setdiff1d(np.unique(data), [0, 1])
+            if extra.size:
+                raise InvalidCaseError(f"{case}: label file {path} is not binary: values {extra[:10].tolist()} besides 0/1")
+            lesion_voxels = int(np.count_nonzero(data))
+    return lesion_voxels
+
+
+def case_name(image):
+    """Name of a case, which its outputs carry, from its ``image`` (one file or a list of files): the ISLES case folder
+    (``case_N`` above ``SMIR.Brain.XX.O.<MOD>.<id>/``), else the (first) file's name without ``.nii``/``.nii.gz``."""
+    path = os.path.abspath(image if isinstance(image, str) else image[0])
+    folder = os.path.dirname(path)
+    if SMIR_NAME.match(os.path.basename(folder)):
+        return os.path.basename(os.path.dirname(folder))
+    name = os.path.basename(path)
+    return next(name[: -len(s)] for s in sorted(NIFTI_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s))
+
+
+def check_unique_names(items):
+    """Every case must get its own ``case_name``: outputs are named after it."""
+    seen = {}
+    for item in items:
+        name, first = case_name(item["image"]), item["image"] if isinstance(item["image"], str) else item["image"][0]
+        if name in seen:
+            raise InvalidCaseError(f"two cases are named {name} ({seen[name]} and {first}); their outputs would"
+                                   f" overwrite each other: outputs are named after the ISLES case folder, else after"
+                                   f" the (first) file")
+        seen[name] = first
+
+
+def read_valid_cases(cases, check=False, skip_invalid=False):
+    """Read (``read_case``) and, with ``check``, check (``check_case``) each case; the one loop of every tool that
+    reads an ISLES tree.
+
+    Args:
+        cases: ``(name, folder, with_label)`` of each case, e.g. ``("TRAINING/case_3", ".../TRAINING/case_3", True)``.
+        check: load and check every file of every case.
+        skip_invalid: leave a case that is not valid out instead of stopping (``log_skipped`` lists them).
+
+    Returns:
+        The items (``{"image": [...], "case": name}``, with ``"label"`` where asked) of the valid cases, in order, and
+        the error messages of the cases left out.
+
+    Raises:
+        InvalidCaseError: naming the case and the file, for the first invalid case unless ``skip_invalid``.
+    """
+    items, skipped = [], []
+    for name, folder, with_label in cases:
+        try:
+            item = read_case(name, folder, with_label)
+            if check:
+                check_case(item)
+        except InvalidCaseError as err:
+            if not skip_invalid:
+                raise
+            skipped.append(str(err))
+            continue
+        items.append(item)
+    return items, skipped
+
+
+def log_skipped(skipped):
+    """One warning listing the cases ``read_valid_cases`` left out (their error messages), if any."""
+    if skipped:
+        logger.warning("skipped %d invalid case(s):\n  %s", len(skipped), "\n  ".join(skipped))

@@ -25,8 +25,17 @@ import os
 import nibabel as nib
 import numpy as np
 
-from scripts.isles import CHANNELS, TESTING_DIR, TRAINING_DIR
-from scripts.prepare_datalist import InvalidCaseError, _find_dir, check_case, find_cases, read_case
+from scripts.isles import (
+    CHANNELS,
+    TESTING_DIR,
+    TRAINING_DIR,
+    InvalidCaseError,
+    find_cases,
+    find_dir,
+    log_skipped,
+    read_valid_cases,
+)
+from scripts.safe_files import refuse_existing, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -87,71 +96,8 @@ def label_image(item):
 
 
 def _save(img, path):
-    """Write ``img`` gzipped to ``path`` via a hidden temporary file, so a watching MONAI Label server never sees
-    a half-written study."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _read_and_check(case, case_dir, with_label, check):
-    """The datalist item of a case folder (``read_case``), checked with ``check_case`` unless ``check`` is false.
-
-    Args:
-        case: How messages name the case, e.g. ``TRAINING/case_3``.
-        case_dir: The case folder.
-        with_label: Whether the case must have its OT label.
-        check: Whether to load and check every file.
-
-    Returns:
-        ``{"image": [CT, CBF, CBV, MTT, Tmax], "case": case}``, with ``"label"`` for ``with_label``.
-    """
-    item = read_case(case, case_dir, with_label)
-    if check:
-        check_case(item)
-    return item
-
-
-def _images(item, with_label):
-    """The images to write for a datalist item.
-
-    Args:
-        item: From ``_read_and_check``.
-        with_label: Whether to make the label image too.
-
-    Returns:
-        ``(study, label)``: ``stack_case(item)`` and ``label_image(item)``, or None for the label without
-        ``with_label``.
-    """
-    return stack_case(item), label_image(item) if with_label else None
-
-
-def _unless_skipped(skipped, skip_invalid, action, *args):
-    """``action(*args)``; with ``skip_invalid`` an ``InvalidCaseError`` is noted in ``skipped`` and gives None.
-
-    Args:
-        skipped: The messages of the cases skipped so far; appended to.
-        skip_invalid: Whether a bad case is skipped rather than stopping the run.
-        action: What to do with the case.
-        *args: Its arguments.
-
-    Returns:
-        What ``action`` returns, or None for a skipped case.
-    """
-    try:
-        return action(*args)
-    except InvalidCaseError as err:
-        if not skip_invalid:
-            raise
-        skipped.append(str(err))
-        return None
+    """Write ``img`` gzipped to ``path`` atomically, so a watching MONAI Label server never sees a half-written study."""
+    write_atomically(path, lambda f: f.write(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)))
 
 
 def _plan(source, sections):
@@ -165,7 +111,7 @@ def _plan(source, sections):
     unknown = [s for s in sections if s not in (TRAINING_DIR, TESTING_DIR)]
     if unknown or not sections:
         raise ValueError(f"sections must be {TRAINING_DIR} and/or {TESTING_DIR}, got {sections}")
-    roots = [s for s in (TRAINING_DIR, TESTING_DIR) if _find_dir(source, s)]
+    roots = [s for s in (TRAINING_DIR, TESTING_DIR) if find_dir(source, s)]
     if not roots:  # a single case folder
         case = os.path.basename(source)
         return [(None, case, source, case)]
@@ -194,27 +140,27 @@ def convert(source, output_dir, sections=(TRAINING_DIR, TESTING_DIR), labels=Fal
         study_path = os.path.join(output_dir, study + STUDY_SUFFIX)
         label_path = os.path.join(output_dir, LABELS_SUBDIR, study + STUDY_SUFFIX) if with_label else None
         jobs.append((case, case_dir, with_label, study, study_path, label_path))
-    if not overwrite:
-        existing = [p for job in jobs for p in job[4:] if p and os.path.exists(p)]
-        if existing:
-            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise FileExistsError(f"{existing[0]} exists{more}; pass --overwrite to replace")
-    skipped = []
-    items = [_unless_skipped(skipped, skip_invalid, _read_and_check, case, case_dir, with_label, check)
-             for case, case_dir, with_label, *_ in jobs]  # every case read and checked before the first is written
+    refuse_existing([p for job in jobs for p in job[4:] if p], overwrite)
+    # every case read and checked before the first study is written
+    items, skipped = read_valid_cases([job[:3] for job in jobs], check, skip_invalid)
+    by_case = {item["case"]: item for item in items}
     written = {}
-    for (case, case_dir, with_label, study, study_path, label_path), item in zip(jobs, items):
-        images = None if item is None else _unless_skipped(skipped, skip_invalid, _images, item, with_label)
-        if images is None:
+    for case, case_dir, with_label, study, study_path, label_path in jobs:
+        if case not in by_case:
             continue
-        image, label = images
+        try:
+            image, label = stack_case(by_case[case]), label_image(by_case[case]) if with_label else None
+        except InvalidCaseError as err:  # what only stacking finds (with --check false): a map that is not 3D
+            if not skip_invalid:
+                raise
+            skipped.append(str(err))
+            continue
         _save(image, study_path)
         if label is not None:
             _save(label, label_path)
         written[study] = study_path
         logger.info("%s -> %s%s", case_dir, study_path, f" (+ label {label_path})" if label_path else "")
-    if skipped:
-        logger.warning("skipped %d invalid case(s):\n  %s", len(skipped), "\n  ".join(skipped))
+    log_skipped(skipped)
     return written
 
 

@@ -9,7 +9,6 @@ MONAI has the metrics themselves (``DiceMetric``, ``MeanIoU``, ``ConfusionMatrix
 - ``ConfusionRatioMetric``: ``ConfusionMatrixMetric`` keeps each case's TP/FP/TN/FN counts, so the per-case report
   would hold counts instead of precision and recall.
 - ``EmptyMaskRule``: MONAI's distance metrics give NaN or inf (depending on the metric) when a mask is empty.
-- ``write_report``: ``MetricsSaver`` writes one file per metric; a reader wants one row per case.
 
 Empty masks (docs/evaluation.md): Dice and Jaccard are 1 when both masks are empty and 0 when one is (MONAI with
 ``ignore_empty=False``); precision is NaN for an empty prediction and recall NaN for an empty label (0/0); HD95 and
@@ -19,8 +18,6 @@ statistics, whose ``notnans`` column counts the cases that entered them.
 
 from __future__ import annotations
 
-import csv
-import os
 import warnings
 
 import numpy as np
@@ -31,7 +28,7 @@ from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 from monai.metrics.utils import do_metric_reduction
 
-__all__ = ["ConfusionRatioMetric", "EmptyMaskRule", "LesionVolumeMetric", "SpacingMetricHandler", "write_report"]
+__all__ = ["ConfusionRatioMetric", "EmptyMaskRule", "LesionVolumeMetric", "SpacingMetricHandler"]
 
 
 class SpacingMetricHandler(IgniteMetricHandler):
@@ -122,47 +119,3 @@ class EmptyMaskRule(_PerCaseMetric):
         pred_any, label_any = y_pred.flatten(2).any(-1), y.flatten(2).any(-1)
         value = torch.where(pred_any & label_any, value, torch.nan)
         return torch.where(~pred_any & ~label_any, self.both_empty, value)
-
-
-def write_report(details_dir, metrics, per_case_csv, summary_csv=None):
-    """Join the per-metric files ``MetricsSaver`` wrote to ``details_dir`` (``<metric>_raw.csv``, and with summary_ops
-    ``<metric>_summary.csv``) into ``per_case_csv`` (``case`` plus one column per metric, values as MetricsSaver wrote
-    them) and ``summary_csv`` (one row per metric: the summary columns); print the summary, or without one the per-case
-    table. Returns the per-case rows."""
-    columns = {metric: _read_csv(os.path.join(details_dir, f"{metric}_raw.csv")) for metric in metrics}
-    cases = [row["filename"] for row in columns[metrics[0]]]
-    for metric, rows in columns.items():
-        if [row["filename"] for row in rows] != cases:
-            raise ValueError(f"{details_dir}: {metric}_raw.csv lists other cases than {metrics[0]}_raw.csv")
-    table = [{"case": case, **{m: columns[m][i]["class0"] for m in metrics}} for i, case in enumerate(cases)]
-    _write_csv(per_case_csv, ["case", *metrics], table)
-    if summary_csv is None:
-        _print_table(f"{per_case_csv}:", ["case", *metrics], table)
-        return table
-    summary = []
-    for metric in metrics:
-        (row,) = [r for r in _read_csv(os.path.join(details_dir, f"{metric}_summary.csv")) if r["class"] == "class0"]
-        summary.append({"metric": metric, **{k: v for k, v in row.items() if k != "class"}})
-    header = ["metric", *(k for k in summary[0] if k != "metric")]
-    _write_csv(summary_csv, header, summary)
-    _print_table(f"{len(cases)} cases, per-case values in {per_case_csv}, summary in {summary_csv}:", header, summary)
-    return table
-
-
-def _read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _print_table(title, header, rows):
-    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
-    print(title)
-    for line in [dict(zip(header, header)), *rows]:
-        print("  ".join(str(line[h]).ljust(w) for h, w in zip(header, widths)))

@@ -8,9 +8,9 @@ settings the model was trained with into the copy's configs, and checks that the
 
     # the released/full-size model (configs' defaults)
     python -m scripts.monailabel_app --app_dir ~/isles-app --model models/model.pt
-    # the demo model (configs/demo.json's network)
+    # the demo model: pass the network settings of configs/demo.json (`features`, `spatial_size`)
     python -m scripts.monailabel_app --app_dir ~/isles-app --model demo_data/models/model.pt \\
-        --features "[8,16,32,64,128]" --spatial_size "[64,64,16]"
+        --features "<demo.json's features>" --spatial_size "<demo.json's spatial_size>"
 
 The sample app is taken from the MONAI Label installation of the running Python, else from ``.venv-monailabel``
 (``tools/monailabel-env``), else from ``--sample_app``. An existing ``<app>/model/<name>`` is replaced only with
@@ -84,38 +84,21 @@ def _write_settings(target, settings):
 
 
 def check_model(model_path, settings=None):
-    """Load ``model_path`` STRICTLY into the network of inference.json with ``settings`` applied, as MONAI Label
-    will not; raises ``ValueError`` saying which settings to pass."""
-    import torch
+    """Load ``model_path`` STRICTLY (MONAI's ``CheckpointLoader``) into the network of inference.json with
+    ``settings`` applied, as MONAI Label will not; raises ``ValueError`` naming the file and the settings to pass."""
+    from ignite.engine import Engine
     from monai.bundle import ConfigParser
 
+    from scripts.checkpoints import NamedCheckpointLoader
     from scripts.networks import check_spatial_size
 
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
     parser.update({"bundle_root": BUNDLE_ROOT, **(settings or {})})
-    features = parser.get_parsed_content("features")
-    check_spatial_size(parser.get_parsed_content("spatial_size"), len(features))
+    check_spatial_size(parser.get_parsed_content("spatial_size"), len(parser.get_parsed_content("features")))
     network = parser.get_parsed_content("network_def")
-    try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for empty, truncated and foreign files
-        lines = str(err).strip().splitlines()  # torch's messages run over several lines; EOFError has none
-        reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-        raise ValueError(f"{model_path}: not a loadable PyTorch checkpoint ({reason})") from err
-    if not isinstance(state, dict):  # a bad file like the ones above: ValueError, which the CLI reports in one line
-        raise ValueError(  # noqa: TRY004
-            f"{model_path}: not a PyTorch checkpoint of a network (holds a {type(state).__name__}, not a state dict)")
-    if isinstance(state.get("model"), dict):
-        state = state["model"]  # a full training checkpoint (checkpoint_epoch=N.pt)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{model_path} does not fit the network of features={features}: pass the --features (and"
-            f" --spatial_size) it was trained with, e.g. the demo's --features \"[8,16,32,64,128]\""
-            f" --spatial_size \"[64,64,16]\"\n{str(err)[:600]}"
-        ) from err
+    NamedCheckpointLoader(load_path=model_path, load_dict={"model": network}, map_location="cpu")(
+        Engine(lambda engine, batch: None))
 
 
 def _check_replaceable(target, models_dir):

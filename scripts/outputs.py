@@ -1,6 +1,6 @@
-"""Guarding and eyeballing what evaluation and inference write.
+"""Naming and eyeballing what evaluation and inference write.
 
-MONAI's ``SaveImaged`` and ``MetricsSaver`` replace existing files without asking, and MONAI has no overlay writer
+MONAI's ``SaveImaged`` and ``MetricsSaver`` name outputs after the input file, and MONAI has no overlay writer
 for a whole case (``monai.visualize`` makes TensorBoard images and matplotlib figures, and matplotlib is not a
 dependency here).
 """
@@ -13,10 +13,9 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from scripts.cli import as_bool
-from scripts.prepare_datalist import case_name
+from scripts.isles import case_name
 
-__all__ = ["batch_cases", "case_formatter", "refuse_existing", "write_overlays"]
+__all__ = ["batch_cases", "case_formatter", "write_overlays"]
 
 PANEL = 256  # pixels on the longer side of one slice
 OUTLINE = (255, 0, 0)
@@ -33,20 +32,6 @@ def batch_cases(batch):
     """``batch_transform`` for ``MetricsSaver``: each case's name, as ``case_formatter`` names its mask, for the
     ``filename`` column."""
     return [{"filename_or_obj": case_name(item["image"].meta["filename_or_obj"])} for item in batch]
-
-
-def refuse_existing(paths, overwrite=False):
-    """Raise ``FileExistsError`` naming the first existing file among ``paths`` (for a folder: its first entry),
-    unless ``overwrite`` (a bool, or true/false as typed on the command line). Called before any prediction, so that
-    nothing is replaced by surprise."""
-    if as_bool(overwrite, "overwrite"):
-        return
-    for path in paths:
-        entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
-        existing = os.path.join(path, entries[0]) if entries else path if os.path.isfile(path) else None
-        if existing:
-            raise FileExistsError(f"{existing} exists; choose another output folder or pass --overwrite true to"
-                                  f" write over earlier outputs")
 
 
 def write_overlays(items, mask_dir, overlay_dir, ct_window=(0, 100), max_slices=4):

@@ -26,11 +26,11 @@ import itertools
 import shutil
 from pathlib import Path
 
-import fire
 import nibabel as nib
 import numpy as np
 
 from scripts.isles import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
+from scripts.safe_files import refuse_existing
 
 FIRST_SMIR_ID = 345560
 DTYPES = {"CT": np.int32, "CBF": np.uint16, "CBV": np.uint16, "MTT": np.float64, "Tmax": np.float64, LABEL: np.uint8}
@@ -259,8 +259,9 @@ def _write_split(split_dir, keys, num_cases, seed, split_index, in_plane, slices
             rows.append((case, f"patient_{patient_index}"))
 
 
-def generate(output_dir, num_train=20, num_test=4, seed=0, in_plane=256, slices=(2, 4, 8, 16, 22),
-             two_slab_fraction=0.3, overwrite=False) -> dict:
+def generate(output_dir: str, num_train: int = 20, num_test: int = 4, seed: int = 0, in_plane: int = 256,
+             slices: int | tuple | list = (2, 4, 8, 16, 22), two_slab_fraction: float = 0.3,
+             overwrite: bool = False) -> dict:
     """Write a synthetic ISLES 2018 tree (TRAINING with labels, TESTING without, patients.csv) to `output_dir`.
 
     `slices` is a slab depth or the choices each case draws its depth from; a training patient gives two consecutive
@@ -274,9 +275,7 @@ def generate(output_dir, num_train=20, num_test=4, seed=0, in_plane=256, slices=
         raise ValueError(f"two_slab_fraction must lie in [0, 1], got {two_slab_fraction}")
     output_dir = Path(output_dir)
     train_dir, test_dir, csv_path = output_dir / TRAINING_DIR, output_dir / TESTING_DIR, output_dir / PATIENTS_CSV
-    existing = [d for d in (train_dir, test_dir) if d.is_dir() and any(d.iterdir())] + [csv_path] * csv_path.exists()
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists and is not empty; pass overwrite=True to replace it")
+    refuse_existing([train_dir, test_dir, csv_path], overwrite)
     for folder in (train_dir, test_dir):
         if folder.exists():
             shutil.rmtree(folder)
@@ -296,4 +295,6 @@ def generate(output_dir, num_train=20, num_test=4, seed=0, in_plane=256, slices=
 
 
 if __name__ == "__main__":
-    fire.Fire(generate)
+    from scripts.cli import run
+
+    run(generate)

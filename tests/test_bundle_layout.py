@@ -5,6 +5,7 @@ import os
 import re
 
 import monai
+from monai.bundle import ConfigParser
 
 from scripts.isles import CHANNELS
 
@@ -51,3 +52,43 @@ def test_ci_runs_the_readme_test_command(repo_root):
     (test_cmd,) = re.findall(r"pip install -r requirements-dev\.txt && (python -m pytest[^\n`]*)", readme)
     assert test_cmd in ci
     assert "pip install --quiet torch==2.13.0" in ci and "requirements-dev.txt" in ci
+
+
+# What inference.json repeats of train.json: MONAI Label reads each of the two alone, from its own working folder, so
+# neither can take these from the other (a `%configs/...` macro is resolved against the working folder).
+COPIED_FROM_TRAIN = ("network_def", "network", "preprocessing_transforms", "spatial_size", "features", "channels",
+                     "ct_window", "lesion_threshold", "image_key", "label_key", "channel_keys", "perfusion_keys",
+                     "device", "amp", "amp_kwargs", "channels_last")
+# What evaluate.json takes from inference.json: the whole prediction pipeline; it adds the labels and the metrics.
+TAKEN_FROM_INFERENCE = ("spatial_keys", "resize_modes", "tta_flips", "ensemble_checkpoints", "amp_kwargs",
+                        "checkpoints", "pred_keys", "networks", "inferer", "postprocessing")
+
+
+def test_inference_json_stands_alone_and_repeats_train_jsons_network_and_preprocessing(repo_root):
+    train, infer = load(repo_root, "configs", "train.json"), load(repo_root, "configs", "inference.json")
+    for key in COPIED_FROM_TRAIN:
+        assert infer[key] == train[key], key
+    for config in (train, infer):
+        assert "%" not in json.dumps(config), "MONAI Label reads train.json and inference.json without the others"
+    assert infer["load_keys"] == infer["spatial_keys"] == ["@image_key"], "MONAI Label's requests have no label"
+    assert "@datalist" not in json.dumps([infer["preprocessing_transforms"], infer["postprocessing"]]), \
+        "MONAI Label builds pre- and postprocessing without the run's datalist"
+
+
+def test_evaluation_is_the_prediction_pipeline_plus_labels_and_metrics(repo_root):
+    evaluate = load(repo_root, "configs", "evaluate.json")
+    for key in TAKEN_FROM_INFERENCE:
+        assert evaluate[key] == f"%configs/inference.json#{key}", key
+    assert evaluate["validate#evaluator"] == "%configs/inference.json#evaluator"
+    assert evaluate["handlers"][0] == "%configs/inference.json#handlers#0", "the same checkpoint loading"
+    assert "load_keys" not in evaluate, "evaluation loads the label too (train.json's load_keys)"
+
+
+def test_inference_handlers_are_a_plain_list(repo_root):
+    """So that the zoo's usual `--handlers#0#_disabled_ true` override works."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(repo_root, "configs", "inference.json"))
+    names = [type(h).__name__ for h in parser.get_parsed_content("handlers")]
+    parser["handlers#1#_disabled_"] = True
+    parser.parse()
+    assert [type(h).__name__ for h in parser.get_parsed_content("handlers")] == names[:1] and len(names) == 2

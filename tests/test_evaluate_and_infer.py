@@ -24,7 +24,9 @@ from scipy import ndimage
 from helpers import raised_messages
 from scripts.isles import CHANNELS
 from scripts.outputs import write_overlays
-from scripts.prepare_datalist import InvalidCaseError, build_datalist, find_inputs, load_section, read_case
+from scripts.datalist import find_inputs, load_section
+from scripts.isles import InvalidCaseError, read_case
+from scripts.prepare_datalist import build_datalist
 from scripts.synthetic_isles import generate
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
@@ -164,7 +166,7 @@ def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root,
     before = os.path.getmtime(eval_dir / "metrics_per_case.csv")
     tta = run_all(workflow(repo_root, EVALUATE, "train", bundle_root=str(root), overwrite=True, tta_flips=True,
                            ensemble_checkpoints=[model, latest], **settings))
-    assert type(tta.parser.get_parsed_content("validate#inferer")).__name__ == "FlipInferer"
+    assert type(tta.parser.get_parsed_content("validate#evaluator").inferer).__name__ == "FlipInferer"
     rows = read_csv(eval_dir / "metrics_per_case.csv")
     assert os.path.getmtime(eval_dir / "metrics_per_case.csv") > before and len(rows) == len(os.listdir(
         eval_dir / "masks")) and all(row[name] != "" for row in rows for name in COLUMNS)
@@ -376,4 +378,5 @@ def test_inference_names_a_checkpoint_it_cannot_load(repo_root, trained, synthet
                    .get_parsed_content("network_def").state_dict(), broken)
     message = infer_expecting_error(repo_root, root, settings, synthetic_tree, tmp_path / "out",
                                     ensemble_checkpoints=[str(broken)])
-    assert f"ValueError: {broken}: cannot load this checkpoint" in message, message
+    expected = "not a loadable PyTorch checkpoint" if damage == "truncated" else "does not fit the network"
+    assert f"ValueError: {broken}: {expected}" in message, message

@@ -10,9 +10,11 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.handlers import MetricsSaver
 
 from scripts.inferers import FlipInferer
-from scripts.metrics import ConfusionRatioMetric, write_report
+from scripts.metrics import ConfusionRatioMetric
+from scripts.reports import write_report
 
 SPACING = (0.5, 0.5, 5.0)  # mm: anisotropic, as ISLES slabs are
 VOXEL_ML = 0.5 * 0.5 * 5.0 / 1000
@@ -60,13 +62,12 @@ def evaluated(repo_root, tmp_path):
     parser = ConfigParser()
     parser.read_config([os.path.join(repo_root, "configs", name) for name in ("train.json", "evaluate.json")])
     parser["output_dir"] = str(tmp_path)
-    metrics = {**parser.get_parsed_content("validate#key_metric"),
-               **parser.get_parsed_content("validate#additional_metrics")}
+    metrics = {**parser.get_parsed_content("key_metric"), **parser.get_parsed_content("additional_metrics")}
     assert list(metrics) == COLUMNS == parser.get_parsed_content("metric_names")
     engine = Engine(lambda engine, batch: batch)
     for name, handler in metrics.items():
         handler.attach(engine, name)
-    saver = parser.get_parsed_content("eval_handlers")[1]
+    (saver,) = [h for h in parser.get_parsed_content("handlers") if isinstance(h, MetricsSaver)]
     saver.attach(engine)
     batches = [[{"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/data/{case}.nii.gz"}),
                  "pred": on_grid(pred), "label": on_grid(label)}] for case, (pred, label, _) in CASES.items()]
@@ -126,27 +127,3 @@ def test_flip_inferer_averages_probabilities_of_the_mirror_images():
     assert torch.allclose(torch.softmax(out, 1), expected, atol=1e-6)
     assert len(FlipInferer().flips) == 8 and FlipInferer(spatial_axes=[]).flips == [[]]
     assert torch.allclose(torch.softmax(FlipInferer(spatial_axes=[])(inputs, net), 1), torch.softmax(net(inputs), 1))
-
-
-def test_inference_config_keeps_the_training_settings(repo_root):
-    """inference.json stands alone (model-zoo style): its copies of train.json's network and preprocessing, and of
-    evaluate.json's test-time settings, must not drift apart."""
-    configs = {}
-    for name in ("train", "evaluate", "inference"):
-        with open(os.path.join(repo_root, "configs", f"{name}.json")) as f:
-            configs[name] = json.load(f)
-    train, evaluate, infer = configs["train"], configs["evaluate"], configs["inference"]
-    for key in ("network_def", "network", "preprocessing_transforms", "spatial_size", "features", "channels",
-                "ct_window", "image_key", "label_key", "channel_keys", "perfusion_keys", "device", "amp", "channels_last"):
-        assert infer[key] == train[key], key
-    for key in ("spatial_keys", "tta_flips", "ensemble_checkpoints", "checkpoints", "pred_keys", "networks",
-                "checkpoint_loaders"):
-        assert infer[key] == evaluate[key], key
-    assert infer["load_keys"] == ["@image_key"], "MONAI Label's requests have no label"
-    assert infer["inferer"] == evaluate["validate#inferer"]
-    eval_post, infer_post = evaluate["validate#postprocessing"]["transforms"], infer["postprocessing"]["transforms"]
-    invert = {"transform": "@preprocessing"}  # evaluation inverts its own preprocessing instance
-    assert [dict(t, **invert) if isinstance(t, dict) and t.get("_target_") == "Invertd" else t
-            for t in eval_post] == infer_post
-    assert "@datalist" not in json.dumps(infer["preprocessing_transforms"]) + json.dumps(infer_post), \
-        "MONAI Label builds pre- and postprocessing without the run's datalist"

@@ -13,7 +13,7 @@ from monai.transforms import LoadImaged
 
 from scripts.isles import CHANNELS
 from scripts.make_studies import convert
-from scripts.prepare_datalist import InvalidCaseError, find_cases, read_case
+from scripts.isles import InvalidCaseError, find_cases, read_case
 
 
 def maps_of(case_dir):

@@ -30,7 +30,7 @@ from monai.bundle import ConfigWorkflow
 
 from scripts.make_studies import convert
 from scripts.monailabel_app import install
-from scripts.prepare_datalist import read_case
+from scripts.isles import read_case
 from scripts.synthetic_isles import generate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -146,17 +146,25 @@ def test_amp_dtype_reaches_both_engines(ddp_run):
 @pytest.mark.parametrize(
     "configs, handler_ids",
     [(("train.json", "multi_gpu_train.json"), ("train#handlers", "validate#handlers")),
-     (("train.json", "evaluate.json", "multi_gpu_evaluate.json"), ("eval_handlers",))],
+     (("train.json", "evaluate.json", "multi_gpu_evaluate.json"), ("handlers",))],
     ids=["train", "evaluate"],
 )
-def test_only_log_writers_are_disabled_on_other_ranks(repo_root, configs, handler_ids):
-    """The multi-GPU overrides disable handlers by list index: these must still be the log writers."""
+def test_only_log_writers_are_left_out_on_other_ranks(repo_root, configs, handler_ids):
+    """The multi-GPU overrides set `write_logs` (rank 0 only), which leaves out exactly the log writers: no handler
+    is named by its list position."""
     parser = ConfigParser()
     parser.read_config([os.path.join(repo_root, "configs", name) for name in configs])
-    for handlers in handler_ids:
-        for handler in parser[handlers]:
-            handler = parser[handler[1:]] if isinstance(handler, str) and handler.startswith("@") else handler
-            assert ("_disabled_" in handler) == (handler["_target_"] in ON_RANK0_ONLY), (handlers, handler)
+    assert parser["write_logs"] == "@is_rank0"
+    parser.parse()  # `%file#id` macros copied in
+    ids = [f"{list_id}#{i}" if isinstance(h, dict) else h[1:] for list_id in handler_ids
+           for i, h in enumerate(parser[list_id])]
+    for write_logs in (True, False):
+        parser["write_logs"] = write_logs
+        parser.parse()
+        left_out = {parser[i]["_target_"] for i in ids if "_disabled_" in parser[i]
+                    and parser.get_parsed_content(f"{i}#_disabled_")}
+        assert left_out == (set() if write_logs else {parser[i]["_target_"] for i in ids} & ON_RANK0_ONLY)
+    assert {parser[i]["_target_"] for i in ids} & ON_RANK0_ONLY
 
 
 def read_csv(path):

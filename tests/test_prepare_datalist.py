@@ -15,7 +15,9 @@ import pytest
 from monai.data import load_decathlon_datalist
 
 from scripts.isles import CHANNELS
-from scripts.prepare_datalist import InvalidCaseError, build_datalist, check_case, load_fold
+from scripts.datalist import load_fold
+from scripts.isles import InvalidCaseError, check_case
+from scripts.prepare_datalist import build_datalist
 
 # The token each channel's folder carries in the synthetic tree (the real release's CT_ names).
 TOKENS = {"CT": ".CT.", "CBF": ".CT_CBF.", "CBV": ".CT_CBV.", "MTT": ".CT_MTT.", "Tmax": ".CT_Tmax.", "OT": ".OT."}

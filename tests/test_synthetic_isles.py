@@ -221,7 +221,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     generate(tmp_path, num_train=1, num_test=1, in_plane=32, seed=1)
     (tmp_path / "keep.txt").write_text("not the generator's")
     before = tree_bytes(tmp_path)
-    with pytest.raises(FileExistsError, match=r"TRAINING.*overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"TRAINING.*--overwrite true"):
         generate(tmp_path, num_train=1, num_test=1, in_plane=32, seed=2)
     assert tree_bytes(tmp_path) == before
 

@@ -1,0 +1,36 @@
+"""The CPU demo (configs/demo.json): its synthetic data, and its network settings for the tools that need them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["network_settings", "prepare_demo_data"]
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.json")
+
+
+def network_settings() -> dict:
+    """``features`` and ``spatial_size`` of the demo network, as configs/demo.json sets them (their one place)."""
+    with open(DEMO_CONFIG) as f:
+        config = json.load(f)
+    return {key: config[key] for key in ("features", "spatial_size")}
+
+
+def prepare_demo_data(dataset_dir: str, datalist_path: str, num_cases: int, seed: int) -> None:
+    """Write what the demo trains on, each part only if it is not there yet: a synthetic ISLES tree of ``num_cases``
+    training and 4 testing cases, and its checked 5-fold datalist.
+
+    Args:
+        dataset_dir: the tree's root.
+        datalist_path: the datalist file.
+        num_cases: training cases to generate.
+        seed: the generator's and the folds' seed.
+    """
+    from scripts.prepare_datalist import main as write_datalist
+    from scripts.synthetic_isles import generate
+
+    if not os.path.isdir(dataset_dir):
+        generate(dataset_dir, num_train=num_cases, num_test=4, seed=seed)
+    if not os.path.isfile(datalist_path):
+        write_datalist(dataset_dir, datalist_path, folds=5, seed=seed, check=True)
