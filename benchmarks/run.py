@@ -70,15 +70,16 @@ def peak_rss_mib():
 
 def networks(features):
     from monai.networks.nets import BasicUNet, UNet
-
     from scripts.networks import ModifiedUNet
 
     return {
         "modified": ModifiedUNet(features=features),
-        "classic (BasicUNet)": BasicUNet(3, 5, 2, features=list(features) + [features[0]], act="relu", norm="batch",
-                                         dropout=0.0, upsample="deconv"),
-        "monai UNet": UNet(3, 5, 2, channels=features, strides=[2] * (len(features) - 1), num_res_units=2,
-                           norm="instance"),
+        "classic (BasicUNet)": BasicUNet(
+            3, 5, 2, features=list(features) + [features[0]], act="relu", norm="batch", dropout=0.0, upsample="deconv"
+        ),
+        "monai UNet": UNet(
+            3, 5, 2, channels=features, strides=[2] * (len(features) - 1), num_res_units=2, norm="instance"
+        ),
     }
 
 
@@ -133,8 +134,7 @@ def section_ceiling(spatial, repeats):
     formats; and, to show what narrow layers can reach, channels_last_3d forward+backward at 8 to 64 channels."""
     out = {name: conv3d_gflops(64, spatial, fmt, repeats) for name, fmt in MEMORY_FORMATS.items()}
     narrow = {c: conv3d_gflops(c, spatial, torch.channels_last_3d, repeats, backward=True) for c in (8, 16, 32, 64)}
-    return {"gflops": out, "best": max(out.values()),
-            "channels_last_3d_forward_backward_gflops_by_channels": narrow}
+    return {"gflops": out, "best": max(out.values()), "channels_last_3d_forward_backward_gflops_by_channels": narrow}
 
 
 def section_networks(size, repeats, ceiling):
@@ -146,8 +146,16 @@ def section_networks(size, repeats, ceiling):
         for fmt_name, fmt in MEMORY_FORMATS.items():
             step = make_step(net, fmt)
             seconds = timed(lambda: step(image, label), repeats)
-            rows.append({"network": name, "memory_format": fmt_name, "step_s": seconds, "gflop": flops / 1e9,
-                         "gflops": flops / seconds / 1e9, "of_ceiling": flops / seconds / 1e9 / ceiling})
+            rows.append(
+                {
+                    "network": name,
+                    "memory_format": fmt_name,
+                    "step_s": seconds,
+                    "gflop": flops / 1e9,
+                    "gflops": flops / seconds / 1e9,
+                    "of_ceiling": flops / seconds / 1e9 / ceiling,
+                }
+            )
     return rows
 
 
@@ -165,8 +173,14 @@ def section_compile(size, repeats, ceiling):
     step(image, label)  # compiles
     compile_s = time.perf_counter() - start
     seconds = timed(lambda: step(image, label), repeats)
-    return {"network": "modified", "memory_format": "channels_last_3d", "compile_s": compile_s, "step_s": seconds,
-            "gflops": flops / seconds / 1e9, "of_ceiling": flops / seconds / 1e9 / ceiling}
+    return {
+        "network": "modified",
+        "memory_format": "channels_last_3d",
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "gflops": flops / seconds / 1e9,
+        "of_ceiling": flops / seconds / 1e9 / ceiling,
+    }
 
 
 def synthetic_datalist(workdir, num_cases):
@@ -187,8 +201,18 @@ def train_parser(size, root, datalist_path, **override):
     bs, features, spatial = SIZES[size]
     parser = ConfigParser()
     parser.read_config(os.path.join(REPO_ROOT, "configs", "train.json"))
-    parser.update({"bundle_root": tempfile.mkdtemp(), "dataset_dir": root, "data_list_file_path": datalist_path,
-                   "features": features, "spatial_size": spatial, "batch_size": bs, "check_inputs": False, **override})
+    parser.update(
+        {
+            "bundle_root": tempfile.mkdtemp(),
+            "dataset_dir": root,
+            "data_list_file_path": datalist_path,
+            "features": features,
+            "spatial_size": spatial,
+            "batch_size": bs,
+            "check_inputs": False,
+            **override,
+        }
+    )
     return parser
 
 
@@ -206,8 +230,12 @@ def section_pipeline(size, repeats, workdir, with_steps):
     root, path, _ = synthetic_datalist(workdir, num_cases=24)
     parser = train_parser(size, root, path, num_workers=0)
     dataset = parser.get_parsed_content("train#dataset")
-    loaders = {f"DataLoader num_workers={n}": DataLoader(dataset, batch_size=bs, shuffle=True, num_workers=n,
-                                                         persistent_workers=n > 0) for n in (0, 1, 2)}
+    loaders = {
+        f"DataLoader num_workers={n}": DataLoader(
+            dataset, batch_size=bs, shuffle=True, num_workers=n, persistent_workers=n > 0
+        )
+        for n in (0, 1, 2)
+    }
     loaders["ThreadDataLoader"] = ThreadDataLoader(dataset, batch_size=bs, shuffle=True, num_workers=0)
     if with_steps:
         fmt = MEMORY_FORMATS["channels_last_3d" if parser.get_parsed_content("channels_last") else "contiguous"]
@@ -227,8 +255,9 @@ def section_pipeline(size, repeats, workdir, with_steps):
             rounds[name]["loader_s"].append(per_batch(batches, False))
             if with_steps:
                 rounds[name]["step_s"].append(per_batch(batches, True))
-    rows = [{"loader": name, **{key: min(times[1:]) for key, times in row.items() if times}}
-            for name, row in rounds.items()]
+    rows = [
+        {"loader": name, **{key: min(times[1:]) for key, times in row.items() if times}} for name, row in rounds.items()
+    ]
     if with_steps:
         bare = rows[0]["step_s"]
         for row in rows:
@@ -240,7 +269,6 @@ def section_inference(size, repeats, workdir, num_workers):
     """Per-case whole inference through configs/inference.json vs the bare forward of its network."""
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
-
     from scripts.networks import ModifiedUNet
     from scripts.synthetic_isles import generate
 
@@ -253,15 +281,23 @@ def section_inference(size, repeats, workdir, num_workers):
     torch.save(ModifiedUNet(features=features).state_dict(), os.path.join(bundle_root, "models", "model.pt"))
     rows = []
     for workers in num_workers:
-        wf = ConfigWorkflow(config_file=os.path.join(REPO_ROOT, "configs", "inference.json"), workflow_type="infer",
-                            meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"), bundle_root=bundle_root,
-                            dataset_dir=root, features=features, spatial_size=spatial, num_workers=workers,
-                            output_dir=tempfile.mkdtemp(dir=workdir))
+        wf = ConfigWorkflow(
+            config_file=os.path.join(REPO_ROOT, "configs", "inference.json"),
+            workflow_type="infer",
+            meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"),
+            bundle_root=bundle_root,
+            dataset_dir=root,
+            features=features,
+            spatial_size=spatial,
+            num_workers=workers,
+            output_dir=tempfile.mkdtemp(dir=workdir),
+        )
         start = time.perf_counter()
         wf.initialize()
         done = []
-        wf.parser.get_parsed_content("evaluator").add_event_handler(Events.ITERATION_COMPLETED,
-                                                                    lambda: done.append(time.perf_counter()))
+        wf.parser.get_parsed_content("evaluator").add_event_handler(
+            Events.ITERATION_COMPLETED, lambda: done.append(time.perf_counter())
+        )
         wf.run()
         wf.finalize()
         run_s = (time.perf_counter() - start) / cases
@@ -270,15 +306,24 @@ def section_inference(size, repeats, workdir, num_workers):
         with torch.no_grad():
             forward = timed(lambda: net(x), repeats)
         per_case = (done[-1] - done[0]) / (len(done) - 1)  # steady state: case 2 to the last
-        rows.append({"num_workers": workers, "per_case_s": per_case, "bare_forward_s": forward,
-                     "ratio": per_case / forward, "run_per_case_s": run_s, "run_ratio": run_s / forward})
+        rows.append(
+            {
+                "num_workers": workers,
+                "per_case_s": per_case,
+                "bare_forward_s": forward,
+                "ratio": per_case / forward,
+                "run_per_case_s": run_s,
+                "run_ratio": run_s / forward,
+            }
+        )
     return rows
 
 
 def section_scaling(points, repeats):
     """Training step time and peak RSS at each ``(features, batch, spatial)`` point, each in its own process."""
-    return [run_child("scaling_point", {"features": f, "batch": b, "spatial": s, "repeats": repeats})
-            for f, b, s in points]
+    return [
+        run_child("scaling_point", {"features": f, "batch": b, "spatial": s, "repeats": repeats}) for f, b, s in points
+    ]
 
 
 def scaling_point(features, batch_size, spatial, repeats):
@@ -288,14 +333,22 @@ def scaling_point(features, batch_size, spatial, repeats):
     step = make_step(ModifiedUNet(features=features), torch.channels_last_3d)
     before = peak_rss_mib()
     seconds = timed(lambda: step(image, label), repeats)
-    return {"features": features, "batch": batch_size, "spatial": spatial, "step_s": seconds,
-            "peak_rss_mib": peak_rss_mib(), "rss_growth_mib": peak_rss_mib() - before}
+    return {
+        "features": features,
+        "batch": batch_size,
+        "spatial": spatial,
+        "step_s": seconds,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_growth_mib": peak_rss_mib() - before,
+    }
 
 
 def run_child(section, kwargs):
     """Run one section in a fresh process so its peak RSS is its own."""
-    code = (f"import json, sys; sys.path.insert(0, {REPO_ROOT!r}); from benchmarks.run import child; "
-            f"print('@@' + json.dumps(child({section!r}, {json.dumps(kwargs)!r})))")
+    code = (
+        f"import json, sys; sys.path.insert(0, {REPO_ROOT!r}); from benchmarks.run import child; "
+        f"print('@@' + json.dumps(child({section!r}, {json.dumps(kwargs)!r})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.rsplit("@@", 1)[1])
 
@@ -321,24 +374,33 @@ def print_table(title, rows):
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
 
 
-def main(sizes=("demo", "paper"), repeats=3, paper_repeats=1, output="benchmarks/results.json", scaling=True,
-         inference=True):
+def main(
+    sizes=("demo", "paper"), repeats=3, paper_repeats=1, output="benchmarks/results.json", scaling=True, inference=True
+):
     """Run every section for each size in ``sizes`` and write ``output`` (JSON).
 
     ``paper_repeats`` (timed calls after one warm-up) applies at the paper size, where one training step of each
     network takes tens of seconds on a CPU.
     """
-    results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                           "cuda": torch.cuda.is_available()},
-               "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:])}
+    results = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
+    }
     for size in sizes:
         bs, features, spatial = SIZES[size]
         reps = repeats if size == "demo" else paper_repeats
         ceiling = section_ceiling(spatial, reps)
         print_table(f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s", ceiling["gflops"])
-        print_table(f"{size}: conv3d forward+backward GFLOP/s by channels (channels_last_3d)",
-                    {str(c): v for c, v in ceiling["channels_last_3d_forward_backward_gflops_by_channels"].items()})
+        print_table(
+            f"{size}: conv3d forward+backward GFLOP/s by channels (channels_last_3d)",
+            {str(c): v for c, v in ceiling["channels_last_3d_forward_backward_gflops_by_channels"].items()},
+        )
         nets = section_networks(size, reps, ceiling["best"])
         print_table(f"{size}: training step, batch {bs}, features {features}, input {spatial}", nets)
         section = {"ceiling": ceiling, "networks": nets}
@@ -348,16 +410,23 @@ def main(sizes=("demo", "paper"), repeats=3, paper_repeats=1, output="benchmarks
             print_table(f"{size}: training step with torch.compile", section["compile"])
         section["pipeline"] = run_child("pipeline", {"size": size, "repeats": repeats, "with_steps": demo})
         if not demo:  # one step here takes tens of seconds: the share is the loader's time over the step's
-            step = next(r["step_s"] for r in nets if r["network"] == "modified" and r["memory_format"] == "channels_last_3d")
+            step = next(
+                r["step_s"] for r in nets if r["network"] == "modified" and r["memory_format"] == "channels_last_3d"
+            )
             for row in section["pipeline"]["rows"]:
                 row["pipeline_share_estimate"] = row["loader_s"] / step
-        print_table(f"{size}: data pipeline per batch (peak RSS {section['pipeline']['peak_rss_mib']:.0f} MiB)",
-                    section["pipeline"]["rows"])
+        print_table(
+            f"{size}: data pipeline per batch (peak RSS {section['pipeline']['peak_rss_mib']:.0f} MiB)",
+            section["pipeline"]["rows"],
+        )
         if inference:
-            section["inference"] = run_child("inference", {"size": size, "repeats": reps,
-                                                           "num_workers": [0, 4] if demo else [4]})
-            print_table(f"{size}: whole-case inference (peak RSS {section['inference']['peak_rss_mib']:.0f} MiB)",
-                        section["inference"]["rows"])
+            section["inference"] = run_child(
+                "inference", {"size": size, "repeats": reps, "num_workers": [0, 4] if demo else [4]}
+            )
+            print_table(
+                f"{size}: whole-case inference (peak RSS {section['inference']['peak_rss_mib']:.0f} MiB)",
+                section["inference"]["rows"],
+            )
         results[size] = section
     if scaling:
         demo_features, paper_features = SIZES["demo"][1], SIZES["paper"][1]

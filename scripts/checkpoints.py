@@ -18,7 +18,6 @@ import ignite.distributed as idist
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
-
 from scripts.cli import as_bool
 from scripts.safe_files import write_atomically
 
@@ -99,8 +98,10 @@ class NamedCheckpointLoader(CheckpointLoader):
             if not reason.startswith("RuntimeError: Error(s) in loading state_dict"):
                 raise ValueError(f"{self.load_path}: not a loadable PyTorch checkpoint ({reason})") from err
             demo = " ".join(f"--{key} \"{str(value).replace(' ', '')}\"" for key, value in network_settings().items())
-            raise ValueError(f"{self.load_path}: does not fit the network ({' '.join(lines[1:3]).strip()[:300]}); pass"
-                             f" the settings it was trained with, e.g. the demo's {demo}") from err
+            raise ValueError(
+                f"{self.load_path}: does not fit the network ({' '.join(lines[1:3]).strip()[:300]}); pass"
+                f" the settings it was trained with, e.g. the demo's {demo}"
+            ) from err
 
 
 class EnsembleCheckpointLoader:
@@ -116,8 +117,10 @@ class EnsembleCheckpointLoader:
     def __init__(self, load_paths, networks, map_location=None):
         if len(load_paths) != len(networks):
             raise ValueError(f"{len(load_paths)} checkpoints for {len(networks)} networks")
-        self.loaders = [NamedCheckpointLoader(load_path=path, load_dict={"model": network}, map_location=map_location)
-                        for path, network in zip(load_paths, networks)]
+        self.loaders = [
+            NamedCheckpointLoader(load_path=path, load_dict={"model": network}, map_location=map_location)
+            for path, network in zip(load_paths, networks)
+        ]
 
     def attach(self, engine) -> None:
         for loader in self.loaders:
@@ -138,8 +141,11 @@ class BestValidation:
 
     def state_dict(self) -> dict:
         state = self.evaluator.state
-        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch),
-                "saver": self.saver.state_dict()}
+        return {
+            "best_metric": float(state.best_metric),
+            "best_metric_epoch": int(state.best_metric_epoch),
+            "saver": self.saver.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.evaluator.state.best_metric = state["best_metric"]
@@ -186,11 +192,15 @@ def resume_checkpoint(ckpt_dir: str, epochs: int, resume=True) -> str | None:
         if not isinstance(trainer, dict) or "max_epochs" not in trainer:
             raise ValueError(f"{path} holds no trainer state: it is not a training checkpoint of train.json")
         run_epochs = int(trainer["max_epochs"])
-        epoch = int(trainer["epoch"]) if "epoch" in trainer else int(trainer["iteration"]) // int(trainer["epoch_length"])
+        epoch = (
+            int(trainer["epoch"]) if "epoch" in trainer else int(trainer["iteration"]) // int(trainer["epoch_length"])
+        )
         if run_epochs != epochs:
-            raise ValueError(f"{path} is from a run of {run_epochs} epochs, whose learning-rate schedule ends at epoch"
-                             f" {run_epochs}; resume it with --epochs {run_epochs} (a longer run would train at"
-                             f" learning rate 0), or start a new run with --overwrite true")
+            raise ValueError(
+                f"{path} is from a run of {run_epochs} epochs, whose learning-rate schedule ends at epoch"
+                f" {run_epochs}; resume it with --epochs {run_epochs} (a longer run would train at"
+                f" learning rate 0), or start a new run with --overwrite true"
+            )
         if epoch >= run_epochs:
             raise ValueError(f"{path}: that run finished all its {run_epochs} epochs; there is nothing to resume")
         return path
@@ -216,17 +226,21 @@ def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = Fals
     """
     resume, overwrite = as_bool(resume, "resume"), as_bool(overwrite, "overwrite")
     if resume and overwrite:
-        raise ValueError("--resume true continues the run in the checkpoint folder and --overwrite true replaces it;"
-                         " pass one of them")
+        raise ValueError(
+            "--resume true continues the run in the checkpoint folder and --overwrite true replaces it;"
+            " pass one of them"
+        )
     os.makedirs(ckpt_dir, exist_ok=True)
     if resume:
         return
     latest = sorted(glob.glob(os.path.join(ckpt_dir, LATEST_PATTERN)), key=_epoch_of)
-    existing = ([os.path.join(ckpt_dir, BEST_MODEL)] if os.path.exists(os.path.join(ckpt_dir, BEST_MODEL)) else [])
+    existing = [os.path.join(ckpt_dir, BEST_MODEL)] if os.path.exists(os.path.join(ckpt_dir, BEST_MODEL)) else []
     existing += latest
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists: {ckpt_dir} holds an earlier training run. Pass --resume true to"
-                              f" continue it, or --overwrite true to start a new run that replaces it (or choose"
-                              f" another --ckpt_dir)")
+        raise FileExistsError(
+            f"{existing[0]} exists: {ckpt_dir} holds an earlier training run. Pass --resume true to"
+            f" continue it, or --overwrite true to start a new run that replaces it (or choose"
+            f" another --ckpt_dir)"
+        )
     for path in latest:
         os.remove(path)

@@ -19,8 +19,16 @@ import typing
 HELP_FLAGS = ("-h", "--help")
 # What fire takes for a flag: "--name", "-n", "-name" (a negative number such as "-5" is a value).
 _FLAG = re.compile(r"^(--|-[a-zA-Z])")
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
-               tuple: "a tuple", dict: "a dict", type(None): "None"}
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    tuple: "a tuple",
+    dict: "a dict",
+    type(None): "None",
+}
 
 
 def as_bool(value, name):
@@ -108,14 +116,17 @@ def check_command_line(args, parameters, prog):
         if parameter is None:
             close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), parameters, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
-            raise UsageError(f"unknown flag {flag} for {prog}{hint}; known flags: "
-                             + ", ".join(f"--{name}" for name in parameters))
+            raise UsageError(
+                f"unknown flag {flag} for {prog}{hint}; known flags: " + ", ".join(f"--{name}" for name in parameters)
+            )
         named.add(parameter)
         index += 1 if has_equals or is_last_or_before_flag else 2
     unnamed = [name for name in parameters if name not in named]
     if len(positional) > len(unnamed):
-        raise UsageError(f"unexpected argument {positional[len(unnamed)]!r} for {prog}: every parameter has a value"
-                         f" ({', '.join(f'--{name}' for name in parameters)})")
+        raise UsageError(
+            f"unexpected argument {positional[len(unnamed)]!r} for {prog}: every parameter has a value"
+            f" ({', '.join(f'--{name}' for name in parameters)})"
+        )
 
 
 def _annotated_types(annotation):
@@ -171,11 +182,14 @@ def _with_checked_values(main):
         TypeError: If a parameter of ``main`` has no annotation of the types ``check_value`` knows.
     """
     signature = inspect.signature(main, eval_str=True)
-    unchecked = [p.name for p in signature.parameters.values()
-                 if not set(_annotated_types(p.annotation)) <= set(_TYPE_NAMES)]
+    unchecked = [
+        p.name for p in signature.parameters.values() if not set(_annotated_types(p.annotation)) <= set(_TYPE_NAMES)
+    ]
     if unchecked:
-        raise TypeError(f"{main.__module__}.{main.__name__}: {', '.join(unchecked)} need(s) a type annotation made of"
-                        f" {', '.join(kind.__name__ for kind in _TYPE_NAMES)}")
+        raise TypeError(
+            f"{main.__module__}.{main.__name__}: {', '.join(unchecked)} need(s) a type annotation made of"
+            f" {', '.join(kind.__name__ for kind in _TYPE_NAMES)}"
+        )
 
     @functools.wraps(main)
     def checked_main(*args, **kwargs):

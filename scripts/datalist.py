@@ -4,7 +4,6 @@ segment (an ISLES root, case folders, 4D files or a datalist), each item checked
 import os
 
 from monai.data import load_decathlon_datalist
-
 from scripts.cli import as_bool
 from scripts.isles import (
     CHANNELS,
@@ -36,11 +35,17 @@ def check_entries(items, source, need_label=False, need_fold=False):
     for index, item in enumerate(items):
         image = item.get("image")
         case = item.get("case") or (case_name(image) if image else f"item {index}")
-        if not (isinstance(image, str) or isinstance(image, list) and len(image) == len(CHANNELS)
-                and all(isinstance(p, str) for p in image)):
+        if not (
+            isinstance(image, str)
+            or isinstance(image, list)
+            and len(image) == len(CHANNELS)
+            and all(isinstance(p, str) for p in image)
+        ):
             count = len(image) if isinstance(image, list) else repr(image)
-            raise InvalidCaseError(f"{case}: 'image' in {source} lists {count} files, expected one 4D file or the"
-                                   f" {len(CHANNELS)} maps {', '.join(CHANNELS)}")
+            raise InvalidCaseError(
+                f"{case}: 'image' in {source} lists {count} files, expected one 4D file or the"
+                f" {len(CHANNELS)} maps {', '.join(CHANNELS)}"
+            )
         if need_label and not isinstance(item.get("label"), str):
             raise InvalidCaseError(f"{case}: no 'label' file in {source}; training and evaluation need one per case")
         fold = item.get("fold")
@@ -71,11 +76,14 @@ def load_fold(data_list_file_path, dataset_dir, fold, check=False):
         "validation": [item for item in items if item["fold"] == fold],
     }
     if as_bool(check, "check_inputs"):
-        lesion_voxels = {item["case"] if "case" in item else case_name(item["image"]): check_case(item)
-                         for item in split["train"]}
+        lesion_voxels = {
+            item["case"] if "case" in item else case_name(item["image"]): check_case(item) for item in split["train"]
+        }
         if lesion_voxels and not any(lesion_voxels.values()):
-            raise InvalidCaseError(f"{data_list_file_path}: the labels of all {len(lesion_voxels)} training cases of"
-                                   f" fold {fold} are empty; the network would learn nothing (its loss stays near 1)")
+            raise InvalidCaseError(
+                f"{data_list_file_path}: the labels of all {len(lesion_voxels)} training cases of"
+                f" fold {fold} are empty; the network would learn nothing (its loss stays near 1)"
+            )
         for item in split["validation"]:
             check_case(item)
     return split
@@ -93,8 +101,10 @@ def load_section(data_list_file_path, dataset_dir, section="validation", fold=0,
         check_entries(items, data_list_file_path)
         unlabelled = [case_name(item["image"]) for item in items if "label" not in item]
         if unlabelled:
-            raise InvalidCaseError(f"{data_list_file_path}: section '{section}' has no label for"
-                                   f" {', '.join(unlabelled)}; evaluation needs labels (inference.json does not)")
+            raise InvalidCaseError(
+                f"{data_list_file_path}: section '{section}' has no label for"
+                f" {', '.join(unlabelled)}; evaluation needs labels (inference.json does not)"
+            )
     if not items:
         raise InvalidCaseError(f"{data_list_file_path}: no cases in section '{section}'")
     check_unique_names(items)
@@ -120,26 +130,36 @@ def find_inputs(source, data_list_key="testing", check=False):
     """
     source = os.path.abspath(source)
     if os.path.isfile(source) and source.lower().endswith(".json"):
-        images = [item["image"] for item in load_decathlon_datalist(source, is_segmentation=False,
-                                                                    data_list_key=data_list_key)]
+        images = [
+            item["image"]
+            for item in load_decathlon_datalist(source, is_segmentation=False, data_list_key=data_list_key)
+        ]
     elif not os.path.isdir(source):
         raise FileNotFoundError(f"{source} is neither a folder nor a datalist .json file")
     elif find_dir(source, TESTING_DIR):
-        images = [read_case(case, case_dir, with_label=False)["image"] for case, case_dir in
-                  find_cases(source, TESTING_DIR)]
+        images = [
+            read_case(case, case_dir, with_label=False)["image"] for case, case_dir in find_cases(source, TESTING_DIR)
+        ]
     else:
-        files = sorted(f for f in os.listdir(source)
-                       if f.lower().endswith(NIFTI_SUFFIXES) and os.path.isfile(os.path.join(source, f)))
+        files = sorted(
+            f
+            for f in os.listdir(source)
+            if f.lower().endswith(NIFTI_SUFFIXES) and os.path.isfile(os.path.join(source, f))
+        )
         if files:
             images = [os.path.join(source, f) for f in files]
         elif find_dir(source, TRAINING_DIR):
-            raise InvalidCaseError(f"{source} has a {TRAINING_DIR} folder but no {TESTING_DIR} folder; to segment"
-                                   f" the training cases pass {os.path.join(source, TRAINING_DIR)}")
+            raise InvalidCaseError(
+                f"{source} has a {TRAINING_DIR} folder but no {TESTING_DIR} folder; to segment"
+                f" the training cases pass {os.path.join(source, TRAINING_DIR)}"
+            )
         else:
             images = [read_case(case, case_dir, with_label=False)["image"] for case, case_dir in case_folders(source)]
     if not images:
-        raise InvalidCaseError(f"{source}: no cases (an ISLES root, a folder of case folders or of 4D NIfTI files,"
-                               f" or a datalist .json)")
+        raise InvalidCaseError(
+            f"{source}: no cases (an ISLES root, a folder of case folders or of 4D NIfTI files,"
+            f" or a datalist .json)"
+        )
     items = [{"image": image, "case": case_name(image)} for image in images]
     check_entries(items, source)
     check_unique_names(items)

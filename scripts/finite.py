@@ -13,7 +13,6 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.handlers import from_engine
 from monai.transforms import MapTransform
-
 from scripts.isles import case_name
 
 __all__ = ["RequireFinited", "StopOnNonFinite"]
@@ -42,8 +41,10 @@ class RequireFinited(MapTransform):
                 bad = [int(c) for c in torch.nonzero(~finite).flatten()]
                 names = [self.channel_names[c] if self.channel_names else str(c) for c in bad]
                 source = getattr(values, "meta", {}).get("filename_or_obj", "?")
-                raise ValueError(f"{case_name(source)}: the {self.what} '{key}' holds NaN or Inf in channel(s)"
-                                 f" {', '.join(names)} (from {source}); nothing was written for this case")
+                raise ValueError(
+                    f"{case_name(source)}: the {self.what} '{key}' holds NaN or Inf in channel(s)"
+                    f" {', '.join(names)} (from {source}); nothing was written for this case"
+                )
         return data
 
 
@@ -57,9 +58,9 @@ class StopOnNonFinite:
         output_transform: gives the loss from ``engine.state.output``; default the first item's ``"loss"``.
     """
 
-    def __init__(self, network: torch.nn.Module | None = None, output_transform=from_engine(["loss"], first=True)):
+    def __init__(self, network: torch.nn.Module | None = None, output_transform=None):
         self.network = network
-        self.output_transform = output_transform
+        self.output_transform = from_engine(["loss"], first=True) if output_transform is None else output_transform
 
     def attach(self, engine: Engine) -> None:
         """Check the loss after every iteration and the weights after every epoch of ``engine``."""
@@ -82,5 +83,7 @@ class StopOnNonFinite:
     def check_weights(self, engine: Engine) -> None:
         bad = [name for name, p in self.network.named_parameters() if not torch.isfinite(p).all()]
         if bad:
-            raise FloatingPointError(f"non-finite weights after epoch {engine.state.epoch} (in {', '.join(bad[:5])}):"
-                                     " training stopped before they were saved")
+            raise FloatingPointError(
+                f"non-finite weights after epoch {engine.state.epoch} (in {', '.join(bad[:5])}):"
+                " training stopped before they were saved"
+            )

@@ -60,7 +60,9 @@ def find_dir(parent, name):
     """``parent/name`` matched case-insensitively (releases differ in the case of folder names)."""
     if not os.path.isdir(parent):
         return None
-    matches = [d for d in sorted(os.listdir(parent)) if d.lower() == name.lower() and os.path.isdir(os.path.join(parent, d))]
+    matches = [
+        d for d in sorted(os.listdir(parent)) if d.lower() == name.lower() and os.path.isdir(os.path.join(parent, d))
+    ]
     return os.path.join(parent, matches[0]) if matches else None
 
 
@@ -79,8 +81,13 @@ def case_folders(folder):
     """``(name, path)`` of the sub-folders of ``folder``, in numeric order of their ``_N`` suffix.
 
     A symbolic link whose target is missing is listed too (``read_case`` then names it), not dropped unseen."""
-    names = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
-             or os.path.islink(os.path.join(folder, d)) and not os.path.exists(os.path.join(folder, d))]
+    names = [
+        d
+        for d in os.listdir(folder)
+        if os.path.isdir(os.path.join(folder, d))
+        or os.path.islink(os.path.join(folder, d))
+        and not os.path.exists(os.path.join(folder, d))
+    ]
     return [(name, os.path.join(folder, name)) for name in sorted(names, key=_case_sort_key)]
 
 
@@ -96,7 +103,9 @@ def _map_file(case, map_dir):
 def read_case(case, case_dir, with_label):
     """Map the case's folders to ``{"image": [CT, CBF, CBV, MTT, Tmax], "label": OT}`` (absolute paths)."""
     if not os.path.isdir(case_dir):
-        raise InvalidCaseError(f"{case}: {case_dir} is a symbolic link to {os.readlink(case_dir)}, which does not exist")
+        raise InvalidCaseError(
+            f"{case}: {case_dir} is a symbolic link to {os.readlink(case_dir)}, which does not exist"
+        )
     found = {}
     for entry in sorted(os.listdir(case_dir)):
         path = os.path.join(case_dir, entry)
@@ -147,8 +156,10 @@ def _values_problem(data):
         return f"{count} values that are NaN/Inf as float32{where}, e.g. {data[~finite].flat[0]:.4g}"
     large = np.abs(values) > MAX_ABS_VALUE
     if large.any():
-        return (f"{int(large.sum())} values beyond +-{MAX_ABS_VALUE:g} (largest {np.abs(values).max():.4g}), e.g. a"
-                f" 'no value' marker; set them to 0 (or to a value the map can hold) before use")
+        return (
+            f"{int(large.sum())} values beyond +-{MAX_ABS_VALUE:g} (largest {np.abs(values).max():.4g}), e.g. a"
+            f" 'no value' marker; set them to 0 (or to a value the map can hold) before use"
+        )
     return None
 
 
@@ -182,8 +193,10 @@ def check_case(item):
         shape = data.shape
         if name == "image":
             if data.ndim != 4 or shape[3] != len(CHANNELS):
-                raise InvalidCaseError(f"{case}: image file {path} has shape {shape}; a single-file input must be"
-                                       f" (x, y, z, {len(CHANNELS)}) with the channels {', '.join(CHANNELS)} last")
+                raise InvalidCaseError(
+                    f"{case}: image file {path} has shape {shape}; a single-file input must be"
+                    f" (x, y, z, {len(CHANNELS)}) with the channels {', '.join(CHANNELS)} last"
+                )
             shape = shape[:3]
         if ref_shape is None:
             ref_shape, ref_affine = shape, img.affine
@@ -201,7 +214,9 @@ def check_case(item):
         if name == LABEL:
             extra = np.setdiff1d(np.unique(data), [0, 1])
             if extra.size:
-                raise InvalidCaseError(f"{case}: label file {path} is not binary: values {extra[:10].tolist()} besides 0/1")
+                raise InvalidCaseError(
+                    f"{case}: label file {path} is not binary: values {extra[:10].tolist()} besides 0/1"
+                )
             lesion_voxels = int(np.count_nonzero(data))
     return lesion_voxels
 
@@ -223,9 +238,11 @@ def check_unique_names(items):
     for item in items:
         name, first = case_name(item["image"]), item["image"] if isinstance(item["image"], str) else item["image"][0]
         if name in seen:
-            raise InvalidCaseError(f"two cases are named {name} ({seen[name]} and {first}); their outputs would"
-                                   f" overwrite each other: outputs are named after the ISLES case folder, else after"
-                                   f" the (first) file")
+            raise InvalidCaseError(
+                f"two cases are named {name} ({seen[name]} and {first}); their outputs would"
+                f" overwrite each other: outputs are named after the ISLES case folder, else after"
+                f" the (first) file"
+            )
         seen[name] = first
 
 

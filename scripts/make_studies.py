@@ -24,7 +24,6 @@ import os
 
 import nibabel as nib
 import numpy as np
-
 from scripts.isles import (
     CHANNELS,
     TESTING_DIR,
@@ -43,8 +42,19 @@ STUDY_SUFFIX = ".nii.gz"
 LABELS_SUBDIR = os.path.join("labels", "final")  # MONAI Label's LocalDatastore: labels of tag "final"
 DESCRIPTION = "ISLES CTP channels: " + ",".join(CHANNELS)
 # Header fields that define the CT's voxel-to-world mapping, copied verbatim so that the study's affine is the CT's.
-_GEOMETRY_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
-                    "qoffset_z", "srow_x", "srow_y", "srow_z")
+_GEOMETRY_FIELDS = (
+    "qform_code",
+    "sform_code",
+    "quatern_b",
+    "quatern_c",
+    "quatern_d",
+    "qoffset_x",
+    "qoffset_y",
+    "qoffset_z",
+    "srow_x",
+    "srow_y",
+    "srow_z",
+)
 
 
 def _load(case, name, path):
@@ -71,7 +81,9 @@ def stack_case(item):
     ``(x, y, z, 5)`` float32 ``Nifti1Image`` with the CT's geometry. Shapes must agree (``check_case`` checks more)."""
     case = item.get("case", "?")
     if len(item["image"]) != len(CHANNELS):
-        raise InvalidCaseError(f"{case}: expected {len(CHANNELS)} maps ({', '.join(CHANNELS)}), got {len(item['image'])}")
+        raise InvalidCaseError(
+            f"{case}: expected {len(CHANNELS)} maps ({', '.join(CHANNELS)}), got {len(item['image'])}"
+        )
     ct, ct_data = _load(case, CHANNELS[0], item["image"][0])
     if ct_data.ndim != 3:
         raise InvalidCaseError(f"{case}: CT file {item['image'][0]} is {ct_data.ndim}D, expected a 3D volume")
@@ -117,14 +129,23 @@ def _plan(source, sections):
         return [(None, case, source, case)]
     plan = []
     for section in sections:
-        plan += [(section, case, case_dir, f"{section.lower()}_{case}") for case, case_dir in find_cases(source, section)]
+        plan += [
+            (section, case, case_dir, f"{section.lower()}_{case}") for case, case_dir in find_cases(source, section)
+        ]
     if not plan:
         raise InvalidCaseError(f"{source}: no case folders under {' or '.join(s + '/' for s in sections)}")
     return plan
 
 
-def convert(source, output_dir, sections=(TRAINING_DIR, TESTING_DIR), labels=False, overwrite=False, check=True,
-            skip_invalid=False):
+def convert(
+    source,
+    output_dir,
+    sections=(TRAINING_DIR, TESTING_DIR),
+    labels=False,
+    overwrite=False,
+    check=True,
+    skip_invalid=False,
+):
     """Write one 5-channel study per case of ``source`` into ``output_dir``; return ``{study_id: path}``.
 
     ``source`` is one case folder (``.../case_N`` with its ``SMIR.Brain.XX.O.<MOD>.<id>`` map folders, written as
@@ -164,12 +185,21 @@ def convert(source, output_dir, sections=(TRAINING_DIR, TESTING_DIR), labels=Fal
     return written
 
 
-def main(source: str, output_dir: str, sections: str | tuple | list = f"{TRAINING_DIR},{TESTING_DIR}",
-         labels: bool = False, overwrite: bool = False, check: bool = True, skip_invalid: bool = False):
+def main(
+    source: str,
+    output_dir: str,
+    sections: str | tuple | list = f"{TRAINING_DIR},{TESTING_DIR}",
+    labels: bool = False,
+    overwrite: bool = False,
+    check: bool = True,
+    skip_invalid: bool = False,
+):
     """CLI: see the module docstring."""
     written = convert(source, output_dir, sections, labels, overwrite, check, skip_invalid)
-    print(f"{output_dir}: wrote {len(written)} 5-channel stud{'y' if len(written) == 1 else 'ies'}"
-          f" ({', '.join(CHANNELS)})" + (", with training labels in " + LABELS_SUBDIR if labels else ""))
+    print(
+        f"{output_dir}: wrote {len(written)} 5-channel stud{'y' if len(written) == 1 else 'ies'}"
+        f" ({', '.join(CHANNELS)})" + (", with training labels in " + LABELS_SUBDIR if labels else "")
+    )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,11 @@ class LesionVolumeMetric(_PerCaseMetric):
         voxel_ml = float(np.prod(spacing)) / 1000.0
         if self.of != "pred" and y is None:
             raise ValueError(f"the {self.of} volume needs the label")
-        volumes = {key: mask.flatten(2).sum(-1).double() * voxel_ml for key, mask in (("pred", y_pred), ("label", y))
-                   if mask is not None}
+        volumes = {
+            key: mask.flatten(2).sum(-1).double() * voxel_ml
+            for key, mask in (("pred", y_pred), ("label", y))
+            if mask is not None
+        }
         if self.of == "abs_difference":
             return (volumes["pred"] - volumes["label"]).abs().float()
         return volumes[self.of].float()
@@ -92,8 +95,9 @@ class ConfusionRatioMetric(ConfusionMatrixMetric):
     where it is 0/0 (precision of an empty prediction, recall against an empty label)."""
 
     def __init__(self, metric_name, include_background=True, reduction="mean"):
-        super().__init__(include_background=include_background, metric_name=metric_name, compute_sample=True,
-                         reduction=reduction)
+        super().__init__(
+            include_background=include_background, metric_name=metric_name, compute_sample=True, reduction=reduction
+        )
 
     def _compute_tensor(self, y_pred, y=None, **kwargs):
         return compute_confusion_matrix_metric(self.metric_name[0], super()._compute_tensor(y_pred, y))

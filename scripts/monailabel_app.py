@@ -43,8 +43,10 @@ def find_sample_app(sample_app=None):
     for path in candidates:
         if os.path.isfile(os.path.join(path, "main.py")):
             return path
-    raise FileNotFoundError(f"no MONAI Label monaibundle sample app in {', '.join(candidates)}; build the MONAI Label"
-                            " environment (bash tools/monailabel-env) or pass --sample_app")
+    raise FileNotFoundError(
+        f"no MONAI Label monaibundle sample app in {', '.join(candidates)}; build the MONAI Label"
+        " environment (bash tools/monailabel-env) or pass --sample_app"
+    )
 
 
 def _copy_bundle(target):
@@ -53,8 +55,11 @@ def _copy_bundle(target):
         name = os.path.basename(path)
         if os.path.isfile(path) and name.endswith((".json", ".yaml", ".conf")) and not name.startswith("datalist"):
             shutil.copy(path, os.path.join(target, "configs"))
-    shutil.copytree(os.path.join(BUNDLE_ROOT, "scripts"), os.path.join(target, "scripts"),
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        os.path.join(BUNDLE_ROOT, "scripts"),
+        os.path.join(target, "scripts"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     shutil.copytree(os.path.join(BUNDLE_ROOT, "docs"), os.path.join(target, "docs"))
     shutil.copy(os.path.join(BUNDLE_ROOT, "LICENSE"), target)
     os.makedirs(os.path.join(target, "models"))
@@ -88,7 +93,6 @@ def check_model(model_path, settings=None):
     ``settings`` applied, as MONAI Label will not; raises ``ValueError`` naming the file and the settings to pass."""
     from ignite.engine import Engine
     from monai.bundle import ConfigParser
-
     from scripts.checkpoints import NamedCheckpointLoader
     from scripts.networks import check_spatial_size
 
@@ -98,7 +102,8 @@ def check_model(model_path, settings=None):
     check_spatial_size(parser.get_parsed_content("spatial_size"), len(parser.get_parsed_content("features")))
     network = parser.get_parsed_content("network_def")
     NamedCheckpointLoader(load_path=model_path, load_dict={"model": network}, map_location="cpu")(
-        Engine(lambda engine, batch: None))
+        Engine(lambda engine, batch: None)
+    )
 
 
 def _check_replaceable(target, models_dir):
@@ -114,12 +119,22 @@ def _check_replaceable(target, models_dir):
     """
     real_target = os.path.realpath(target)
     if os.path.islink(target) or real_target != os.path.join(os.path.realpath(models_dir), os.path.basename(target)):
-        raise ValueError(f"{target} resolves to {real_target}, not to a folder of its own in {models_dir}; --overwrite"
-                         f" replaces only such a folder: remove {target} yourself or pick another --name")
+        raise ValueError(
+            f"{target} resolves to {real_target}, not to a folder of its own in {models_dir}; --overwrite"
+            f" replaces only such a folder: remove {target} yourself or pick another --name"
+        )
 
 
-def install(app_dir, model="models/model.pt", name="isles_ctp", features=None, spatial_size=None, settings=None,
-            sample_app=None, overwrite=False):
+def install(
+    app_dir,
+    model="models/model.pt",
+    name="isles_ctp",
+    features=None,
+    spatial_size=None,
+    settings=None,
+    sample_app=None,
+    overwrite=False,
+):
     """Create (or reuse) ``app_dir`` as a copy of the monaibundle sample app and put the bundle in
     ``app_dir/model/<name>`` with ``model`` as ``models/model.pt``; returns the bundle folder.
 
@@ -127,11 +142,15 @@ def install(app_dir, model="models/model.pt", name="isles_ctp", features=None, s
     written into the copy's inference.json and train.json. ``name`` must be a plain folder name; with ``overwrite`` an
     existing ``app_dir/model/<name>`` folder is replaced, never a link or anything outside ``app_dir/model``."""
     if not BUNDLE_NAME.fullmatch(name):
-        raise ValueError(f"--name must be a plain folder name (letters, digits, '.', '_' and '-', starting with a"
-                         f" letter or digit), got {name!r}")
+        raise ValueError(
+            f"--name must be a plain folder name (letters, digits, '.', '_' and '-', starting with a"
+            f" letter or digit), got {name!r}"
+        )
     if not os.path.isfile(model):
-        raise FileNotFoundError(f"no trained model at {model}: train one (README, 'Training'; the demo writes"
-                                " demo_data/models/model.pt) or pass --model")
+        raise FileNotFoundError(
+            f"no trained model at {model}: train one (README, 'Training'; the demo writes"
+            " demo_data/models/model.pt) or pass --model"
+        )
     app_dir = os.path.abspath(app_dir)
     models_dir = os.path.join(app_dir, "model")
     target = os.path.join(models_dir, name)
@@ -147,8 +166,12 @@ def install(app_dir, model="models/model.pt", name="isles_ctp", features=None, s
     _check_settings(settings)
     check_model(model, settings)
     if not os.path.isfile(os.path.join(app_dir, "main.py")):
-        shutil.copytree(find_sample_app(sample_app), app_dir, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            find_sample_app(sample_app),
+            app_dir,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
     staging = os.path.join(models_dir, f".{name}.partial")  # never a half-written bundle under model/<name>
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -163,15 +186,24 @@ def install(app_dir, model="models/model.pt", name="isles_ctp", features=None, s
     return target
 
 
-def main(app_dir: str, model: str = "models/model.pt", name: str = "isles_ctp", features: list | tuple | None = None,
-         spatial_size: list | tuple | None = None, settings: dict | None = None, sample_app: str | None = None,
-         overwrite: bool = False):
+def main(
+    app_dir: str,
+    model: str = "models/model.pt",
+    name: str = "isles_ctp",
+    features: list | tuple | None = None,
+    spatial_size: list | tuple | None = None,
+    settings: dict | None = None,
+    sample_app: str | None = None,
+    overwrite: bool = False,
+):
     """CLI: see the module docstring."""
     target = install(app_dir, model, name, features, spatial_size, settings, sample_app, overwrite)
-    print(f"{target}: bundle with {model} as models/model.pt\nstart the server with:\n"
-          f"  .venv-monailabel/bin/python -m monailabel.main start_server --app {os.path.dirname(os.path.dirname(target))}"
-          f" --studies STUDIES_DIR --conf models {name} --conf zoo_source github --conf sam2 false"
-          f" --host 127.0.0.1 --port 8000")
+    print(
+        f"{target}: bundle with {model} as models/model.pt\nstart the server with:\n"
+        f"  .venv-monailabel/bin/python -m monailabel.main start_server --app {os.path.dirname(os.path.dirname(target))}"
+        f" --studies STUDIES_DIR --conf models {name} --conf zoo_source github --conf sam2 false"
+        f" --host 127.0.0.1 --port 8000"
+    )
 
 
 if __name__ == "__main__":

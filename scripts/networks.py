@@ -30,11 +30,16 @@ def _as_int(value, what: str) -> int:
         raise ValueError(f"{what} must be an int, got {value!r}") from None
 
 
-def _divisibility_problems(spatial_size: Sequence[int], divisor: int) -> list[str]:
-    """Descriptions of the dimensions that are not positive multiples of ``divisor`` (empty when all are)."""
-    return [
-        f"{size} in dimension {dim}" for dim, size in enumerate(spatial_size) if size <= 0 or size % divisor != 0
-    ]
+def _divisibility_problems(spatial_size: list[int], divisor: int) -> list[str]:
+    """Descriptions of the dimensions that are not positive multiples of ``divisor`` (empty when all are).
+
+    Written as a loop so that TorchScript can compile it with the network's ``forward``.
+    """
+    problems: list[str] = []
+    for dim, size in enumerate(spatial_size):
+        if size <= 0 or size % divisor != 0:
+            problems.append(f"{size} in dimension {dim}")
+    return problems
 
 
 def check_spatial_size(spatial_size: Sequence[int], levels: int = 5) -> tuple[int, ...]:
@@ -57,7 +62,7 @@ def check_spatial_size(spatial_size: Sequence[int], levels: int = 5) -> tuple[in
     if isinstance(spatial_size, (str, bytes)) or not isinstance(spatial_size, Sequence) or len(spatial_size) == 0:
         raise ValueError(f"spatial_size must be a non-empty sequence of ints, got {spatial_size!r}")
     sizes = tuple(_as_int(s, f"spatial_size {list(spatial_size)} entry") for s in spatial_size)
-    problems = _divisibility_problems(sizes, divisor)
+    problems = _divisibility_problems(list(sizes), divisor)
     if problems:
         raise ValueError(
             f"spatial_size {list(sizes)} must be positive and divisible by {divisor} in every dimension "
@@ -275,14 +280,16 @@ class ModifiedUNet(nn.Module):
             raise ValueError(
                 f"input must be [B, C, *spatial] with {self.spatial_dims} spatial dims, got shape {list(x.shape)}"
             )
-        # under torch.jit.trace / ONNX export the sizes are traced values; the check is for eager calls
-        spatial = list(x.shape[2:])
-        problems = [] if torch.jit.is_tracing() else _divisibility_problems(spatial, self.divisor)
-        if problems:
-            raise ValueError(
-                f"input shape {list(x.shape)}: spatial size {spatial} must be divisible by {self.divisor} in every "
-                f"dimension for a {self.levels}-level UNet; got {', '.join(problems)}"
-            )
+        # eager and TorchScript (scripted) calls check the size; under torch.jit.trace / ONNX export the sizes are
+        # traced values, and the exported graph keeps no Python check
+        if not torch.jit.is_tracing():
+            spatial = list(x.shape[2:])
+            problems = _divisibility_problems(spatial, self.divisor)
+            if len(problems) > 0:
+                raise ValueError(
+                    f"input shape {list(x.shape)}: spatial size {spatial} must be divisible by {self.divisor} in "
+                    f"every dimension for a {self.levels}-level UNet; got {', '.join(problems)}"
+                )
 
         skips = []
         for i, block in enumerate(self.encoder):

@@ -1,6 +1,6 @@
 """Build a MONAI datalist (with patient-grouped folds) from an ISLES 2018 CT-perfusion tree, and check its files.
 
-    python -m scripts.prepare_datalist --data_root DIR --output datalist.json --folds 5 --seed 0 [--check]
+python -m scripts.prepare_datalist --data_root DIR --output datalist.json --folds 5 --seed 0 [--check]
 """
 
 import csv
@@ -10,7 +10,6 @@ import os
 from collections import defaultdict
 
 import numpy as np
-
 from scripts.isles import (
     CHANNELS,
     TESTING_DIR,
@@ -30,15 +29,19 @@ def read_patients_csv(path):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"case", "patient"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: a case-to-patient CSV needs the columns 'case' and 'patient', got {reader.fieldnames}")
+            raise ValueError(
+                f"{path}: a case-to-patient CSV needs the columns 'case' and 'patient', got {reader.fieldnames}"
+            )
         patients = {}
         for line, row in enumerate(reader, start=2):
             case, patient = (row["case"] or "").strip(), (row["patient"] or "").strip()
             if not case or not patient:
                 raise ValueError(f"{path}, line {line}: empty case or patient")
             if patients.setdefault(case, patient) != patient:
-                raise ValueError(f"{path}, line {line}: case {case} is given to patient {patient}, an earlier line gave"
-                                 f" it to patient {patients[case]}")
+                raise ValueError(
+                    f"{path}, line {line}: case {case} is given to patient {patient}, an earlier line gave"
+                    f" it to patient {patients[case]}"
+                )
         return patients
 
 
@@ -75,10 +78,12 @@ def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, s
     data_root = os.path.abspath(data_root)
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data_root {data_root} is not a folder")
-    training, skipped = read_valid_cases([(c, d, True) for c, d in find_cases(data_root, TRAINING_DIR)], check,
-                                         skip_invalid)
-    testing, skipped_test = read_valid_cases([(c, d, False) for c, d in find_cases(data_root, TESTING_DIR)], check,
-                                             skip_invalid)
+    training, skipped = read_valid_cases(
+        [(c, d, True) for c, d in find_cases(data_root, TRAINING_DIR)], check, skip_invalid
+    )
+    testing, skipped_test = read_valid_cases(
+        [(c, d, False) for c, d in find_cases(data_root, TESTING_DIR)], check, skip_invalid
+    )
     skipped += skipped_test
     if not training and not testing:
         raise InvalidCaseError(f"{data_root}: no usable case folders under {TRAINING_DIR}/ or {TESTING_DIR}/")
@@ -87,7 +92,9 @@ def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, s
         patients_csv = os.path.join(data_root, "patients.csv")
     cases = [item["case"] for item in training]
     if patients_csv is None:
-        logger.warning("no case-to-patient CSV: each case is its own patient; slabs of one patient may split across folds")
+        logger.warning(
+            "no case-to-patient CSV: each case is its own patient; slabs of one patient may split across folds"
+        )
         patients = {case: case for case in cases}
     else:
         patients = read_patients_csv(patients_csv)
@@ -109,14 +116,24 @@ def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, s
     }
 
 
-def main(data_root: str, output: str = "datalist.json", folds: int = 5, seed: int = 0, patients_csv: str | None = None,
-         check: bool = False, skip_invalid: bool = False, overwrite: bool = False):
+def main(
+    data_root: str,
+    output: str = "datalist.json",
+    folds: int = 5,
+    seed: int = 0,
+    patients_csv: str | None = None,
+    check: bool = False,
+    skip_invalid: bool = False,
+    overwrite: bool = False,
+):
     """CLI: write the datalist of ``data_root`` to ``output``; never replaces an existing file without ``--overwrite``."""
     refuse_existing([output], overwrite)
     datalist = build_datalist(data_root, folds, seed, patients_csv, check, skip_invalid)
     write_atomically(output, lambda f: f.write(json.dumps(datalist, indent=2).encode()))
-    print(f"{output}: {len(datalist['training'])} training cases in {folds} folds, {len(datalist['testing'])} testing,"
-          f" {len(datalist['skipped'])} skipped")
+    print(
+        f"{output}: {len(datalist['training'])} training cases in {folds} folds, {len(datalist['testing'])} testing,"
+        f" {len(datalist['skipped'])} skipped"
+    )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,19 @@ def print_training_summary(evaluator, ckpt_dir, log_dir) -> None:
     """
     state = evaluator.state
     if state.best_metric_epoch > 0:
-        print("validation", state.metrics, "| best", state.key_metric_name, round(state.best_metric, 4), "at epoch",
-              state.best_metric_epoch, "| best model:", os.path.abspath(os.path.join(ckpt_dir, "model.pt")),
-              "| TensorBoard logs:", os.path.abspath(log_dir))
+        print(
+            "validation",
+            state.metrics,
+            "| best",
+            state.key_metric_name,
+            round(state.best_metric, 4),
+            "at epoch",
+            state.best_metric_epoch,
+            "| best model:",
+            os.path.abspath(os.path.join(ckpt_dir, "model.pt")),
+            "| TensorBoard logs:",
+            os.path.abspath(log_dir),
+        )
 
 
 def write_report(details_dir, metrics, per_case_csv, summary_csv=None):

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from scripts.isles import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
 from scripts.safe_files import refuse_existing
 
@@ -41,8 +40,17 @@ SLAB_LIMIT_MM = 70.0  # slabs stay within this distance of the head centre along
 MAX_SLAB_MM = 120.0  # depth x thickness of one slab
 SCALP_MM = 4.0
 # Correlation length (mm) of each smooth random field of a patient, in the order they are drawn.
-FIELD_SIGMAS = {"shape": 25, "skull": 10, "folds": 3, "tissue": 8, "perfusion": 20, "core": 5, "cbf": 6,
-                "cbv": 5, "tmax": 8}
+FIELD_SIGMAS = {
+    "shape": 25,
+    "skull": 10,
+    "folds": 3,
+    "tissue": 8,
+    "perfusion": 20,
+    "core": 5,
+    "cbf": 6,
+    "cbv": 5,
+    "tmax": 8,
+}
 EDGE = 0.1  # width of the soft edge of the ischemic regions, in units of the lesion radius
 
 
@@ -76,8 +84,11 @@ class _Field:
         for axis, coords in ((2, z), (1, y), (0, x)):  # z first: a slab needs few z nodes
             nodes = self.nodes[axis]
             lo, hi = np.searchsorted(nodes, [coords.min() - 4 * self.sigma, coords.max() + 4 * self.sigma])
-            out = np.moveaxis(np.tensordot(out.take(np.arange(lo, hi), axis), self._weights(coords, nodes[lo:hi]),
-                                           axes=(axis, 1)), -1, axis)
+            out = np.moveaxis(
+                np.tensordot(out.take(np.arange(lo, hi), axis), self._weights(coords, nodes[lo:hi]), axes=(axis, 1)),
+                -1,
+                axis,
+            )
         return out
 
     def _weights(self, coords, nodes):
@@ -110,8 +121,11 @@ class _Patient:
         self.lesions = self._draw_lesions(rng, int(rng.integers(n_slabs, 4)))
         self.cbf_scale = float(rng.uniform(0.85, 1.15))
         self.core_hypodensity = float(rng.uniform(2, 6))
-        self.penumbra_factor = {"cbf": float(rng.uniform(1.05, 1.3)), "cbv": float(rng.uniform(0.5, 0.8)),
-                                "tmax": float(rng.uniform(1.4, 2.0))}
+        self.penumbra_factor = {
+            "cbf": float(rng.uniform(1.05, 1.3)),
+            "cbv": float(rng.uniform(0.5, 0.8)),
+            "tmax": float(rng.uniform(1.4, 2.0)),
+        }
 
     @staticmethod
     def _draw_slabs(rng, slices, n_slabs):
@@ -154,31 +168,37 @@ class _Patient:
     def anatomy(self, x, y, z):
         """Depth under the scalp and inside the skull (mm), grey-matter and CSF fractions on the grid x, y, z."""
         f = {name: self.fields[name](x, y, z) for name in ("shape", "skull", "folds", "tissue")}
-        X, Y, Z = np.ix_(x, y, z)
-        taper = np.sqrt(np.clip(1 - (Z / self.half_height) ** 2, 0.05, None))
+        gx, gy, gz = np.ix_(x, y, z)
+        taper = np.sqrt(np.clip(1 - (gz / self.half_height) ** 2, 0.05, None))
         a, b = self.semi_axes[0] * taper, self.semi_axes[1] * taper
-        radius = np.sqrt((X / a) ** 2 + (Y / b) ** 2) + 0.02 * f["shape"]
+        radius = np.sqrt((gx / a) ** 2 + (gy / b) ** 2) + 0.02 * f["shape"]
         depth = (1 - radius) * (a + b) / 2
         skull_end = SCALP_MM + self.skull_mm + f["skull"]
         brain_depth = depth - skull_end
         cortex = _sigmoid((10.0 + 5.0 * f["tissue"] + 2.0 * f["folds"] - brain_depth) / 0.7)
         deep_grey = _sigmoid((f["tissue"] - 1.0) / 0.25) * _sigmoid((brain_depth - 25.0) / 3.0)
-        ventricle = np.sqrt(((np.abs(X) - 8) / 6) ** 2 + ((Y - 5) / 20) ** 2 + ((Z - 15) / 12) ** 2)
+        ventricle = np.sqrt(((np.abs(gx) - 8) / 6) ** 2 + ((gy - 5) / 20) ** 2 + ((gz - 15) / 12) ** 2)
         ventricle = ventricle + 0.15 * f["tissue"]
         surface_csf = _sigmoid((1.0 - brain_depth) / 0.5)
         sulci = _sigmoid((f["folds"] - 1.3) / 0.2) * _sigmoid((10.0 - brain_depth) / 2.0)
         csf = np.maximum(np.maximum(surface_csf, sulci), _sigmoid((1 - ventricle) / 0.08))
-        return {"depth": depth, "skull_end": skull_end, "skull_field": f["skull"], "brain_depth": brain_depth,
-                "grey": np.maximum(cortex, deep_grey), "csf": csf}
+        return {
+            "depth": depth,
+            "skull_end": skull_end,
+            "skull_field": f["skull"],
+            "brain_depth": brain_depth,
+            "grey": np.maximum(cortex, deep_grey),
+            "csf": csf,
+        }
 
     def lesion_distance(self, x, y, z):
         """Smallest normalised ellipsoid distance to a lesion centre (< 1 inside a regular lesion)."""
-        X, Y, Z = np.ix_(x, y, z)
+        gx, gy, gz = np.ix_(x, y, z)
         distances = []
         for (cx, cy, cz), (rx, ry, rz), angle in self.lesions:
             c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
-            u, v = c * (X - cx) + s * (Y - cy), c * (Y - cy) - s * (X - cx)
-            distances.append(np.sqrt((u / rx) ** 2 + (v / ry) ** 2 + ((Z - cz) / rz) ** 2))
+            u, v = c * (gx - cx) + s * (gy - cy), c * (gy - cy) - s * (gx - cx)
+            distances.append(np.sqrt((u / rx) ** 2 + (v / ry) ** 2 + ((gz - cz) / rz) ** 2))
         return np.minimum.reduce(distances)
 
     def case(self, slab, rng):
@@ -209,14 +229,27 @@ class _Patient:
         ct = np.select([brain, anatomy["depth"] >= SCALP_MM, anatomy["depth"] >= 0], [tissue, bone, 40.0], -1000.0)
         ct = ct + noise(4.0)
 
-        cbf = (self.cbf_scale * (55 * grey + 22 * white) * (1 + 0.08 * f["perfusion"])
-               * (1 - 0.35 * severity["tmax"] - 0.5 * severity["cbf"]) * np.exp(noise(0.12)) * perfused)
-        cbv = ((4 * grey + 2 * white) * (1 + 0.05 * f["perfusion"]) * (1 + 0.15 * severity["tmax"])
-               * (1 - 0.6 * severity["cbv"]) * np.exp(noise(0.12)) * perfused)
-        mtt = ((4 * grey + 5 * white) * (1 + severity["tmax"] + 0.8 * severity["cbf"]) * np.exp(noise(0.1))
-               * perfused)
-        tmax = (np.clip(0.8 + 0.5 * f["perfusion"] + 7 * severity["tmax"] + 3 * severity["cbf"] + noise(0.5), 0, None)
-                * perfused)
+        cbf = (
+            self.cbf_scale
+            * (55 * grey + 22 * white)
+            * (1 + 0.08 * f["perfusion"])
+            * (1 - 0.35 * severity["tmax"] - 0.5 * severity["cbf"])
+            * np.exp(noise(0.12))
+            * perfused
+        )
+        cbv = (
+            (4 * grey + 2 * white)
+            * (1 + 0.05 * f["perfusion"])
+            * (1 + 0.15 * severity["tmax"])
+            * (1 - 0.6 * severity["cbv"])
+            * np.exp(noise(0.12))
+            * perfused
+        )
+        mtt = (4 * grey + 5 * white) * (1 + severity["tmax"] + 0.8 * severity["cbf"]) * np.exp(noise(0.1)) * perfused
+        tmax = (
+            np.clip(0.8 + 0.5 * f["perfusion"] + 7 * severity["tmax"] + 3 * severity["cbf"] + noise(0.5), 0, None)
+            * perfused
+        )
         arrays = {
             "CT": np.rint(np.clip(ct, -1024, 3071)),
             "CBF": np.rint(np.clip(cbf, 0, 65535)),
@@ -259,9 +292,16 @@ def _write_split(split_dir, keys, num_cases, seed, split_index, in_plane, slices
             rows.append((case, f"patient_{patient_index}"))
 
 
-def generate(output_dir: str, num_train: int = 20, num_test: int = 4, seed: int = 0, in_plane: int = 256,
-             slices: int | tuple | list = (2, 4, 8, 16, 22), two_slab_fraction: float = 0.3,
-             overwrite: bool = False) -> dict:
+def generate(
+    output_dir: str,
+    num_train: int = 20,
+    num_test: int = 4,
+    seed: int = 0,
+    in_plane: int = 256,
+    slices: int | tuple | list = (2, 4, 8, 16, 22),
+    two_slab_fraction: float = 0.3,
+    overwrite: bool = False,
+) -> dict:
     """Write a synthetic ISLES 2018 tree (TRAINING with labels, TESTING without, patients.csv) to `output_dir`.
 
     `slices` is a slab depth or the choices each case draws its depth from; a training patient gives two consecutive
@@ -283,15 +323,20 @@ def generate(output_dir: str, num_train: int = 20, num_test: int = 4, seed: int 
 
     smir_ids = itertools.count(FIRST_SMIR_ID)
     common = {"seed": int(seed), "in_plane": int(in_plane), "slices": slices, "smir_ids": smir_ids}
-    rows = _write_split(train_dir, CHANNELS + (LABEL,), num_train, split_index=0,
-                        two_slab_fraction=two_slab_fraction, **common)
+    rows = _write_split(
+        train_dir, CHANNELS + (LABEL,), num_train, split_index=0, two_slab_fraction=two_slab_fraction, **common
+    )
     test_rows = _write_split(test_dir, CHANNELS, num_test, split_index=1, two_slab_fraction=0.0, **common)
     train_dir.mkdir(parents=True, exist_ok=True)
     test_dir.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows([("case", "patient"), *rows])
-    return {"output_dir": str(output_dir), "training": [case for case, _ in rows],
-            "testing": [case for case, _ in test_rows], "patients_csv": str(csv_path)}
+    return {
+        "output_dir": str(output_dir),
+        "training": [case for case, _ in rows],
+        "testing": [case for case, _ in test_rows],
+        "patients_csv": str(csv_path),
+    }
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import re
 
 import monai
 from monai.bundle import ConfigParser
-
 from scripts.isles import CHANNELS
 
 
@@ -18,8 +17,17 @@ def load(repo_root, *parts):
 def test_model_zoo_layout(repo_root):
     for name in ("configs", "models", "scripts", "docs", "tests"):
         assert os.path.isdir(os.path.join(repo_root, name)), name
-    for name in ("LICENSE", "README.md", "docs/README.md", "docs/data_license.txt", "models/README.md",
-                 "configs/train.json", "configs/logging.conf", "requirements.txt", "requirements-dev.txt"):
+    for name in (
+        "LICENSE",
+        "README.md",
+        "docs/README.md",
+        "docs/data_license.txt",
+        "models/README.md",
+        "configs/train.json",
+        "configs/logging.conf",
+        "requirements.txt",
+        "requirements-dev.txt",
+    ):
         assert os.path.isfile(os.path.join(repo_root, name)), name
     assert "Apache License" in open(os.path.join(repo_root, "LICENSE")).read()
 
@@ -27,7 +35,8 @@ def test_model_zoo_layout(repo_root):
 def test_root_metadata_is_a_link_to_the_configs_one(repo_root):
     root = os.path.join(repo_root, "metadata.json")
     assert os.path.islink(root) and os.path.realpath(root) == os.path.realpath(
-        os.path.join(repo_root, "configs", "metadata.json"))
+        os.path.join(repo_root, "configs", "metadata.json")
+    )
     assert load(repo_root, "metadata.json") == load(repo_root, "configs", "metadata.json")
 
 
@@ -56,12 +65,37 @@ def test_ci_runs_the_readme_test_command(repo_root):
 
 # What inference.json repeats of train.json: MONAI Label reads each of the two alone, from its own working folder, so
 # neither can take these from the other (a `%configs/...` macro is resolved against the working folder).
-COPIED_FROM_TRAIN = ("network_def", "network", "preprocessing_transforms", "spatial_size", "features", "channels",
-                     "ct_window", "lesion_threshold", "image_key", "label_key", "channel_keys", "perfusion_keys",
-                     "device", "amp", "amp_kwargs", "channels_last")
+COPIED_FROM_TRAIN = (
+    "network_def",
+    "network",
+    "preprocessing_transforms",
+    "spatial_size",
+    "features",
+    "channels",
+    "ct_window",
+    "lesion_threshold",
+    "image_key",
+    "label_key",
+    "channel_keys",
+    "perfusion_keys",
+    "device",
+    "amp",
+    "amp_kwargs",
+    "channels_last",
+)
 # What evaluate.json takes from inference.json: the whole prediction pipeline; it adds the labels and the metrics.
-TAKEN_FROM_INFERENCE = ("spatial_keys", "resize_modes", "tta_flips", "ensemble_checkpoints", "amp_kwargs",
-                        "checkpoints", "pred_keys", "networks", "inferer", "postprocessing")
+TAKEN_FROM_INFERENCE = (
+    "spatial_keys",
+    "resize_modes",
+    "tta_flips",
+    "ensemble_checkpoints",
+    "amp_kwargs",
+    "checkpoints",
+    "pred_keys",
+    "networks",
+    "inferer",
+    "postprocessing",
+)
 
 
 def test_inference_json_stands_alone_and_repeats_train_jsons_network_and_preprocessing(repo_root):
@@ -71,8 +105,9 @@ def test_inference_json_stands_alone_and_repeats_train_jsons_network_and_preproc
     for config in (train, infer):
         assert "%" not in json.dumps(config), "MONAI Label reads train.json and inference.json without the others"
     assert infer["load_keys"] == infer["spatial_keys"] == ["@image_key"], "MONAI Label's requests have no label"
-    assert "@datalist" not in json.dumps([infer["preprocessing_transforms"], infer["postprocessing"]]), \
-        "MONAI Label builds pre- and postprocessing without the run's datalist"
+    assert "@datalist" not in json.dumps(
+        [infer["preprocessing_transforms"], infer["postprocessing"]]
+    ), "MONAI Label builds pre- and postprocessing without the run's datalist"
 
 
 def test_evaluation_is_the_prediction_pipeline_plus_labels_and_metrics(repo_root):

@@ -16,8 +16,14 @@ APP_FLAGS = "--app_dir, --model, --name, --features, --spatial_size, --settings,
 
 
 def run_cli(repo_root, module, *args):
-    return subprocess.run([sys.executable, "-m", f"scripts.{module}", *args], cwd=repo_root, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", f"scripts.{module}", *args],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def required_args(module, source, output):
@@ -30,32 +36,58 @@ def required_args(module, source, output):
 
 
 REFUSED = [  # (CLI, arguments after the required ones, exit status, the one line on stderr)
-    ("prepare_datalist", ["--chek", "True"], 2,
-     f"error: unknown flag --chek for scripts.prepare_datalist (did you mean --check?); known flags: {DATALIST_FLAGS}"),
-    ("prepare_datalist", ["-s", "1"], 2,  # fire's one-letter shortcut, but --seed and --skip_invalid both start with s
-     f"error: unknown flag -s for scripts.prepare_datalist; known flags: {DATALIST_FLAGS}"),
-    ("prepare_datalist", ["3", "0", "None", "True", "False", "False", "surplus"], 2,
-     ("error: unexpected argument 'surplus' for scripts.prepare_datalist: every parameter has a value"
-      f" ({DATALIST_FLAGS})")),
+    (
+        "prepare_datalist",
+        ["--chek", "True"],
+        2,
+        f"error: unknown flag --chek for scripts.prepare_datalist (did you mean --check?); known flags: {DATALIST_FLAGS}",
+    ),
+    (
+        "prepare_datalist",
+        ["-s", "1"],
+        2,  # fire's one-letter shortcut, but --seed and --skip_invalid both start with s
+        f"error: unknown flag -s for scripts.prepare_datalist; known flags: {DATALIST_FLAGS}",
+    ),
+    (
+        "prepare_datalist",
+        ["3", "0", "None", "True", "False", "False", "surplus"],
+        2,
+        (
+            "error: unexpected argument 'surplus' for scripts.prepare_datalist: every parameter has a value"
+            f" ({DATALIST_FLAGS})"
+        ),
+    ),
     ("prepare_datalist", ["--folds", "2.5"], 1, "error: --folds must be an integer, got 2.5"),
     ("prepare_datalist", ["--folds", "abc"], 1, "error: --folds must be an integer, got 'abc'"),
     ("prepare_datalist", ["--folds=True"], 1, "error: --folds must be an integer, got True"),
     ("prepare_datalist", ["--seed", "abc"], 1, "error: --seed must be an integer, got 'abc'"),
     ("prepare_datalist", ["--check", "maybe"], 1, "error: --check must be true or false, got 'maybe'"),
-    ("make_studies", ["--lables"], 2,
-     f"error: unknown flag --lables for scripts.make_studies (did you mean --labels?); known flags: {STUDIES_FLAGS}"),
+    (
+        "make_studies",
+        ["--lables"],
+        2,
+        f"error: unknown flag --lables for scripts.make_studies (did you mean --labels?); known flags: {STUDIES_FLAGS}",
+    ),
     ("make_studies", ["--sections", "1"], 1, "error: sections must be TRAINING and/or TESTING, got ['1']"),
-    ("monailabel_app", ["--overwite"], 2,
-     ("error: unknown flag --overwite for scripts.monailabel_app (did you mean --overwrite?);"
-      f" known flags: {APP_FLAGS}")),
+    (
+        "monailabel_app",
+        ["--overwite"],
+        2,
+        (
+            "error: unknown flag --overwite for scripts.monailabel_app (did you mean --overwrite?);"
+            f" known flags: {APP_FLAGS}"
+        ),
+    ),
     ("monailabel_app", ["--features", "8"], 1, "error: --features must be a list, a tuple or None, got 8"),
 ]
 
 
-@pytest.mark.parametrize("module, args, status, line", REFUSED,
-                         ids=[f"{module}-{' '.join(args)}" for module, args, _, _ in REFUSED])
-def test_a_bad_command_line_is_refused_before_anything_is_written(repo_root, synthetic_tree, tmp_path, module, args,
-                                                                  status, line):
+@pytest.mark.parametrize(
+    "module, args, status, line", REFUSED, ids=[f"{module}-{' '.join(args)}" for module, args, _, _ in REFUSED]
+)
+def test_a_bad_command_line_is_refused_before_anything_is_written(
+    repo_root, synthetic_tree, tmp_path, module, args, status, line
+):
     output = str(tmp_path / "output")
     result = run_cli(repo_root, module, *required_args(module, synthetic_tree, output), *args)
     assert result.returncode == status, result.stderr
@@ -64,10 +96,14 @@ def test_a_bad_command_line_is_refused_before_anything_is_written(repo_root, syn
     assert not os.path.exists(output), "nothing is written for a refused command line"
 
 
-@pytest.mark.parametrize("args, folds, seed", [
-    (["--data-root={tree}", "--output", "{out}", "--folds=3", "--seed", "1", "--nocheck"], 3, 1),
-    (["{tree}", "{out}", "-f", "2", "--check"], 2, 0),  # positional arguments and fire's one-letter shortcut
-], ids=["flags", "positional"])
+@pytest.mark.parametrize(
+    "args, folds, seed",
+    [
+        (["--data-root={tree}", "--output", "{out}", "--folds=3", "--seed", "1", "--nocheck"], 3, 1),
+        (["{tree}", "{out}", "-f", "2", "--check"], 2, 0),  # positional arguments and fire's one-letter shortcut
+    ],
+    ids=["flags", "positional"],
+)
 def test_a_correct_command_still_works(repo_root, synthetic_tree, tmp_path, args, folds, seed):
     out = tmp_path / "datalist.json"
     result = run_cli(repo_root, "prepare_datalist", *(a.format(tree=synthetic_tree, out=out) for a in args))

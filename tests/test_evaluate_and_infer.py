@@ -15,30 +15,40 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import initialize_and_run, raised_messages
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 from PIL import Image
 from scipy import ndimage
-
-from helpers import raised_messages
-from scripts.isles import CHANNELS
-from scripts.outputs import write_overlays
 from scripts.datalist import find_inputs, load_section
-from scripts.isles import InvalidCaseError, read_case
+from scripts.isles import CHANNELS, InvalidCaseError, read_case
+from scripts.outputs import write_overlays
 from scripts.prepare_datalist import build_datalist
 from scripts.synthetic_isles import generate
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
-COLUMNS = ["dice", "jaccard", "precision", "recall", "hd95_mm", "assd_mm", "volume_true_ml", "volume_pred_ml",
-           "volume_abs_diff_ml"]
+COLUMNS = [
+    "dice",
+    "jaccard",
+    "precision",
+    "recall",
+    "hd95_mm",
+    "assd_mm",
+    "volume_true_ml",
+    "volume_pred_ml",
+    "volume_abs_diff_ml",
+]
 EVALUATE = ("train.json", "evaluate.json")
 
 
 def workflow(repo_root, configs, workflow_type, **override):
-    return ConfigWorkflow(config_file=[os.path.join(repo_root, "configs", name) for name in configs],
-                          meta_file=os.path.join(repo_root, "configs", "metadata.json"), workflow_type=workflow_type,
-                          **override)
+    return ConfigWorkflow(
+        config_file=[os.path.join(repo_root, "configs", name) for name in configs],
+        meta_file=os.path.join(repo_root, "configs", "metadata.json"),
+        workflow_type=workflow_type,
+        **override,
+    )
 
 
 def run_all(wf):
@@ -50,8 +60,14 @@ def run_all(wf):
 
 def bundle_run(repo_root, *args):
     """`python -m monai.bundle run ARGS` in the repo root, as a user types it; its stdout."""
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=repo_root, check=False,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        cwd=repo_root,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -87,8 +103,7 @@ def trained(repo_root, synthetic_tree, tmp_path_factory):
     datalist = root / "datalist.json"
     datalist.write_text(json.dumps(build_datalist(synthetic_tree, folds=3, seed=0)))
     settings = {**TINY, "dataset_dir": synthetic_tree, "data_list_file_path": str(datalist)}
-    run_all(workflow(repo_root, ("train.json",), "train", bundle_root=str(root), epochs=1, val_interval=1,
-                     **settings))
+    run_all(workflow(repo_root, ("train.json",), "train", bundle_root=str(root), epochs=1, val_interval=1, **settings))
     assert (root / "models" / "model.pt").is_file() and (root / "models" / "checkpoint_epoch=1.pt").is_file()
     return root, settings
 
@@ -98,13 +113,17 @@ def reference_metrics(pred, label, spacing):
     tp, fp, fn = (pred & label).sum(), (pred & ~label).sum(), (~pred & label).sum()
     voxel_ml = float(np.prod(spacing)) / 1000
     both_empty = not pred.any() and not label.any()
-    values = {"dice": 1.0 if both_empty else 2 * tp / (2 * tp + fp + fn),
-              "jaccard": 1.0 if both_empty else tp / (tp + fp + fn),
-              "precision": tp / (tp + fp) if pred.any() else math.nan,
-              "recall": tp / (tp + fn) if label.any() else math.nan,
-              "hd95_mm": 0.0 if both_empty else math.nan, "assd_mm": 0.0 if both_empty else math.nan,
-              "volume_true_ml": label.sum() * voxel_ml, "volume_pred_ml": pred.sum() * voxel_ml,
-              "volume_abs_diff_ml": abs(int(pred.sum()) - int(label.sum())) * voxel_ml}
+    values = {
+        "dice": 1.0 if both_empty else 2 * tp / (2 * tp + fp + fn),
+        "jaccard": 1.0 if both_empty else tp / (tp + fp + fn),
+        "precision": tp / (tp + fp) if pred.any() else math.nan,
+        "recall": tp / (tp + fn) if label.any() else math.nan,
+        "hd95_mm": 0.0 if both_empty else math.nan,
+        "assd_mm": 0.0 if both_empty else math.nan,
+        "volume_true_ml": label.sum() * voxel_ml,
+        "volume_pred_ml": pred.sum() * voxel_ml,
+        "volume_abs_diff_ml": abs(int(pred.sum()) - int(label.sum())) * voxel_ml,
+    }
     if pred.any() and label.any():
         edge_pred, edge_label = (m & ~ndimage.binary_erosion(m) for m in (pred, label))
         to_label = ndimage.distance_transform_edt(~edge_label, sampling=spacing)[edge_pred]
@@ -123,8 +142,15 @@ def close(written, expected):
 def evaluated(repo_root, trained):
     """`run evaluating` through the command line, exactly as the README gives it."""
     root, settings = trained
-    stdout = bundle_run(repo_root, "evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']",
-                        "--bundle_root", str(root), *cli(**settings))
+    stdout = bundle_run(
+        repo_root,
+        "evaluating",
+        "--config_file",
+        "['configs/train.json','configs/evaluate.json']",
+        "--bundle_root",
+        str(root),
+        *cli(**settings),
+    )
     return root / "runs" / "eval", stdout
 
 
@@ -156,20 +182,42 @@ def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root,
 
     model, latest = str(root / "models" / "model.pt"), str(root / "models" / "checkpoint_epoch=1.pt")
     # an ensemble of one model with itself is that model: the same masks
-    twice = run_all(workflow(repo_root, EVALUATE, "train", bundle_root=str(root), output_dir=str(tmp_path),
-                             ensemble_checkpoints=[model, model], **settings))
+    twice = run_all(
+        workflow(
+            repo_root,
+            EVALUATE,
+            "train",
+            bundle_root=str(root),
+            output_dir=str(tmp_path),
+            ensemble_checkpoints=[model, model],
+            **settings,
+        )
+    )
     assert twice.parser.get_parsed_content("pred_keys") == ["pred_0", "pred_1"]
     for row in read_csv(eval_dir / "metrics_per_case.csv"):
         name = f"{row['case']}.nii.gz"
         assert np.array_equal(load(tmp_path / "eval" / "masks" / name)[0], load(eval_dir / "masks" / name)[0])
 
     before = os.path.getmtime(eval_dir / "metrics_per_case.csv")
-    tta = run_all(workflow(repo_root, EVALUATE, "train", bundle_root=str(root), overwrite=True, tta_flips=True,
-                           ensemble_checkpoints=[model, latest], **settings))
+    tta = run_all(
+        workflow(
+            repo_root,
+            EVALUATE,
+            "train",
+            bundle_root=str(root),
+            overwrite=True,
+            tta_flips=True,
+            ensemble_checkpoints=[model, latest],
+            **settings,
+        )
+    )
     assert type(tta.parser.get_parsed_content("validate#evaluator").inferer).__name__ == "FlipInferer"
     rows = read_csv(eval_dir / "metrics_per_case.csv")
-    assert os.path.getmtime(eval_dir / "metrics_per_case.csv") > before and len(rows) == len(os.listdir(
-        eval_dir / "masks")) and all(row[name] != "" for row in rows for name in COLUMNS)
+    assert (
+        os.path.getmtime(eval_dir / "metrics_per_case.csv") > before
+        and len(rows) == len(os.listdir(eval_dir / "masks"))
+        and all(row[name] != "" for row in rows for name in COLUMNS)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +258,15 @@ def source_grid(image):
 
 def test_inference_masks_lie_exactly_on_the_source_scans(repo_root, trained, new_scans, tmp_path):
     (root, settings), (datalist, items) = trained, new_scans
-    wf = workflow(repo_root, ("inference.json",), "infer", bundle_root=str(root), dataset_dir=str(datalist),
-                  output_dir=str(tmp_path), **{k: settings[k] for k in TINY})
+    wf = workflow(
+        repo_root,
+        ("inference.json",),
+        "infer",
+        bundle_root=str(root),
+        dataset_dir=str(datalist),
+        output_dir=str(tmp_path),
+        **{k: settings[k] for k in TINY},
+    )
     wf.initialize()
     assert wf.check_properties() == [], "inference.json must define every property of MONAI's inference workflow"
     wf.run()
@@ -227,12 +282,19 @@ def test_inference_masks_lie_exactly_on_the_source_scans(repo_root, trained, new
         masks[case] = np.asanyarray(img.dataobj)
         assert masks[case].shape == shape and np.array_equal(img.affine, affine), case
         assert masks[case].dtype == np.uint8 and set(np.unique(masks[case])) <= {0, 1}
-        assert math.isclose(volumes[case], masks[case].sum() * np.prod(img.header.get_zooms()[:3]) / 1000,
-                            rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(
+            volumes[case], masks[case].sum() * np.prod(img.header.get_zooms()[:3]) / 1000, rel_tol=1e-5, abs_tol=1e-6
+        )
         with Image.open(out / "overlays" / f"{case}.png") as png:
             assert png.size[0] > 256 and png.size[1] > 2 * 128
-    assert {m.shape for m in masks.values()} >= {(256, 256, 2), (256, 256, 7), (256, 256, 22), (512, 512, 2),
-                                                 (512, 512, 7), (512, 512, 22)}
+    assert {m.shape for m in masks.values()} >= {
+        (256, 256, 2),
+        (256, 256, 7),
+        (256, 256, 22),
+        (512, 512, 2),
+        (512, 512, 7),
+        (512, 512, 22),
+    }
     # the 5 maps and the same maps in one 4D file give the same mask; so does the file stored mirrored along x
     assert np.array_equal(masks["ctp_256x2"], masks["case_2"])
     assert np.array_equal(masks["ctp_256x2_lps"], masks["ctp_256x2"][::-1])
@@ -251,8 +313,16 @@ def test_inference_masks_lie_exactly_on_the_source_scans(repo_root, trained, new
 
 def test_inference_command_on_an_isles_root(repo_root, trained, synthetic_tree):
     root, settings = trained
-    stdout = bundle_run(repo_root, "--config_file", "configs/inference.json", "--dataset_dir", synthetic_tree,
-                        "--bundle_root", str(root), *cli(**{k: settings[k] for k in TINY}))
+    stdout = bundle_run(
+        repo_root,
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        synthetic_tree,
+        "--bundle_root",
+        str(root),
+        *cli(**{k: settings[k] for k in TINY}),
+    )
     out = root / "runs" / "predictions"
     testing = find_inputs(synthetic_tree)
     assert [row["case"] for row in read_csv(out / "volumes.csv")] == [item["case"] for item in testing]
@@ -262,8 +332,17 @@ def test_inference_command_on_an_isles_root(repo_root, trained, synthetic_tree):
         assert img.shape == shape and np.array_equal(img.affine, affine)
         assert (out / "overlays" / f"{item['case']}.png").is_file()
     assert "volumes.csv" in stdout
-    raises_file_exists(workflow(repo_root, ("inference.json",), "infer", bundle_root=str(root),
-                                dataset_dir=synthetic_tree, **{k: settings[k] for k in TINY}), out)
+    raises_file_exists(
+        workflow(
+            repo_root,
+            ("inference.json",),
+            "infer",
+            bundle_root=str(root),
+            dataset_dir=synthetic_tree,
+            **{k: settings[k] for k in TINY},
+        ),
+        out,
+    )
 
 
 def test_find_inputs_accepts_the_documented_layouts(synthetic_tree, new_scans):
@@ -278,12 +357,15 @@ def test_find_inputs_accepts_the_documented_layouts(synthetic_tree, new_scans):
     assert [item["case"] for item in find_inputs(str(datalist.parent / "isles"))] == ["case_2", "case_7", "case_22"]
 
 
-@pytest.mark.parametrize("broken, message", [
-    ("shape", "must be (x, y, z, 5)"),
-    ("names", "two cases are named scan"),
-    ("maps", "lists 3 files"),
-    ("training_only", "no TESTING folder"),
-])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("shape", "must be (x, y, z, 5)"),
+        ("names", "two cases are named scan"),
+        ("maps", "lists 3 files"),
+        ("training_only", "no TESTING folder"),
+    ],
+)
 def test_find_inputs_names_the_problem(tmp_path, broken, message):
     scan = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 2, 5 if broken != "shape" else 3), np.float32), np.eye(4)), scan)
@@ -327,19 +409,27 @@ def test_overlay_refuses_a_mask_off_the_scan_grid(tmp_path):
 
 
 def infer_expecting_error(repo_root, root, settings, dataset_dir, out, **override):
-    wf = workflow(repo_root, ("inference.json",), "infer", bundle_root=str(root), dataset_dir=str(dataset_dir),
-                  output_dir=str(out), **{k: settings[k] for k in TINY}, **override)
+    wf = workflow(
+        repo_root,
+        ("inference.json",),
+        "infer",
+        bundle_root=str(root),
+        dataset_dir=str(dataset_dir),
+        output_dir=str(out),
+        **{k: settings[k] for k in TINY},
+        **override,
+    )
     with pytest.raises(Exception) as excinfo:
-        wf.initialize()
-        wf.run()
+        initialize_and_run(wf)
     assert not glob.glob(str(out / "predictions" / "masks" / "*")), "no mask is written"
     assert not (out / "predictions" / "volumes.csv").exists(), "no volume is reported"
     return raised_messages(excinfo)
 
 
 @pytest.mark.parametrize("check_inputs", [True, False])
-def test_inference_refuses_an_input_that_is_not_finite_as_float32(repo_root, trained, synthetic_tree, tmp_path,
-                                                                  check_inputs):
+def test_inference_refuses_an_input_that_is_not_finite_as_float32(
+    repo_root, trained, synthetic_tree, tmp_path, check_inputs
+):
     """A float64 Tmax with 1e300 is Inf as the float32 the network reads: no mask, no 0.0 mL, the case named."""
     root, settings = trained
     case_dir = tmp_path / "cases" / "case_9"
@@ -349,10 +439,14 @@ def test_inference_refuses_an_input_that_is_not_finite_as_float32(repo_root, tra
     data = np.asanyarray(img.dataobj).astype(np.float64)
     data.flat[100] = 1e300
     nib.save(nib.Nifti1Image(data, img.affine), tmax)
-    message = infer_expecting_error(repo_root, root, settings, tmp_path / "cases", tmp_path / "out",
-                                    check_inputs=check_inputs)
-    expected = f"case_9: Tmax file {tmax} has 1 values that are NaN/Inf as float32" if check_inputs else \
-        "case_9: the input 'image' holds NaN or Inf in channel(s) Tmax"
+    message = infer_expecting_error(
+        repo_root, root, settings, tmp_path / "cases", tmp_path / "out", check_inputs=check_inputs
+    )
+    expected = (
+        f"case_9: Tmax file {tmax} has 1 values that are NaN/Inf as float32"
+        if check_inputs
+        else "case_9: the input 'image' holds NaN or Inf in channel(s) Tmax"
+    )
     assert expected in message, message
 
 
@@ -361,8 +455,9 @@ def test_inference_refuses_a_prediction_that_is_not_finite(repo_root, trained, s
     model = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     broken = tmp_path / "nan_model.pt"
     torch.save({k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in model.items()}, broken)
-    message = infer_expecting_error(repo_root, root, settings, synthetic_tree, tmp_path / "out",
-                                    ensemble_checkpoints=[str(broken)])
+    message = infer_expecting_error(
+        repo_root, root, settings, synthetic_tree, tmp_path / "out", ensemble_checkpoints=[str(broken)]
+    )
     assert "case_1: the prediction 'pred' holds NaN or Inf" in message, message
 
 
@@ -374,9 +469,14 @@ def test_inference_names_a_checkpoint_it_cannot_load(repo_root, trained, synthet
         data = (root / "models" / "model.pt").read_bytes()
         broken.write_bytes(data[: len(data) // 2])
     else:
-        torch.save(workflow(repo_root, ("inference.json",), "infer", features=[4, 8, 16, 32, 64]).parser
-                   .get_parsed_content("network_def").state_dict(), broken)
-    message = infer_expecting_error(repo_root, root, settings, synthetic_tree, tmp_path / "out",
-                                    ensemble_checkpoints=[str(broken)])
+        torch.save(
+            workflow(repo_root, ("inference.json",), "infer", features=[4, 8, 16, 32, 64])
+            .parser.get_parsed_content("network_def")
+            .state_dict(),
+            broken,
+        )
+    message = infer_expecting_error(
+        repo_root, root, settings, synthetic_tree, tmp_path / "out", ensemble_checkpoints=[str(broken)]
+    )
     expected = "not a loadable PyTorch checkpoint" if damage == "truncated" else "does not fit the network"
     assert f"ValueError: {broken}: {expected}" in message, message

@@ -1,7 +1,6 @@
 """The metrics of configs/evaluate.json on hand-made masks with known answers, and the flip test-time inferer."""
 
 import csv
-import json
 import math
 import os
 
@@ -11,7 +10,6 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.handlers import MetricsSaver
-
 from scripts.inferers import FlipInferer
 from scripts.metrics import ConfusionRatioMetric
 from scripts.reports import write_report
@@ -19,8 +17,17 @@ from scripts.reports import write_report
 SPACING = (0.5, 0.5, 5.0)  # mm: anisotropic, as ISLES slabs are
 VOXEL_ML = 0.5 * 0.5 * 5.0 / 1000
 NAN = math.nan
-COLUMNS = ["dice", "jaccard", "precision", "recall", "hd95_mm", "assd_mm", "volume_true_ml", "volume_pred_ml",
-           "volume_abs_diff_ml"]
+COLUMNS = [
+    "dice",
+    "jaccard",
+    "precision",
+    "recall",
+    "hd95_mm",
+    "assd_mm",
+    "volume_true_ml",
+    "volume_pred_ml",
+    "volume_abs_diff_ml",
+]
 
 
 def box(z0, z1):
@@ -39,8 +46,11 @@ CASES = {
     # prediction = label (z 0-1) plus z 2-3: 56 of its 64 voxels are on its surface, 28 of them in the label (0 mm),
     # 12 at 5 mm, 16 at 10 mm; 28 label voxels are on the prediction's surface, 4 are 0.5 mm (one voxel in-plane)
     # from it -> HD95 max(10, 0.5) = 10 mm, ASSD (12 * 5 + 16 * 10 + 4 * 0.5) / (56 + 32) mm
-    "larger": (box(0, 4), box(0, 2), [2 / 3, 0.5, 0.5, 1.0, 10.0, 222 / 88, 32 * VOXEL_ML, 64 * VOXEL_ML,
-                                      32 * VOXEL_ML]),
+    "larger": (
+        box(0, 4),
+        box(0, 2),
+        [2 / 3, 0.5, 0.5, 1.0, 10.0, 222 / 88, 32 * VOXEL_ML, 64 * VOXEL_ML, 32 * VOXEL_ML],
+    ),
     "both_empty": (EMPTY, EMPTY, [1.0, 1.0, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0]),
     "missed": (EMPTY, box(0, 2), [0.0, 0.0, NAN, 0.0, NAN, NAN, 32 * VOXEL_ML, 0.0, 32 * VOXEL_ML]),
     "false_alarm": (box(0, 2), EMPTY, [0.0, 0.0, 0.0, NAN, NAN, NAN, 0.0, 32 * VOXEL_ML, 32 * VOXEL_ML]),
@@ -69,8 +79,16 @@ def evaluated(repo_root, tmp_path):
         handler.attach(engine, name)
     (saver,) = [h for h in parser.get_parsed_content("handlers") if isinstance(h, MetricsSaver)]
     saver.attach(engine)
-    batches = [[{"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/data/{case}.nii.gz"}),
-                 "pred": on_grid(pred), "label": on_grid(label)}] for case, (pred, label, _) in CASES.items()]
+    batches = [
+        [
+            {
+                "image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/data/{case}.nii.gz"}),
+                "pred": on_grid(pred),
+                "label": on_grid(label),
+            }
+        ]
+        for case, (pred, label, _) in CASES.items()
+    ]
     engine.run(batches)
     return engine, os.path.join(str(tmp_path), "eval")
 
@@ -85,8 +103,12 @@ def test_every_metric_on_hand_made_masks(evaluated):
 
 def test_per_case_csv_and_summary_leave_nans_out(evaluated, capsys):
     _, eval_dir = evaluated
-    rows = write_report(os.path.join(eval_dir, "details"), COLUMNS, os.path.join(eval_dir, "per_case.csv"),
-                        os.path.join(eval_dir, "summary.csv"))
+    rows = write_report(
+        os.path.join(eval_dir, "details"),
+        COLUMNS,
+        os.path.join(eval_dir, "per_case.csv"),
+        os.path.join(eval_dir, "summary.csv"),
+    )
     with open(os.path.join(eval_dir, "per_case.csv")) as f:
         assert list(csv.DictReader(f)) == rows
     assert [row["case"] for row in rows] == list(CASES)

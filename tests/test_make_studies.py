@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 from monai.transforms import LoadImaged
-
-from scripts.isles import CHANNELS
+from scripts.isles import CHANNELS, InvalidCaseError, find_cases, read_case
 from scripts.make_studies import convert
-from scripts.isles import InvalidCaseError, find_cases, read_case
 
 
 def maps_of(case_dir):
@@ -104,13 +102,14 @@ def test_a_bad_later_case_stops_the_run_before_any_study_is_written(repo_root, s
     cmd = [sys.executable, "-m", "scripts.make_studies", "--source", str(root), "--output_dir", str(out), "--labels"]
     result = subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
-    error = result.stderr[result.stderr.find("error: "):]  # nibabel's reason runs over two lines
+    error = result.stderr[result.stderr.find("error: ") :]  # nibabel's reason runs over two lines
     assert error.startswith(f"error: TRAINING/{case}: ") and cbf in error.splitlines()[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists(), "no study is written when a case is bad"
 
-    skipping = subprocess.run(cmd + ["--skip_invalid"], check=False, cwd=repo_root, capture_output=True, text=True,
-                              timeout=300)
+    skipping = subprocess.run(
+        cmd + ["--skip_invalid"], check=False, cwd=repo_root, capture_output=True, text=True, timeout=300
+    )
     assert skipping.returncode == 0, skipping.stderr
     assert f"skipped 1 invalid case(s):\n  TRAINING/{case}: " in skipping.stderr
     training = [c for c, _ in find_cases(str(root), "TRAINING") if c != case]
@@ -136,8 +135,17 @@ def test_shape_mismatch_is_reported_with_case_and_file(synthetic_tree, tmp_path)
 
 def test_cli(repo_root, synthetic_tree, tmp_path):
     out = tmp_path / "studies"
-    cmd = [sys.executable, "-m", "scripts.make_studies", "--source", synthetic_tree, "--output_dir", str(out),
-           "--sections", "TESTING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.make_studies",
+        "--source",
+        synthetic_tree,
+        "--output_dir",
+        str(out),
+        "--sections",
+        "TESTING",
+    ]
     result = subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "wrote 2 5-channel studies" in result.stdout
@@ -163,9 +171,15 @@ def test_inference_gives_the_same_masks_for_the_maps_and_the_study(repo_root, sy
     convert(synthetic_tree, str(studies), sections="TESTING")
     masks = {}
     for name, source in (("maps", synthetic_tree), ("studies", str(studies))):
-        wf = ConfigWorkflow(config_file=config, meta_file=os.path.join(repo_root, "configs", "metadata.json"),
-                            workflow_type="infer", bundle_root=str(tmp_path), dataset_dir=source,
-                            output_dir=str(tmp_path / name), **tiny)
+        wf = ConfigWorkflow(
+            config_file=config,
+            meta_file=os.path.join(repo_root, "configs", "metadata.json"),
+            workflow_type="infer",
+            bundle_root=str(tmp_path),
+            dataset_dir=source,
+            output_dir=str(tmp_path / name),
+            **tiny,
+        )
         wf.initialize()
         wf.run()
         wf.finalize()

@@ -27,10 +27,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
-
+from scripts.isles import read_case
 from scripts.make_studies import convert
 from scripts.monailabel_app import install
-from scripts.isles import read_case
 from scripts.synthetic_isles import generate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +41,7 @@ TINY_TRAIN = {**TINY, "batch_size": 1, "val_interval": 1, "cache_rate": 1.0, "le
 TRAIN_CASES = [f"case_{i}" for i in range(1, 7)]  # studies with labels/final labels; 5-6 are the direct run's fold 0
 TARGET = "case_7"  # the study inferred over HTTP: unlabelled in the datastore, stored mirrored (LPS)
 START_TIMEOUT, INFER_TIMEOUT, TRAIN_TIMEOUT = 240, 180, 600  # seconds
+
 
 def _monailabel_prefix():
     """sys.prefix of the MONAI Label environment (the sample apps live under it), or a reason why it is unusable."""
@@ -104,22 +104,37 @@ def app(ml_prefix, isles, tmp_path_factory):
     (MONAI Label reads configs/inference.json and configs/train.json only)."""
     trained = tmp_path_factory.mktemp("trained")
     datalist = trained / "datalist.json"
-    items = [dict(read_case(case, str(isles / "TRAINING" / case), with_label=True), fold=int(i < 4))
-             for i, case in enumerate(TRAIN_CASES)]
+    items = [
+        dict(read_case(case, str(isles / "TRAINING" / case), with_label=True), fold=int(i < 4))
+        for i, case in enumerate(TRAIN_CASES)
+    ]
     write_json(datalist, {"training": items})
-    wf = ConfigWorkflow(config_file=os.path.join(REPO_ROOT, "configs", "train.json"), workflow_type="train",
-                        meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"), bundle_root=str(trained),
-                        dataset_dir=str(isles), data_list_file_path=str(datalist),
-                        **{**TINY_TRAIN, "epochs": 24, "val_interval": 4})
+    wf = ConfigWorkflow(
+        config_file=os.path.join(REPO_ROOT, "configs", "train.json"),
+        workflow_type="train",
+        meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"),
+        bundle_root=str(trained),
+        dataset_dir=str(isles),
+        data_list_file_path=str(datalist),
+        **{**TINY_TRAIN, "epochs": 24, "val_interval": 4},
+    )
     wf.initialize()
     wf.run()
     wf.finalize()
 
     app_dir = tmp_path_factory.mktemp("app") / "isles-app"
     settings = {k: v for k, v in TINY_TRAIN.items() if k not in ("features", "spatial_size")}
-    bundle = Path(install(str(app_dir), str(trained / "models" / "model.pt"), MODEL, features=TINY["features"],
-                          spatial_size=TINY["spatial_size"], settings=settings,
-                          sample_app=os.path.join(ml_prefix, "monailabel", "sample-apps", "monaibundle")))
+    bundle = Path(
+        install(
+            str(app_dir),
+            str(trained / "models" / "model.pt"),
+            MODEL,
+            features=TINY["features"],
+            spatial_size=TINY["spatial_size"],
+            settings=settings,
+            sample_app=os.path.join(ml_prefix, "monailabel", "sample-apps", "monaibundle"),
+        )
+    )
     assert bundle == app_dir / "model" / MODEL and sorted(os.listdir(bundle / "models")) == ["model.pt"]
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
     assert inference["features"] == TINY["features"] and inference["num_workers"] == 0
@@ -164,13 +179,34 @@ def server(app, studies, tmp_path_factory):
     folder, _ = studies
     log = tmp_path_factory.mktemp("server") / "server.log"
     port = free_port()
-    cmd = [ML_PYTHON, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(folder),
-           "--conf", "models", MODEL, "--conf", "zoo_source", "github", "--conf", "sam2", "false",
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        ML_PYTHON,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(app_dir),
+        "--studies",
+        str(folder),
+        "--conf",
+        "models",
+        MODEL,
+        "--conf",
+        "zoo_source",
+        "github",
+        "--conf",
+        "sam2",
+        "false",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONAI_LABEL_", "PYTHONPATH"))}
     with open(log, "w") as out:
-        process = subprocess.Popen(cmd, cwd=app_dir.parent, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            cmd, cwd=app_dir.parent, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     server = Server(process, f"http://127.0.0.1:{port}", log)
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -198,8 +234,13 @@ def server(app, studies, tmp_path_factory):
 def infer_by_id(server, image):
     query = urllib.parse.urlencode({"image": image, "output": "image"})
     body = urllib.parse.urlencode({"params": json.dumps({"device": "cpu"})}).encode()
-    status, content = call("POST", f"{server.url}/infer/{MODEL}?{query}", body,
-                           {"Content-Type": "application/x-www-form-urlencoded"}, timeout=INFER_TIMEOUT)
+    status, content = call(
+        "POST",
+        f"{server.url}/infer/{MODEL}?{query}",
+        body,
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=INFER_TIMEOUT,
+    )
     assert status == 200, f"/infer by id: {status} {content[:500]!r}\n{server.log_tail()}"
     return content
 
@@ -208,13 +249,20 @@ def infer_by_upload(server, path):
     boundary = uuid.uuid4().hex
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps({"device": "cpu"})}\r\n',
-        (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{os.path.basename(path)}"\r\n'
-         "Content-Type: application/gzip\r\n\r\n"),
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{os.path.basename(path)}"\r\n'
+            "Content-Type: application/gzip\r\n\r\n"
+        ),
     ]
     with open(path, "rb") as f:
         body = parts[0].encode() + parts[1].encode() + f.read() + f"\r\n--{boundary}--\r\n".encode()
-    status, content = call("POST", f"{server.url}/infer/{MODEL}?output=image", body,
-                           {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=INFER_TIMEOUT)
+    status, content = call(
+        "POST",
+        f"{server.url}/infer/{MODEL}?output=image",
+        body,
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        timeout=INFER_TIMEOUT,
+    )
     assert status == 200, f"/infer by upload: {status} {content[:500]!r}\n{server.log_tail()}"
     return content
 
@@ -230,9 +278,14 @@ def direct_run(bundle, study, out):
     source = out / "input"
     source.mkdir(parents=True)
     shutil.copy(study, source)
-    wf = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.json"), workflow_type="infer",
-                        meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle),
-                        dataset_dir=str(source), output_dir=str(out / "runs"))
+    wf = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "inference.json"),
+        workflow_type="infer",
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        bundle_root=str(bundle),
+        dataset_dir=str(source),
+        output_dir=str(out / "runs"),
+    )
     wf.initialize()
     wf.run()
     wf.finalize()
@@ -281,8 +334,9 @@ def test_training_through_monai_label_and_serving_the_result(server, app, studie
     model_pt = bundle / "models" / "model.pt"
     before = model_pt.stat().st_mtime_ns
     params = {"max_epochs": 2, "val_split": 0.34, "device": "cpu", "multi_gpu": False, "pretrained": True}
-    status, body = call("POST", f"{server.url}/train/{MODEL}", json.dumps(params).encode(),
-                        {"Content-Type": "application/json"})
+    status, body = call(
+        "POST", f"{server.url}/train/{MODEL}", json.dumps(params).encode(), {"Content-Type": "application/json"}
+    )
     assert status == 200, f"/train: {status} {body[:500]!r}\n{server.log_tail()}"
     deadline = time.monotonic() + TRAIN_TIMEOUT
     while True:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.monailabel_app import install
 
 TINY = [2, 4, 8, 16, 32]
@@ -41,12 +40,27 @@ def tiny_model(tmp_path):
 
 def test_install_writes_the_models_settings_into_both_configs(tmp_path, sample_app, tiny_model):
     app = tmp_path / "app"
-    bundle = install(str(app), tiny_model, "isles_ctp", features=TINY, spatial_size=[32, 32, 16],
-                     settings={"num_workers": 0, "val_interval": 1}, sample_app=sample_app)
+    bundle = install(
+        str(app),
+        tiny_model,
+        "isles_ctp",
+        features=TINY,
+        spatial_size=[32, 32, 16],
+        settings={"num_workers": 0, "val_interval": 1},
+        sample_app=sample_app,
+    )
     assert bundle == str(app / "model" / "isles_ctp")
     assert (app / "main.py").is_file() and (app / "lib").is_dir()
-    for name in ("configs/inference.json", "configs/train.json", "configs/metadata.json", "scripts/networks.py",
-                 "scripts/make_studies.py", "models/model.pt", "LICENSE", "docs/README.md"):
+    for name in (
+        "configs/inference.json",
+        "configs/train.json",
+        "configs/metadata.json",
+        "scripts/networks.py",
+        "scripts/make_studies.py",
+        "models/model.pt",
+        "LICENSE",
+        "docs/README.md",
+    ):
         assert os.path.isfile(os.path.join(bundle, name)), name
     assert not [f for f in os.listdir(os.path.join(bundle, "configs")) if f.startswith("datalist")]
     assert sorted(os.listdir(app / "model")) == ["isles_ctp"]  # no staging folder left
@@ -123,13 +137,29 @@ def test_cli_refuses_a_name_that_is_no_folder_of_its_own(repo_root, tmp_path, sa
     app = tmp_path / "app"
     install(str(app), tiny_model, features=TINY, sample_app=sample_app)
     before = snapshot(tmp_path)
-    cmd = [sys.executable, "-m", "scripts.monailabel_app", "--app_dir", str(app), "--model", tiny_model, "--features",
-           str(TINY), "--sample_app", sample_app, "--name", "..", "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.monailabel_app",
+        "--app_dir",
+        str(app),
+        "--model",
+        tiny_model,
+        "--features",
+        str(TINY),
+        "--sample_app",
+        sample_app,
+        "--name",
+        "..",
+        "--overwrite",
+    ]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        ("error: --name must be a plain folder name (letters, digits, '.', '_' and '-', starting with a letter or"
-         " digit), got '..'")
+        (
+            "error: --name must be a plain folder name (letters, digits, '.', '_' and '-', starting with a letter or"
+            " digit), got '..'"
+        )
     ]
     assert snapshot(tmp_path) == before
 
@@ -146,8 +176,19 @@ BROKEN_CHECKPOINTS = {  # how to write each, from a good checkpoint
 def test_a_file_that_is_no_checkpoint_is_named_in_one_line(repo_root, tmp_path, sample_app, tiny_model, kind):
     model = tmp_path / f"{kind}.pt"
     BROKEN_CHECKPOINTS[kind](model, Path(tiny_model))
-    cmd = [sys.executable, "-m", "scripts.monailabel_app", "--app_dir", str(tmp_path / "app"), "--model", str(model),
-           "--features", str(TINY), "--sample_app", sample_app]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.monailabel_app",
+        "--app_dir",
+        str(tmp_path / "app"),
+        "--model",
+        str(model),
+        "--features",
+        str(TINY),
+        "--sample_app",
+        sample_app,
+    ]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
@@ -156,8 +197,17 @@ def test_a_file_that_is_no_checkpoint_is_named_in_one_line(repo_root, tmp_path, 
 
 
 def test_cli_errors_are_one_line(repo_root, tmp_path, sample_app):
-    cmd = [sys.executable, "-m", "scripts.monailabel_app", "--app_dir", str(tmp_path / "app"), "--model",
-           str(tmp_path / "missing.pt"), "--sample_app", sample_app]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.monailabel_app",
+        "--app_dir",
+        str(tmp_path / "app"),
+        "--model",
+        str(tmp_path / "missing.pt"),
+        "--sample_app",
+        sample_app,
+    ]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: no trained model at")

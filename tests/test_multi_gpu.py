@@ -16,7 +16,6 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
-
 from scripts.networks import ModifiedUNet
 from scripts.prepare_datalist import build_datalist
 
@@ -41,8 +40,15 @@ class RankProbe:
         self.cases[engine.state.epoch].extend(engine.state.batch["case"])
 
     def save(self, engine):
-        torch.save({"cases": dict(self.cases), "metrics": dict(engine.state.metrics), "amp_kwargs": engine.amp_kwargs,
-                    "weights": engine.network.module.state_dict()}, self.path)
+        torch.save(
+            {
+                "cases": dict(self.cases),
+                "metrics": dict(engine.state.metrics),
+                "amp_kwargs": engine.amp_kwargs,
+                "weights": engine.network.module.state_dict(),
+            },
+            self.path,
+        )
 
 
 def per_rank(name):
@@ -54,7 +60,8 @@ def probe_config(path):
     config = {"ckpt_dir": per_rank("models"), "output_dir": per_rank("runs")}
     for engine in ("train", "validate"):
         config[f"+{engine}#handlers"] = [
-            {"_target_": "tests.test_multi_gpu.RankProbe", "path": per_rank(f"probe_{engine}") + " + '.pt'"}]
+            {"_target_": "tests.test_multi_gpu.RankProbe", "path": per_rank(f"probe_{engine}") + " + '.pt'"}
+        ]
     with open(path, "w") as f:
         json.dump(config, f)
     return str(path)
@@ -77,9 +84,21 @@ def torchrun(repo_root, run_id, configs, bundle_root, **override):
     """`torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run RUN_ID ...` on CPU with gloo; the
     device given as users type it, `--device cpu` (a string, not a torch.device)."""
     override = {"bundle_root": bundle_root, "backend": "gloo", "device": "cpu", **override}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs),
-           *[x for key, value in override.items() for x in (f"--{key}", str(value))]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        repr(configs),
+        *[x for key, value in override.items() for x in (f"--{key}", str(value))],
+    ]
     result = subprocess.run(cmd, cwd=repo_root, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -122,7 +141,8 @@ def test_validation_is_split_and_metrics_are_gathered(ddp_run):
 def test_rank0_alone_writes_one_checkpoint_holding_the_final_weights(ddp_run):
     root, result, _ = ddp_run
     assert [os.path.basename(p) for p in glob.glob(str(root / "models_rank0" / "checkpoint_epoch=*.pt"))] == [
-        "checkpoint_epoch=2.pt"]
+        "checkpoint_epoch=2.pt"
+    ]
     assert os.path.isfile(root / "models_rank0" / "model.pt")
     assert glob.glob(str(root / "runs_rank0" / "events.out.tfevents.*"))
     rank1_files = [f for folder in ("models_rank1", "runs_rank1") for _, _, fs in os.walk(root / folder) for f in fs]
@@ -145,8 +165,10 @@ def test_amp_dtype_reaches_both_engines(ddp_run):
 
 @pytest.mark.parametrize(
     "configs, handler_ids",
-    [(("train.json", "multi_gpu_train.json"), ("train#handlers", "validate#handlers")),
-     (("train.json", "evaluate.json", "multi_gpu_evaluate.json"), ("handlers",))],
+    [
+        (("train.json", "multi_gpu_train.json"), ("train#handlers", "validate#handlers")),
+        (("train.json", "evaluate.json", "multi_gpu_evaluate.json"), ("handlers",)),
+    ],
     ids=["train", "evaluate"],
 )
 def test_only_log_writers_are_left_out_on_other_ranks(repo_root, configs, handler_ids):
@@ -156,13 +178,19 @@ def test_only_log_writers_are_left_out_on_other_ranks(repo_root, configs, handle
     parser.read_config([os.path.join(repo_root, "configs", name) for name in configs])
     assert parser["write_logs"] == "@is_rank0"
     parser.parse()  # `%file#id` macros copied in
-    ids = [f"{list_id}#{i}" if isinstance(h, dict) else h[1:] for list_id in handler_ids
-           for i, h in enumerate(parser[list_id])]
+    ids = [
+        f"{list_id}#{i}" if isinstance(h, dict) else h[1:]
+        for list_id in handler_ids
+        for i, h in enumerate(parser[list_id])
+    ]
     for write_logs in (True, False):
         parser["write_logs"] = write_logs
         parser.parse()
-        left_out = {parser[i]["_target_"] for i in ids if "_disabled_" in parser[i]
-                    and parser.get_parsed_content(f"{i}#_disabled_")}
+        left_out = {
+            parser[i]["_target_"]
+            for i in ids
+            if "_disabled_" in parser[i] and parser.get_parsed_content(f"{i}#_disabled_")
+        }
         assert left_out == (set() if write_logs else {parser[i]["_target_"] for i in ids} & ON_RANK0_ONLY)
     assert {parser[i]["_target_"] for i in ids} & ON_RANK0_ONLY
 
@@ -174,7 +202,8 @@ def read_csv(path):
 
 def same_values(a, b):
     return a.keys() == b.keys() and all(
-        x == y or math.isclose(float(x), float(y), rel_tol=1e-6) for x, y in zip(a.values(), b.values()))
+        x == y or math.isclose(float(x), float(y), rel_tol=1e-6) for x, y in zip(a.values(), b.values())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +218,14 @@ def ddp_eval(repo_root, split, ddp_run, tmp_path_factory):
     single.initialize()
     single.run()
     configs = ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"]
-    result = torchrun(repo_root, "evaluating", configs, root / "ddp", **settings,
-                      eval_dir="$@output_dir + '/eval_rank' + os.environ['RANK']")
+    result = torchrun(
+        repo_root,
+        "evaluating",
+        configs,
+        root / "ddp",
+        **settings,
+        eval_dir="$@output_dir + '/eval_rank' + os.environ['RANK']",
+    )
     return root / "single" / "runs" / "eval", [root / "ddp" / "runs" / f"eval_rank{r}" for r in (0, 1)], result, cases
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn as nn
 from monai.bundle import ConfigParser
-
 from scripts.networks import ConvBlock, ModifiedUNet, UpBlock, check_spatial_size, instance_norm_as_group_norm
 
 TINY = (2, 4, 8, 16, 32)

@@ -13,10 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
-
-from scripts.isles import CHANNELS
 from scripts.datalist import load_fold
-from scripts.isles import InvalidCaseError, check_case
+from scripts.isles import CHANNELS, InvalidCaseError, check_case
 from scripts.prepare_datalist import build_datalist
 
 # The token each channel's folder carries in the synthetic tree (the real release's CT_ names).
@@ -60,9 +58,22 @@ def test_datalist_content_and_channel_order(synthetic_tree):
 def test_written_datalist_loads_with_monai(synthetic_tree, tmp_path):
     out = tmp_path / "datalist.json"
     subprocess.run(
-        [sys.executable, "-m", "scripts.prepare_datalist", "--data_root", synthetic_tree, "--output", str(out),
-         "--folds", "5", "--seed", "0"],
-        cwd=os.path.dirname(os.path.dirname(__file__)), check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "scripts.prepare_datalist",
+            "--data_root",
+            synthetic_tree,
+            "--output",
+            str(out),
+            "--folds",
+            "5",
+            "--seed",
+            "0",
+        ],
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        check=True,
+        capture_output=True,
     )
     items = load_decathlon_datalist(str(out), data_list_key="training", base_dir=synthetic_tree)
     assert len(items) == 10
@@ -249,9 +260,21 @@ def break_empty_case(tree):
     return "case_4", "case_4"
 
 
-BREAKERS = [break_missing_map, break_shape, break_affine, break_truncated, break_not_nifti, break_nan, break_label,
-            break_empty_case, break_flt_max_marker, break_float64_overflow, break_scaled_overflow,
-            break_affine_rounding, break_dangling_case_link]
+BREAKERS = [
+    break_missing_map,
+    break_shape,
+    break_affine,
+    break_truncated,
+    break_not_nifti,
+    break_nan,
+    break_label,
+    break_empty_case,
+    break_flt_max_marker,
+    break_float64_overflow,
+    break_scaled_overflow,
+    break_affine_rounding,
+    break_dangling_case_link,
+]
 
 
 @pytest.mark.parametrize("breaker", BREAKERS, ids=[b.__name__[6:] for b in BREAKERS])
@@ -270,7 +293,9 @@ def test_broken_input_is_named(tree, breaker, tmp_path, caplog):
     out = tmp_path / "datalist.json"
     result = subprocess.run(
         [sys.executable, "-m", "scripts.prepare_datalist", "--data_root", tree, "--output", str(out), "--check"],
-        cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0 and f"error: {case}:" in result.stderr, result.stderr
     assert not out.exists(), "nothing is written for broken input"

@@ -11,7 +11,6 @@ import nibabel as nib
 import pytest
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset
-
 from scripts.datalist import load_fold
 from scripts.prepare_datalist import build_datalist
 from scripts.readers import ThreadSafeNibabelReader

@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts.isles import CHANNELS, LABEL, SMIR_NAME, TESTING_DIR, TRAINING_DIR, key_of_token
 from scripts.synthetic_isles import generate
 
@@ -71,8 +70,12 @@ def test_layout_names_and_ids(tree):
     assert sorted(p.name for p in root.iterdir()) == ["TESTING", "TRAINING", "patients.csv"]
     assert [d.name for d in case_dirs(root, TRAINING_DIR)] == [f"case_{i}" for i in range(1, 9)]
     assert [d.name for d in case_dirs(root, TESTING_DIR)] == ["case_1", "case_2"]
-    assert summary == {"output_dir": str(root), "training": [f"case_{i}" for i in range(1, 9)],
-                       "testing": ["case_1", "case_2"], "patients_csv": str(root / "patients.csv")}
+    assert summary == {
+        "output_dir": str(root),
+        "training": [f"case_{i}" for i in range(1, 9)],
+        "testing": ["case_1", "case_2"],
+        "patients_csv": str(root / "patients.csv"),
+    }
     ids = []
     for split, keys in ((TRAINING_DIR, CHANNELS + (LABEL,)), (TESTING_DIR, CHANNELS)):
         for case in case_dirs(root, split):
@@ -190,15 +193,20 @@ def test_best_dice_helper_finds_a_perfect_threshold():
 def test_two_slab_patients_share_the_head_but_not_the_slab(tmp_path):
     generate(tmp_path, num_train=4, num_test=0, seed=2, in_plane=32, slices=(4, 8), two_slab_fraction=1.0)
     assert read_rows(tmp_path / "patients.csv")[1:] == [
-        ["case_1", "patient_1"], ["case_2", "patient_1"], ["case_3", "patient_2"], ["case_4", "patient_2"]]
+        ["case_1", "patient_1"],
+        ["case_2", "patient_1"],
+        ["case_3", "patient_2"],
+        ["case_4", "patient_2"],
+    ]
     affines = [load_case(d)["CT"].affine for d in case_dirs(tmp_path, TRAINING_DIR)]
     for a, b in (affines[:2], affines[2:]):
         assert np.array_equal(a[:2], b[:2]), "same in-plane grid"
         assert a[2, 3] != b[2, 3], "different slab position"
     assert not np.array_equal(affines[0][:2], affines[2][:2]), "different patients, different grids"
 
-    generate(tmp_path, num_train=3, num_test=0, seed=2, in_plane=32, slices=(4, 8), two_slab_fraction=0.0,
-             overwrite=True)
+    generate(
+        tmp_path, num_train=3, num_test=0, seed=2, in_plane=32, slices=(4, 8), two_slab_fraction=0.0, overwrite=True
+    )
     assert [p for _, p in read_rows(tmp_path / "patients.csv")[1:]] == ["patient_1", "patient_2", "patient_3"]
 
 
@@ -259,8 +267,13 @@ def test_rejects_bad_arguments(tmp_path, kwargs):
 
 def test_cli_writes_the_same_tree_as_the_api(tmp_path):
     args = ["--num_train", "2", "--num_test", "1", "--seed", "5", "--in_plane", "32", "--slices", "[2,4]"]
-    result = subprocess.run([sys.executable, "-m", "scripts.synthetic_isles", "--output_dir", str(tmp_path / "cli"),
-                             *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.synthetic_isles", "--output_dir", str(tmp_path / "cli"), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     generate(tmp_path / "api", num_train=2, num_test=1, seed=5, in_plane=32, slices=[2, 4])
     cli, api = tree_bytes(tmp_path / "cli"), tree_bytes(tmp_path / "api")

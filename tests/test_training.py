@@ -12,15 +12,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import initialize_and_run, raised_messages
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-
-from helpers import raised_messages
 from scripts.prepare_datalist import build_datalist
 
 # Small enough for this CPU: 5 levels still need every spatial size divisible by 16.
-TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "batch_size": 2, "num_workers": 0,
-        "epochs": 2, "val_interval": 1, "cache_rate": 1.0}
+TINY = {
+    "features": [2, 4, 8, 16, 32],
+    "spatial_size": [32, 32, 16],
+    "batch_size": 2,
+    "num_workers": 0,
+    "epochs": 2,
+    "val_interval": 1,
+    "cache_rate": 1.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,13 @@ def datalist_file(synthetic_tree, tmp_path_factory):
 def workflow(repo_root, bundle_root, configs=("train.json",), **override):
     """A ConfigWorkflow over the repo's configs that writes into ``bundle_root`` (not into the repo)."""
     files = [os.path.join(repo_root, "configs", name) for name in configs]
-    wf = ConfigWorkflow(config_file=files, meta_file=os.path.join(repo_root, "configs", "metadata.json"),
-                        workflow_type="train", bundle_root=str(bundle_root), **override)
+    wf = ConfigWorkflow(
+        config_file=files,
+        meta_file=os.path.join(repo_root, "configs", "metadata.json"),
+        workflow_type="train",
+        bundle_root=str(bundle_root),
+        **override,
+    )
     return wf
 
 
@@ -141,7 +152,8 @@ def test_resume_loads_onto_the_device_given_as_a_string(repo_root, synthetic_tre
     first = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file))
     first.initialize()
     first.parser.get_parsed_content("train#trainer").add_event_handler(
-        Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+        Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate()
+    )
     first.run()
     wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, device="cpu", resume=True))
     run_all(wf)
@@ -168,17 +180,34 @@ def test_same_seed_gives_identical_runs(repo_root, synthetic_tree, datalist_file
 def test_bad_config_values_fail_clearly(repo_root, synthetic_tree, datalist_file, tmp_path, override, error, message):
     wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, **override))
     with pytest.raises(Exception) as excinfo:
-        wf.initialize()
-        wf.run()
+        initialize_and_run(wf)
     assert f"{error.__name__}: " in raised_messages(excinfo) and message in raised_messages(excinfo)
     assert not os.path.exists(tmp_path / "models" / "model.pt")
 
 
 def test_demo_learns(repo_root, tmp_path):
     """A shorter demo through `monai.bundle run`: validation Dice well above trivial all-background/all-lesion."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "['configs/train.json','configs/demo.json']", "--bundle_root", str(tmp_path), "--num_cases", "12",
-           "--epochs", "30", "--val_interval", "10", "--spatial_size", "[32,32,16]", "--learning_rate", "0.003"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.json','configs/demo.json']",
+        "--bundle_root",
+        str(tmp_path),
+        "--num_cases",
+        "12",
+        "--epochs",
+        "30",
+        "--val_interval",
+        "10",
+        "--spatial_size",
+        "[32,32,16]",
+        "--learning_rate",
+        "0.003",
+    ]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "best model:" in result.stdout and "TensorBoard logs:" in result.stdout
@@ -186,8 +215,11 @@ def test_demo_learns(repo_root, tmp_path):
     assert len(datalist["training"]) == 12
     dice = float(result.stdout.rsplit("| best val_mean_dice ", 1)[1].split()[0])
     # all-lesion guess: Dice = 2|L| / (|L| + N) on the validation fold's labels; all-background scores 0
-    fractions = [np.asanyarray(nib.load(tmp_path / "demo_data" / "isles" / item["label"]).dataobj).mean()
-                 for item in datalist["training"] if item["fold"] == 0]
+    fractions = [
+        np.asanyarray(nib.load(tmp_path / "demo_data" / "isles" / item["label"]).dataobj).mean()
+        for item in datalist["training"]
+        if item["fold"] == 0
+    ]
     all_lesion = max(2 * f / (f + 1) for f in fractions)
     assert dice > max(0.1, 5 * all_lesion), (dice, all_lesion)
 
@@ -197,7 +229,8 @@ def killed_after(repo_root, bundle_root, synthetic_tree, datalist_file, epoch, *
     wf = workflow(repo_root, bundle_root, **tiny(synthetic_tree, datalist_file, **override))
     wf.initialize()
     wf.parser.get_parsed_content("train#trainer").add_event_handler(
-        Events.EPOCH_COMPLETED(once=epoch), lambda engine: engine.terminate())
+        Events.EPOCH_COMPLETED(once=epoch), lambda engine: engine.terminate()
+    )
     wf.run()
     return wf
 
@@ -209,7 +242,9 @@ def test_a_second_run_never_replaces_a_trained_model_unasked(repo_root, syntheti
     with pytest.raises(Exception) as excinfo:
         workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file)).initialize()
     message = raised_messages(excinfo)
-    assert f"FileExistsError: {model} exists" in message and "--resume true" in message and "--overwrite true" in message
+    assert (
+        f"FileExistsError: {model} exists" in message and "--resume true" in message and "--overwrite true" in message
+    )
     assert model.read_bytes() == before and latest.exists()
     with pytest.raises(Exception) as excinfo:
         workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, resume=True, overwrite=True)).initialize()
@@ -238,7 +273,10 @@ def test_resume_keeps_the_best_validation_so_far(repo_root, synthetic_tree, data
     wf = run_all(workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=4, resume=True)))
     evaluator = wf.parser.get_parsed_content("validate#evaluator")
     assert evaluator.state.epoch == 4, "the resumed run validated epochs 3 and 4"
-    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (2.0, state["validation"]["best_metric_epoch"])
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (
+        2.0,
+        state["validation"]["best_metric_epoch"],
+    )
     assert (tmp_path / "models" / "model.pt").read_bytes() == model
 
 
@@ -289,8 +327,9 @@ run(sys.argv[1], config_file="configs/train.json", meta_file="configs/metadata.j
 
 
 @pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5])
-def test_a_kill_while_a_checkpoint_is_written_leaves_loadable_files(repo_root, synthetic_tree, datalist_file, tmp_path,
-                                                                      kill_at):
+def test_a_kill_while_a_checkpoint_is_written_leaves_loadable_files(
+    repo_root, synthetic_tree, datalist_file, tmp_path, kill_at
+):
     """Per validated epoch the run saves model.pt (when the metric improves), then checkpoint_epoch=N.pt; the kill
     lands in one of them. Every file left loads; a resume continues from the latest checkpoint or, before the first
     one, says there is none, and a new run then replaces the killed one."""
@@ -299,8 +338,14 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_loadable_files(repo_root, s
     override = {**tiny(synthetic_tree, datalist_file, epochs=3), "bundle_root": str(tmp_path)}
 
     def run(kill_at, **extra):
-        return subprocess.run([sys.executable, str(script), "training", repr({**override, **extra})], cwd=repo_root,
-                              env={**os.environ, "KILL_AT": str(kill_at)}, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, str(script), "training", repr({**override, **extra})],
+            cwd=repo_root,
+            env={**os.environ, "KILL_AT": str(kill_at)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     killed = run(kill_at)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -340,12 +385,13 @@ def test_a_flt_max_marker_never_reaches_the_network(repo_root, synthetic_tree, t
     nib.save(nib.Nifti1Image(data, img.affine), tmax)
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(build_datalist(str(tree), folds=3, seed=0)))
-    for check, message in ((True, f"InvalidCaseError: case_3: Tmax file {tmax} has 20 values beyond"),
-                           (False, "ValueError: case_3: the input 'image' holds NaN or Inf in channel(s) Tmax")):
+    for check, message in (
+        (True, f"InvalidCaseError: case_3: Tmax file {tmax} has 20 values beyond"),
+        (False, "ValueError: case_3: the input 'image' holds NaN or Inf in channel(s) Tmax"),
+    ):
         wf = workflow(repo_root, tmp_path / str(check), **tiny(str(tree), str(datalist), check_inputs=check))
         with pytest.raises(Exception) as excinfo:
-            wf.initialize()
-            wf.run()
+            initialize_and_run(wf)
         assert message in raised_messages(excinfo)
         assert glob.glob(str(tmp_path / str(check) / "models" / "*.pt")) == []
 
@@ -353,8 +399,18 @@ def test_a_flt_max_marker_never_reaches_the_network(repo_root, synthetic_tree, t
 def bundle_training(repo_root, bundle_root, synthetic_tree, datalist_file, **override):
     """`python -m monai.bundle run training` with train.json, as a user types it (values as text)."""
     args = {**tiny(synthetic_tree, datalist_file), "bundle_root": str(bundle_root), **override}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-           "--meta_file", "configs/metadata.json", *[x for k, v in args.items() for x in (f"--{k}", str(v))]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--meta_file",
+        "configs/metadata.json",
+        *[x for k, v in args.items() for x in (f"--{k}", str(v))],
+    ]
     return subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -362,8 +418,9 @@ def test_flags_typed_false_on_the_command_line_are_false(repo_root, synthetic_tr
     """`--overwrite false` reaches the config as the text 'false', which Python takes for true."""
     killed_after(repo_root, tmp_path, synthetic_tree, datalist_file, 1, epochs=2)
     before = (tmp_path / "models" / "model.pt").read_bytes()
-    _, stderr = bundle_training(repo_root, tmp_path, synthetic_tree, datalist_file, epochs=2, resume="false",
-                                overwrite="false").communicate(timeout=600)
+    _, stderr = bundle_training(
+        repo_root, tmp_path, synthetic_tree, datalist_file, epochs=2, resume="false", overwrite="false"
+    ).communicate(timeout=600)
     assert "FileExistsError" in stderr and "holds an earlier training run" in stderr, stderr[-2000:]
     assert (tmp_path / "models" / "model.pt").read_bytes() == before
 
