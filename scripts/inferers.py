@@ -1,7 +1,9 @@
-"""Test-time mirroring (nnU-Net's flip test-time augmentation) as a MONAI inferer.
+"""The bundle's inferers: test-time mirroring, and bfloat16 autocast on the CPU.
 
 MONAI's ``TestTimeAugmentation`` draws random transforms on dictionaries to estimate uncertainty; there is no
-inferer that averages the fixed set of mirror images, which is what nnU-Net does at test time.
+inferer that averages the fixed set of mirror images, which is what nnU-Net does at test time. MONAI's engines
+autocast for CUDA only (``torch.autocast("cuda")`` under ``amp``), so on a CPU ``amp`` does nothing there; the
+inferer is where the bundle runs the network in bfloat16 on CPUs that compute it in hardware.
 """
 
 from __future__ import annotations
@@ -11,16 +13,76 @@ import math
 
 import torch
 from monai.inferers import Inferer, SimpleInferer
+from scripts.cli import as_bool
 
-__all__ = ["FlipInferer", "test_time_inferer"]
+__all__ = ["CpuAutocastInferer", "FlipInferer", "amp_default", "cpu_has_native_bf16", "engine_amp", "make_inferer"]
+
+# /proc/cpuinfo flags of bfloat16 arithmetic in hardware: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
-def test_time_inferer(tta_flips=False) -> Inferer:
-    """The inferer of evaluation and inference: ``FlipInferer()`` with ``tta_flips`` (a bool, or true/false as typed
-    on the command line), else MONAI's ``SimpleInferer()``."""
-    from scripts.cli import as_bool
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 in hardware (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension), as
+    Linux's ``cpuinfo`` lists its flags; False where it cannot tell (other systems). Elsewhere oneDNN emulates
+    bfloat16, which is slower than float32."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
+    except OSError:
+        return False
+    return bool(flags & NATIVE_BF16_FLAGS)
 
-    return FlipInferer() if as_bool(tta_flips, "tta_flips") else SimpleInferer()
+
+def amp_default() -> bool:
+    """The default of the ``amp`` id of inference and evaluation: on with CUDA, and on a CPU with native bfloat16."""
+    return torch.cuda.is_available() or cpu_has_native_bf16()
+
+
+def engine_amp(amp, device) -> bool:
+    """``amp`` as MONAI's engines take it: they autocast for CUDA only, so it is on only for a CUDA ``device``.
+
+    Args:
+        amp: the ``amp`` id (a bool, or true/false as typed on the command line).
+        device: the ``device`` id (a ``torch.device`` or its name).
+    """
+    return as_bool(amp, "amp") and torch.device(device).type == "cuda"
+
+
+def make_inferer(tta_flips=False, amp=False, device="cpu") -> Inferer:
+    """The inferer of training, evaluation and inference.
+
+    Args:
+        tta_flips: average over the 8 mirror images (``FlipInferer``), else MONAI's ``SimpleInferer``.
+        amp: mixed precision; on a CPU ``device`` the network then runs under ``CpuAutocastInferer`` (on CUDA,
+            MONAI's engines autocast themselves).
+        device: the ``device`` id.
+
+    Returns:
+        The inferer.
+    """
+    inferer = FlipInferer() if as_bool(tta_flips, "tta_flips") else SimpleInferer()
+    if as_bool(amp, "amp") and torch.device(device).type == "cpu":
+        inferer = CpuAutocastInferer(inferer)
+    return inferer
+
+
+class CpuAutocastInferer(Inferer):
+    """Runs ``inferer`` under ``torch.autocast("cpu", dtype)`` and returns float32: convolutions run in bfloat16,
+    autocast keeps norms, softmax and losses in float32, and what follows (loss, post-processing) gets float32.
+
+    Args:
+        inferer: the inferer to run, e.g. ``SimpleInferer()`` or ``FlipInferer()``.
+        dtype: the lower precision, ``torch.bfloat16``.
+    """
+
+    def __init__(self, inferer: Inferer, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.inferer, self.dtype = inferer, dtype
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=self.dtype):
+            outputs = self.inferer(inputs, network, *args, **kwargs)
+        return outputs.float()
 
 
 class FlipInferer(Inferer):

@@ -2,8 +2,9 @@
 
 MONAI Label hands a bundle ONE image file per study, while an ISLES case is five files (CT, CBF, CBV, MTT, Tmax).
 This writes each case as one 4D NIfTI of shape (x, y, z, 5), float32, channels in metadata.json's channel_def order,
-with the CT's affine (sform and qform copied from the CT header). The bundle's pre-processing loads that file and the
-five separate maps to the same (5, x, y, z) float32 array, so both give the same mask.
+with the CT's affine (sform and qform copied from the CT header as MONAI reads it, below). The bundle's
+pre-processing loads that file and the five separate maps to the same (5, x, y, z) float32 array and affine, so both
+give the same mask.
 
     # one case folder -> OUT/case_7.nii.gz
     python -m scripts.make_studies --source DIR/TESTING/case_7 --output_dir OUT
@@ -16,6 +17,19 @@ written); every case is read and checked with the datalist builder's checks befo
 a bad case stops the run with a message naming the case and the file and nothing written, unless ``--skip_invalid``
 is given (then the other cases are written). ``--nocheck`` skips the checks; a file that cannot be stacked then
 stops the run part-way.
+
+The geometry copied is the CT's as MONAI's ``NibabelReader`` reads it: ``correct_nifti_header_if_necessary`` puts the
+qform in place of a sform whose column norms disagree with pixdim (a sheared sform; a pixdim that is the slice
+thickness, not the spacing). MONAI does that to the 3D maps but never to a 4D file, so a raw copy would load with
+another affine than the maps (for a sform sheared by a 12 degree gantry tilt, 1.9 mm per 9.1 mm slice).
+
+Not MONAI's ``LoadImage`` + ``SaveImage`` (tried with MONAI 1.6.1 and nibabel 5.4): ``LoadImage`` of the five files
+gives (5, x, y, z) and ``SaveImage(resample=False, output_dtype=float32)`` writes them (x, y, z, 5) with the data and
+the affine unchanged, and for the synthetic cases (qform_code = sform_code = 1, qform = sform) the uncompressed
+file is byte for byte this module's, given a header with descrip and xyzt_units (without one, both are lost). But
+``NibabelWriter.write`` always sets both codes to 1 and recomputes the qform from the affine: a CT with sform_code 2
+or 0, or qform_code 0, gets 1 and 1, and a qform that differs from the sform is lost. It writes a one-slice label as
+2D (x, y), and ``nib.save`` needs the temporary file to end in ``.nii.gz``, which MONAI Label's datastore would list.
 """
 
 import gzip
@@ -24,6 +38,7 @@ import os
 
 import nibabel as nib
 import numpy as np
+from monai.data import correct_nifti_header_if_necessary
 from scripts.isles import (
     CHANNELS,
     TESTING_DIR,
@@ -66,7 +81,9 @@ def _load(case, name, path):
         raise InvalidCaseError(f"{case}: cannot read {name} file {path}: {err}") from err
 
 
-def _geometry_header(ref_header, dtype):
+def _geometry_header(ct, dtype):
+    """A header for ``dtype`` data with the geometry of the CT image ``ct`` as MONAI reads it (module docstring)."""
+    ref_header = correct_nifti_header_if_necessary(ct).header
     header = nib.Nifti1Header()
     for field in _GEOMETRY_FIELDS:
         header[field] = ref_header[field]
@@ -94,7 +111,7 @@ def stack_case(item):
         if arr.shape != ct_data.shape:
             raise InvalidCaseError(f"{case}: {name} file {path} has shape {arr.shape}, CT has {ct_data.shape}")
         data[..., index] = arr
-    header = _geometry_header(ct.header, np.float32)
+    header = _geometry_header(ct, np.float32)
     header["descrip"] = DESCRIPTION.encode()
     return nib.Nifti1Image(data, None, header=header)
 
@@ -104,7 +121,7 @@ def label_image(item):
     case = item.get("case", "?")
     ct = nib.load(item["image"][0])
     data = _load(case, "OT", item["label"])[1]
-    return nib.Nifti1Image(data.astype(np.uint8), None, header=_geometry_header(ct.header, np.uint8))
+    return nib.Nifti1Image(data.astype(np.uint8), None, header=_geometry_header(ct, np.uint8))
 
 
 def _save(img, path):

@@ -2,6 +2,7 @@
 installed package of the same name) and small synthetic ISLES trees written once per session."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -24,3 +25,36 @@ def synthetic_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("isles")
     generate(str(root), num_train=10, num_test=2, seed=3, in_plane=32, slices=(2, 4, 8), two_slab_fraction=0.5)
     return str(root)
+
+
+# A shorter demo (README command 1): 12 cases, 30 epochs at 32 x 32 x 16.
+DEMO_OVERRIDES = {
+    "num_cases": 12,
+    "epochs": 30,
+    "val_interval": 10,
+    "spatial_size": [32, 32, 16],
+    "learning_rate": 0.003,
+}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`python -m monai.bundle run training` of train.json + demo.json in a temp bundle root, once per session: the
+    root, the finished process and the overrides (its model is demo_data/models/model.pt)."""
+    root = tmp_path_factory.mktemp("demo")
+    args = [x for key, value in DEMO_OVERRIDES.items() for x in (f"--{key}", str(value).replace(" ", ""))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.json','configs/demo.json']",
+        "--bundle_root",
+        str(root),
+        *args,
+    ]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result, DEMO_OVERRIDES

@@ -79,7 +79,6 @@ COPIED_FROM_TRAIN = (
     "channel_keys",
     "perfusion_keys",
     "device",
-    "amp",
     "amp_kwargs",
     "channels_last",
 )
@@ -127,3 +126,59 @@ def test_inference_handlers_are_a_plain_list(repo_root):
     parser["handlers#1#_disabled_"] = True
     parser.parse()
     assert [type(h).__name__ for h in parser.get_parsed_content("handlers")] == names[:1] and len(names) == 2
+
+
+# The documentation pages kept true by the tests below, and the files they may name that a run writes (not in git).
+DOC_PAGES = (
+    "README.md",
+    "docs/README.md",
+    "docs/architecture.md",
+    "docs/evaluation.md",
+    "docs/monai_label.md",
+    "docs/multi_gpu_and_export.md",
+    "models/README.md",
+    "benchmarks/README.md",
+)
+WRITTEN_BY_A_RUN = {"configs/datalist.json"}
+SCRIPTS_NAME = re.compile(r"(?<![\w.])scripts\.(\w+)(?:\.(\w+))?")
+REPO_PATH = re.compile(r"(?<![\w./-])((?:scripts|configs|tests|docs|tools|benchmarks)/[\w.=/-]*[\w/])")
+
+
+def scripts_modules(repo_root):
+    return {f[:-3] for f in os.listdir(os.path.join(repo_root, "scripts")) if f.endswith(".py") and f != "__init__.py"}
+
+
+def missing_names(repo_root, text):
+    """The ``scripts.<module>[.<attribute>]`` and repository paths named in ``text`` that do not exist."""
+    import importlib
+
+    missing = []
+    for module, attribute in SCRIPTS_NAME.findall(text):
+        if module not in scripts_modules(repo_root):
+            missing.append(f"scripts.{module}")
+        elif attribute and not hasattr(importlib.import_module(f"scripts.{module}"), attribute):
+            missing.append(f"scripts.{module}.{attribute}")
+    for path in REPO_PATH.findall(text):
+        if path not in WRITTEN_BY_A_RUN and not os.path.exists(os.path.join(repo_root, path)):
+            missing.append(path)
+    return sorted(set(missing))
+
+
+def test_architecture_doc_names_every_scripts_module_and_config(repo_root):
+    text = open(os.path.join(repo_root, "docs", "architecture.md")).read()
+    named = set(SCRIPTS_NAME.findall(text))
+    assert scripts_modules(repo_root) <= {module for module, _ in named}, "scripts/ modules not in architecture.md"
+    configs = {f"configs/{f}" for f in os.listdir(os.path.join(repo_root, "configs")) if f.endswith(".json")}
+    assert configs - WRITTEN_BY_A_RUN <= set(REPO_PATH.findall(text)), "configs not in architecture.md"
+    assert missing_names(repo_root, text) == []
+
+
+def test_docs_name_only_modules_files_and_links_that_exist(repo_root):
+    for page in DOC_PAGES:
+        text = open(os.path.join(repo_root, page)).read()
+        assert missing_names(repo_root, text) == [], page
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = os.path.normpath(os.path.join(repo_root, os.path.dirname(page), target.split("#")[0]))
+            assert os.path.exists(path), (page, target)

@@ -9,9 +9,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import correct_nifti_header_if_necessary
 from monai.transforms import LoadImaged
 from scripts.isles import CHANNELS, InvalidCaseError, find_cases, read_case
 from scripts.make_studies import convert
+from scripts.readers import ThreadSafeNibabelReader
+
+# The header fields that place a NIfTI in the world; the study and the label must carry the CT's.
+GEOMETRY_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y")
+GEOMETRY_FIELDS += ("qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
 
 
 def maps_of(case_dir):
@@ -46,6 +52,89 @@ def test_the_bundle_loads_the_study_and_the_five_maps_to_the_same_tensor(synthet
     assert study.shape == maps.shape and study.shape[0] == 5
     assert np.array_equal(study.numpy(), maps.numpy())
     assert np.array_equal(study.affine.numpy(), maps.affine.numpy())
+
+
+def _rotation_x(degrees):
+    t = np.deg2rad(degrees)
+    rotation = np.eye(4)
+    rotation[1:3, 1:3] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return rotation
+
+
+def _set_codes(qform_code, sform_code):
+    def edit(header):
+        header["qform_code"], header["sform_code"] = qform_code, sform_code
+
+    return edit
+
+
+def _oblique_flipped(header):
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ _rotation_x(15) @ header.get_best_affine()
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+
+
+def _gantry_tilt(header):  # the sform sheared along y by a 12 degree tilt, the qform (no shears) not
+    affine = header.get_sform()
+    affine[1, 2] = affine[2, 2] * np.tan(np.deg2rad(12))
+    header.set_sform(affine, code=1)
+
+
+def _thickness_as_pixdim(header):  # pixdim (and so the qform) says 0.9 x the slice spacing of the sform
+    header["pixdim"][3] *= 0.9
+
+
+@pytest.mark.parametrize(
+    "edit, read_differently",
+    [
+        (None, False),
+        (_set_codes(1, 2), False),  # sform "aligned"
+        (_set_codes(1, 0), False),  # qform only
+        (_set_codes(0, 1), False),  # sform only
+        (_oblique_flipped, False),
+        (_gantry_tilt, True),  # MONAI reads the 3D maps with the qform
+        (_thickness_as_pixdim, True),
+    ],
+    ids=["as_generated", "sform_aligned", "qform_only", "sform_only", "oblique_flipped", "gantry_tilt", "thickness"],
+)
+def test_the_study_and_label_carry_the_cts_geometry_as_the_bundle_reads_it(
+    synthetic_tree, tmp_path, edit, read_differently
+):
+    """The study and its label get the CT's geometry fields verbatim (codes, quaternion, offsets, srows, pixdim, units)
+    and load in the bundle (its reader, LoadImaged as configs/*.json) to exactly the maps' tensor and affine; where MONAI
+    reads the CT's header differently (``correct_nifti_header_if_necessary``), they carry the header as MONAI reads it.
+    """
+    case_dir = tmp_path / "case_3"
+    shutil.copytree(os.path.join(synthetic_tree, "TRAINING", "case_3"), case_dir)
+    item = maps_of(str(case_dir))
+    if edit is not None:  # the same edit to all six files, so that the case stays valid
+        for path in item["image"] + [item["label"]]:
+            img = nib.load(path)
+            header = img.header.copy()
+            edit(header)
+            nib.save(nib.Nifti1Image(np.array(img.dataobj.get_unscaled()), None, header=header), path)
+    convert(str(case_dir), str(tmp_path / "out"), labels=True)
+    study = nib.load(tmp_path / "out" / "case_3.nii.gz")
+    label = nib.load(tmp_path / "out" / "labels" / "final" / "case_3.nii.gz")
+    ct = nib.load(item["image"][0])
+    as_read = correct_nifti_header_if_necessary(nib.load(item["image"][0])).header
+    assert read_differently == (not np.array_equal(as_read.get_best_affine(), ct.affine))
+    for written in (study, label):
+        for field in GEOMETRY_FIELDS:
+            assert np.array_equal(written.header[field], as_read[field]), field
+            assert read_differently or np.array_equal(written.header[field], ct.header[field]), field
+        assert np.array_equal(written.header["pixdim"][:4], as_read["pixdim"][:4])
+        assert read_differently or np.array_equal(written.header["pixdim"][:4], ct.header["pixdim"][:4])
+    assert study.shape == ct.shape + (5,) and study.get_data_dtype() == np.float32
+    assert label.shape == ct.shape and label.get_data_dtype() == np.uint8
+
+    load = LoadImaged("image", reader=ThreadSafeNibabelReader(), ensure_channel_first=True, image_only=True)
+    maps, from_study = load({"image": item["image"]})["image"], load({"image": study.get_filename()})["image"]
+    assert from_study.shape == maps.shape and np.array_equal(from_study.numpy(), maps.numpy())
+    assert np.array_equal(from_study.affine.numpy(), maps.affine.numpy())
+    ot, from_label = load({"image": item["label"]})["image"], load({"image": label.get_filename()})["image"]
+    assert np.array_equal(from_label.numpy(), ot.numpy())
+    assert np.array_equal(from_label.affine.numpy(), maps.affine.numpy())
 
 
 def test_a_tree_fills_a_monai_label_studies_folder(synthetic_tree, tmp_path):

@@ -185,38 +185,16 @@ def test_bad_config_values_fail_clearly(repo_root, synthetic_tree, datalist_file
     assert not os.path.exists(tmp_path / "models" / "model.pt")
 
 
-def test_demo_learns(repo_root, tmp_path):
+def test_demo_learns(demo_run):
     """A shorter demo through `monai.bundle run`: validation Dice well above trivial all-background/all-lesion."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "['configs/train.json','configs/demo.json']",
-        "--bundle_root",
-        str(tmp_path),
-        "--num_cases",
-        "12",
-        "--epochs",
-        "30",
-        "--val_interval",
-        "10",
-        "--spatial_size",
-        "[32,32,16]",
-        "--learning_rate",
-        "0.003",
-    ]
-    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    bundle_root, result, _ = demo_run
     assert "best model:" in result.stdout and "TensorBoard logs:" in result.stdout
-    datalist = json.load(open(tmp_path / "demo_data" / "datalist.json"))
+    datalist = json.load(open(bundle_root / "demo_data" / "datalist.json"))
     assert len(datalist["training"]) == 12
     dice = float(result.stdout.rsplit("| best val_mean_dice ", 1)[1].split()[0])
     # all-lesion guess: Dice = 2|L| / (|L| + N) on the validation fold's labels; all-background scores 0
     fractions = [
-        np.asanyarray(nib.load(tmp_path / "demo_data" / "isles" / item["label"]).dataobj).mean()
+        np.asanyarray(nib.load(bundle_root / "demo_data" / "isles" / item["label"]).dataobj).mean()
         for item in datalist["training"]
         if item["fold"] == 0
     ]
