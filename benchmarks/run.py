@@ -3,11 +3,16 @@
     python benchmarks/run.py --repeats 3 --output benchmarks/results.json   # demo and paper size, ~30 min on 2 cores
     python benchmarks/run.py --sizes "['demo']"                             # demo size only, ~3 min
 
-Each section prints a table and everything lands in one JSON file:
-- ``ceiling``: GFLOP/s of one large ``conv3d`` forward (the practical ceiling of the convolution kernels);
+Each section prints a table and everything lands in one JSON file. ``precision`` is ``fp32`` or ``bf16``:
+bfloat16 as the bundle runs it on a CPU (``amp``: ``torch.autocast("cpu", torch.bfloat16)`` around the forward,
+scripts/inferers.py), each figure against the ceiling of its own precision.
+- ``machine``: CPU, torch, whether the CPU has native bfloat16, and the oneDNN kernels (ISA) a float32 and a
+  bfloat16 conv3d run on (from ``ONEDNN_VERBOSE``);
+- ``ceiling``: GFLOP/s of one large ``conv3d`` forward (the practical ceiling of the convolution kernels), float32,
+  bfloat16 under autocast and with bfloat16 weights, both memory formats;
 - ``networks``: one training step (forward, Jaccard loss, backward, Adam) of the modified UNet, the classic
   baseline (BasicUNet) and MONAI's UNet on tensors already in memory, FLOPs counted with torch's
-  ``FlopCounterMode``, as GFLOP/s and as a ratio to the ceiling, in both memory formats;
+  ``FlopCounterMode``, as GFLOP/s and as a ratio to the ceiling, in both memory formats and both precisions;
 - ``compile`` (demo size): the modified UNet's step under ``torch.compile``, with the time the first step took;
 - ``pipeline``: the time per batch of the real CacheDataset + random transforms of configs/train.json through
   DataLoader (num_workers 0, 1, 2) and ThreadDataLoader, alone and (demo size) feeding the training step, and the
@@ -15,7 +20,10 @@ Each section prints a table and everything lands in one JSON file:
   minute here, the share is estimated as loader time / step time);
 - ``inference``: whole-case inference through configs/inference.json (load 5 maps, preprocess, predict, invert,
   save the NIfTI mask) per case once the workflow runs, and the whole ``run`` per case including start-up, CSV and
-  PNG overlays, against the bare forward of the same network at ``spatial_size``;
+  PNG overlays, against the bare forward of the same network at ``spatial_size``, with ``--amp`` false and true;
+- ``fidelity``: masks and lesion volumes of bfloat16 against float32 inference on synthetic testing cases: at the
+  demo size with the demo model trained here (and the best validation Dice of a float32 and a bfloat16 training
+  run of the demo, same seed), at the paper size with an untrained network (no trained weights exist at that size);
 - ``scaling``: step time and peak memory against batch size and spatial size, demo and paper features;
 - peak resident memory of each section, each measured in its own child process.
 Not part of the tests: timings are never asserted.
@@ -30,6 +38,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -37,12 +46,19 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from scripts.demo import network_settings  # noqa: E402
+from scripts.safe_files import write_atomically  # noqa: E402
 
 SIZES = {  # name: (batch, features, spatial_size)
     "demo": (2, network_settings()["features"], network_settings()["spatial_size"]),
     "paper": (2, [64, 128, 256, 512, 1024], [128, 128, 32]),
 }
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision):
+    """The context the bundle runs the network in: bfloat16 autocast on the CPU for ``bf16``, nothing for ``fp32``."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def timed(fn, repeats, warmup=1):
@@ -83,8 +99,9 @@ def networks(features):
     }
 
 
-def make_step(net, memory_format):
-    """One training step of ``net`` on a batch dict, the loss and optimizer of configs/train.json."""
+def make_step(net, memory_format, precision="fp32"):
+    """One training step of ``net`` on a batch dict, the loss and optimizer of configs/train.json; with ``bf16`` the
+    forward runs under autocast and the loss on its float32 output, as scripts/inferers.py's CpuAutocastInferer."""
     from monai.losses import DiceLoss
 
     net = net.to(memory_format=memory_format).train()
@@ -93,7 +110,9 @@ def make_step(net, memory_format):
 
     def step(image, label):
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(net(image.to(memory_format=memory_format)), label)
+        with autocast(precision):
+            logits = net(image.to(memory_format=memory_format))
+        loss = loss_fn(logits.float(), label)
         loss.backward()
         optimizer.step()
 
@@ -113,49 +132,92 @@ def step_flops(net, image, label):
     return counter.get_total_flops()
 
 
-def conv3d_gflops(channels, spatial, memory_format, repeats, backward=False):
-    """GFLOP/s of a ``channels`` -> ``channels`` 3x3x3 conv3d on [2, channels, *spatial], forward or forward+backward."""
-    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(memory_format=memory_format)
-    x = torch.randn(2, channels, *spatial).to(memory_format=memory_format).requires_grad_(backward)
+def conv3d_gflops(channels, spatial, memory_format, repeats, backward=False, precision="fp32"):
+    """GFLOP/s of a ``channels`` -> ``channels`` 3x3x3 conv3d on [2, channels, *spatial], forward or forward+backward;
+    ``precision`` ``fp32``, ``bf16`` (autocast, as the bundle runs) or ``bf16_weights`` (weights and input cast)."""
+    dtype = torch.bfloat16 if precision == "bf16_weights" else torch.float32
+    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(dtype=dtype, memory_format=memory_format)
+    x = torch.randn(2, channels, *spatial, dtype=dtype).to(memory_format=memory_format).requires_grad_(backward)
     flops = 2 * channels * channels * 27 * x[:, :1].numel() * (3 if backward else 1)
 
     def run():
-        if backward:
-            conv(x).sum().backward()
-        else:
-            with torch.no_grad():
-                conv(x)
+        with autocast(precision):
+            if backward:
+                conv(x).float().sum().backward()
+            else:
+                with torch.no_grad():
+                    conv(x)
 
     return flops / timed(run, repeats) / 1e9
 
 
 def section_ceiling(spatial, repeats):
-    """The practical ceiling: GFLOP/s of a 64->64 channel conv3d forward on [2, 64, *spatial], in both memory
-    formats; and, to show what narrow layers can reach, channels_last_3d forward+backward at 8 to 64 channels."""
-    out = {name: conv3d_gflops(64, spatial, fmt, repeats) for name, fmt in MEMORY_FORMATS.items()}
-    narrow = {c: conv3d_gflops(c, spatial, torch.channels_last_3d, repeats, backward=True) for c in (8, 16, 32, 64)}
-    return {"gflops": out, "best": max(out.values()), "channels_last_3d_forward_backward_gflops_by_channels": narrow}
+    """The practical ceiling of each precision: GFLOP/s of a 64->64 channel conv3d forward on [2, 64, *spatial], in
+    both memory formats (bfloat16 under autocast and with bfloat16 weights: ``best["bf16"]`` is the faster); and, to
+    show what narrow layers can reach, channels_last_3d forward+backward at 8 to 64 channels."""
+    out = {
+        precision: {
+            name: conv3d_gflops(64, spatial, fmt, repeats, precision=precision) for name, fmt in MEMORY_FORMATS.items()
+        }
+        for precision in ("fp32", "bf16", "bf16_weights")
+    }
+    best = {"fp32": max(out["fp32"].values()), "bf16": max(*out["bf16"].values(), *out["bf16_weights"].values())}
+    narrow = {
+        precision: {
+            c: conv3d_gflops(c, spatial, torch.channels_last_3d, repeats, backward=True, precision=precision)
+            for c in (8, 16, 32, 64)
+        }
+        for precision in PRECISIONS
+    }
+    return {"gflops": out, "best": best, "channels_last_3d_forward_backward_gflops_by_channels": narrow}
+
+
+def onednn_kernels():
+    """The oneDNN implementation (its ISA) that a float32 and a bfloat16-autocast channels_last_3d conv3d forward run
+    on, from ``ONEDNN_VERBOSE=1`` in a child process each; and what the CPU says it has."""
+    from scripts.inferers import cpu_has_native_bf16
+
+    kernels = {}
+    for precision in PRECISIONS:
+        code = (
+            "import torch; c = torch.nn.Conv3d(64, 64, 3, padding=1).to(memory_format=torch.channels_last_3d)\n"
+            "x = torch.randn(1, 64, 16, 16, 8).to(memory_format=torch.channels_last_3d)\n"
+            f"with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled={precision == 'bf16'}): c(x)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "ONEDNN_VERBOSE": "1"}
+        ).stdout
+        lines = [line.split(",") for line in out.splitlines() if ",exec,cpu,convolution," in line]
+        kernels[precision] = sorted({fields[fields.index("convolution") + 1] for fields in lines})
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
+        "onednn_conv3d_kernels": kernels,
+    }
 
 
 def section_networks(size, repeats, ceiling):
+    """Training steps of each network, memory format and precision; ``ceiling`` maps a precision to its GFLOP/s."""
     bs, features, spatial = SIZES[size]
     image, label = batch(bs, spatial)
     rows = []
     for name, net in networks(features).items():
         flops = step_flops(net, image, label)
         for fmt_name, fmt in MEMORY_FORMATS.items():
-            step = make_step(net, fmt)
-            seconds = timed(lambda: step(image, label), repeats)
-            rows.append(
-                {
-                    "network": name,
-                    "memory_format": fmt_name,
-                    "step_s": seconds,
-                    "gflop": flops / 1e9,
-                    "gflops": flops / seconds / 1e9,
-                    "of_ceiling": flops / seconds / 1e9 / ceiling,
-                }
-            )
+            for precision in PRECISIONS:
+                step = make_step(net, fmt, precision)
+                seconds = timed(lambda: step(image, label), repeats)
+                rows.append(
+                    {
+                        "network": name,
+                        "memory_format": fmt_name,
+                        "precision": precision,
+                        "step_s": seconds,
+                        "gflop": flops / 1e9,
+                        "gflops": flops / seconds / 1e9,
+                        "of_ceiling": flops / seconds / 1e9 / ceiling[precision],
+                    }
+                )
     return rows
 
 
@@ -179,7 +241,7 @@ def section_compile(size, repeats, ceiling):
         "compile_s": compile_s,
         "step_s": seconds,
         "gflops": flops / seconds / 1e9,
-        "of_ceiling": flops / seconds / 1e9 / ceiling,
+        "of_ceiling": flops / seconds / 1e9 / ceiling["fp32"],
     }
 
 
@@ -265,58 +327,162 @@ def section_pipeline(size, repeats, workdir, with_steps):
     return rows
 
 
-def section_inference(size, repeats, workdir, num_workers):
-    """Per-case whole inference through configs/inference.json vs the bare forward of its network."""
-    from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
+def forward_flops(net, x):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    return counter.get_total_flops()
+
+
+def inference_bundle(size, workdir, cases, seed=1):
+    """Synthetic testing cases and a bundle root whose models/model.pt is an untrained network of ``size``."""
     from scripts.networks import ModifiedUNet
     from scripts.synthetic_isles import generate
 
-    bs, features, spatial = SIZES[size]
-    cases = 6
-    root = os.path.join(workdir, "isles_inference")
-    generate(root, num_train=0, num_test=cases, seed=1)
+    root = os.path.join(workdir, f"isles_inference_{seed}")
+    generate(root, num_train=0, num_test=cases, seed=seed)
     bundle_root = tempfile.mkdtemp(dir=workdir)
     os.makedirs(os.path.join(bundle_root, "models"))
-    torch.save(ModifiedUNet(features=features).state_dict(), os.path.join(bundle_root, "models", "model.pt"))
+    torch.manual_seed(seed)
+    torch.save(ModifiedUNet(features=SIZES[size][1]).state_dict(), os.path.join(bundle_root, "models", "model.pt"))
+    return root, bundle_root
+
+
+def inference_workflow(size, bundle_root, dataset_dir, workdir, **override):
+    from monai.bundle import ConfigWorkflow
+
+    _, features, spatial = SIZES[size]
+    return ConfigWorkflow(
+        config_file=os.path.join(REPO_ROOT, "configs", "inference.json"),
+        workflow_type="infer",
+        meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"),
+        bundle_root=bundle_root,
+        dataset_dir=dataset_dir,
+        features=features,
+        spatial_size=spatial,
+        output_dir=tempfile.mkdtemp(dir=workdir),
+        **override,
+    )
+
+
+def section_inference(size, repeats, workdir, num_workers, ceiling):
+    """Per-case whole inference through configs/inference.json vs the bare forward of its network, ``--amp`` false
+    (float32) and true (bfloat16 autocast on a CPU); the bare forward also as a share of its precision's ceiling."""
+    from ignite.engine import Events
+
+    _, _, spatial = SIZES[size]
+    cases = 6
+    root, bundle_root = inference_bundle(size, workdir, cases)
     rows = []
-    for workers in num_workers:
-        wf = ConfigWorkflow(
-            config_file=os.path.join(REPO_ROOT, "configs", "inference.json"),
-            workflow_type="infer",
-            meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"),
-            bundle_root=bundle_root,
-            dataset_dir=root,
-            features=features,
-            spatial_size=spatial,
-            num_workers=workers,
-            output_dir=tempfile.mkdtemp(dir=workdir),
-        )
-        start = time.perf_counter()
-        wf.initialize()
-        done = []
-        wf.parser.get_parsed_content("evaluator").add_event_handler(
-            Events.ITERATION_COMPLETED, lambda: done.append(time.perf_counter())
-        )
-        wf.run()
-        wf.finalize()
-        run_s = (time.perf_counter() - start) / cases
-        net = wf.parser.get_parsed_content("network").eval()  # checkpoint loaded, configured memory format
-        x = torch.randn(1, 5, *spatial)
-        with torch.no_grad():
-            forward = timed(lambda: net(x), repeats)
-        per_case = (done[-1] - done[0]) / (len(done) - 1)  # steady state: case 2 to the last
+    for precision in PRECISIONS:
+        for workers in num_workers:
+            wf = inference_workflow(size, bundle_root, root, workdir, num_workers=workers, amp=precision == "bf16")
+            start = time.perf_counter()
+            wf.initialize()
+            done = []
+            wf.parser.get_parsed_content("evaluator").add_event_handler(
+                Events.ITERATION_COMPLETED, lambda: done.append(time.perf_counter())
+            )
+            wf.run()
+            wf.finalize()
+            run_s = (time.perf_counter() - start) / cases
+            net = wf.parser.get_parsed_content("network").eval()  # checkpoint loaded, configured memory format
+            x = torch.randn(1, 5, *spatial)
+            with torch.no_grad(), autocast(precision):
+                forward = timed(lambda: net(x), repeats)
+            per_case = (done[-1] - done[0]) / (len(done) - 1)  # steady state: case 2 to the last
+            rows.append(
+                {
+                    "precision": precision,
+                    "num_workers": workers,
+                    "per_case_s": per_case,
+                    "bare_forward_s": forward,
+                    "forward_of_ceiling": forward_flops(net, x) / forward / 1e9 / ceiling[precision],
+                    "ratio": per_case / forward,
+                    "run_per_case_s": run_s,
+                    "run_ratio": run_s / forward,
+                }
+            )
+    fp32 = {row["num_workers"]: row["per_case_s"] for row in rows if row["precision"] == "fp32"}
+    for row in rows:
+        row["speedup_vs_fp32"] = fp32[row["num_workers"]] / row["per_case_s"]
+    return rows
+
+
+def mask_agreement(masks_a, masks_b, spacing_ml):
+    """Per case: Dice between two masks (1 when both are empty) and the relative lesion-volume difference."""
+    rows = []
+    for case in sorted(masks_a):
+        a, b = masks_a[case], masks_b[case]
+        dice = 1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum())
+        vol_a, vol_b = a.sum() * spacing_ml[case], b.sum() * spacing_ml[case]
         rows.append(
             {
-                "num_workers": workers,
-                "per_case_s": per_case,
-                "bare_forward_s": forward,
-                "ratio": per_case / forward,
-                "run_per_case_s": run_s,
-                "run_ratio": run_s / forward,
+                "case": case,
+                "dice": float(dice),
+                "volume_fp32_ml": float(vol_a),
+                "volume_bf16_ml": float(vol_b),
+                "volume_rel_diff": float(abs(vol_b - vol_a) / vol_a) if vol_a else float(vol_b > 0),
             }
         )
     return rows
+
+
+def predicted_masks(size, bundle_root, dataset_dir, workdir, amp, **override):
+    import nibabel as nib
+
+    wf = inference_workflow(size, bundle_root, dataset_dir, workdir, amp=amp, num_workers=0, **override)
+    wf.initialize()
+    wf.run()
+    mask_dir = wf.parser.get_parsed_content("mask_dir")
+    masks, voxel_ml = {}, {}
+    for name in sorted(os.listdir(mask_dir)):
+        img = nib.load(os.path.join(mask_dir, name))
+        masks[name], voxel_ml[name] = np.asanyarray(img.dataobj) > 0, float(np.prod(img.header.get_zooms()[:3])) / 1000
+    return masks, voxel_ml
+
+
+def demo_training(workdir, amp):
+    """The demo (train.json + demo.json) trained in ``workdir``; its best validation Dice and its bundle root."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle_root = os.path.join(workdir, f"demo_amp_{amp}")
+    wf = ConfigWorkflow(
+        config_file=[os.path.join(REPO_ROOT, "configs", name) for name in ("train.json", "demo.json")],
+        workflow_type="train",
+        meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"),
+        bundle_root=bundle_root,
+        amp=amp,
+    )
+    wf.initialize()
+    wf.run()
+    best = wf.parser.get_parsed_content("validate#evaluator").state.best_metric
+    wf.finalize()
+    return best, bundle_root
+
+
+def section_fidelity(size, workdir):
+    """bfloat16 against float32 inference: masks and volumes per synthetic testing case. At the demo size with the
+    demo model trained here in float32 (and the demo trained in bfloat16 too, same seed: both best validation Dice),
+    at the paper size with an untrained network."""
+    out = {}
+    if size == "demo":
+        dice = {}
+        for amp in (False, True):
+            dice["bf16" if amp else "fp32"], bundle_root = demo_training(workdir, amp)
+            if not amp:
+                fp32_root = bundle_root
+        out["demo_training_best_val_dice"] = dice
+        dataset_dir = os.path.join(fp32_root, "demo_data", "isles")
+        settings = {"ckpt_dir": os.path.join(fp32_root, "demo_data", "models")}
+        out["model"] = "the demo model trained above (float32)"
+    else:
+        dataset_dir, fp32_root = inference_bundle(size, workdir, cases=4, seed=2)
+        settings = {}
+        out["model"] = "untrained network (no trained weights exist at this size)"
+    fp32, spacing = predicted_masks(size, fp32_root, dataset_dir, workdir, amp=False, **settings)
+    bf16, _ = predicted_masks(size, fp32_root, dataset_dir, workdir, amp=True, **settings)
+    out["cases"] = mask_agreement(fp32, bf16, spacing)
+    return out
 
 
 def section_scaling(points, repeats):
@@ -360,8 +526,12 @@ def child(section, kwargs_json):
     with tempfile.TemporaryDirectory() as workdir:
         if section == "pipeline":
             result = section_pipeline(kwargs["size"], kwargs["repeats"], workdir, kwargs["with_steps"])
+        elif section == "fidelity":
+            return section_fidelity(kwargs["size"], workdir)
         else:
-            result = section_inference(kwargs["size"], kwargs["repeats"], workdir, kwargs["num_workers"])
+            result = section_inference(
+                kwargs["size"], kwargs["repeats"], workdir, kwargs["num_workers"], kwargs["ceiling"]
+            )
     return {"rows": result, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -374,8 +544,40 @@ def print_table(title, rows):
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
 
 
+def targets(results):
+    """The figures the bfloat16 targets are stated in, per size: the modified UNet's channels_last_3d training step
+    and whole-case inference (num_workers 4), bfloat16 against float32 and each against its own ceiling."""
+    out = {}
+    for size in SIZES:
+        if size not in results:
+            continue
+        section = results[size]
+        step = {
+            r["precision"]: r
+            for r in section["networks"]
+            if r["network"] == "modified" and r["memory_format"] == "channels_last_3d"
+        }
+        row = {
+            "train_step_speedup": step["fp32"]["step_s"] / step["bf16"]["step_s"],
+            "train_step_fp32_of_ceiling": step["fp32"]["of_ceiling"],
+            "train_step_bf16_of_ceiling": step["bf16"]["of_ceiling"],
+        }
+        if "inference" in section:
+            infer = {r["precision"]: r for r in section["inference"]["rows"] if r["num_workers"] == 4}
+            row["inference_speedup"] = infer["bf16"]["speedup_vs_fp32"]
+            row["forward_bf16_of_ceiling"] = infer["bf16"]["forward_of_ceiling"]
+        out[size] = row
+    return out
+
+
 def main(
-    sizes=("demo", "paper"), repeats=3, paper_repeats=1, output="benchmarks/results.json", scaling=True, inference=True
+    sizes: tuple | list = ("demo", "paper"),
+    repeats: int = 3,
+    paper_repeats: int = 1,
+    output: str = "benchmarks/results.json",
+    scaling: bool = True,
+    inference: bool = True,
+    fidelity: bool = True,
 ):
     """Run every section for each size in ``sizes`` and write ``output`` (JSON).
 
@@ -389,17 +591,25 @@ def main(
             "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
             "cuda": torch.cuda.is_available(),
+            **onednn_kernels(),
         },
         "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
     }
+    print_table("machine", {k: str(v) for k, v in results["machine"].items()})
     for size in sizes:
         bs, features, spatial = SIZES[size]
         reps = repeats if size == "demo" else paper_repeats
         ceiling = section_ceiling(spatial, reps)
-        print_table(f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s", ceiling["gflops"])
+        print_table(
+            f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s",
+            [{"precision": p, **row} for p, row in ceiling["gflops"].items()],
+        )
         print_table(
             f"{size}: conv3d forward+backward GFLOP/s by channels (channels_last_3d)",
-            {str(c): v for c, v in ceiling["channels_last_3d_forward_backward_gflops_by_channels"].items()},
+            [
+                {"precision": p, **{str(c): v for c, v in row.items()}}
+                for p, row in ceiling["channels_last_3d_forward_backward_gflops_by_channels"].items()
+            ],
         )
         nets = section_networks(size, reps, ceiling["best"])
         print_table(f"{size}: training step, batch {bs}, features {features}, input {spatial}", nets)
@@ -411,7 +621,9 @@ def main(
         section["pipeline"] = run_child("pipeline", {"size": size, "repeats": repeats, "with_steps": demo})
         if not demo:  # one step here takes tens of seconds: the share is the loader's time over the step's
             step = next(
-                r["step_s"] for r in nets if r["network"] == "modified" and r["memory_format"] == "channels_last_3d"
+                r["step_s"]
+                for r in nets
+                if r["network"] == "modified" and r["memory_format"] == "channels_last_3d" and r["precision"] == "fp32"
             )
             for row in section["pipeline"]["rows"]:
                 row["pipeline_share_estimate"] = row["loader_s"] / step
@@ -421,12 +633,22 @@ def main(
         )
         if inference:
             section["inference"] = run_child(
-                "inference", {"size": size, "repeats": reps, "num_workers": [0, 4] if demo else [4]}
+                "inference",
+                {"size": size, "repeats": reps, "num_workers": [0, 4] if demo else [4], "ceiling": ceiling["best"]},
             )
             print_table(
                 f"{size}: whole-case inference (peak RSS {section['inference']['peak_rss_mib']:.0f} MiB)",
                 section["inference"]["rows"],
             )
+        if fidelity:
+            section["fidelity"] = run_child("fidelity", {"size": size})
+            print_table(
+                f"{size}: bf16 against fp32 masks ({section['fidelity']['model']})", section["fidelity"]["cases"]
+            )
+            if demo:
+                print_table(
+                    f"{size}: demo training, best validation Dice", section["fidelity"]["demo_training_best_val_dice"]
+                )
         results[size] = section
     if scaling:
         demo_features, paper_features = SIZES["demo"][1], SIZES["paper"][1]
@@ -434,13 +656,13 @@ def main(
         points += [(paper_features, b, [128, 128, 32]) for b in (1, 2)]
         results["scaling"] = section_scaling(points, max(1, repeats - 1))
         print_table("scaling of the modified UNet's training step (channels_last_3d)", results["scaling"])
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(results, f, indent=2)
+    results["targets"] = targets(results)
+    print_table("bf16 targets", [{"size": size, **row} for size, row in results["targets"].items()])
+    write_atomically(output, lambda f: f.write((json.dumps(results, indent=4) + "\n").encode()))
     print(f"\nwritten {output}")
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.cli import run
 
-    fire.Fire(main)
+    run(main)
