@@ -82,19 +82,30 @@ COPIED_FROM_TRAIN = (
     "amp_kwargs",
     "channels_last",
 )
-# What evaluate.json takes from inference.json: the whole prediction pipeline; it adds the labels and the metrics.
-TAKEN_FROM_INFERENCE = (
+# What evaluate.json repeats of inference.json: the prediction pipeline (checkpoints, ensembling, test-time flips,
+# mixed precision, post-processing, mask saving); it adds the labels and the metrics. Repeated, not taken with a
+# `%configs/inference.json#...` macro: macros resolve against the working folder, and the model zoo's CI runs bundles
+# from its own root.
+REPEATED_FROM_INFERENCE = (
     "spatial_keys",
     "resize_modes",
+    "amp",
     "tta_flips",
     "ensemble_checkpoints",
-    "amp_kwargs",
     "checkpoints",
     "pred_keys",
     "networks",
-    "inferer",
-    "postprocessing",
 )
+# evaluate.json's evaluator is inference.json's, pointed at the `validate#...` ids that MONAI's train workflow (the
+# zoo's `run evaluating` with train.json) requires
+EVALUATOR_IDS = {
+    "val_data_loader": "dataloader",
+    "inferer": "inferer",
+    "postprocessing": "postprocessing",
+    "key_val_metric": "key_metric",
+    "additional_metrics": "additional_metrics",
+    "val_handlers": "handlers",
+}
 
 
 def test_inference_json_stands_alone_and_repeats_train_jsons_network_and_preprocessing(repo_root):
@@ -110,12 +121,29 @@ def test_inference_json_stands_alone_and_repeats_train_jsons_network_and_preproc
 
 
 def test_evaluation_is_the_prediction_pipeline_plus_labels_and_metrics(repo_root):
-    evaluate = load(repo_root, "configs", "evaluate.json")
-    for key in TAKEN_FROM_INFERENCE:
-        assert evaluate[key] == f"%configs/inference.json#{key}", key
-    assert evaluate["validate#evaluator"] == "%configs/inference.json#evaluator"
-    assert evaluate["handlers"][0] == "%configs/inference.json#handlers#0", "the same checkpoint loading"
+    evaluate, infer = load(repo_root, "configs", "evaluate.json"), load(repo_root, "configs", "inference.json")
+    for key in REPEATED_FROM_INFERENCE:
+        assert evaluate[key] == infer[key], key
+    assert evaluate["validate#inferer"] == infer["inferer"]
+    invert = {"transform": "@preprocessing"}  # evaluation inverts train.json's validate#preprocessing
+    assert [
+        dict(t, **invert) if isinstance(t, dict) and t.get("_target_") == "Invertd" else t
+        for t in evaluate["validate#postprocessing"]["transforms"]
+    ] == infer["postprocessing"]["transforms"]
+    assert evaluate["validate#handlers"][0] == infer["handlers"][0], "the same checkpoint loading"
+    evaluator = dict(evaluate["validate#evaluator"], **{k: f"@{v}" for k, v in EVALUATOR_IDS.items()})
+    assert evaluator == infer["evaluator"]
+    assert all(evaluate["validate#evaluator"][k] == f"@validate#{v}" for k, v in EVALUATOR_IDS.items())
     assert "load_keys" not in evaluate, "evaluation loads the label too (train.json's load_keys)"
+    for name in os.listdir(os.path.join(repo_root, "configs")):
+        assert '"%' not in open(os.path.join(repo_root, "configs", name)).read(), f"{name}: no macros"
+
+
+def test_multi_gpu_evaluation_repeats_the_training_overrides(repo_root):
+    train, evaluate = (load(repo_root, "configs", f"multi_gpu_{name}.json") for name in ("train", "evaluate"))
+    for key in ("+imports", "backend", "device", "is_rank0", "write_logs", "amp_kwargs", "dist_initialize"):
+        assert evaluate[key] == train[key], key
+    assert evaluate["validate#dataloader#sampler"] == train["validation_sampler"]
 
 
 def test_inference_handlers_are_a_plain_list(repo_root):
@@ -182,3 +210,13 @@ def test_docs_name_only_modules_files_and_links_that_exist(repo_root):
                 continue
             path = os.path.normpath(os.path.join(repo_root, os.path.dirname(page), target.split("#")[0]))
             assert os.path.exists(path), (page, target)
+
+
+def test_metadata_records_the_versions_the_tests_run_with(repo_root):
+    """requirements-dev.txt installs what metadata.json records; the model zoo's CI installs them on Python 3.10."""
+    from importlib.metadata import version
+
+    meta = load(repo_root, "configs", "metadata.json")
+    recorded = {"monai": meta["monai_version"], "torch": meta["pytorch_version"], "numpy": meta["numpy_version"]}
+    for package, expected in {**recorded, **meta["required_packages_version"]}.items():
+        assert version(package).split("+")[0] == expected, package

@@ -72,12 +72,15 @@ def evaluated(repo_root, tmp_path):
     parser = ConfigParser()
     parser.read_config([os.path.join(repo_root, "configs", name) for name in ("train.json", "evaluate.json")])
     parser["output_dir"] = str(tmp_path)
-    metrics = {**parser.get_parsed_content("key_metric"), **parser.get_parsed_content("additional_metrics")}
+    metrics = {
+        **parser.get_parsed_content("validate#key_metric"),
+        **parser.get_parsed_content("validate#additional_metrics"),
+    }
     assert list(metrics) == COLUMNS == parser.get_parsed_content("metric_names")
     engine = Engine(lambda engine, batch: batch)
     for name, handler in metrics.items():
         handler.attach(engine, name)
-    (saver,) = [h for h in parser.get_parsed_content("handlers") if isinstance(h, MetricsSaver)]
+    (saver,) = [h for h in parser.get_parsed_content("validate#handlers") if isinstance(h, MetricsSaver)]
     saver.attach(engine)
     batches = [
         [

@@ -167,7 +167,7 @@ def test_amp_dtype_reaches_both_engines(ddp_run):
     "configs, handler_ids",
     [
         (("train.json", "multi_gpu_train.json"), ("train#handlers", "validate#handlers")),
-        (("train.json", "evaluate.json", "multi_gpu_evaluate.json"), ("handlers",)),
+        (("train.json", "evaluate.json", "multi_gpu_evaluate.json"), ("validate#handlers",)),
     ],
     ids=["train", "evaluate"],
 )
