@@ -26,6 +26,7 @@ __all__ = [
     "EnsembleCheckpointLoader",
     "NamedCheckpointLoader",
     "SafeCheckpointSaver",
+    "latest_training_state",
     "prepare_ckpt_dir",
     "resume_checkpoint",
 ]
@@ -158,9 +159,40 @@ def _epoch_of(path):
     return int(match.group(1)) if match else -1
 
 
+def latest_training_state(ckpt_dir: str) -> tuple[str, int, int] | None:
+    """The newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (by N) that loads, with the epochs it has done and the
+    epochs of its run; a damaged one is named in a warning and the next older one is taken.
+
+    Args:
+        ckpt_dir: the training run's checkpoint folder.
+
+    Returns:
+        ``(path, epoch, max_epochs)``, or None when no checkpoint loads.
+
+    Raises:
+        ValueError: the newest loadable file holds no trainer state.
+    """
+    candidates = sorted(glob.glob(os.path.join(ckpt_dir, LATEST_PATTERN)), key=_epoch_of, reverse=True)
+    for path in candidates:
+        try:
+            if os.path.getsize(path) == 0:
+                raise EOFError("the file is empty")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # truncated, empty and foreign files raise several types
+            logger.warning("cannot resume from %s (%s: %s); trying an older checkpoint", path, type(err).__name__, err)
+            continue
+        trainer = state.get("trainer") if isinstance(state, dict) else None
+        if not isinstance(trainer, dict) or "max_epochs" not in trainer:
+            raise ValueError(f"{path} holds no trainer state: it is not a training checkpoint of train.json")
+        done = (
+            int(trainer["epoch"]) if "epoch" in trainer else int(trainer["iteration"]) // int(trainer["epoch_length"])
+        )
+        return path, done, int(trainer["max_epochs"])
+    return None
+
+
 def resume_checkpoint(ckpt_dir: str, epochs: int, resume=True) -> str | None:
-    """The training state to resume: the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (by N) that loads; a damaged
-    one is named in a warning and the next older one is taken.
+    """The training state to resume: ``latest_training_state`` of ``ckpt_dir``.
 
     Args:
         ckpt_dir: the training run's checkpoint folder.
@@ -177,35 +209,21 @@ def resume_checkpoint(ckpt_dir: str, epochs: int, resume=True) -> str | None:
     """
     if not as_bool(resume, "resume"):
         return None
-    candidates = sorted(glob.glob(os.path.join(ckpt_dir, LATEST_PATTERN)), key=_epoch_of, reverse=True)
-    damaged = []
-    for path in candidates:
-        try:
-            if os.path.getsize(path) == 0:
-                raise EOFError("the file is empty")
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # truncated, empty and foreign files raise several types
-            logger.warning("cannot resume from %s (%s: %s); trying an older checkpoint", path, type(err).__name__, err)
-            damaged.append(path)
-            continue
-        trainer = state.get("trainer") if isinstance(state, dict) else None
-        if not isinstance(trainer, dict) or "max_epochs" not in trainer:
-            raise ValueError(f"{path} holds no trainer state: it is not a training checkpoint of train.json")
-        run_epochs = int(trainer["max_epochs"])
-        epoch = (
-            int(trainer["epoch"]) if "epoch" in trainer else int(trainer["iteration"]) // int(trainer["epoch_length"])
+    latest = latest_training_state(ckpt_dir)
+    if latest is None:
+        damaged = sorted(glob.glob(os.path.join(ckpt_dir, LATEST_PATTERN)), key=_epoch_of, reverse=True)
+        found = f" (damaged: {', '.join(damaged)})" if damaged else ""
+        raise FileNotFoundError(f"no loadable {LATEST_PATTERN} in {ckpt_dir} to resume from{found}")
+    path, epoch, run_epochs = latest
+    if run_epochs != epochs:
+        raise ValueError(
+            f"{path} is from a run of {run_epochs} epochs, whose learning-rate schedule ends at epoch"
+            f" {run_epochs}; resume it with --epochs {run_epochs} (a longer run would train at"
+            f" learning rate 0), or start a new run with --overwrite true"
         )
-        if run_epochs != epochs:
-            raise ValueError(
-                f"{path} is from a run of {run_epochs} epochs, whose learning-rate schedule ends at epoch"
-                f" {run_epochs}; resume it with --epochs {run_epochs} (a longer run would train at"
-                f" learning rate 0), or start a new run with --overwrite true"
-            )
-        if epoch >= run_epochs:
-            raise ValueError(f"{path}: that run finished all its {run_epochs} epochs; there is nothing to resume")
-        return path
-    found = f" (damaged: {', '.join(damaged)})" if damaged else ""
-    raise FileNotFoundError(f"no loadable {LATEST_PATTERN} in {ckpt_dir} to resume from{found}")
+    if epoch >= run_epochs:
+        raise ValueError(f"{path}: that run finished all its {run_epochs} epochs; there is nothing to resume")
+    return path
 
 
 def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = False) -> None:

@@ -173,7 +173,8 @@ def _with_checked_values(main):
     """``main`` behind a wrapper with its signature that checks each value against ``main``'s type annotations.
 
     Args:
-        main: The CLI function; every parameter must have a type annotation.
+        main: The CLI function; every parameter must have a type annotation, but a ``**kwargs`` one, whose values
+            ``main`` checks itself (e.g. config overrides).
 
     Returns:
         The wrapper, for ``fire.Fire``.
@@ -182,9 +183,8 @@ def _with_checked_values(main):
         TypeError: If a parameter of ``main`` has no annotation of the types ``check_value`` knows.
     """
     signature = inspect.signature(main, eval_str=True)
-    unchecked = [
-        p.name for p in signature.parameters.values() if not set(_annotated_types(p.annotation)) <= set(_TYPE_NAMES)
-    ]
+    named = {name: p for name, p in signature.parameters.items() if p.kind is not p.VAR_KEYWORD}
+    unchecked = [p.name for p in named.values() if not set(_annotated_types(p.annotation)) <= set(_TYPE_NAMES)]
     if unchecked:
         raise TypeError(
             f"{main.__module__}.{main.__name__}: {', '.join(unchecked)} need(s) a type annotation made of"
@@ -195,7 +195,8 @@ def _with_checked_values(main):
     def checked_main(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         for name, value in bound.arguments.items():
-            bound.arguments[name] = check_value(name, value, signature.parameters[name].annotation)
+            if name in named:
+                bound.arguments[name] = check_value(name, value, named[name].annotation)
         return main(*bound.args, **bound.kwargs)
 
     return checked_main
@@ -224,8 +225,10 @@ def run(main):
         fire.Fire(checked_main, command=["--help"], name=prog)
         return
     main_args, _ = SeparateFlagArgs(args)  # fire's own flags (--trace, ...) come after a lone --
+    parameters = inspect.signature(main).parameters
     try:
-        check_command_line(main_args, list(inspect.signature(main).parameters), prog)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):  # else main checks its other flags
+            check_command_line(main_args, list(parameters), prog)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

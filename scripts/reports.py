@@ -9,7 +9,7 @@ import os
 
 from scripts.safe_files import write_atomically
 
-__all__ = ["print_training_summary", "write_report"]
+__all__ = ["print_table", "print_training_summary", "read_csv", "write_csv", "write_report"]
 
 
 def print_training_summary(evaluator, ckpt_dir, log_dir) -> None:
@@ -43,32 +43,34 @@ def write_report(details_dir, metrics, per_case_csv, summary_csv=None):
     ``<metric>_summary.csv``) into ``per_case_csv`` (``case`` plus one column per metric, values as MetricsSaver wrote
     them) and ``summary_csv`` (one row per metric: the summary columns); print the summary, or without one the per-case
     table. Returns the per-case rows."""
-    columns = {metric: _read_csv(os.path.join(details_dir, f"{metric}_raw.csv")) for metric in metrics}
+    columns = {metric: read_csv(os.path.join(details_dir, f"{metric}_raw.csv")) for metric in metrics}
     cases = [row["filename"] for row in columns[metrics[0]]]
     for metric, rows in columns.items():
         if [row["filename"] for row in rows] != cases:
             raise ValueError(f"{details_dir}: {metric}_raw.csv lists other cases than {metrics[0]}_raw.csv")
     table = [{"case": case, **{m: columns[m][i]["class0"] for m in metrics}} for i, case in enumerate(cases)]
-    _write_csv(per_case_csv, ["case", *metrics], table)
+    write_csv(per_case_csv, ["case", *metrics], table)
     if summary_csv is None:
-        _print_table(f"{per_case_csv}:", ["case", *metrics], table)
+        print_table(f"{per_case_csv}:", ["case", *metrics], table)
         return table
     summary = []
     for metric in metrics:
-        (row,) = [r for r in _read_csv(os.path.join(details_dir, f"{metric}_summary.csv")) if r["class"] == "class0"]
+        (row,) = [r for r in read_csv(os.path.join(details_dir, f"{metric}_summary.csv")) if r["class"] == "class0"]
         summary.append({"metric": metric, **{k: v for k, v in row.items() if k != "class"}})
     header = ["metric", *(k for k in summary[0] if k != "metric")]
-    _write_csv(summary_csv, header, summary)
-    _print_table(f"{len(cases)} cases, per-case values in {per_case_csv}, summary in {summary_csv}:", header, summary)
+    write_csv(summary_csv, header, summary)
+    print_table(f"{len(cases)} cases, per-case values in {per_case_csv}, summary in {summary_csv}:", header, summary)
     return table
 
 
-def _read_csv(path):
+def read_csv(path):
+    """The rows of a CSV file as dicts."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def _write_csv(path, header, rows):
+def write_csv(path, header, rows):
+    """Write ``rows`` (dicts) under ``header`` to ``path``, atomically."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=header, lineterminator="\n")
     writer.writeheader()
@@ -76,7 +78,8 @@ def _write_csv(path, header, rows):
     write_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
 
-def _print_table(title, header, rows):
+def print_table(title, header, rows):
+    """Print ``rows`` (dicts) as aligned columns under ``title``."""
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
     print(title)
     for line in [dict(zip(header, header)), *rows]:
