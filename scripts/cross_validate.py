@@ -1,0 +1,240 @@
+"""The paper's Tab. 1 in one command: patient-grouped cross-validation of the modified and the classic 3D UNet.
+
+    python -m scripts.cross_validate --dataset_dir DIR --output_dir OUT [--networks "['modified','classic']"]
+        [--folds 5] [--seed 0] [--config demo] [--overwrite true] [--ID VALUE ...]
+
+For every network and fold: `monai.bundle run training` (configs/train.json, + configs/classic_unet.json for the
+classic UNet, + configs/demo.json with ``--config demo``) into ``OUT/<network>/fold<k>/``, then `run evaluating`
+(configs/evaluate.json) of that fold's model on the fold it held out ("test") and on the cases it trained on
+("train"), each on the scans' own grids. Folds keep every slab of a patient together (the datalist builder's folds,
+``OUT/datalist.json``, or ``--datalist``). Any other ``--ID VALUE`` is passed to every run as a config override, as
+``monai.bundle run`` takes it (``--epochs 2 --features "[4,8,16,32,64]"``); an ID that none of the configs has is
+refused before anything runs. A rerun with the same settings skips the steps already done and resumes an
+interrupted training from its checkpoint; a finished ``OUT`` is replaced only with ``--overwrite true``.
+Outputs (scripts/cv_report.py): ``per_case.csv``, ``table.md``/``table.csv`` beside the paper's Tab. 1,
+``comparison.md`` (paired, modified against classic), ``dice.png``, and ``ensemble.json``: an override of
+configs/inference.json with the fold models as ``ensemble_checkpoints``, for the testing cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from scripts.cli import as_bool
+from scripts.safe_files import write_atomically
+
+__all__ = ["NETWORKS", "cross_validate", "main"]
+
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NETWORKS = {"modified": ["configs/train.json"], "classic": ["configs/train.json", "configs/classic_unet.json"]}
+PROFILES = {None: [], "demo": ["configs/demo.json"]}
+EVALUATE = "configs/evaluate.json"
+# each fold's steps, in order: (name, marker file written when it is done)
+STEPS = (("train", "trained.json"), ("test", "scored_test.json"), ("train_cases", "scored_train.json"))
+SETTINGS_FILE = "cross_validation.json"
+FINISHED_FILE = "table.md"
+
+
+def _config_files(network, profile, evaluate=False):
+    files = NETWORKS[network] + PROFILES[profile] + ([EVALUATE] if evaluate else [])
+    return [os.path.join(BUNDLE_ROOT, f) for f in files]
+
+
+def check_overrides(overrides, networks, profile):
+    """Refuse a config override that none of the configs a run reads has (a typo would otherwise do nothing).
+
+    Args:
+        overrides: ``{id: value}`` as given on the command line.
+        networks: the networks to train.
+        profile: None or ``"demo"``.
+
+    Raises:
+        ValueError: naming the unknown IDs.
+    """
+    from monai.bundle import ConfigParser
+
+    known = set()
+    for network in networks:
+        parser = ConfigParser()
+        parser.read_config(_config_files(network, profile, evaluate=True))
+        known |= {key for key in overrides if key in parser}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown config ID(s) {', '.join('--' + k for k in unknown)}: not in train.json/evaluate.json"
+        )
+
+
+def _bundle_run(run_id, configs, overrides, log_path):
+    """``python -m monai.bundle run RUN_ID`` with ``overrides`` as ``--ID VALUE``, its output appended to ``log_path``."""
+    args = [x for key, value in overrides.items() for x in (f"--{key}", _as_text(value))]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs), *args]
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        result = subprocess.run(cmd, cwd=BUNDLE_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"`monai.bundle run {run_id}` failed (exit {result.returncode}); see {log_path}")
+
+
+def _as_text(value):
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def _train_fold(fold_dir, network, profile, common, log_path):
+    """Train one fold, resuming an interrupted run from its checkpoint (or starting it again before the first)."""
+    from scripts.checkpoints import latest_training_state
+
+    ckpt_dir = os.path.join(fold_dir, "models")
+    latest = latest_training_state(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if latest is not None and latest[1] >= latest[2]:
+        return  # killed after its last checkpoint, before its marker: training is done
+    mode = {"resume": True} if latest is not None else {"overwrite": True}
+    overrides = {**common, "ckpt_dir": ckpt_dir, "output_dir": os.path.join(fold_dir, "runs"), **mode}
+    _bundle_run("training", _config_files(network, profile), overrides, log_path)
+
+
+def _score_fold(fold_dir, network, profile, common, section, log_path):
+    """`run evaluating` of the fold's model on ``section`` ("validation": the held-out cases, or "train")."""
+    name = "test" if section == "validation" else "train"
+    overrides = {
+        **common,
+        "ckpt_dir": os.path.join(fold_dir, "models"),
+        "output_dir": os.path.join(fold_dir, "runs"),
+        "eval_dir": os.path.join(fold_dir, f"eval_{name}"),
+        "eval_section": section,
+        "overwrite": True,  # an unfinished step's outputs are incomplete
+    }
+    _bundle_run("evaluating", _config_files(network, profile, evaluate=True), overrides, log_path)
+
+
+def _prepare_output(output_dir, settings, overwrite):
+    """Create ``output_dir`` or reuse it for the same settings; a finished one only with ``overwrite``."""
+    path = os.path.join(output_dir, SETTINGS_FILE)
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        earlier = json.load(open(path)) if os.path.isfile(path) else None
+        finished = os.path.exists(os.path.join(output_dir, FINISHED_FILE))
+        if not overwrite and earlier != settings:
+            what = f"a cross-validation with other settings ({path})" if earlier else "other files"
+            raise FileExistsError(f"{output_dir} holds {what}; choose another --output_dir or pass --overwrite true")
+        if not overwrite and finished:
+            raise FileExistsError(
+                f"{output_dir} holds a finished cross-validation ({FINISHED_FILE}); pass"
+                f" --overwrite true to run it again"
+            )
+        if overwrite:
+            shutil.rmtree(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    write_atomically(path, lambda f: f.write(json.dumps(settings, indent=4).encode()))
+
+
+def _datalist(dataset_dir, output_dir, datalist, folds, seed):
+    """The datalist the folds come from: ``datalist``, else built (and checked) into ``OUT/datalist.json``."""
+    from scripts.prepare_datalist import main as write_datalist
+
+    if datalist:
+        return os.path.abspath(datalist)
+    path = os.path.join(output_dir, "datalist.json")
+    if not os.path.isfile(path):
+        write_datalist(dataset_dir, path, folds=folds, seed=seed, check=True)
+    return path
+
+
+def cross_validate(
+    dataset_dir,
+    output_dir,
+    networks=("modified", "classic"),
+    folds=5,
+    seed=0,
+    datalist=None,
+    config=None,
+    overwrite=False,
+    **overrides,
+):
+    """Train and score every fold of every network; see the module docstring. Returns the paths of the outputs."""
+    from scripts.cv_report import write_outputs
+
+    networks = [networks] if isinstance(networks, str) else list(networks)
+    unknown = [n for n in networks if n not in NETWORKS]
+    if unknown or not networks:
+        raise ValueError(f"--networks must name some of {', '.join(NETWORKS)}, got {networks}")
+    if config not in PROFILES:
+        raise ValueError(f"--config must be one of {', '.join(str(p) for p in PROFILES if p)}, got {config!r}")
+    dataset_dir, output_dir = os.path.abspath(dataset_dir), os.path.abspath(output_dir)
+    if not os.path.isdir(dataset_dir):
+        raise FileNotFoundError(f"--dataset_dir {dataset_dir} is not a folder")
+    check_overrides(overrides, networks, config)
+    settings = {
+        "dataset_dir": dataset_dir,
+        "networks": networks,
+        "folds": folds,
+        "seed": seed,
+        "datalist": datalist,
+        "config": config,
+        "overrides": overrides,
+    }
+    _prepare_output(output_dir, settings, as_bool(overwrite, "overwrite"))
+    datalist_path = _datalist(dataset_dir, output_dir, datalist, folds, seed)
+    with open(datalist_path) as f:
+        fold_ids = sorted({item["fold"] for item in json.load(f)["training"]})
+    common = {
+        **overrides,
+        "dataset_dir": dataset_dir,
+        "data_list_file_path": datalist_path,
+        "seed": seed,
+        "prepare_data": "[]",
+    }
+    jobs = [(network, fold) for network in networks for fold in fold_ids]
+    started, done_times = time.monotonic(), []
+    for index, (network, fold) in enumerate(jobs, start=1):
+        fold_dir = os.path.join(output_dir, network, f"fold{fold}")
+        os.makedirs(fold_dir, exist_ok=True)
+        log_path, step_start = os.path.join(fold_dir, "log.txt"), time.monotonic()
+        ran = False
+        for step, marker in STEPS:
+            if os.path.exists(os.path.join(fold_dir, marker)):
+                continue
+            ran = True
+            if step == "train":
+                _train_fold(fold_dir, network, config, {**common, "fold": fold}, log_path)
+            else:
+                section = "validation" if step == "test" else "train"
+                _score_fold(fold_dir, network, config, {**common, "fold": fold}, section, log_path)
+            write_atomically(os.path.join(fold_dir, marker), lambda f: f.write(b"{}"))
+        took = time.monotonic() - step_start
+        if ran:
+            done_times.append(took)
+        left = (len(jobs) - index) * (sum(done_times) / len(done_times)) if done_times else 0.0
+        print(
+            f"[{index}/{len(jobs)}] {network} fold {fold}: {'done' if ran else 'already done'} in {took:.0f} s;"
+            f" {time.monotonic() - started:.0f} s so far, about {left:.0f} s left",
+            flush=True,
+        )
+    return write_outputs(output_dir, networks, fold_ids, datalist_path, dataset_dir, config, overrides)
+
+
+def main(
+    dataset_dir: str,
+    output_dir: str,
+    networks: str | list | tuple = ("modified", "classic"),
+    folds: int = 5,
+    seed: int = 0,
+    datalist: str | None = None,
+    config: str | None = None,
+    overwrite: bool = False,
+    **overrides,
+):
+    """CLI: see the module docstring."""
+    outputs = cross_validate(dataset_dir, output_dir, networks, folds, seed, datalist, config, overwrite, **overrides)
+    print("\n".join(f"{name}: {path}" for name, path in outputs.items()))
+
+
+if __name__ == "__main__":
+    from scripts.cli import run
+
+    run(main)
