@@ -1,18 +1,18 @@
 """The paper's Tab. 1 in one command: patient-grouped cross-validation of the modified and the classic 3D UNet.
 
     python -m scripts.cross_validate --dataset_dir DIR --output_dir OUT [--networks "['modified','classic']"]
-        [--folds 5] [--seed 0] [--config demo] [--overwrite true] [--ID VALUE ...]
+        [--folds 5] [--seed 0] [--config demo|isles24] [--overwrite true] [--ID VALUE ...]
 
 For every network and fold: `monai.bundle run training` (configs/train.json, + configs/classic_unet.json for the
-classic UNet, + configs/demo.json with ``--config demo``) into ``OUT/<network>/fold<k>/``, then `run evaluating`
-(configs/evaluate.json) of that fold's model on the fold it held out ("test") and on the cases it trained on
-("train"), each on the scans' own grids. Folds keep every slab of a patient together (the datalist builder's folds,
-``OUT/datalist.json``, or ``--datalist``). Any other ``--ID VALUE`` is passed to every run as a config override, as
-``monai.bundle run`` takes it (``--epochs 2 --features "[4,8,16,32,64]"``); an ID that none of the configs has is
-refused before anything runs. A rerun with the same settings skips the steps already done and resumes an
-interrupted training from its checkpoint; a finished ``OUT`` is replaced only with ``--overwrite true``.
-Outputs (scripts/cv_report.py): ``per_case.csv``, ``table.md``/``table.csv`` beside the paper's Tab. 1,
-``comparison.md`` (paired, modified against classic), ``dice.png``, and ``ensemble.json``: an override of
+classic UNet, + configs/demo.json with ``--config demo``, configs/isles24.json with ``--config isles24``) into
+``OUT/<network>/fold<k>/``, then `run evaluating` (configs/evaluate.json) of that fold's model on the fold it held out
+("test") and on the cases it trained on ("train"), each on the scans' own grids. Folds keep every slab of a patient
+together (the datalist builder's folds, ``OUT/datalist.json``, or ``--datalist``). Any other ``--ID VALUE`` is passed
+to every run as a config override, as ``monai.bundle run`` takes it (``--epochs 2 --features "[4,8,16,32,64]"``); an
+ID that none of the configs has is refused before anything runs. A rerun with the same settings skips the steps
+already done and resumes an interrupted training from its checkpoint; a finished ``OUT`` is replaced only with
+``--overwrite true``. Outputs (scripts/cv_report.py): ``per_case.csv``, ``table.md``/``table.csv`` beside the paper's
+Tab. 1, ``comparison.md`` (paired, modified against classic), ``dice.png``, and ``ensemble.json``: an override of
 configs/inference.json with the fold models as ``ensemble_checkpoints``, for the testing cases.
 """
 
@@ -32,7 +32,7 @@ __all__ = ["NETWORKS", "cross_validate", "main"]
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORKS = {"modified": ["configs/train.json"], "classic": ["configs/train.json", "configs/classic_unet.json"]}
-PROFILES = {None: [], "demo": ["configs/demo.json"]}
+PROFILES = {None: [], "demo": ["configs/demo.json"], "isles24": ["configs/isles24.json"]}
 EVALUATE = "configs/evaluate.json"
 # each fold's steps, in order: (name, marker file written when it is done)
 STEPS = (("train", "trained.json"), ("test", "scored_test.json"), ("train_cases", "scored_train.json"))

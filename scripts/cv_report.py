@@ -34,11 +34,24 @@ PAPER_TABLE = [
     {"network": "modified", "split": "test", "dice": 0.58, "precision": 0.68, "recall": 0.60, "jaccard": 0.66},
 ]
 SPLITS = ("test", "train")
+BASELINE = "threshold (rCBF<30%)"  # the non-learned core of scripts/perfusion_report.py, scored by every evaluation
+
+
+def _row(network, fold, split, case, patient, scores):
+    return {
+        "network": network,
+        "fold": fold,
+        "split": split,
+        "case": case,
+        "patient": patient[case],
+        **{m: float(scores.get(m) or "nan") for m in METRICS},
+    }
 
 
 def collect_per_case(output_dir, networks, folds, datalist_path):
     """Every scored case: network, fold, split ("test" = out-of-fold, "train" = the fold's own training cases),
-    case, patient and every metric of ``run evaluating``."""
+    case, patient and every metric of ``run evaluating``; and the threshold baseline's held-out scores (it learns
+    nothing: those of the first network's folds)."""
     with open(datalist_path) as f:
         patient = {item["case"]: item.get("patient", item["case"]) for item in json.load(f)["training"]}
     rows = []
@@ -46,17 +59,10 @@ def collect_per_case(output_dir, networks, folds, datalist_path):
         for fold in folds:
             for split in SPLITS:
                 path = os.path.join(output_dir, network, f"fold{fold}", f"eval_{split}", "metrics_per_case.csv")
-                for row in read_csv(path):
-                    rows.append(
-                        {
-                            "network": network,
-                            "fold": fold,
-                            "split": split,
-                            "case": row["case"],
-                            "patient": patient[row["case"]],
-                            **{m: float(row[m]) for m in METRICS},
-                        }
-                    )
+                rows += [_row(network, fold, split, r["case"], patient, r) for r in read_csv(path)]
+    for fold in folds:
+        path = os.path.join(output_dir, networks[0], f"fold{fold}", "eval_test", "baseline_per_case.csv")
+        rows += [_row(BASELINE, fold, "test", r["case"], patient, r) for r in read_csv(path)]
     return rows
 
 
@@ -66,21 +72,21 @@ def _mean(values):
 
 
 def summary_table(per_case, networks):
-    """One row per network and split: the mean of the per-case values of each metric (NaNs left out: precision of an
-    empty prediction), with the number of cases; the paper's rows beside them."""
+    """One row per network and split, and the threshold baseline's held-out row: the mean of the per-case values of
+    each metric (NaNs left out: precision of an empty prediction), with the number of cases; the paper's rows
+    beside them."""
     rows = []
-    for network in networks:
-        for split in SPLITS:
-            cases = [r for r in per_case if r["network"] == network and r["split"] == split]
-            rows.append(
-                {
-                    "source": "this run",
-                    "network": network,
-                    "split": split,
-                    "cases": len(cases),
-                    **{m: _mean([r[m] for r in cases]) for m in TABLE_COLUMNS},
-                }
-            )
+    for network, split in [(n, s) for n in networks for s in SPLITS] + [(BASELINE, "test")]:
+        cases = [r for r in per_case if r["network"] == network and r["split"] == split]
+        rows.append(
+            {
+                "source": "this run",
+                "network": network,
+                "split": split,
+                "cases": len(cases),
+                **{m: _mean([r[m] for r in cases]) for m in TABLE_COLUMNS},
+            }
+        )
     rows += [
         {"source": "paper (Omarov 2022, Tab. 1)", "cases": "", **{m: math.nan for m in TABLE_COLUMNS}, **row}
         for row in PAPER_TABLE
@@ -161,17 +167,18 @@ def dice_figure(per_case, networks, path, title):
 
 
 def _ensemble_override(output_dir, network, folds, dataset_dir, config, overrides):
-    """An override of configs/inference.json that segments ``dataset_dir``'s testing cases with the fold models."""
+    """An override of configs/inference.json that segments ``dataset_dir``'s testing cases with the fold models:
+    the run's overrides and profile settings that inference.json has (those that refer to no other ID)."""
     from monai.bundle import ConfigParser
-    from scripts.cross_validate import BUNDLE_ROOT
+    from scripts.cross_validate import BUNDLE_ROOT, PROFILES
 
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
-    settings = {k: v for k, v in overrides.items() if k in parser}
-    if config == "demo":
-        from scripts.demo import network_settings
-
-        settings = {**network_settings(), **settings}
+    settings = {}
+    for profile in PROFILES[config]:
+        with open(os.path.join(BUNDLE_ROOT, profile)) as f:
+            settings.update({k: v for k, v in json.load(f).items() if k in parser and "@" not in json.dumps(v)})
+    settings.update({k: v for k, v in overrides.items() if k in parser})
     return {
         **settings,
         "dataset_dir": dataset_dir,

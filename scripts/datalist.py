@@ -4,6 +4,7 @@ segment (an ISLES root, case folders, 4D files or a datalist), each item checked
 import os
 
 from monai.data import load_decathlon_datalist
+from scripts import isles24
 from scripts.cli import as_bool
 from scripts.isles import (
     CHANNELS,
@@ -119,8 +120,9 @@ def find_inputs(source, data_list_key="testing", check=False):
     channel order (CT, CBF, CBV, MTT, Tmax) or one 4D NIfTI file with those 5 channels last, ``case`` its
     ``case_name``. ``source`` is:
 
-    - an ISLES root (with a ``TESTING`` folder): its TESTING cases;
-    - a folder of ISLES case folders (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...``);
+    - an ISLES 2018 root (with a ``TESTING`` folder): its TESTING cases;
+    - a folder of ISLES 2018 case folders (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...``);
+    - an ISLES 2024 root (``scripts.isles24``): every subject;
     - a folder of 4D NIfTI files, one case each;
     - a datalist ``.json``: the ``image`` of each item of its ``data_list_key`` section (relative paths are relative to
       the file's folder).
@@ -148,6 +150,9 @@ def find_inputs(source, data_list_key="testing", check=False):
         )
         if files:
             images = [os.path.join(source, f) for f in files]
+        elif isles24.find_root(source):
+            roots = isles24.find_root(source)
+            images = [isles24.read_subject(subject, *roots)["image"] for subject in isles24.find_subjects(*roots)]
         elif find_dir(source, TRAINING_DIR):
             raise InvalidCaseError(
                 f"{source} has a {TRAINING_DIR} folder but no {TESTING_DIR} folder; to segment"
@@ -157,7 +162,7 @@ def find_inputs(source, data_list_key="testing", check=False):
             images = [read_case(case, case_dir, with_label=False)["image"] for case, case_dir in case_folders(source)]
     if not images:
         raise InvalidCaseError(
-            f"{source}: no cases (an ISLES root, a folder of case folders or of 4D NIfTI files,"
+            f"{source}: no cases (an ISLES 2018 or 2024 root, a folder of case folders or of 4D NIfTI files,"
             f" or a datalist .json)"
         )
     items = [{"image": image, "case": case_name(image)} for image in images]

@@ -37,6 +37,8 @@ TESTING_DIR = "TESTING"
 # SMIR.Brain.XX.O.<MOD>.<id>, the name of both the map folder and the NIfTI file inside it.
 SMIR_NAME = re.compile(r"^SMIR\.Brain\.XX\.O\.(?P<mod>[A-Za-z0-9_]+)\.(?P<id>\d+)$", re.IGNORECASE)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# an ISLES 2024 NCCT file, sub-<label>_ses-<label>_ncct.nii[.gz]: its subject names the case
+BIDS_NCCT = re.compile(r"^(?P<subject>sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+_ncct\.nii(\.gz)?$", re.IGNORECASE)
 
 
 def smir_name(token: str, smir_id: int) -> str:
@@ -212,23 +214,28 @@ def check_case(item):
         if problem:
             raise InvalidCaseError(f"{case}: {name} file {path} has {problem}")
         if name == LABEL:
-            extra = np.setdiff1d(np.unique(data), [0, 1])
-            if extra.size:
+            values = np.unique(data)
+            if values.size > 2 or values.min() < 0 or values.size == 2 and values[0] != 0:
                 raise InvalidCaseError(
-                    f"{case}: label file {path} is not binary: values {extra[:10].tolist()} besides 0/1"
+                    f"{case}: label file {path} is not a binary mask: values {values[:10].tolist()} (after the"
+                    f" header's scaling); a mask is 0 and one positive value, read as lesion where > 0"
                 )
             lesion_voxels = int(np.count_nonzero(data))
     return lesion_voxels
 
 
 def case_name(image):
-    """Name of a case, which its outputs carry, from its ``image`` (one file or a list of files): the ISLES case folder
-    (``case_N`` above ``SMIR.Brain.XX.O.<MOD>.<id>/``), else the (first) file's name without ``.nii``/``.nii.gz``."""
+    """Name of a case, which its outputs carry, from its ``image`` (one file or a list of files): the ISLES 2018 case
+    folder (``case_N`` above ``SMIR.Brain.XX.O.<MOD>.<id>/``), the ISLES 2024 subject (``sub-...`` of
+    ``sub-..._ses-..._ncct.nii.gz``), else the (first) file's name without ``.nii``/``.nii.gz``."""
     path = os.path.abspath(image if isinstance(image, str) else image[0])
     folder = os.path.dirname(path)
     if SMIR_NAME.match(os.path.basename(folder)):
         return os.path.basename(os.path.dirname(folder))
     name = os.path.basename(path)
+    subject = BIDS_NCCT.match(name)
+    if subject:
+        return subject.group("subject")
     return next(name[: -len(s)] for s in sorted(NIFTI_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s))
 
 
@@ -246,14 +253,17 @@ def check_unique_names(items):
         seen[name] = first
 
 
-def read_valid_cases(cases, check=False, skip_invalid=False):
+def read_valid_cases(cases, check=False, skip_invalid=False, read=None):
     """Read (``read_case``) and, with ``check``, check (``check_case``) each case; the one loop of every tool that
     reads an ISLES tree.
 
     Args:
-        cases: ``(name, folder, with_label)`` of each case, e.g. ``("TRAINING/case_3", ".../TRAINING/case_3", True)``.
+        cases: the arguments of ``read`` for each case; for ``read_case``, ``(name, folder, with_label)``, e.g.
+            ``("TRAINING/case_3", ".../TRAINING/case_3", True)``.
         check: load and check every file of every case.
         skip_invalid: leave a case that is not valid out instead of stopping (``log_skipped`` lists them).
+        read: what reads one case into a datalist item, default ``read_case`` (ISLES 2018); ISLES 2024:
+            ``scripts.isles24.read_subject``.
 
     Returns:
         The items (``{"image": [...], "case": name}``, with ``"label"`` where asked) of the valid cases, in order, and
@@ -263,9 +273,9 @@ def read_valid_cases(cases, check=False, skip_invalid=False):
         InvalidCaseError: naming the case and the file, for the first invalid case unless ``skip_invalid``.
     """
     items, skipped = [], []
-    for name, folder, with_label in cases:
+    for case in cases:
         try:
-            item = read_case(name, folder, with_label)
+            item = (read or read_case)(*case)
             if check:
                 check_case(item)
         except InvalidCaseError as err:

@@ -1,4 +1,5 @@
-"""Build a MONAI datalist (with patient-grouped folds) from an ISLES 2018 CT-perfusion tree, and check its files.
+"""Build a MONAI datalist (with patient-grouped folds) from an ISLES 2018 or ISLES 2024 CT-perfusion tree, and check
+its files.
 
 python -m scripts.prepare_datalist --data_root DIR --output datalist.json --folds 5 --seed 0 [--check]
 """
@@ -16,6 +17,7 @@ from scripts.isles import (
     TRAINING_DIR,
     InvalidCaseError,
     find_cases,
+    find_dir,
     log_skipped,
     read_valid_cases,
 )
@@ -69,29 +71,52 @@ def _relative(item, data_root):
     return out
 
 
+def _read_tree(data_root, check, skip_invalid):
+    """The training items (with a label), testing items, skipped messages and release name of an ISLES 2018 root
+    (``TRAINING/``, ``TESTING/``) or an ISLES 2024 root (``scripts.isles24``: a subject with a mask trains)."""
+    from scripts import isles24
+
+    if find_dir(data_root, TRAINING_DIR) or find_dir(data_root, TESTING_DIR):
+        training, skipped = read_valid_cases(
+            [(c, d, True) for c, d in find_cases(data_root, TRAINING_DIR)], check, skip_invalid
+        )
+        testing, skipped_test = read_valid_cases(
+            [(c, d, False) for c, d in find_cases(data_root, TESTING_DIR)], check, skip_invalid
+        )
+        return training, testing, skipped + skipped_test, "ISLES 2018 CT perfusion"
+    roots = isles24.find_root(data_root)
+    if roots is None:
+        raise InvalidCaseError(
+            f"{data_root}: neither an ISLES 2018 root ({TRAINING_DIR}/ and/or {TESTING_DIR}/ of case_N folders) nor"
+            f" an ISLES 2024 one ({isles24.EXPECTED})"
+        )
+    subjects = [(s, *roots) for s in isles24.find_subjects(*roots)]
+    items, skipped = read_valid_cases(subjects, check, skip_invalid, read=isles24.read_subject)
+    training, testing = [i for i in items if "label" in i], [i for i in items if "label" not in i]
+    return training, testing, skipped, "ISLES 2024 CT perfusion"
+
+
 def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, skip_invalid=False):
-    """The datalist dict: ``training`` items with ``fold`` and ``patient``, ``testing`` items without label.
+    """The datalist dict: ``training`` items with ``fold`` and ``patient``, ``testing`` items without label, from an
+    ISLES 2018 or ISLES 2024 root.
 
     Without a case-to-patient CSV (argument, or ``patients.csv`` in ``data_root``) every case counts as its own
-    patient, so the two slabs of one ISLES patient may land in different folds; a warning says so.
+    patient, so the two slabs of one ISLES 2018 patient may land in different folds; a warning says so. ISLES 2024
+    gives one case per subject: the subject is the patient.
     """
     data_root = os.path.abspath(data_root)
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data_root {data_root} is not a folder")
-    training, skipped = read_valid_cases(
-        [(c, d, True) for c, d in find_cases(data_root, TRAINING_DIR)], check, skip_invalid
-    )
-    testing, skipped_test = read_valid_cases(
-        [(c, d, False) for c, d in find_cases(data_root, TESTING_DIR)], check, skip_invalid
-    )
-    skipped += skipped_test
+    training, testing, skipped, release = _read_tree(data_root, check, skip_invalid)
     if not training and not testing:
-        raise InvalidCaseError(f"{data_root}: no usable case folders under {TRAINING_DIR}/ or {TESTING_DIR}/")
+        raise InvalidCaseError(f"{data_root}: no usable cases ({release})")
     log_skipped(skipped)
     if patients_csv is None and os.path.isfile(os.path.join(data_root, "patients.csv")):
         patients_csv = os.path.join(data_root, "patients.csv")
     cases = [item["case"] for item in training]
-    if patients_csv is None:
+    if release.startswith("ISLES 2024") and patients_csv is None:
+        patients = {case: case for case in cases}
+    elif patients_csv is None:
         logger.warning(
             "no case-to-patient CSV: each case is its own patient; slabs of one patient may split across folds"
         )
@@ -105,7 +130,7 @@ def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, s
     for item in training:
         item.update(patient=patients[item["case"]], fold=fold_of[item["case"]])
     return {
-        "name": "ISLES 2018 CT perfusion",
+        "name": release,
         "channels": list(CHANNELS),
         "num_folds": folds,
         "seed": seed,

@@ -22,6 +22,7 @@ of which a slab shows a part (every training slab shows some).
 """
 
 import csv
+import gzip
 import itertools
 import shutil
 from pathlib import Path
@@ -52,6 +53,14 @@ FIELD_SIGMAS = {
     "tmax": 8,
 }
 EDGE = 0.1  # width of the soft edge of the ischemic regions, in units of the lesion radius
+WHOLE_BRAIN_MM = 200.0  # axial extent of an ISLES 2024 NCCT-space volume (about 100 slices of 2 mm)
+# ISLES 2024: stored dtypes (NCCT in HU; maps in float32, CBV in mL/100 g; the mask as uint16 0/65535 scaled to 0/1)
+DTYPES_2024 = {"CT": np.int16, "CBF": np.float32, "CBV": np.float32, "MTT": np.float32, "Tmax": np.float32}
+MASK_RAW = 65535
+LAYOUTS_2024 = {  # layout: (root folder, raw folder, subject prefix, session of the inputs, of the mask, mask infix)
+    "isles24": ("", "rawdata", "sub-strokecase", "ses-0001", "ses-0002", ""),
+    "isles24_archive": ("train", "raw_data", "sub-stroke", "ses-01", "ses-02", "space-ncct_"),
+}
 
 
 def _sigmoid(t):
@@ -109,7 +118,7 @@ class _Slab:
 class _Patient:
     """One synthetic head with its lesions, and the one or two slabs acquired of it."""
 
-    def __init__(self, rng, in_plane, slices, n_slabs):
+    def __init__(self, rng, in_plane, slices, n_slabs, whole_brain=False):
         self.semi_axes = (float(rng.uniform(68, 78)), float(rng.uniform(86, 96)))  # half width (x), length (y), mm
         self.half_height = float(rng.uniform(100, 120))
         self.skull_mm = float(rng.uniform(5, 8))
@@ -117,7 +126,12 @@ class _Patient:
         origin = -(in_plane - 1) / 2 * self.spacing + rng.uniform(-8, 8, size=2)
         self.x, self.y = (o + self.spacing * np.arange(in_plane, dtype=np.float32) for o in origin.astype(np.float32))
         self.fields = {name: _Field(rng, sigma) for name, sigma in FIELD_SIGMAS.items()}
-        self.slabs = self._draw_slabs(rng, slices, n_slabs)
+        # ISLES 2024: one whole-brain volume of `slices` slices over WHOLE_BRAIN_MM instead of slabs
+        self.slabs = (
+            [_Slab(slices[0], WHOLE_BRAIN_MM / slices[0], 0.0)]
+            if whole_brain
+            else self._draw_slabs(rng, slices, n_slabs)
+        )
         self.lesions = self._draw_lesions(rng, int(rng.integers(n_slabs, 4)))
         self.cbf_scale = float(rng.uniform(0.85, 1.15))
         self.core_hypodensity = float(rng.uniform(2, 6))
@@ -339,7 +353,120 @@ def generate(
     }
 
 
+def _oblique(affine, rng):
+    """``affine`` tilted about the x axis by 5 to 15 degrees (a tilted gantry), about the volume's first voxel."""
+    angle = np.deg2rad(rng.uniform(5, 15)) * rng.choice((-1, 1))
+    rotation = np.eye(4)
+    rotation[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    return rotation @ affine
+
+
+def _header(shape, dtype, affine):
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm", "sec")
+    return header
+
+
+def _save_nifti(path, data, affine):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine, header=_header(data.shape, data.dtype, affine)), path)
+
+
+def _save_scaled_mask(path, mask, affine):
+    """``mask`` (bool) as uint16 0/65535 with ``scl_slope`` 1/65535, as the ISLES 2024 masks are stored: written by
+    hand, because nibabel chooses its own scaling when it saves an array."""
+    header = _header(mask.shape, np.uint16, affine)
+    header.set_slope_inter(1.0 / MASK_RAW, 0.0)
+    header["vox_offset"] = 352  # the 348-byte header and 4 bytes of "no extensions"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.GzipFile(path, "wb", mtime=0) as f:
+        f.write(header.binaryblock + bytes(4))
+        f.write((mask.astype("<u2") * MASK_RAW).tobytes(order="F"))
+
+
+def _write_isles24_subject(root, layout, index, arrays, affine, with_mask):
+    """One subject in an ISLES 2024 layout: NCCT in the raw tree, the 4 maps and (training) the mask in derivatives."""
+    top, raw_dir, prefix, ses_in, ses_mask, mask_infix = LAYOUTS_2024[layout]
+    subject = f"{prefix}{index:04d}"
+    base = root / top if top else root
+    _save_nifti(base / raw_dir / subject / ses_in / f"{subject}_{ses_in}_ncct.nii.gz", arrays["CT"], affine)
+    maps = base / "derivatives" / subject / ses_in / "perfusion-maps"
+    for key in CHANNELS[1:]:
+        _save_nifti(maps / f"{subject}_{ses_in}_space-ncct_{key.lower()}.nii.gz", arrays[key], affine)
+    if with_mask:
+        mask = base / "derivatives" / subject / ses_mask / f"{subject}_{ses_mask}_{mask_infix}lesion-msk.nii.gz"
+        _save_scaled_mask(mask, arrays[LABEL], affine)
+    return subject
+
+
+def generate_isles24(
+    output_dir, num_train=20, num_test=0, seed=0, in_plane=512, slices=100, layout="isles24", overwrite=False
+) -> dict:
+    """Write a synthetic ISLES 2024 tree in ``layout`` (``isles24``: the challenge README's; ``isles24_archive``: the
+    public archive's): one whole-brain NCCT-space volume per subject, ``in_plane`` squared voxels over a 215-250 mm
+    field of view, ``slices`` slices over 200 mm, tilted about x by 5-15 degrees (an oblique affine); NCCT int16 HU,
+    maps float32 (CBV in mL/100 g), the mask uint16 0/65535 with a scale factor of 1/65535. Subjects after the first
+    ``num_train`` have no mask (testing cases). Existing trees are replaced only with ``overwrite``.
+    """
+    if layout not in LAYOUTS_2024:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS_2024)}, got {layout!r}")
+    if int(in_plane) < 16 or int(slices) < 1 or num_train < 0 or num_test < 0:
+        raise ValueError("need in_plane >= 16, slices >= 1 and non-negative case counts")
+    output_dir = Path(output_dir)
+    top, raw_dir = LAYOUTS_2024[layout][:2]
+    base = output_dir / top if top else output_dir
+    refuse_existing([base / raw_dir, base / "derivatives"], overwrite)
+    for folder in (base / raw_dir, base / "derivatives"):
+        if folder.exists():
+            shutil.rmtree(folder)
+    subjects = []
+    for index in range(1, num_train + num_test + 1):
+        rng = np.random.default_rng([seed, 2024, index])
+        patient = _Patient(rng, int(in_plane), (int(slices),), 1, whole_brain=True)
+        arrays, affine = patient.case(patient.slabs[0], np.random.default_rng([seed, 2024, index, 0]))
+        arrays = {key: np.asarray(arrays[key], dtype=DTYPES_2024.get(key, arrays[key].dtype)) for key in arrays}
+        arrays["CBV"] = (arrays["CBV"] / 100).astype(np.float32)  # 0.01 mL/100 g -> mL/100 g
+        subjects.append(
+            _write_isles24_subject(output_dir, layout, index, arrays, _oblique(affine, rng), index <= num_train)
+        )
+    return {"output_dir": str(output_dir), "training": subjects[:num_train], "testing": subjects[num_train:]}
+
+
+def main(
+    output_dir: str,
+    layout: str = "isles18",
+    num_train: int = 20,
+    num_test: int = 4,
+    seed: int = 0,
+    in_plane: int | None = None,
+    slices: int | tuple | list | None = None,
+    two_slab_fraction: float = 0.3,
+    overwrite: bool = False,
+) -> dict:
+    """CLI: a synthetic tree in ``layout``: ``isles18`` (``generate``) or ``isles24`` / ``isles24_archive``
+    (``generate_isles24``); ``in_plane`` and ``slices`` default to each release's (256 and 2-22 slice slabs; 512 and
+    100 slices)."""
+    if layout == "isles18":
+        return generate(
+            output_dir,
+            num_train,
+            num_test,
+            seed,
+            in_plane or 256,
+            slices or (2, 4, 8, 16, 22),
+            two_slab_fraction,
+            overwrite,
+        )
+    if isinstance(slices, (tuple, list)):
+        raise ValueError("--slices is one slice count for an ISLES 2024 volume")
+    return generate_isles24(output_dir, num_train, num_test, seed, in_plane or 512, slices or 100, layout, overwrite)
+
+
 if __name__ == "__main__":
     from scripts.cli import run
 
-    run(generate)
+    run(main)

@@ -95,6 +95,7 @@ REPEATED_FROM_INFERENCE = (
     "checkpoints",
     "pred_keys",
     "networks",
+    "perfusion_thresholds",
 )
 # evaluate.json's evaluator is inference.json's, pointed at the `validate#...` ids that MONAI's train workflow (the
 # zoo's `run evaluating` with train.json) requires

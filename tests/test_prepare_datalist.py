@@ -245,8 +245,8 @@ def break_dangling_case_link(tree):
 def break_label(tree):
     path = map_file(tree, "case_4", "OT")
 
-    def relabel(data, affine):
-        data[data == 1] = 2
+    def relabel(data, affine):  # two lesion values: not a mask (0 and one positive value would be binarised)
+        data.flat[np.flatnonzero(data == 1)[0]] = 2
         return data, affine
 
     rewrite(path, relabel)

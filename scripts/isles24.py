@@ -1,0 +1,92 @@
+"""The ISLES 2024 release on disk (BIDS-like), read into the same datalist items as ISLES 2018's.
+
+Two layouts are seen in public copies: the challenge's README
+(``rawdata/sub-strokecase0001/ses-0001/sub-strokecase0001_ses-0001_ncct.nii.gz``,
+``derivatives/sub-strokecase0001/ses-0001/perfusion-maps/sub-strokecase0001_ses-0001_space-ncct_cbf.nii.gz``,
+``derivatives/sub-strokecase0001/ses-0002/sub-strokecase0001_ses-0002_lesion-msk.nii.gz``) and the public archive
+(``train/raw_data/sub-stroke0001/ses-01/..._ncct.nii.gz``, ``train/derivatives/sub-stroke0001/ses-01/perfusion-maps/
+..._space-ncct_tmax.nii.gz``, ``train/derivatives/sub-stroke0001/ses-02/..._space-ncct_lesion-msk.nii.gz``). Both
+are read by pattern: the NCCT in a session folder of the raw tree, the four maps in a ``perfusion-maps`` folder of
+the derivatives, the lesion mask in another derivatives session. The maps are registered to the NCCT; the mask is
+the final infarct from follow-up MRI, on the NCCT grid. A subject without a mask is a testing case.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from scripts.isles import CHANNELS, NIFTI_SUFFIXES, InvalidCaseError
+
+__all__ = ["EXPECTED", "find_root", "find_subjects", "read_subject"]
+
+RAW_DIRS = ("rawdata", "raw_data")
+DERIVATIVES_DIR = "derivatives"
+SUBJECT_PREFIX = "sub-"
+# file-name endings of each input (after `<subject>_<session>_`), in the model's channel order
+INPUT_SUFFIXES = {
+    "CT": "ncct",
+    "CBF": "space-ncct_cbf",
+    "CBV": "space-ncct_cbv",
+    "MTT": "space-ncct_mtt",
+    "Tmax": "space-ncct_tmax",
+}
+MASK_SUFFIX = "lesion-msk"
+EXPECTED = (
+    "an ISLES 2024 root holds rawdata/ (or raw_data/) and derivatives/, or a train/ folder holding them:"
+    " <raw>/sub-*/ses-*/sub-*_ses-*_ncct.nii.gz, derivatives/sub-*/ses-*/perfusion-maps/"
+    "sub-*_ses-*_space-ncct_{cbf,cbv,mtt,tmax}.nii.gz, derivatives/sub-*/ses-*/sub-*_ses-*[_space-ncct]_lesion-msk.nii.gz"
+)
+assert tuple(INPUT_SUFFIXES) == CHANNELS
+
+
+def find_root(data_root: str) -> tuple[str, str] | None:
+    """``(raw_dir, derivatives_dir)`` of an ISLES 2024 tree at ``data_root`` or in its ``train/`` folder, else None."""
+    for root in (data_root, os.path.join(data_root, "train")):
+        raw = next((os.path.join(root, d) for d in RAW_DIRS if os.path.isdir(os.path.join(root, d))), None)
+        derivatives = os.path.join(root, DERIVATIVES_DIR)
+        if raw and os.path.isdir(derivatives):
+            return raw, derivatives
+    return None
+
+
+def find_subjects(raw_dir: str, derivatives_dir: str) -> list[str]:
+    """The subjects (``sub-...`` folders) of the raw tree and the derivatives, in name order."""
+    names = set()
+    for folder in (raw_dir, derivatives_dir):
+        names |= {
+            d for d in os.listdir(folder) if d.startswith(SUBJECT_PREFIX) and os.path.isdir(os.path.join(folder, d))
+        }
+    return sorted(names)
+
+
+def _one(subject, pattern, what, required=True):
+    found = sorted(p for p in glob.glob(pattern) if p.lower().endswith(NIFTI_SUFFIXES))
+    if len(found) > 1:
+        raise InvalidCaseError(f"{subject}: more than one {what}: {', '.join(found)}")
+    if not found and required:
+        raise InvalidCaseError(f"{subject}: no {what} ({pattern}.nii[.gz]); {EXPECTED}")
+    return found[0] if found else None
+
+
+def read_subject(subject: str, raw_dir: str, derivatives_dir: str) -> dict:
+    """The datalist item of one subject: ``{"image": [NCCT, CBF, CBV, MTT, Tmax], "case": subject}`` with absolute
+    paths, and ``"label"`` when the subject has a lesion mask.
+
+    Raises:
+        InvalidCaseError: naming the subject and the file pattern that matched nothing (or more than one file).
+    """
+    sessions = os.path.join("ses-*", f"{subject}_ses-*_")
+    image = [_one(subject, os.path.join(raw_dir, subject, sessions + INPUT_SUFFIXES["CT"]) + "*", "NCCT")]
+    maps = os.path.join(derivatives_dir, subject, "ses-*", "perfusion-maps", f"{subject}_ses-*_")
+    image += [_one(subject, maps + INPUT_SUFFIXES[c] + "*", f"{c} map") for c in CHANNELS[1:]]
+    mask = _one(
+        subject,
+        os.path.join(derivatives_dir, subject, sessions + "*" + MASK_SUFFIX) + "*",
+        "lesion mask",
+        required=False,
+    )
+    item = {"image": image, "case": subject}
+    if mask:
+        item["label"] = mask
+    return item

@@ -1,0 +1,141 @@
+"""ISLES 2024 data unchanged: both public layouts (scripts/isles24.py), their synthetic look-alike, the dataset
+profile, and masks back on the NCCT's oblique grid."""
+
+import glob
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow
+from scripts.datalist import find_inputs
+from scripts.isles import CHANNELS, InvalidCaseError
+from scripts.prepare_datalist import build_datalist
+from scripts.synthetic_isles import generate_isles24
+
+SMALL = {"num_train": 4, "num_test": 1, "seed": 2, "in_plane": 48, "slices": 20}
+TOKENS = ("_ncct.", "_space-ncct_cbf.", "_space-ncct_cbv.", "_space-ncct_mtt.", "_space-ncct_tmax.")
+
+
+@pytest.fixture(scope="module", params=["isles24", "isles24_archive"])
+def tree(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    generate_isles24(str(root), layout=request.param, **SMALL)
+    return str(root), request.param
+
+
+@pytest.fixture
+def copy(tree, tmp_path):
+    root, layout = tree
+    shutil.copytree(root, tmp_path / "tree")
+    return str(tmp_path / "tree"), layout
+
+
+def test_the_generator_writes_the_public_geometry(tree):
+    root, layout = tree
+    mask_path, *_ = sorted(glob.glob(os.path.join(root, "**", "*lesion-msk.nii.gz"), recursive=True))
+    mask = nib.load(mask_path)
+    assert mask.get_data_dtype() == np.uint16 and mask.dataobj.slope == pytest.approx(1 / 65535)
+    assert set(np.unique(np.asanyarray(mask.dataobj.get_unscaled()))) == {0, 65535}
+    assert abs(mask.affine[1, 2]) > 0.1 and abs(mask.affine[2, 1]) > 0.01, "an oblique (tilted-gantry) affine"
+    subjects = sorted(
+        os.path.basename(os.path.dirname(os.path.dirname(p)))
+        for p in glob.glob(os.path.join(root, "**", "*_ncct.nii.gz"), recursive=True)
+    )
+    prefix = "sub-strokecase" if layout == "isles24" else "sub-stroke0"
+    assert len(subjects) == 5 and all(s.startswith(prefix) for s in subjects)
+    assert (layout == "isles24_archive") == os.path.isdir(os.path.join(root, "train", "raw_data"))
+
+
+def test_datalist_of_either_layout(tree):
+    root, _ = tree
+    datalist = build_datalist(root, folds=2, seed=0, check=True)
+    assert datalist["name"] == "ISLES 2024 CT perfusion"
+    assert len(datalist["training"]) == 4 and len(datalist["testing"]) == 1
+    for item in datalist["training"] + datalist["testing"]:
+        assert [t for t, p in zip(TOKENS, item["image"]) if t in os.path.basename(p)] == list(TOKENS), item
+        assert item["case"].startswith("sub-") and f"/{item['case']}/" in f"/{item['image'][0]}"
+    for item in datalist["training"]:
+        assert item["patient"] == item["case"] and "lesion-msk" in item["label"]
+    assert [i["case"] for i in find_inputs(root)] == sorted(
+        i["case"] for i in datalist["training"] + datalist["testing"]
+    )
+
+
+def mask_of(root, subject):
+    (path,) = glob.glob(os.path.join(root, "**", subject, "ses-*", "*lesion-msk.nii.gz"), recursive=True)
+    return path
+
+
+def test_a_mask_with_more_than_one_lesion_value_is_named(copy):
+    root, _ = copy
+    subject = build_datalist(root, folds=2)["training"][0]["case"]
+    path = mask_of(root, subject)
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    data.flat[np.flatnonzero(data)[0]] = 0.5  # values {0, 0.5, 1}
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+    with pytest.raises(InvalidCaseError, match=f"^{subject}: label file {path} is not a binary mask"):
+        build_datalist(root, folds=2, check=True)
+
+
+def test_missing_maps_and_foreign_folders_say_what_was_expected(copy, tmp_path):
+    root, _ = copy
+    (tmax,) = glob.glob(os.path.join(root, "**", "*0002_ses-*_space-ncct_tmax.nii.gz"), recursive=True)
+    os.remove(tmax)
+    with pytest.raises(InvalidCaseError, match=r"sub-stroke(case)?0002: no Tmax map .*space-ncct_tmax"):
+        build_datalist(root, folds=2)
+    (tmp_path / "other" / "data").mkdir(parents=True)
+    with pytest.raises(InvalidCaseError, match="neither an ISLES 2018 root .* nor an ISLES 2024 one"):
+        build_datalist(str(tmp_path / "other"), folds=2)
+
+
+def test_the_check_compares_every_map_and_the_mask_with_the_nccts_grid(copy):
+    root, _ = copy
+    subject = build_datalist(root, folds=2)["training"][1]["case"]
+    path = mask_of(root, subject)
+    img = nib.load(path)
+    shifted = img.affine.copy()
+    shifted[0, 3] += 2.0
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.uint8), shifted), path)
+    with pytest.raises(InvalidCaseError, match=f"^{subject}: OT file {path} has an affine that differs from the CT's"):
+        build_datalist(root, folds=2, check=True)
+
+
+TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
+
+
+def test_train_one_epoch_and_segment_on_the_nccts_exact_grid(repo_root, tree, tmp_path):
+    """With the dataset profile (configs/isles24.json, its spatial size made tiny here)."""
+    root, _ = tree
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(build_datalist(root, folds=2, seed=0)))
+    configs = [os.path.join(repo_root, "configs", name) for name in ("train.json", "isles24.json")]
+    common = {"meta_file": os.path.join(repo_root, "configs", "metadata.json"), "bundle_root": str(tmp_path), **TINY}
+    train = ConfigWorkflow(
+        config_file=configs,
+        workflow_type="train",
+        dataset_dir=root,
+        data_list_file_path=str(datalist),
+        epochs=1,
+        val_interval=1,
+        **common,
+    )
+    train.initialize()
+    assert train.parser.get_parsed_content("ct_window") == [0, 80]
+    train.run()
+    infer = ConfigWorkflow(
+        config_file=[os.path.join(repo_root, "configs", n) for n in ("inference.json", "isles24.json")],
+        workflow_type="infer",
+        dataset_dir=root,
+        **common,
+    )
+    infer.initialize()
+    infer.run()
+    for item in find_inputs(root):
+        ncct = nib.load(item["image"][0])
+        mask = nib.load(tmp_path / "runs" / "predictions" / "masks" / f"{item['case']}.nii.gz")
+        assert mask.shape == ncct.shape and np.array_equal(mask.affine, ncct.affine), item["case"]
+    assert len(CHANNELS) == 5
