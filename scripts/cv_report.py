@@ -9,22 +9,13 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scripts.metrics import METRIC_NAMES
 from scripts.reports import print_table, read_csv, write_csv
 from scripts.safe_files import write_atomically
 
 __all__ = ["PAPER_TABLE", "paired_comparison", "summary_table", "write_outputs"]
 
-METRICS = (
-    "dice",
-    "jaccard",
-    "precision",
-    "recall",
-    "hd95_mm",
-    "assd_mm",
-    "volume_true_ml",
-    "volume_pred_ml",
-    "volume_abs_diff_ml",
-)
+METRICS = METRIC_NAMES
 TABLE_COLUMNS = ("dice", "precision", "recall", "jaccard", "hd95_mm", "volume_abs_diff_ml")
 # Omarov et al. 2022, Tab. 1 (their "test" is a held-out part of the ISLES 2018 training set)
 PAPER_TABLE = [

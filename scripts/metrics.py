@@ -28,7 +28,21 @@ from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 from monai.metrics.utils import do_metric_reduction
 
-__all__ = ["ConfusionRatioMetric", "EmptyMaskRule", "LesionVolumeMetric", "SpacingMetricHandler"]
+__all__ = ["METRIC_NAMES", "ConfusionRatioMetric", "EmptyMaskRule", "LesionVolumeMetric", "SpacingMetricHandler"]
+
+# The per-case metrics of configs/evaluate.json (its validate#key_metric and validate#additional_metrics), in order:
+# the columns of metrics_per_case.csv
+METRIC_NAMES = (
+    "dice",
+    "jaccard",
+    "precision",
+    "recall",
+    "hd95_mm",
+    "assd_mm",
+    "volume_true_ml",
+    "volume_pred_ml",
+    "volume_abs_diff_ml",
+)
 
 
 class SpacingMetricHandler(IgniteMetricHandler):

@@ -24,22 +24,13 @@ from scipy import ndimage
 from scripts.datalist import find_inputs, load_section
 from scripts.inferers import FlipInferer
 from scripts.isles import CHANNELS, InvalidCaseError, read_case
+from scripts.metrics import METRIC_NAMES
 from scripts.outputs import write_overlays
 from scripts.prepare_datalist import build_datalist
 from scripts.synthetic_isles import generate
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
-COLUMNS = [
-    "dice",
-    "jaccard",
-    "precision",
-    "recall",
-    "hd95_mm",
-    "assd_mm",
-    "volume_true_ml",
-    "volume_pred_ml",
-    "volume_abs_diff_ml",
-]
+COLUMNS = list(METRIC_NAMES)  # the metrics evaluate.json must define, in its order
 EVALUATE = ("train.json", "evaluate.json")
 
 

@@ -11,23 +11,13 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.handlers import MetricsSaver
 from scripts.inferers import FlipInferer
-from scripts.metrics import ConfusionRatioMetric
+from scripts.metrics import METRIC_NAMES, ConfusionRatioMetric
 from scripts.reports import write_report
 
 SPACING = (0.5, 0.5, 5.0)  # mm: anisotropic, as ISLES slabs are
 VOXEL_ML = 0.5 * 0.5 * 5.0 / 1000
 NAN = math.nan
-COLUMNS = [
-    "dice",
-    "jaccard",
-    "precision",
-    "recall",
-    "hd95_mm",
-    "assd_mm",
-    "volume_true_ml",
-    "volume_pred_ml",
-    "volume_abs_diff_ml",
-]
+COLUMNS = list(METRIC_NAMES)  # the metrics evaluate.json must define, in its order
 
 
 def box(z0, z1):
