@@ -48,8 +48,9 @@ sys.path.insert(0, REPO_ROOT)
 from scripts.demo import network_settings  # noqa: E402
 from scripts.safe_files import write_atomically  # noqa: E402
 
+DEMO = network_settings()
 SIZES = {  # name: (batch, features, spatial_size)
-    "demo": (2, network_settings()["features"], network_settings()["spatial_size"]),
+    "demo": (2, DEMO["features"], DEMO["spatial_size"]),
     "paper": (2, [64, 128, 256, 512, 1024], [128, 128, 32]),
 }
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}

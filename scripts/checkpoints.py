@@ -56,7 +56,6 @@ class _KeepPreviousDiskSaver(BaseSaveHandler):
         if idist.get_rank() != self.save_on_rank:
             return
         name = self.filename or filename
-        os.makedirs(self.dirname, exist_ok=True)
         write_atomically(os.path.join(self.dirname, name), lambda f: torch.save(checkpoint, f))
         for old in self._replaced:
             if old != name and os.path.exists(os.path.join(self.dirname, old)):

@@ -117,7 +117,10 @@ def _prepare_output(output_dir, settings, overwrite):
     """Create ``output_dir`` or reuse it for the same settings; a finished one only with ``overwrite``."""
     path = os.path.join(output_dir, SETTINGS_FILE)
     if os.path.isdir(output_dir) and os.listdir(output_dir):
-        earlier = json.load(open(path)) if os.path.isfile(path) else None
+        earlier = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                earlier = json.load(f)
         finished = os.path.exists(os.path.join(output_dir, FINISHED_FILE))
         if not overwrite and earlier != settings:
             what = f"a cross-validation with other settings ({path})" if earlier else "other files"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import nibabel as nib
 import numpy as np
@@ -100,8 +101,6 @@ def perfusion_figures(image, thresholds=None) -> dict:
 def write_perfusion_report(items, volumes_csv, thresholds=None):
     """Add the perfusion figures of each datalist item to ``volumes_csv`` (one row per case, by ``case``), or write
     them alone there when it does not exist yet. Returns the rows."""
-    import os
-
     figures = {case_name(item["image"]): perfusion_figures(item["image"], thresholds) for item in items}
     rows = read_csv(volumes_csv) if os.path.exists(volumes_csv) else [{"case": case} for case in figures]
     header = [*(rows[0] if rows else {"case": ""}), *COLUMNS]
