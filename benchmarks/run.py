@@ -152,23 +152,37 @@ def conv3d_gflops(channels, spatial, memory_format, repeats, backward=False, pre
     return flops / timed(run, repeats) / 1e9
 
 
-def section_ceiling(spatial, repeats):
+def measured_precisions(bf16):
+    """The precisions to time: ``fp32``, and ``bf16`` where the CPU computes it in hardware (``bf16="auto"``, as
+    scripts/inferers.py detects it) or when asked (``"true"``). Emulated, one demo-size bfloat16 conv3d takes
+    minutes, so ``auto`` leaves it out there."""
+    from scripts.cli import as_bool
+    from scripts.inferers import cpu_has_native_bf16
+
+    wanted = cpu_has_native_bf16() if str(bf16).strip().lower() == "auto" else as_bool(bf16, "bf16")
+    return PRECISIONS if wanted else ("fp32",)
+
+
+def section_ceiling(spatial, repeats, precisions=PRECISIONS):
     """The practical ceiling of each precision: GFLOP/s of a 64->64 channel conv3d forward on [2, 64, *spatial], in
     both memory formats (bfloat16 under autocast and with bfloat16 weights: ``best["bf16"]`` is the faster); and, to
     show what narrow layers can reach, channels_last_3d forward+backward at 8 to 64 channels."""
+    variants = [*precisions, "bf16_weights"] if "bf16" in precisions else list(precisions)
     out = {
         precision: {
             name: conv3d_gflops(64, spatial, fmt, repeats, precision=precision) for name, fmt in MEMORY_FORMATS.items()
         }
-        for precision in ("fp32", "bf16", "bf16_weights")
+        for precision in variants
     }
-    best = {"fp32": max(out["fp32"].values()), "bf16": max(*out["bf16"].values(), *out["bf16_weights"].values())}
+    best = {"fp32": max(out["fp32"].values())}
+    if "bf16" in precisions:
+        best["bf16"] = max(*out["bf16"].values(), *out["bf16_weights"].values())
     narrow = {
         precision: {
             c: conv3d_gflops(c, spatial, torch.channels_last_3d, repeats, backward=True, precision=precision)
             for c in (8, 16, 32, 64)
         }
-        for precision in PRECISIONS
+        for precision in precisions
     }
     return {"gflops": out, "best": best, "channels_last_3d_forward_backward_gflops_by_channels": narrow}
 
@@ -198,14 +212,15 @@ def onednn_kernels():
 
 
 def section_networks(size, repeats, ceiling):
-    """Training steps of each network, memory format and precision; ``ceiling`` maps a precision to its GFLOP/s."""
+    """Training steps of each network, memory format and precision; ``ceiling`` maps each precision to time to its
+    GFLOP/s."""
     bs, features, spatial = SIZES[size]
     image, label = batch(bs, spatial)
     rows = []
     for name, net in networks(features).items():
         flops = step_flops(net, image, label)
         for fmt_name, fmt in MEMORY_FORMATS.items():
-            for precision in PRECISIONS:
+            for precision in ceiling:
                 step = make_step(net, fmt, precision)
                 seconds = timed(lambda: step(image, label), repeats)
                 rows.append(
@@ -374,7 +389,7 @@ def section_inference(size, repeats, workdir, num_workers, ceiling):
     cases = 6
     root, bundle_root = inference_bundle(size, workdir, cases)
     rows = []
-    for precision in PRECISIONS:
+    for precision in ceiling:
         for workers in num_workers:
             wf = inference_workflow(size, bundle_root, root, workdir, num_workers=workers, amp=precision == "bf16")
             start = time.perf_counter()
@@ -558,6 +573,8 @@ def targets(results):
             for r in section["networks"]
             if r["network"] == "modified" and r["memory_format"] == "channels_last_3d"
         }
+        if "bf16" not in step:
+            continue
         row = {
             "train_step_speedup": step["fp32"]["step_s"] / step["bf16"]["step_s"],
             "train_step_fp32_of_ceiling": step["fp32"]["of_ceiling"],
@@ -579,12 +596,15 @@ def main(
     scaling: bool = True,
     inference: bool = True,
     fidelity: bool = True,
+    bf16: str = "auto",
 ):
     """Run every section for each size in ``sizes`` and write ``output`` (JSON).
 
     ``paper_repeats`` (timed calls after one warm-up) applies at the paper size, where one training step of each
-    network takes tens of seconds on a CPU.
+    network takes tens of seconds on a CPU. ``bf16``: ``auto`` times bfloat16 beside float32 only on a CPU with
+    native bfloat16 (``measured_precisions``), ``true`` or ``false`` decide.
     """
+    precisions = measured_precisions(bf16)
     results = {
         "machine": {
             "python": platform.python_version(),
@@ -593,14 +613,19 @@ def main(
             "cpu": platform.processor() or platform.machine(),
             "cuda": torch.cuda.is_available(),
             **onednn_kernels(),
+            "precisions": list(precisions),
         },
         "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
     }
     print_table("machine", {k: str(v) for k, v in results["machine"].items()})
+    if "bf16" not in precisions:
+        print(
+            "\nbf16 rows left out: no native bfloat16 on this CPU (emulated, they take minutes); --bf16 true times them"
+        )
     for size in sizes:
         bs, features, spatial = SIZES[size]
         reps = repeats if size == "demo" else paper_repeats
-        ceiling = section_ceiling(spatial, reps)
+        ceiling = section_ceiling(spatial, reps, precisions)
         print_table(
             f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s",
             [{"precision": p, **row} for p, row in ceiling["gflops"].items()],
@@ -641,7 +666,7 @@ def main(
                 f"{size}: whole-case inference (peak RSS {section['inference']['peak_rss_mib']:.0f} MiB)",
                 section["inference"]["rows"],
             )
-        if fidelity:
+        if fidelity and "bf16" in precisions:
             section["fidelity"] = run_child("fidelity", {"size": size})
             print_table(
                 f"{size}: bf16 against fp32 masks ({section['fidelity']['model']})", section["fidelity"]["cases"]
@@ -658,7 +683,8 @@ def main(
         results["scaling"] = section_scaling(points, max(1, repeats - 1))
         print_table("scaling of the modified UNet's training step (channels_last_3d)", results["scaling"])
     results["targets"] = targets(results)
-    print_table("bf16 targets", [{"size": size, **row} for size, row in results["targets"].items()])
+    if results["targets"]:
+        print_table("bf16 targets", [{"size": size, **row} for size, row in results["targets"].items()])
     write_atomically(output, lambda f: f.write((json.dumps(results, indent=4) + "\n").encode()))
     print(f"\nwritten {output}")
 

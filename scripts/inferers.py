@@ -8,8 +8,11 @@ inferer is where the bundle runs the network in bfloat16 on CPUs that compute it
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
+import warnings
 
 import torch
 from monai.inferers import Inferer, SimpleInferer
@@ -19,12 +22,17 @@ __all__ = ["CpuAutocastInferer", "FlipInferer", "amp_default", "cpu_has_native_b
 
 # /proc/cpuinfo flags of bfloat16 arithmetic in hardware: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+# Set to true/false, this environment variable replaces the CPU-flag detection (tests, or a CPU Linux misreports)
+NATIVE_BF16_ENV = "ISLES_CPU_NATIVE_BF16"
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bfloat16 in hardware (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension), as
     Linux's ``cpuinfo`` lists its flags; False where it cannot tell (other systems). Elsewhere oneDNN emulates
-    bfloat16, which is slower than float32."""
+    bfloat16, which is slower than float32. The environment variable ``ISLES_CPU_NATIVE_BF16`` (true or false), when
+    set, is the answer instead of the flags."""
+    if os.environ.get(NATIVE_BF16_ENV, "").strip():
+        return as_bool(os.environ[NATIVE_BF16_ENV], NATIVE_BF16_ENV)
     try:
         with open(cpuinfo) as f:
             flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
@@ -62,8 +70,20 @@ def make_inferer(tta_flips=False, amp=False, device="cpu") -> Inferer:
     """
     inferer = FlipInferer() if as_bool(tta_flips, "tta_flips") else SimpleInferer()
     if as_bool(amp, "amp") and torch.device(device).type == "cpu":
+        if not cpu_has_native_bf16():
+            warn_emulated_bf16()
         inferer = CpuAutocastInferer(inferer)
     return inferer
+
+
+@functools.cache
+def warn_emulated_bf16() -> None:
+    """Warn, once per process, that ``amp`` on this CPU runs bfloat16 emulated, slower than float32."""
+    warnings.warn(
+        "--amp true on a CPU without native bfloat16 (no AVX512-BF16, AMX or Arm BF16): bfloat16 runs emulated, "
+        "several times slower than float32 (--amp false runs float32)",
+        stacklevel=3,
+    )
 
 
 class CpuAutocastInferer(Inferer):

@@ -11,7 +11,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[0] != REPO_ROOT:
     sys.path.insert(0, REPO_ROOT)
 
+from scripts.inferers import NATIVE_BF16_ENV  # noqa: E402
 from scripts.synthetic_isles import generate  # noqa: E402
+
+# No test depends on this CPU's bfloat16: the suite (and every process it starts) runs as on a CPU without it, and
+# the tests of the native path set it themselves (tests/test_precision.py).
+os.environ[NATIVE_BF16_ENV] = "false"
 
 
 @pytest.fixture(scope="session")

@@ -213,11 +213,36 @@ def test_docs_name_only_modules_files_and_links_that_exist(repo_root):
             assert os.path.exists(path), (page, target)
 
 
-def test_metadata_records_the_versions_the_tests_run_with(repo_root):
-    """requirements-dev.txt installs what metadata.json records; the model zoo's CI installs them on Python 3.10."""
-    from importlib.metadata import version
+def requirements(path):
+    """The requirement lines of a pip requirements file, as ``packaging`` requirements (comments and ``-r`` lines
+    left out)."""
+    from packaging.requirements import Requirement
+
+    with open(path) as f:
+        lines = [line.split("#")[0].strip() for line in f]
+    return [Requirement(line) for line in lines if line and not line.startswith("-")]
+
+
+def test_requirements_dev_pins_every_version_the_metadata_records(repo_root):
+    """requirements-dev.txt (what the tests install) pins each version metadata.json records, so no upstream release
+    changes what the tests run with; requirements.txt (for users, open ranges) admits each of them."""
+    from packaging.utils import canonicalize_name
 
     meta = load(repo_root, "configs", "metadata.json")
-    recorded = {"monai": meta["monai_version"], "torch": meta["pytorch_version"], "numpy": meta["numpy_version"]}
-    for package, expected in {**recorded, **meta["required_packages_version"]}.items():
-        assert version(package).split("+")[0] == expected, package
+    recorded = {
+        "monai": meta["monai_version"],
+        "torch": meta["pytorch_version"],
+        "numpy": meta["numpy_version"],
+        **meta["required_packages_version"],
+    }
+    recorded = {canonicalize_name(name): version for name, version in recorded.items()}
+    pins = {}
+    for requirement in requirements(os.path.join(repo_root, "requirements-dev.txt")):
+        (specifier,) = requirement.specifier or [None]
+        if specifier is not None and specifier.operator == "==":
+            pins[canonicalize_name(requirement.name)] = specifier.version
+    assert {name: pins.get(name) for name in recorded} == recorded
+    for requirement in requirements(os.path.join(repo_root, "requirements.txt")):
+        name = canonicalize_name(requirement.name)
+        assert name in recorded, f"{name}: in requirements.txt but its version is not recorded in metadata.json"
+        assert requirement.specifier.contains(recorded[name]), (name, str(requirement.specifier), recorded[name])

@@ -7,9 +7,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.inferers import SimpleInferer
-from scripts.inferers import CpuAutocastInferer, FlipInferer, cpu_has_native_bf16, engine_amp, make_inferer
+from scripts.inferers import (
+    NATIVE_BF16_ENV,
+    CpuAutocastInferer,
+    FlipInferer,
+    cpu_has_native_bf16,
+    engine_amp,
+    make_inferer,
+    warn_emulated_bf16,
+)
 
 
 @pytest.mark.parametrize(
@@ -22,11 +30,51 @@ from scripts.inferers import CpuAutocastInferer, FlipInferer, cpu_has_native_bf1
     ],
     ids=["avx512_bf16", "amx", "arm_bf16", "emulated"],
 )
-def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, flags, native):
+    monkeypatch.delenv(NATIVE_BF16_ENV)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\n" + flags)
     assert cpu_has_native_bf16(str(cpuinfo)) is native
     assert cpu_has_native_bf16(str(tmp_path / "missing")) is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_environment_variable_replaces_the_cpu_flags(tmp_path, monkeypatch, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 amx_bf16\n" if not native else "flags\t\t: fpu sse2 avx2\n")
+    monkeypatch.setenv(NATIVE_BF16_ENV, str(native).lower())
+    assert cpu_has_native_bf16(str(cpuinfo)) is native
+    monkeypatch.setenv(NATIVE_BF16_ENV, "maybe")
+    with pytest.raises(ValueError, match=NATIVE_BF16_ENV):
+        cpu_has_native_bf16(str(cpuinfo))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_inference_and_evaluation_default_to_bf16_only_where_the_cpu_has_it(repo_root, monkeypatch, native):
+    """The ``amp`` default and the inferer of inference.json and evaluate.json, for a CPU with and without native
+    bfloat16 (set, not read from this machine)."""
+    monkeypatch.setenv(NATIVE_BF16_ENV, str(native).lower())
+    for files, inferer_id in ((["inference.json"], "inferer"), (["train.json", "evaluate.json"], "validate#inferer")):
+        parser = ConfigParser()
+        parser.read_config([os.path.join(repo_root, "configs", name) for name in files])
+        parser["device"] = "cpu"
+        assert parser.get_parsed_content("amp") is native, files
+        inferer = parser.get_parsed_content(inferer_id)
+        assert type(inferer) is (CpuAutocastInferer if native else SimpleInferer), files
+
+
+def test_forced_bf16_without_native_support_warns_once(monkeypatch, recwarn):
+    monkeypatch.setenv(NATIVE_BF16_ENV, "false")
+    warn_emulated_bf16.cache_clear()
+    for _ in range(3):
+        assert isinstance(make_inferer(amp="true", device="cpu"), CpuAutocastInferer)
+    assert [str(w.message) for w in recwarn].count(str(recwarn[0].message)) == 1
+    assert "emulated" in str(recwarn[0].message)
+    monkeypatch.setenv(NATIVE_BF16_ENV, "true")
+    warn_emulated_bf16.cache_clear()
+    make_inferer(amp=True, device="cpu")
+    make_inferer(amp=False, device="cpu")
+    assert len(recwarn) == 1, "no warning where the CPU has native bfloat16, nor without amp"
 
 
 def test_amp_on_the_cpu_runs_the_convolutions_in_bf16_and_returns_float32():
@@ -96,3 +144,12 @@ def test_bf16_evaluation_metrics_are_the_float32_ones(repo_root, demo_run, tmp_p
     assert rows[True].keys() == rows[False].keys() and rows[False]
     for case, fp32 in rows[False].items():
         assert float(rows[True][case]["dice"]) == pytest.approx(float(fp32["dice"]), abs=0.005), case
+
+
+@pytest.mark.parametrize("native, setting, timed", [(True, "auto", 2), (False, "auto", 1), (False, "true", 2)])
+def test_the_benchmark_times_bf16_only_where_it_is_native_unless_asked(monkeypatch, native, setting, timed):
+    """benchmarks/run.py leaves the bfloat16 rows out on a CPU that emulates it (one conv3d there takes minutes)."""
+    from benchmarks.run import measured_precisions
+
+    monkeypatch.setenv(NATIVE_BF16_ENV, str(native).lower())
+    assert measured_precisions(setting) == ("fp32", "bf16")[:timed]
