@@ -45,8 +45,15 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from scripts.cli import run  # noqa: E402
+from scripts.datalist import load_fold  # noqa: E402
 from scripts.demo import network_settings  # noqa: E402
+from scripts.flags import as_bool  # noqa: E402
+from scripts.inferers import cpu_has_native_bf16  # noqa: E402
+from scripts.networks import ModifiedUNet  # noqa: E402
+from scripts.prepare_datalist import main as write_datalist  # noqa: E402
 from scripts.safe_files import write_atomically  # noqa: E402
+from scripts.synthetic_isles import generate  # noqa: E402
 
 DEMO = network_settings()
 SIZES = {  # name: (batch, features, spatial_size)
@@ -87,7 +94,6 @@ def peak_rss_mib():
 
 def networks(features):
     from monai.networks.nets import BasicUNet, UNet
-    from scripts.networks import ModifiedUNet
 
     return {
         "modified": ModifiedUNet(features=features),
@@ -156,9 +162,6 @@ def measured_precisions(bf16):
     """The precisions to time: ``fp32``, and ``bf16`` where the CPU computes it in hardware (``bf16="auto"``, as
     scripts/inferers.py detects it) or when asked (``"true"``). Emulated, one demo-size bfloat16 conv3d takes
     minutes, so ``auto`` leaves it out there."""
-    from scripts.cli import as_bool
-    from scripts.inferers import cpu_has_native_bf16
-
     wanted = cpu_has_native_bf16() if str(bf16).strip().lower() == "auto" else as_bool(bf16, "bf16")
     return PRECISIONS if wanted else ("fp32",)
 
@@ -190,8 +193,6 @@ def section_ceiling(spatial, repeats, precisions=PRECISIONS):
 def onednn_kernels():
     """The oneDNN implementation (its ISA) that a float32 and a bfloat16-autocast channels_last_3d conv3d forward run
     on, from ``ONEDNN_VERBOSE=1`` in a child process each; and what the CPU says it has."""
-    from scripts.inferers import cpu_has_native_bf16
-
     kernels = {}
     for precision in PRECISIONS:
         code = (
@@ -239,8 +240,6 @@ def section_networks(size, repeats, ceiling):
 
 def section_compile(size, repeats, ceiling):
     """The modified UNet's step with the network under ``torch.compile`` (inductor), channels_last_3d."""
-    from scripts.networks import ModifiedUNet
-
     bs, features, spatial = SIZES[size]
     image, label = batch(bs, spatial)
     net = ModifiedUNet(features=features)
@@ -262,10 +261,6 @@ def section_compile(size, repeats, ceiling):
 
 
 def synthetic_datalist(workdir, num_cases):
-    from scripts.datalist import load_fold
-    from scripts.prepare_datalist import main as write_datalist
-    from scripts.synthetic_isles import generate
-
     root = os.path.join(workdir, "isles")
     generate(root, num_train=num_cases, num_test=2, seed=0)
     path = os.path.join(workdir, "datalist.json")
@@ -351,9 +346,6 @@ def forward_flops(net, x):
 
 def inference_bundle(size, workdir, cases, seed=1):
     """Synthetic testing cases and a bundle root whose models/model.pt is an untrained network of ``size``."""
-    from scripts.networks import ModifiedUNet
-    from scripts.synthetic_isles import generate
-
     root = os.path.join(workdir, f"isles_inference_{seed}")
     generate(root, num_train=0, num_test=cases, seed=seed)
     bundle_root = tempfile.mkdtemp(dir=workdir)
@@ -509,8 +501,6 @@ def section_scaling(points, repeats):
 
 
 def scaling_point(features, batch_size, spatial, repeats):
-    from scripts.networks import ModifiedUNet
-
     image, label = batch(batch_size, spatial)
     step = make_step(ModifiedUNet(features=features), torch.channels_last_3d)
     before = peak_rss_mib()
@@ -690,6 +680,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from scripts.cli import run
-
     run(main)

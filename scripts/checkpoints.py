@@ -18,7 +18,7 @@ import ignite.distributed as idist
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
-from scripts.cli import as_bool
+from scripts.flags import as_bool
 from scripts.safe_files import write_atomically
 
 __all__ = [
@@ -91,16 +91,14 @@ class NamedCheckpointLoader(CheckpointLoader):
         try:
             super().__call__(engine)
         except Exception as err:  # torch raises several types for damaged files and mismatched weights
-            from scripts.demo import network_settings
-
             lines = str(err).strip().splitlines()
             reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
             if not reason.startswith("RuntimeError: Error(s) in loading state_dict"):
                 raise ValueError(f"{self.load_path}: not a loadable PyTorch checkpoint ({reason})") from err
-            demo = " ".join(f"--{key} \"{str(value).replace(' ', '')}\"" for key, value in network_settings().items())
             raise ValueError(
-                f"{self.load_path}: does not fit the network ({' '.join(lines[1:3]).strip()[:300]}); pass"
-                f" the settings it was trained with, e.g. the demo's {demo}"
+                f"{self.load_path}: does not fit the network ({' '.join(lines[1:3]).strip()[:300]}); pass the"
+                " --features and --spatial_size it was trained with (or the profile it was trained with last,"
+                " e.g. configs/demo.json for the demo's model)"
             ) from err
 
 

@@ -16,6 +16,8 @@ import sys
 import types
 import typing
 
+from scripts.flags import as_bool
+
 HELP_FLAGS = ("-h", "--help")
 # What fire takes for a flag: "--name", "-n", "-name" (a negative number such as "-5" is a value).
 _FLAG = re.compile(r"^(--|-[a-zA-Z])")
@@ -29,33 +31,6 @@ _TYPE_NAMES = {
     dict: "a dict",
     type(None): "None",
 }
-
-
-def as_bool(value, name):
-    """A flag's value as a bool. ``monai.bundle run`` and fire pass ``--resume true`` on as the text ``'true'``, and
-    the text ``'false'`` is true to Python; so ``True``/``False``, ``1``/``0`` and the texts true/false, yes/no, 1/0
-    (any case) are read as what they say, and anything else is refused.
-
-    Args:
-        value: the value given (from a config id or the command line).
-        name: the flag's name, for the message.
-
-    Returns:
-        The bool.
-
-    Raises:
-        ValueError: ``--name must be true or false, got ...``.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    text = value.strip().lower() if isinstance(value, str) else None
-    if text in ("true", "yes", "1"):
-        return True
-    if text in ("false", "no", "0"):
-        return False
-    raise ValueError(f"--{name} must be true or false, got {value!r}")
 
 
 class UsageError(Exception):

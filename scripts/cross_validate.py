@@ -25,15 +25,20 @@ import subprocess
 import sys
 import time
 
-from scripts.cli import as_bool
+from monai.bundle import ConfigParser
+from scripts import BUNDLE_ROOT
+from scripts.checkpoints import latest_training_state
+from scripts.cli import run
+from scripts.cv_report import write_outputs
+from scripts.flags import as_bool
+from scripts.prepare_datalist import main as write_datalist
 from scripts.safe_files import write_atomically
 
 __all__ = ["NETWORKS", "cross_validate", "main"]
 
-BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NETWORKS = {"modified": ["configs/train.json"], "classic": ["configs/train.json", "configs/classic_unet.json"]}
+NETWORKS = {"modified": [], "classic": ["configs/classic_unet.json"]}  # overrides after the base configs
 PROFILES = {None: [], "demo": ["configs/demo.json"], "isles24": ["configs/isles24.json"]}
-EVALUATE = "configs/evaluate.json"
+TRAIN, EVALUATE = ["configs/train.json"], ["configs/inference.json", "configs/evaluate.json"]
 # each fold's steps, in order: (name, marker file written when it is done)
 STEPS = (("train", "trained.json"), ("test", "scored_test.json"), ("train_cases", "scored_train.json"))
 SETTINGS_FILE = "cross_validation.json"
@@ -41,7 +46,7 @@ FINISHED_FILE = "table.md"
 
 
 def _config_files(network, profile, evaluate=False):
-    files = NETWORKS[network] + PROFILES[profile] + ([EVALUATE] if evaluate else [])
+    files = (EVALUATE if evaluate else TRAIN) + NETWORKS[network] + PROFILES[profile]
     return [os.path.join(BUNDLE_ROOT, f) for f in files]
 
 
@@ -56,17 +61,16 @@ def check_overrides(overrides, networks, profile):
     Raises:
         ValueError: naming the unknown IDs.
     """
-    from monai.bundle import ConfigParser
-
     known = set()
     for network in networks:
-        parser = ConfigParser()
-        parser.read_config(_config_files(network, profile, evaluate=True))
-        known |= {key for key in overrides if key in parser}
+        for evaluate in (False, True):
+            parser = ConfigParser()
+            parser.read_config(_config_files(network, profile, evaluate))
+            known |= {key for key in overrides if key in parser}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(
-            f"unknown config ID(s) {', '.join('--' + k for k in unknown)}: not in train.json/evaluate.json"
+            f"unknown config ID(s) {', '.join('--' + k for k in unknown)}: not in train.json nor inference.json + evaluate.json"
         )
 
 
@@ -88,8 +92,6 @@ def _as_text(value):
 
 def _train_fold(fold_dir, network, profile, common, log_path):
     """Train one fold, resuming an interrupted run from its checkpoint (or starting it again before the first)."""
-    from scripts.checkpoints import latest_training_state
-
     ckpt_dir = os.path.join(fold_dir, "models")
     latest = latest_training_state(ckpt_dir) if os.path.isdir(ckpt_dir) else None
     if latest is not None and latest[1] >= latest[2]:
@@ -106,7 +108,7 @@ def _score_fold(fold_dir, network, profile, common, section, log_path):
         **common,
         "ckpt_dir": os.path.join(fold_dir, "models"),
         "output_dir": os.path.join(fold_dir, "runs"),
-        "eval_dir": os.path.join(fold_dir, f"eval_{name}"),
+        "prediction_dir": os.path.join(fold_dir, f"eval_{name}"),
         "eval_section": section,
         "overwrite": True,  # an unfinished step's outputs are incomplete
     }
@@ -138,8 +140,6 @@ def _prepare_output(output_dir, settings, overwrite):
 
 def _datalist(dataset_dir, output_dir, datalist, folds, seed):
     """The datalist the folds come from: ``datalist``, else built (and checked) into ``OUT/datalist.json``."""
-    from scripts.prepare_datalist import main as write_datalist
-
     if datalist:
         return os.path.abspath(datalist)
     path = os.path.join(output_dir, "datalist.json")
@@ -160,8 +160,6 @@ def cross_validate(
     **overrides,
 ):
     """Train and score every fold of every network; see the module docstring. Returns the paths of the outputs."""
-    from scripts.cv_report import write_outputs
-
     networks = [networks] if isinstance(networks, str) else list(networks)
     unknown = [n for n in networks if n not in NETWORKS]
     if unknown or not networks:
@@ -218,7 +216,7 @@ def cross_validate(
             f" {time.monotonic() - started:.0f} s so far, about {left:.0f} s left",
             flush=True,
         )
-    return write_outputs(output_dir, networks, fold_ids, datalist_path, dataset_dir, config, overrides)
+    return write_outputs(output_dir, networks, fold_ids, datalist_path, dataset_dir, PROFILES[config], overrides)
 
 
 def main(
@@ -238,6 +236,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from scripts.cli import run
-
     run(main)

@@ -8,12 +8,15 @@ import math
 import os
 
 import numpy as np
+from monai.bundle import ConfigParser
 from PIL import Image, ImageDraw
+from scripts import BUNDLE_ROOT
 from scripts.metrics import METRIC_NAMES
 from scripts.reports import print_table, read_csv, write_csv
 from scripts.safe_files import write_atomically
 
 __all__ = ["PAPER_TABLE", "paired_comparison", "summary_table", "write_outputs"]
+
 
 METRICS = METRIC_NAMES
 TABLE_COLUMNS = ("dice", "precision", "recall", "jaccard", "hd95_mm", "volume_abs_diff_ml")
@@ -157,16 +160,13 @@ def dice_figure(per_case, networks, path, title):
     write_atomically(path, lambda f: image.save(f, format="PNG"))
 
 
-def _ensemble_override(output_dir, network, folds, dataset_dir, config, overrides):
+def _ensemble_override(output_dir, network, folds, dataset_dir, profile_files, overrides):
     """An override of configs/inference.json that segments ``dataset_dir``'s testing cases with the fold models:
     the run's overrides and profile settings that inference.json has (those that refer to no other ID)."""
-    from monai.bundle import ConfigParser
-    from scripts.cross_validate import BUNDLE_ROOT, PROFILES
-
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
     settings = {}
-    for profile in PROFILES[config]:
+    for profile in profile_files:
         with open(os.path.join(BUNDLE_ROOT, profile)) as f:
             settings.update({k: v for k, v in json.load(f).items() if k in parser and "@" not in json.dumps(v)})
     settings.update({k: v for k, v in overrides.items() if k in parser})
@@ -178,15 +178,26 @@ def _ensemble_override(output_dir, network, folds, dataset_dir, config, override
     }
 
 
-def write_outputs(output_dir, networks, folds, datalist_path, dataset_dir, config, overrides):
-    """Write every output of a finished cross-validation into ``output_dir``; returns ``{name: path}``."""
+def write_outputs(output_dir, networks, folds, datalist_path, dataset_dir, profile_files, overrides):
+    """Write every output of a finished cross-validation into ``output_dir``; returns ``{name: path}``.
+
+    Args:
+        output_dir: the cross-validation's folder.
+        networks: the networks it trained.
+        folds: the fold numbers.
+        datalist_path: its datalist.
+        dataset_dir: the data root.
+        profile_files: the profile configs it ran with (bundle-relative, e.g. ``["configs/demo.json"]``).
+        overrides: its config overrides.
+    """
     per_case = collect_per_case(output_dir, networks, folds, datalist_path)
     out = {name: os.path.join(output_dir, name) for name in ("per_case.csv", "table.csv", "dice.png", "table.md")}
     write_csv(out["per_case.csv"], ["network", "fold", "split", "case", "patient", *METRICS], per_case)
     table = summary_table(per_case, networks)
     columns = ["source", "network", "split", "cases", *TABLE_COLUMNS]
     write_csv(out["table.csv"], columns, table)
-    synthetic = "synthetic data" if config == "demo" or "synthetic" in dataset_dir.lower() else dataset_dir
+    demo = "configs/demo.json" in profile_files
+    synthetic = "synthetic data" if demo or "synthetic" in dataset_dir.lower() else dataset_dir
     dice_figure(per_case, networks, out["dice.png"], f"Per-case Dice, out-of-fold ({synthetic})")
     text = [
         f"# Cross-validation: {', '.join(networks)}, {len(folds)} folds by patient\n",
@@ -206,7 +217,7 @@ def write_outputs(output_dir, networks, folds, datalist_path, dataset_dir, confi
     for network in networks:
         name = "ensemble.json" if network == networks[0] else f"ensemble_{network}.json"
         out[name] = os.path.join(output_dir, name)
-        override = _ensemble_override(output_dir, network, folds, dataset_dir, config, overrides)
+        override = _ensemble_override(output_dir, network, folds, dataset_dir, profile_files, overrides)
         write_atomically(out[name], lambda f, o=override: f.write((json.dumps(o, indent=4) + "\n").encode()))
         configs = ["configs/inference.json"] + (["configs/classic_unet.json"] if network == "classic" else [])
         text.append(

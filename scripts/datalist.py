@@ -5,7 +5,7 @@ import os
 
 from monai.data import load_decathlon_datalist
 from scripts import isles24
-from scripts.cli import as_bool
+from scripts.flags import as_bool
 from scripts.isles import (
     CHANNELS,
     NIFTI_SUFFIXES,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+from scripts.prepare_datalist import main as write_datalist
+from scripts.synthetic_isles import generate
+
 __all__ = ["network_settings", "prepare_demo_data"]
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.json")
@@ -27,9 +30,6 @@ def prepare_demo_data(dataset_dir: str, datalist_path: str, num_cases: int, seed
         num_cases: training cases to generate.
         seed: the generator's and the folds' seed.
     """
-    from scripts.prepare_datalist import main as write_datalist
-    from scripts.synthetic_isles import generate
-
     if not os.path.isdir(dataset_dir):
         generate(dataset_dir, num_train=num_cases, num_test=4, seed=seed)
     if not os.path.isfile(datalist_path):

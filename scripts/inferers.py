@@ -16,7 +16,7 @@ import warnings
 
 import torch
 from monai.inferers import Inferer, SimpleInferer
-from scripts.cli import as_bool
+from scripts.flags import as_bool
 
 __all__ = ["CpuAutocastInferer", "FlipInferer", "amp_default", "cpu_has_native_bf16", "engine_amp", "make_inferer"]
 

@@ -176,9 +176,10 @@ def check_case(item):
         The number of lesion voxels of the label, None for an item without label.
 
     Raises:
-        InvalidCaseError: naming the case and the file, for unreadable/truncated/non-NIfTI files, a 4D file that is not
-            (x, y, z, 5), a shape or affine that differs from the CT's (``same_grid``), values that are NaN/Inf as
-            float32 or beyond ``MAX_ABS_VALUE``, and a label with values other than 0 and 1.
+        InvalidCaseError: naming the case and the file, for unreadable/truncated/non-NIfTI files, a map that is not 3-D
+            ((x, y, z), or (x, y, z, 1)), a 4D file that is not (x, y, z, 5), a shape or affine that differs from the
+            CT's (``same_grid``), values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, and a label with
+            values other than 0 and 1.
     """
     case = item.get("case", "?")
     image = item["image"]
@@ -193,13 +194,18 @@ def check_case(item):
         except Exception as err:  # nibabel raises several types for missing, truncated and foreign files
             raise InvalidCaseError(f"{case}: cannot read {name} file {path}: {err}") from err
         shape = data.shape
+        if name != "image" and (data.ndim < 3 or data.ndim > 3 and shape[3:] != (1,) * (data.ndim - 3)):
+            raise InvalidCaseError(
+                f"{case}: {name} file {path} has shape {shape}; a map must be a 3-D grid (x, y, z), a 2-D slice as"
+                " (x, y, 1)"
+            )
+        shape = shape[:3]
         if name == "image":
-            if data.ndim != 4 or shape[3] != len(CHANNELS):
+            if data.ndim != 4 or data.shape[3] != len(CHANNELS):
                 raise InvalidCaseError(
-                    f"{case}: image file {path} has shape {shape}; a single-file input must be"
+                    f"{case}: image file {path} has shape {data.shape}; a single-file input must be"
                     f" (x, y, z, {len(CHANNELS)}) with the channels {', '.join(CHANNELS)} last"
                 )
-            shape = shape[:3]
         if ref_shape is None:
             ref_shape, ref_affine = shape, img.affine
         elif shape != ref_shape:

@@ -39,6 +39,7 @@ import os
 import nibabel as nib
 import numpy as np
 from monai.data import correct_nifti_header_if_necessary
+from scripts.cli import run
 from scripts.isles import (
     CHANNELS,
     TESTING_DIR,
@@ -220,6 +221,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from scripts.cli import run
-
     run(main)

@@ -23,26 +23,28 @@ import warnings
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.handlers import IgniteMetricHandler
-from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric
+from monai.handlers import IgniteMetricHandler, from_engine
+from monai.metrics import (
+    ConfusionMatrixMetric,
+    CumulativeIterationMetric,
+    DiceMetric,
+    HausdorffDistanceMetric,
+    MeanIoU,
+    SurfaceDistanceMetric,
+)
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 from monai.metrics.utils import do_metric_reduction
 
-__all__ = ["METRIC_NAMES", "ConfusionRatioMetric", "EmptyMaskRule", "LesionVolumeMetric", "SpacingMetricHandler"]
+__all__ = [
+    "METRICS",
+    "METRIC_NAMES",
+    "ConfusionRatioMetric",
+    "EmptyMaskRule",
+    "LesionVolumeMetric",
+    "SpacingMetricHandler",
+    "metric_handlers",
+]
 
-# The per-case metrics of configs/evaluate.json (its validate#key_metric and validate#additional_metrics), in order:
-# the columns of metrics_per_case.csv
-METRIC_NAMES = (
-    "dice",
-    "jaccard",
-    "precision",
-    "recall",
-    "hd95_mm",
-    "assd_mm",
-    "volume_true_ml",
-    "volume_pred_ml",
-    "volume_abs_diff_ml",
-)
 # The one deprecation MONAI 1.6.1 warns of from its own call (metrics/utils.py), whatever the caller passes
 DEPRECATED_BY_MONAI_ITSELF = r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy: "
 
@@ -141,3 +143,40 @@ class EmptyMaskRule(_PerCaseMetric):
         pred_any, label_any = y_pred.flatten(2).any(-1), y.flatten(2).any(-1)
         value = torch.where(pred_any & label_any, value, torch.nan)
         return torch.where(~pred_any & ~label_any, self.both_empty, value)
+
+
+# The per-case metrics of evaluation, defined once, in the order of metrics_per_case.csv: name -> (a new metric, whether
+# it takes the voxel spacing). configs/evaluate.json scores the model's masks and the threshold-core baseline with them.
+METRICS = {
+    "dice": (lambda: DiceMetric(include_background=True, ignore_empty=False), False),
+    "jaccard": (lambda: MeanIoU(include_background=True, ignore_empty=False), False),
+    "precision": (lambda: ConfusionRatioMetric("precision"), False),
+    "recall": (lambda: ConfusionRatioMetric("recall"), False),
+    "hd95_mm": (lambda: EmptyMaskRule(HausdorffDistanceMetric(include_background=True, percentile=95)), True),
+    "assd_mm": (lambda: EmptyMaskRule(SurfaceDistanceMetric(include_background=True, symmetric=True)), True),
+    "volume_true_ml": (lambda: LesionVolumeMetric("label"), True),
+    "volume_pred_ml": (lambda: LesionVolumeMetric("pred"), True),
+    "volume_abs_diff_ml": (lambda: LesionVolumeMetric("abs_difference"), True),
+}
+METRIC_NAMES = tuple(METRICS)
+
+
+def metric_handlers(names=METRIC_NAMES, pred_key="pred", label_key="label", prefix="") -> dict:
+    """Ignite handlers of the ``METRICS`` named, each with a metric of its own, for an evaluator's
+    ``key_val_metric`` / ``additional_metrics``.
+
+    Args:
+        names: which of ``METRICS``, in order.
+        pred_key: the engine output key of the masks to score (``pred``, or ``baseline`` for the threshold core).
+        label_key: the key of the labels.
+        prefix: put before each name (``baseline_``), so that two sets can share an evaluator.
+
+    Returns:
+        ``{prefix + name: handler}``.
+    """
+    handlers = {}
+    for name in names:
+        make, in_mm = METRICS[name]
+        handler = SpacingMetricHandler if in_mm else IgniteMetricHandler
+        handlers[prefix + name] = handler(metric_fn=make(), output_transform=from_engine([pred_key, label_key]))
+    return handlers

@@ -25,7 +25,11 @@ import re
 import shutil
 import sys
 
-BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import BUNDLE_ROOT
+from scripts.checkpoints import NamedCheckpointLoader
+from scripts.cli import run
+from scripts.networks import check_spatial_size
+
 SAMPLE_APP = os.path.join("monailabel", "sample-apps", "monaibundle")  # under the environment's sys.prefix
 CONFIGS = ("inference.json", "train.json")  # what MONAI Label reads
 # MONAI Label retrains in place: POST /train runs train.json into the bundle folder whose models/model.pt it serves,
@@ -93,8 +97,6 @@ def check_model(model_path, settings=None):
     ``settings`` applied, as MONAI Label will not; raises ``ValueError`` naming the file and the settings to pass."""
     from ignite.engine import Engine
     from monai.bundle import ConfigParser
-    from scripts.checkpoints import NamedCheckpointLoader
-    from scripts.networks import check_spatial_size
 
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
@@ -207,6 +209,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from scripts.cli import run
-
     run(main)

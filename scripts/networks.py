@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Pool
+from scripts.flags import as_bool
 
 __all__ = ["ConvBlock", "UpBlock", "ModifiedUNet", "check_spatial_size", "instance_norm_as_group_norm", "to_device"]
 
@@ -98,8 +99,6 @@ def to_device(network: nn.Module, device, channels_last=True) -> nn.Module:
     Returns:
         The network, moved in place.
     """
-    from scripts.cli import as_bool
-
     layout = torch.channels_last_3d if as_bool(channels_last, "channels_last") else torch.contiguous_format
     return network.to(torch.device(device), memory_format=layout)
 

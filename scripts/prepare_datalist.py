@@ -11,6 +11,8 @@ import os
 from collections import defaultdict
 
 import numpy as np
+from scripts import isles24
+from scripts.cli import run
 from scripts.isles import (
     CHANNELS,
     TESTING_DIR,
@@ -74,8 +76,6 @@ def _relative(item, data_root):
 def _read_tree(data_root, check, skip_invalid):
     """The training items (with a label), testing items, skipped messages and release name of an ISLES 2018 root
     (``TRAINING/``, ``TESTING/``) or an ISLES 2024 root (``scripts.isles24``: a subject with a mask trains)."""
-    from scripts import isles24
-
     if find_dir(data_root, TRAINING_DIR) or find_dir(data_root, TESTING_DIR):
         training, skipped = read_valid_cases(
             [(c, d, True) for c, d in find_cases(data_root, TRAINING_DIR)], check, skip_invalid
@@ -162,6 +162,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from scripts.cli import run
-
     run(main)

@@ -38,16 +38,16 @@ def print_training_summary(evaluator, ckpt_dir, log_dir) -> None:
         )
 
 
-def write_report(details_dir, metrics, per_case_csv, summary_csv=None):
-    """Join the per-metric files ``MetricsSaver`` wrote to ``details_dir`` (``<metric>_raw.csv``, and with summary_ops
-    ``<metric>_summary.csv``) into ``per_case_csv`` (``case`` plus one column per metric, values as MetricsSaver wrote
-    them) and ``summary_csv`` (one row per metric: the summary columns); print the summary, or without one the per-case
-    table. Returns the per-case rows."""
-    columns = {metric: read_csv(os.path.join(details_dir, f"{metric}_raw.csv")) for metric in metrics}
+def write_report(details_dir, metrics, per_case_csv, summary_csv=None, prefix="", title=None):
+    """Join the per-metric files ``MetricsSaver`` wrote to ``details_dir`` (``<prefix><metric>_raw.csv``, and with
+    summary_ops ``<prefix><metric>_summary.csv``) into ``per_case_csv`` (``case`` plus one column per metric, values as
+    MetricsSaver wrote them) and ``summary_csv`` (one row per metric: the summary columns); print the summary (under
+    ``title``), or without one the per-case table. Returns the per-case rows."""
+    columns = {m: read_csv(os.path.join(details_dir, f"{prefix}{m}_raw.csv")) for m in metrics}
     cases = [row["filename"] for row in columns[metrics[0]]]
     for metric, rows in columns.items():
         if [row["filename"] for row in rows] != cases:
-            raise ValueError(f"{details_dir}: {metric}_raw.csv lists other cases than {metrics[0]}_raw.csv")
+            raise ValueError(f"{details_dir}: {prefix}{metric}_raw.csv lists other cases than {metrics[0]}_raw.csv")
     table = [{"case": case, **{m: columns[m][i]["class0"] for m in metrics}} for i, case in enumerate(cases)]
     write_csv(per_case_csv, ["case", *metrics], table)
     if summary_csv is None:
@@ -55,11 +55,13 @@ def write_report(details_dir, metrics, per_case_csv, summary_csv=None):
         return table
     summary = []
     for metric in metrics:
-        (row,) = [r for r in read_csv(os.path.join(details_dir, f"{metric}_summary.csv")) if r["class"] == "class0"]
+        path = os.path.join(details_dir, f"{prefix}{metric}_summary.csv")
+        (row,) = [r for r in read_csv(path) if r["class"] == "class0"]
         summary.append({"metric": metric, **{k: v for k, v in row.items() if k != "class"}})
     header = ["metric", *(k for k in summary[0] if k != "metric")]
     write_csv(summary_csv, header, summary)
-    print_table(f"{len(cases)} cases, per-case values in {per_case_csv}, summary in {summary_csv}:", header, summary)
+    where = f"{len(cases)} cases, per-case values in {per_case_csv}, summary in {summary_csv}:"
+    print_table(f"{title}, {where}" if title else where, header, summary)
     return table
 
 

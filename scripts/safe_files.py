@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from scripts.flags import as_bool
+
 __all__ = ["refuse_existing", "write_atomically"]
 
 
@@ -16,8 +18,6 @@ def refuse_existing(paths, overwrite=False) -> None:
         paths: the files and folders a run would write.
         overwrite: the run may replace them (a bool, or true/false as typed on the command line).
     """
-    from scripts.cli import as_bool
-
     if as_bool(overwrite, "overwrite"):
         return
     for path in paths:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scripts.cli import run
 from scripts.isles import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
 from scripts.safe_files import refuse_existing
 
@@ -467,6 +468,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from scripts.cli import run
-
     run(main)

@@ -3,6 +3,7 @@
 
 import csv
 import glob
+import gzip
 import json
 import math
 import os
@@ -25,13 +26,13 @@ from scripts.datalist import find_inputs, load_section
 from scripts.inferers import FlipInferer
 from scripts.isles import CHANNELS, InvalidCaseError, read_case
 from scripts.metrics import METRIC_NAMES
-from scripts.outputs import write_overlays
+from scripts.outputs import overlay_image
 from scripts.prepare_datalist import build_datalist
 from scripts.synthetic_isles import generate
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 COLUMNS = list(METRIC_NAMES)  # the metrics evaluate.json must define, in its order
-EVALUATE = ("train.json", "evaluate.json")
+EVALUATE = ("inference.json", "evaluate.json")
 
 
 def workflow(repo_root, configs, workflow_type, **override):
@@ -138,7 +139,7 @@ def evaluated(repo_root, trained):
         repo_root,
         "evaluating",
         "--config_file",
-        "['configs/train.json','configs/evaluate.json']",
+        "['configs/inference.json','configs/evaluate.json']",
         "--bundle_root",
         str(root),
         *cli(**settings),
@@ -170,7 +171,7 @@ def test_evaluation_csv_matches_metrics_recomputed_from_the_written_masks(traine
 
 def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root, trained, evaluated, tmp_path):
     (root, settings), (eval_dir, _) = trained, evaluated
-    raises_file_exists(workflow(repo_root, EVALUATE, "train", bundle_root=str(root), **settings), eval_dir)
+    raises_file_exists(workflow(repo_root, EVALUATE, "infer", bundle_root=str(root), **settings), eval_dir)
 
     model, latest = str(root / "models" / "model.pt"), str(root / "models" / "checkpoint_epoch=1.pt")
     # an ensemble of one model with itself is that model: the same masks
@@ -178,7 +179,7 @@ def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root,
         workflow(
             repo_root,
             EVALUATE,
-            "train",
+            "infer",
             bundle_root=str(root),
             output_dir=str(tmp_path),
             ensemble_checkpoints=[model, model],
@@ -195,7 +196,7 @@ def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root,
         workflow(
             repo_root,
             EVALUATE,
-            "train",
+            "infer",
             bundle_root=str(root),
             overwrite=True,
             tta_flips=True,
@@ -204,7 +205,7 @@ def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root,
         )
     )
     # the suite runs as on a CPU without native bfloat16 (tests/conftest.py): float32, no autocast wrapper
-    assert isinstance(tta.parser.get_parsed_content("validate#evaluator").inferer, FlipInferer)
+    assert isinstance(tta.parser.get_parsed_content("evaluator").inferer, FlipInferer)
     rows = read_csv(eval_dir / "metrics_per_case.csv")
     assert (
         os.path.getmtime(eval_dir / "metrics_per_case.csv") > before
@@ -386,20 +387,16 @@ def test_evaluation_sections(synthetic_tree, tmp_path):
         load_section(str(path), synthetic_tree, "testing")
 
 
-def test_overlay_refuses_a_mask_off_the_scan_grid(tmp_path):
-    scan = tmp_path / "scan.nii.gz"
+def test_overlay_outlines_the_mask_and_refuses_arrays_off_one_grid():
+    rng = np.random.default_rng(0)
+    ct, cbf = rng.random((16, 16, 3)) * 100, rng.random((16, 16, 3)) * 50
+    mask = np.zeros((16, 16, 3), bool)
+    mask[4:9, 5:10, 1] = True
     affine = np.diag([0.9, 0.9, 5.0, 1.0])
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 3, 5), dtype=np.float32), affine), scan)
-    (tmp_path / "masks").mkdir()
-    mask = np.zeros((16, 16, 3), np.uint8)
-    mask[4:9, 5:10, 1] = 1
-    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "masks" / "scan.nii.gz")
-    write_overlays([{"image": str(scan), "case": "scan"}], tmp_path / "masks", tmp_path / "overlays")
-    with Image.open(tmp_path / "overlays" / "scan.png") as png:
-        assert (np.asarray(png.convert("RGB")) == (255, 0, 0)).all(-1).any(), "the lesion outline is drawn in red"
-    nib.save(nib.Nifti1Image(mask, affine @ np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / "masks" / "scan.nii.gz")
-    with pytest.raises(ValueError, match="does not lie on the grid of"):
-        write_overlays([{"image": str(scan), "case": "scan"}], tmp_path / "masks", tmp_path / "overlays")
+    image = overlay_image("scan", ct, cbf, mask, affine, report="predicted 1.0 mL")
+    assert (np.asarray(image.convert("RGB")) == (255, 0, 0)).all(-1).any(), "the lesion outline is drawn in red"
+    with pytest.raises(ValueError, match="scan: CT .* are not on one grid"):
+        overlay_image("scan", ct, cbf, mask[:, :, :2], affine)
 
 
 def infer_expecting_error(repo_root, root, settings, dataset_dir, out, **override):
@@ -474,3 +471,159 @@ def test_inference_names_a_checkpoint_it_cannot_load(repo_root, trained, synthet
     )
     expected = "not a loadable PyTorch checkpoint" if damage == "truncated" else "does not fit the network"
     assert f"ValueError: {broken}: {expected}" in message, message
+
+
+@pytest.fixture(scope="module")
+def six_scans(tmp_path_factory):
+    """An ISLES root with 6 small TESTING cases, for runs that stop part-way."""
+    root = tmp_path_factory.mktemp("six_scans")
+    generate(str(root), num_train=0, num_test=6, seed=11, in_plane=32, slices=(2, 4))
+    return root
+
+
+def case_outputs(out):
+    """Per case in ``out``: (mask bytes, overlay bytes, row), for the cases with a row in volumes.csv; and the cases
+    with a mask or overlay but no row."""
+    rows = {row["case"]: row for row in read_csv(out / "volumes.csv")} if (out / "volumes.csv").exists() else {}
+    files = {
+        p.name.split(".")[0]
+        for folder in ("masks", "overlays")
+        if (out / folder).exists()
+        for p in (out / folder).iterdir()
+    }
+    whole = {
+        case: ((out / "masks" / f"{case}.nii.gz").read_bytes(), (out / "overlays" / f"{case}.png").read_bytes(), row)
+        for case, row in rows.items()
+    }
+    return whole, files - set(rows)
+
+
+def test_a_run_stopped_by_a_bad_case_is_finished_by_the_same_command(repo_root, trained, six_scans, tmp_path):
+    """A case that fails part-way (a NaN map, not checked up front) stops inference: the cases before it are whole
+    (mask, overlay, row), it has nothing. Once the file is mended, the same command finishes the others and keeps
+    the finished ones; then the finished run is refused, and so is an unfinished one with other settings."""
+    root, settings = trained
+    data = tmp_path / "isles"
+    shutil.copytree(six_scans, data)
+    (tmax,) = glob.glob(str(data / "TESTING" / "case_4" / "*.CT_Tmax.*" / "*.nii"))
+    intact = nib.load(tmax)
+    intact_data = np.array(intact.dataobj)  # a copy: the file is memory-mapped and is about to be replaced
+    broken = intact_data.astype(np.float32)
+    broken.flat[7] = np.nan
+    nib.save(nib.Nifti1Image(broken, intact.affine), tmax)
+    common = dict(bundle_root=str(root), dataset_dir=str(data), output_dir=str(tmp_path / "runs"), check_inputs=False)
+    common.update({k: settings[k] for k in TINY})
+    with pytest.raises(Exception) as excinfo:
+        run_all(workflow(repo_root, ("inference.json",), "infer", **common))
+    assert "case_4" in raised_messages(excinfo)
+    out = tmp_path / "runs" / "predictions"
+    whole, stray = case_outputs(out)
+    assert sorted(whole) == ["case_1", "case_2", "case_3"] and not stray
+    with pytest.raises(Exception) as excinfo:  # an unfinished run is continued only with its own settings
+        workflow(repo_root, ("inference.json",), "infer", tta_flips=True, **common).initialize()
+    assert "other tta_flips" in raised_messages(excinfo) and "--overwrite true" in raised_messages(excinfo)
+
+    nib.save(nib.Nifti1Image(intact_data, intact.affine), tmax)
+    run_all(workflow(repo_root, ("inference.json",), "infer", **common))
+    finished, stray = case_outputs(out)
+    assert sorted(finished) == [f"case_{n}" for n in range(1, 7)] and not stray
+    assert all(finished[case] == whole[case] for case in whole), "finished cases are kept as they were"
+    raises_file_exists(workflow(repo_root, ("inference.json",), "infer", **common), out)
+
+    (out / "notes.txt").write_text("mine")
+    run_all(workflow(repo_root, ("inference.json",), "infer", overwrite=True, tta_flips=True, **common))
+    again, stray = case_outputs(out)
+    assert sorted(again) == sorted(finished) and not stray
+    assert (out / "notes.txt").read_text() == "mine", "--overwrite replaces what the earlier run wrote, nothing else"
+
+
+KILLED_INFERENCE = """
+import sys
+from monai.bundle import ConfigWorkflow
+wf = ConfigWorkflow(config_file=sys.argv[1], workflow_type="infer", **eval(sys.argv[2]))
+wf.initialize()
+wf.run()
+"""
+
+
+def test_kill_9_at_random_moments_of_inference_then_rerun_until_done(repo_root, trained, six_scans, tmp_path):
+    """kill -9 of `run` at random moments, then the same command again until it finishes: every case whole and
+    exactly once, each mask identical to an uninterrupted run's."""
+    import random
+    import signal
+    import time
+
+    root, settings = trained
+    common = dict(bundle_root=str(root), dataset_dir=str(six_scans), **{k: settings[k] for k in TINY})
+    run_all(workflow(repo_root, ("inference.json",), "infer", output_dir=str(tmp_path / "reference"), **common))
+    reference, _ = case_outputs(tmp_path / "reference" / "predictions")
+    config = os.path.join(repo_root, "configs", "inference.json")
+    args = repr({**common, "output_dir": str(tmp_path / "killed")})
+    cmd = [sys.executable, "-c", KILLED_INFERENCE, config, args]
+    manifest = tmp_path / "killed" / "predictions" / "run.json"
+    rng, kills = random.Random(7), 0
+    for attempt in range(12):
+        before = manifest.stat().st_mtime_ns if manifest.exists() else None
+        process = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if attempt < 4:  # once the run has checked its folder (it rewrites run.json), at a random moment of the cases
+            deadline = time.monotonic() + 120
+            while process.poll() is None and time.monotonic() < deadline:
+                if manifest.exists() and manifest.stat().st_mtime_ns != before:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.4))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                kills += 1
+        stderr = process.communicate(timeout=300)[1]
+        if process.returncode == 0:
+            break
+        assert process.returncode == -signal.SIGKILL, stderr[-3000:]
+    out = tmp_path / "killed" / "predictions"
+    whole, stray = case_outputs(out)
+    assert kills >= 1 and not stray
+    assert sorted(whole) == sorted(reference)
+    for case, (mask, _, row) in whole.items():
+        assert np.array_equal(
+            np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(mask)).dataobj),
+            np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(reference[case][0])).dataobj),
+        ), case
+        assert row == reference[case][2], case
+    assert json.loads((out / "run.json").read_text())["finished"]
+
+
+def test_scans_monais_writer_cannot_write_get_their_masks_and_a_2d_map_is_refused(repo_root, trained, tmp_path):
+    """A one-slice scan and one stored with its first array axis head-foot (MONAI 1.6.1's NIfTI writer fails on
+    both) get masks on their own grids, the latter the same mask as the scan stored axially; a 2-D map is refused
+    up front, naming the case and the file."""
+    root, settings = trained
+    source = tmp_path / "source"
+    generate(str(source), num_train=0, num_test=1, seed=5, in_plane=32, slices=4)
+    (item,) = find_inputs(str(source))
+    maps = [nib.load(path) for path in item["image"]]
+    stack = np.stack([np.asanyarray(m.dataobj).astype(np.float32) for m in maps], axis=-1)
+    affine = maps[0].affine
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(stack, affine), scans / "axial.nii.gz")
+    nib.save(nib.Nifti1Image(stack[:, :, 1:2], affine), scans / "one_slice.nii.gz")
+    nib.save(nib.Nifti1Image(stack.transpose(2, 0, 1, 3).copy(), affine[:, [2, 0, 1, 3]]), scans / "head_foot.nii.gz")
+    common = dict(bundle_root=str(root), output_dir=str(tmp_path / "out"), **{k: settings[k] for k in TINY})
+    run_all(workflow(repo_root, ("inference.json",), "infer", dataset_dir=str(scans), **common))
+    masks = {}
+    for name in ("axial", "one_slice", "head_foot"):
+        scan, mask = nib.load(scans / f"{name}.nii.gz"), nib.load(
+            tmp_path / "out" / "predictions" / "masks" / f"{name}.nii.gz"
+        )
+        assert mask.shape == scan.shape[:3] and np.allclose(mask.affine, scan.affine), name
+        masks[name] = np.asanyarray(mask.dataobj)
+    assert np.array_equal(masks["head_foot"], masks["axial"].transpose(2, 0, 1))
+    assert masks["axial"].any(), "a mask with a lesion, so the comparison means something"
+
+    flat = tmp_path / "flat" / "case_3"
+    shutil.copytree(os.path.dirname(os.path.dirname(item["image"][0])), flat)
+    (ct,) = glob.glob(str(flat / "SMIR.Brain.XX.O.CT.*" / "*.nii"))
+    nib.save(nib.Nifti1Image(np.asanyarray(nib.load(ct).dataobj)[:, :, 0].copy(), affine), ct)
+    with pytest.raises(Exception) as excinfo:
+        workflow(repo_root, ("inference.json",), "infer", dataset_dir=str(flat.parent), **common).initialize()
+    assert f"case_3: CT file {ct} has shape (32, 32); a map must be a 3-D grid" in raised_messages(excinfo)

@@ -58,25 +58,25 @@ def same(value, expected):
 
 @pytest.fixture
 def evaluated(repo_root, tmp_path):
-    """The metric handlers and MetricsSaver of train.json + evaluate.json run over CASES on a bare engine."""
+    """The metric handlers and MetricsSaver of inference.json + evaluate.json run over CASES on a bare engine (the
+    model's masks as ``pred``, and the same masks again as the threshold baseline's)."""
     parser = ConfigParser()
-    parser.read_config([os.path.join(repo_root, "configs", name) for name in ("train.json", "evaluate.json")])
+    parser.read_config([os.path.join(repo_root, "configs", name) for name in ("inference.json", "evaluate.json")])
     parser["output_dir"] = str(tmp_path)
-    metrics = {
-        **parser.get_parsed_content("validate#key_metric"),
-        **parser.get_parsed_content("validate#additional_metrics"),
-    }
-    assert list(metrics) == COLUMNS == parser.get_parsed_content("metric_names")
+    metrics = {**parser.get_parsed_content("key_metric"), **parser.get_parsed_content("additional_metrics")}
+    assert list(metrics) == COLUMNS + [f"baseline_{name}" for name in COLUMNS]
+    assert parser.get_parsed_content("metric_names") == COLUMNS
     engine = Engine(lambda engine, batch: batch)
     for name, handler in metrics.items():
         handler.attach(engine, name)
-    (saver,) = [h for h in parser.get_parsed_content("validate#handlers") if isinstance(h, MetricsSaver)]
+    (saver,) = [h for h in parser.get_parsed_content("handlers") if isinstance(h, MetricsSaver)]
     saver.attach(engine)
     batches = [
         [
             {
                 "image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/data/{case}.nii.gz"}),
                 "pred": on_grid(pred),
+                "baseline": on_grid(pred),
                 "label": on_grid(label),
             }
         ]
@@ -87,11 +87,13 @@ def evaluated(repo_root, tmp_path):
 
 
 def test_every_metric_on_hand_made_masks(evaluated):
+    """The model and the baseline are scored by the same metric definitions (scripts.metrics.METRICS)."""
     engine, _ = evaluated
     for column, name in enumerate(COLUMNS):
-        values = engine.state.metric_details[name].flatten().tolist()
-        for value, (case, (_, _, expected)) in zip(values, CASES.items()):
-            assert same(value, expected[column]), (name, case, value, expected[column])
+        for scored in (name, f"baseline_{name}"):
+            values = engine.state.metric_details[scored].flatten().tolist()
+            for value, (case, (_, _, expected)) in zip(values, CASES.items()):
+                assert same(value, expected[column]), (scored, case, value, expected[column])
 
 
 def test_per_case_csv_and_summary_leave_nans_out(evaluated, capsys):

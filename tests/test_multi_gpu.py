@@ -167,7 +167,7 @@ def test_amp_dtype_reaches_both_engines(ddp_run):
     "configs, handler_ids",
     [
         (("train.json", "multi_gpu_train.json"), ("train#handlers", "validate#handlers")),
-        (("train.json", "evaluate.json", "multi_gpu_evaluate.json"), ("validate#handlers",)),
+        (("inference.json", "evaluate.json", "multi_gpu_evaluate.json"), ("handlers",)),
     ],
     ids=["train", "evaluate"],
 )
@@ -209,24 +209,24 @@ def same_values(a, b):
 @pytest.fixture(scope="module")
 def ddp_eval(repo_root, split, ddp_run, tmp_path_factory):
     """`run evaluating` of the model trained above: once in one process, once with torchrun on 2 CPU processes,
-    each rank writing into its own eval_dir (so that what rank 1 writes shows)."""
+    each rank writing into its own prediction_dir (so that what rank 1 writes shows)."""
     settings, cases = split
     root = tmp_path_factory.mktemp("ddp_eval")
     # float32: the ranks and the single process must give the same masks to the voxel (bf16 kernels may round
     # differently with other thread counts; bf16 against float32 is tested in test_precision.py)
     settings = {**settings, "ckpt_dir": str(ddp_run[0] / "models_rank0"), "amp": False}
-    configs = [os.path.join(repo_root, "configs", name) for name in ("train.json", "evaluate.json")]
-    single = ConfigWorkflow(config_file=configs, workflow_type="train", bundle_root=str(root / "single"), **settings)
+    configs = [os.path.join(repo_root, "configs", name) for name in ("inference.json", "evaluate.json")]
+    single = ConfigWorkflow(config_file=configs, workflow_type="infer", bundle_root=str(root / "single"), **settings)
     single.initialize()
     single.run()
-    configs = ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"]
+    configs = ["configs/inference.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"]
     result = torchrun(
         repo_root,
         "evaluating",
         configs,
         root / "ddp",
         **settings,
-        eval_dir="$@output_dir + '/eval_rank' + os.environ['RANK']",
+        prediction_dir="$@output_dir + '/eval_rank' + os.environ['RANK']",
     )
     return root / "single" / "runs" / "eval", [root / "ddp" / "runs" / f"eval_rank{r}" for r in (0, 1)], result, cases
 
@@ -240,9 +240,13 @@ def test_evaluation_splits_cases_and_rank0_writes_the_same_report(ddp_eval):
         for name in names:
             written, reference = (nib.load(folder / "masks" / name).get_fdata() for folder in (rank, single))
             assert np.array_equal(written, reference), name
-    assert os.listdir(ranks[1]) == ["masks"], "rank 1 writes its cases' masks and no CSV"
-    for name in ("metrics_per_case.csv", "metrics_summary.csv"):
+    assert set(os.listdir(ranks[1])) == {
+        "masks",
+        "overlays",
+    }, "rank 1 writes its cases' masks and overlays, no CSV and no run.json"
+    assert sorted(os.listdir(ranks[1] / "overlays")) == [m.replace(".nii.gz", ".png") for m in masks[1]]
+    for name in ("metrics_per_case.csv", "metrics_summary.csv", "volumes.csv", "baseline_per_case.csv"):
         ddp, ref = read_csv(ranks[0] / name), read_csv(single / name)
         assert len(ddp) == len(ref) and all(same_values(a, b) for a, b in zip(ddp, ref)), name
     assert len(read_csv(ranks[0] / "metrics_per_case.csv")) == 3
-    assert result.stdout.count("3 cases, per-case values in") == 1
+    assert result.stdout.count("3 cases, per-case values in") == 2, "the model's and the baseline's tables, on rank 0"

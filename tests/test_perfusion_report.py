@@ -1,12 +1,17 @@
-"""scripts/perfusion_report.py on hand-made maps, its figures counted independently, and the threshold baseline."""
+"""scripts/perfusion_report.py on hand-made maps, its figures counted independently, and the threshold core that
+scripts/case_report.py's PerfusionReportd hands evaluation as its baseline."""
 
 import csv
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from ignite.engine import Engine
+from monai.data import MetaTensor
+from scripts.case_report import CaseOutputsWriter, PerfusionReportd
 from scripts.isles import CHANNELS
-from scripts.perfusion_report import perfusion_figures, score_threshold_baseline, write_perfusion_report
+from scripts.perfusion_report import perfusion_figures, perfusion_regions
 
 SPACING = (0.8, 0.9, 5.0)  # mm: one voxel is 3.6 mm^3
 
@@ -47,32 +52,55 @@ def ml(mask):
     return mask.sum() * np.prod(SPACING) / 1000
 
 
+def figures_of(files, thresholds=None):
+    cbf, tmax = (np.asanyarray(nib.load(files[CHANNELS.index(c)]).dataobj) for c in ("CBF", "Tmax"))
+    return perfusion_figures(*perfusion_regions(cbf, tmax, thresholds), np.prod(SPACING) / 1000)
+
+
 def test_figures_recomputed_from_the_maps(tmp_path):
     files, _, hypo, severe, core = case_files(tmp_path)
-    figures = perfusion_figures(files)
+    figures = figures_of(files)
     assert figures["hypoperfusion_ml"] == pytest.approx(ml(hypo), abs=1e-3)
     assert figures["core_rcbf_ml"] == pytest.approx(ml(core), abs=1e-3)
     assert figures["mismatch_ml"] == pytest.approx(ml(hypo) - ml(core), abs=1e-3)
     assert figures["mismatch_ratio"] == pytest.approx(ml(hypo) / ml(core), abs=1e-3)
     assert figures["hypoperfusion_intensity_ratio"] == pytest.approx(ml(severe) / ml(hypo), abs=1e-3)
-    stricter = perfusion_figures(files, {"rcbf": 0.1})  # thresholds are settings: CBF 10 is not < 5
+    stricter = figures_of(files, {"rcbf": 0.1})  # thresholds are settings: CBF 10 is not < 5
     assert stricter["core_rcbf_ml"] == 0 and stricter["mismatch_ratio"] == ""
 
 
 def test_tmax_in_milliseconds_gives_a_note_not_figures(tmp_path):
     files, *_ = case_files(tmp_path, tmax_scale=1000.0)
-    figures = perfusion_figures(files)
+    figures = figures_of(files)
     assert "milliseconds" in figures["perfusion_note"] and figures["hypoperfusion_ml"] == ""
 
 
-def test_report_joins_volumes_csv_and_the_baseline_scores_the_threshold_core(tmp_path):
+def test_the_case_report_holds_the_figures_the_threshold_core_the_mask_and_the_overlay(tmp_path):
+    """PerfusionReportd and CaseOutputsWriter on one case as the evaluator hands it over: the mask (here the label
+    itself) and the kept CT, CBF and Tmax maps as read. The row has the figures, the baseline is the threshold core
+    on the mask's grid, and the mask file is the mask on that grid."""
     files, label, _, _, core = case_files(tmp_path)
-    volumes = tmp_path / "volumes.csv"
-    volumes.write_text("case,volume_pred_ml\nCT,1.5\n")
-    (row,) = write_perfusion_report([{"image": files}], str(volumes))
-    assert row["volume_pred_ml"] == "1.5" and float(row["core_rcbf_ml"]) == pytest.approx(ml(core), abs=1e-3)
-    with open(volumes) as f:
-        assert next(csv.DictReader(f))["hypoperfusion_intensity_ratio"] != ""
-    (scores,) = score_threshold_baseline([{"image": files, "label": label}], str(tmp_path / "baseline.csv"))
-    assert scores["dice"] == pytest.approx(1.0) and scores["hd95_mm"] == pytest.approx(0.0)
-    assert scores["volume_true_ml"] == pytest.approx(ml(core), rel=1e-5)
+    affine = np.diag([*SPACING, 1.0])
+    maps = {
+        f"input_{c}": MetaTensor(np.asanyarray(nib.load(files[CHANNELS.index(c)]).dataobj)[None])
+        for c in ("CT", "CBF", "Tmax")
+    }
+    pred = MetaTensor(torch.as_tensor(core[None], dtype=torch.float32), affine=torch.as_tensor(affine))
+    pred.meta["filename_or_obj"] = "/data/case_7.nii.gz"
+    out = PerfusionReportd("pred", list(maps))({"pred": pred, **maps})
+    assert torch.equal(out["baseline"], pred) and torch.equal(out["baseline"].affine, pred.affine)
+    assert out["perfusion"]["core_rcbf_ml"] == pytest.approx(ml(core), abs=1e-3)
+
+    # as MONAI's evaluators leave it: the mask and the figures in the output, the kept maps in the batch
+    output = {k: v for k, v in out.items() if k not in maps}
+    engine = Engine(lambda engine, batch: [output])
+    CaseOutputsWriter(str(tmp_path / "out"), list(maps)).attach(engine)
+    engine.run([[maps]])
+    with open(tmp_path / "out" / "volumes.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["case"] == "case_7" and float(row["volume_pred_ml"]) == pytest.approx(ml(core), abs=1e-4)
+    assert float(row["core_rcbf_ml"]) == pytest.approx(ml(core), abs=1e-3) and row["perfusion_note"] == ""
+    written = nib.load(tmp_path / "out" / "masks" / "case_7.nii.gz")
+    assert written.get_data_dtype() == np.uint8 and np.array_equal(np.asanyarray(written.dataobj), core)
+    assert np.allclose(written.affine, affine) and written.header["sform_code"] == 1
+    assert (tmp_path / "out" / "overlays" / "case_7.png").stat().st_size > 0

@@ -54,7 +54,7 @@ def test_inference_and_evaluation_default_to_bf16_only_where_the_cpu_has_it(repo
     """The ``amp`` default and the inferer of inference.json and evaluate.json, for a CPU with and without native
     bfloat16 (set, not read from this machine)."""
     monkeypatch.setenv(NATIVE_BF16_ENV, str(native).lower())
-    for files, inferer_id in ((["inference.json"], "inferer"), (["train.json", "evaluate.json"], "validate#inferer")):
+    for files, inferer_id in ((["inference.json"], "inferer"), (["inference.json", "evaluate.json"], "inferer")):
         parser = ConfigParser()
         parser.read_config([os.path.join(repo_root, "configs", name) for name in files])
         parser["device"] = "cpu"
@@ -139,7 +139,7 @@ def test_bf16_masks_of_the_trained_demo_model_are_the_float32_ones(repo_root, de
 
 def test_bf16_evaluation_metrics_are_the_float32_ones(repo_root, demo_run, tmp_path):
     for amp in (True, False):
-        demo_workflow(repo_root, demo_run, ["train.json", "evaluate.json"], "train", amp, tmp_path / str(amp))
+        demo_workflow(repo_root, demo_run, ["inference.json", "evaluate.json"], "infer", amp, tmp_path / str(amp))
     rows = {amp: read_rows(tmp_path / str(amp) / "eval" / "metrics_per_case.csv") for amp in (True, False)}
     assert rows[True].keys() == rows[False].keys() and rows[False]
     for case, fp32 in rows[False].items():

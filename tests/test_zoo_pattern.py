@@ -39,7 +39,11 @@ def test_train_evaluate_and_infer_from_the_zoo_root(repo_root, synthetic_tree, t
     train = [os.path.join(configs, "train.json")]
     checked_run(ConfigWorkflow(workflow_type="train", config_file=train, epochs=1, val_interval=1, **common))
     checked_run(
-        ConfigWorkflow(workflow_type="train", config_file=train + [os.path.join(configs, "evaluate.json")], **common)
+        ConfigWorkflow(
+            workflow_type="infer",
+            config_file=[os.path.join(configs, name) for name in ("inference.json", "evaluate.json")],
+            **common,
+        )
     )
     assert (tmp_path / "runs" / "eval" / "metrics_per_case.csv").is_file()
     infer = os.path.join(configs, "inference.json")
