@@ -441,7 +441,7 @@ def predicted_masks(size, bundle_root, dataset_dir, workdir, amp, **override):
     wf = inference_workflow(size, bundle_root, dataset_dir, workdir, amp=amp, num_workers=0, **override)
     wf.initialize()
     wf.run()
-    mask_dir = wf.parser.get_parsed_content("mask_dir")
+    mask_dir = os.path.join(wf.parser.get_parsed_content("prediction_dir"), "masks")
     masks, voxel_ml = {}, {}
     for name in sorted(os.listdir(mask_dir)):
         img = nib.load(os.path.join(mask_dir, name))

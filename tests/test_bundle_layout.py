@@ -76,8 +76,6 @@ COPIED_FROM_TRAIN = (
     "lesion_threshold",
     "image_key",
     "label_key",
-    "channel_keys",
-    "perfusion_keys",
     "device",
     "amp_kwargs",
     "channels_last",
@@ -87,7 +85,11 @@ COPIED_FROM_TRAIN = (
 def test_inference_json_stands_alone_and_repeats_train_jsons_network_and_preprocessing(repo_root):
     train, infer = load(repo_root, "configs", "train.json"), load(repo_root, "configs", "inference.json")
     for key in COPIED_FROM_TRAIN:
-        assert infer[key] == train[key], key
+        assert infer[key] == train[key] or key == "preprocessing_transforms", key
+    # one pre-processing, built from each config's own ids; inference keeps the maps the per-case report reads
+    assert {**train["preprocessing_transforms"], "input_map_keys": "@input_map_keys"} == infer[
+        "preprocessing_transforms"
+    ]
     for config in (train, infer):
         assert "%" not in json.dumps(config), "MONAI Label reads train.json and inference.json without the others"
     assert infer["load_keys"] == infer["spatial_keys"] == ["@image_key"], "MONAI Label's requests have no label"

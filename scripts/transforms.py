@@ -1,0 +1,82 @@
+"""The deterministic pre-processing of every run, defined once for configs/train.json and configs/inference.json.
+
+The two configs must each stand alone (MONAI Label reads each without the other, and a ``%file#id`` macro resolves
+against the working folder, not the bundle), so the transform list they share lives here; each config builds it from
+its own top-level ids. Every step is a MONAI transform but ``scripts.finite.RequireFinited``.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.transforms import (
+    ConcatItemsd,
+    CopyItemsd,
+    DeleteItemsd,
+    EnsureTyped,
+    Lambdad,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    Resized,
+    ScaleIntensityRanged,
+    SplitDimd,
+)
+from scripts.finite import RequireFinited
+from scripts.readers import ThreadSafeNibabelReader
+
+__all__ = ["REPORT_MAPS", "case_preprocessing", "lesion_mask"]
+
+REPORT_MAPS = ("CT", "CBF", "Tmax")  # the maps the per-case report reads as they were loaded
+
+
+def lesion_mask(label):
+    """A label as a float mask: lesion wherever it is positive."""
+    return (label > 0).float()
+
+
+def case_preprocessing(
+    channels, ct_window, spatial_size, load_keys, spatial_keys, resize_modes, input_map_keys=None
+) -> list:
+    """Load a case's maps as the channels of ``image_key``, window the CT to [0, 1] and z-score each perfusion map
+    within the brain (non-zero voxels), refuse NaN/Inf, bring it to RAS and resize it to ``spatial_size``.
+
+    Args:
+        channels: the channel names in order, CT first (``image_key`` becomes ``image_<name>`` while split).
+        ct_window: the CT window in HU, mapped to [0, 1] and clipped.
+        spatial_size: the network's input size.
+        load_keys: the keys to load: the image's, then the label's where there is one (binarised).
+        spatial_keys: the keys to reorient and resize (the label too for training, not for evaluation).
+        resize_modes: the interpolation of each of ``spatial_keys``.
+        input_map_keys: where to keep a copy of ``REPORT_MAPS`` as read, for the per-case report
+            (``scripts.case_report``); None keeps nothing (training).
+
+    Returns:
+        The transforms, in order.
+    """
+    image_key, label_keys = load_keys[0], list(load_keys[1:])
+    channel_keys = [f"{image_key}_{c}" for c in channels]
+    transforms = [
+        LoadImaged(
+            keys=load_keys,
+            reader=ThreadSafeNibabelReader(),
+            ensure_channel_first=True,
+            image_only=True,
+            allow_missing_keys=True,
+        ),
+        *([Lambdad(keys=label_keys, func=lesion_mask)] if label_keys else []),
+        SplitDimd(keys=image_key, output_postfixes=channels, dim=0, keepdim=True),
+    ]
+    if input_map_keys:
+        transforms.append(CopyItemsd(keys=[f"{image_key}_{c}" for c in REPORT_MAPS], names=input_map_keys))
+    return transforms + [
+        ScaleIntensityRanged(
+            keys=channel_keys[0], a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True
+        ),
+        NormalizeIntensityd(keys=channel_keys[1:], nonzero=True),
+        ConcatItemsd(keys=channel_keys, name=image_key, dim=0),
+        DeleteItemsd(keys=channel_keys),
+        RequireFinited(keys=image_key, channel_names=channels),
+        Orientationd(keys=spatial_keys, axcodes="RAS", labels=None, allow_missing_keys=True),
+        Resized(keys=spatial_keys, spatial_size=spatial_size, mode=resize_modes, allow_missing_keys=True),
+        EnsureTyped(keys=load_keys, dtype=torch.float32, allow_missing_keys=True),
+    ]
