@@ -29,7 +29,7 @@ from scripts.isles import case_name
 from scripts.outputs import overlay_image, report_line
 from scripts.perfusion_report import COLUMNS, perfusion_figures, perfusion_regions
 from scripts.reports import print_table, read_csv, write_csv
-from scripts.safe_files import write_atomically
+from scripts.safe_files import LOCK, hold_folder, write_atomically
 
 __all__ = ["CaseOutputsWriter", "PerfusionReportd", "file_stamps", "mark_finished", "prepare_outputs"]
 
@@ -109,6 +109,7 @@ def prepare_outputs(folder, items, settings, overwrite=False, resume=True) -> li
     settings = json.loads(json.dumps(settings))  # tuples as lists, as the manifest reads back
     manifest = os.path.join(folder, MANIFEST)
     cases = [case_name(item["image"]) for item in items]
+    hold_folder(folder)  # one run per output folder at a time (rank 0 for all ranks)
     kept, earlier_cases = [], set()
     if os.path.isfile(manifest):
         with open(manifest) as f:
@@ -123,10 +124,11 @@ def prepare_outputs(folder, items, settings, overwrite=False, resume=True) -> li
             )
         kept = _finished_rows(folder) if resume and not overwrite else []
         earlier_cases = {row["case"] for row in _rows(folder)}
-    elif os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+    elif os.path.isdir(folder) and set(os.listdir(folder)) - {LOCK} and not overwrite:
+        found = sorted(set(os.listdir(folder)) - {LOCK})[0]
         raise FileExistsError(
-            f"{os.path.join(folder, sorted(os.listdir(folder))[0])} exists and {folder} has no {MANIFEST} of this "
-            "bundle; pass --overwrite true to write into it anyway, or choose another output"
+            f"{os.path.join(folder, found)} exists and {folder} has no {MANIFEST} of this bundle; pass --overwrite"
+            " true to write into it anyway, or choose another output"
         )
     _barrier()  # every rank has read the folder before rank 0 changes it
     if _is_rank0():

@@ -16,13 +16,15 @@ import re
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Events
 from ignite.handlers.checkpoint import BaseSaveHandler
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 from scripts.flags import as_bool
-from scripts.safe_files import write_atomically
+from scripts.safe_files import hold_folder, write_atomically
 
 __all__ = [
     "BestValidation",
+    "ValidationAtIntervalAndEnd",
     "EnsembleCheckpointLoader",
     "NamedCheckpointLoader",
     "SafeCheckpointSaver",
@@ -151,6 +153,21 @@ class BestValidation:
         self.saver.load_state_dict(state["saver"])
 
 
+class ValidationAtIntervalAndEnd(ValidationHandler):
+    """MONAI's ``ValidationHandler`` (same arguments), which validates every ``interval`` epochs, and also after the
+    last epoch when ``interval`` skipped it: a finished run always has a validated best model, whatever ``epochs``
+    and ``val_interval`` are (with ``epochs < val_interval`` MONAI's handler alone never validates)."""
+
+    def attach(self, engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self._validate_last_epoch)
+
+    def _validate_last_epoch(self, engine) -> None:
+        finished = engine.state.epoch == engine.state.max_epochs  # not a run ended early by terminate()
+        if finished and engine.state.epoch % self.interval:
+            self.validator.run(engine.state.epoch)
+
+
 def _epoch_of(path):
     match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path)
     return int(match.group(1)) if match else -1
@@ -228,7 +245,8 @@ def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = Fals
 
     A new run (neither ``resume`` nor ``overwrite``) refuses a folder that holds a trained model or checkpoints.
     ``overwrite`` removes the earlier run's ``checkpoint_epoch=N.pt`` (a later resume would otherwise continue that
-    run); its ``model.pt`` stays until this run's first validation replaces it.
+    run); its ``model.pt`` stays until this run's first validation replaces it (MONAI Label's training starts from
+    it), and every finished run validates at least once (``ValidationAtIntervalAndEnd``).
 
     Args:
         ckpt_dir: the checkpoint folder (created if absent).
@@ -246,6 +264,7 @@ def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = Fals
             " pass one of them"
         )
     os.makedirs(ckpt_dir, exist_ok=True)
+    hold_folder(ckpt_dir)  # one run per checkpoint folder at a time
     if resume:
         return
     latest = sorted(glob.glob(os.path.join(ckpt_dir, LATEST_PATTERN)), key=_epoch_of)

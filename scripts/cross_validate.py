@@ -5,19 +5,24 @@
 
 For every network and fold: `monai.bundle run training` (configs/train.json, + configs/classic_unet.json for the
 classic UNet, + configs/demo.json with ``--config demo``, configs/isles24.json with ``--config isles24``) into
-``OUT/<network>/fold<k>/``, then `run evaluating` (configs/evaluate.json) of that fold's model on the fold it held out
-("test") and on the cases it trained on ("train"), each on the scans' own grids. Folds keep every slab of a patient
-together (the datalist builder's folds, ``OUT/datalist.json``, or ``--datalist``). Any other ``--ID VALUE`` is passed
-to every run as a config override, as ``monai.bundle run`` takes it (``--epochs 2 --features "[4,8,16,32,64]"``); an
-ID that none of the configs has is refused before anything runs. A rerun with the same settings skips the steps
-already done and resumes an interrupted training from its checkpoint; a finished ``OUT`` is replaced only with
-``--overwrite true``. Outputs (scripts/cv_report.py): ``per_case.csv``, ``table.md``/``table.csv`` beside the paper's
-Tab. 1, ``comparison.md`` (paired, modified against classic), ``dice.png``, and ``ensemble.json``: an override of
-configs/inference.json with the fold models as ``ensemble_checkpoints``, for the testing cases.
+``OUT/<network>/fold<k>/``, then `run evaluating` (configs/inference.json + configs/evaluate.json, the same overrides
+after them) of that fold's model on the fold it held out ("test") and on the cases it trained on ("train"), each on
+the scans' own grids. Folds keep every slab of a patient together (the datalist builder's folds,
+``OUT/datalist.json``, or ``--datalist``). Any other ``--ID VALUE`` is passed to every run as a config override, as
+``monai.bundle run`` takes it (``--epochs 2 --features "[4,8,16,32,64]"``); an ID that none of the configs has, or
+one close to this command's own flags, is refused. Every setting (the datalist and its folds included) is checked
+before anything is written. A rerun with the same settings skips the steps already done and resumes an interrupted
+training from its checkpoint; a finished ``OUT`` is replaced only with ``--overwrite true``, which removes only what
+a cross-validation wrote there (a folder holding other files is refused). Outputs (scripts/cv_report.py):
+``per_case.csv``, ``table.md``/``table.csv`` beside the paper's Tab. 1, ``comparison.md`` (paired, modified against
+classic), ``dice.png``, and ``ensemble.json``: an override of configs/inference.json with the fold models as
+``ensemble_checkpoints``, for the testing cases.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import os
 import shutil
@@ -31,8 +36,8 @@ from scripts.checkpoints import latest_training_state
 from scripts.cli import run
 from scripts.cv_report import write_outputs
 from scripts.flags import as_bool
-from scripts.prepare_datalist import main as write_datalist
-from scripts.safe_files import write_atomically
+from scripts.folds import build_datalist
+from scripts.safe_files import LOCK, hold_folder, write_atomically
 
 __all__ = ["NETWORKS", "cross_validate", "main"]
 
@@ -43,6 +48,8 @@ TRAIN, EVALUATE = ["configs/train.json"], ["configs/inference.json", "configs/ev
 STEPS = (("train", "trained.json"), ("test", "scored_test.json"), ("train_cases", "scored_train.json"))
 SETTINGS_FILE = "cross_validation.json"
 FINISHED_FILE = "table.md"
+# what scripts.cv_report.write_outputs writes besides table.md and the ensemble overrides
+OUTPUTS = ("per_case.csv", "table.csv", "dice.png", "comparison.md")
 
 
 def _config_files(network, profile, evaluate=False):
@@ -61,6 +68,13 @@ def check_overrides(overrides, networks, profile):
     Raises:
         ValueError: naming the unknown IDs.
     """
+    own = [p for p in inspect.signature(main).parameters if p != "overrides"]
+    for key in overrides:
+        near = difflib.get_close_matches(key, own, n=1, cutoff=0.8)
+        if near:
+            raise ValueError(
+                f"--{key}: did you mean this command's --{near[0]}? (a config override of that name is refused)"
+            )
     known = set()
     for network in networks:
         for evaluate in (False, True):
@@ -75,8 +89,11 @@ def check_overrides(overrides, networks, profile):
 
 
 def _bundle_run(run_id, configs, overrides, log_path):
-    """``python -m monai.bundle run RUN_ID`` with ``overrides`` as ``--ID VALUE``, its output appended to ``log_path``."""
-    args = [x for key, value in overrides.items() for x in (f"--{key}", _as_text(value))]
+    """``python -m monai.bundle run RUN_ID`` with the ``overrides`` its configs define as ``--ID VALUE`` (training
+    settings are no evaluation's, and a run refuses an id its configs lack), its output appended to ``log_path``."""
+    parser = ConfigParser()
+    parser.read_config(configs)
+    args = [x for key, value in overrides.items() if key in parser for x in (f"--{key}", _as_text(value))]
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs), *args]
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
@@ -115,10 +132,18 @@ def _score_fold(fold_dir, network, profile, common, section, log_path):
     _bundle_run("evaluating", _config_files(network, profile, evaluate=True), overrides, log_path)
 
 
+def _outputs_of_a_run(output_dir):
+    """What a cross-validation writes at the top of ``output_dir`` (and nothing else there)."""
+    names = {SETTINGS_FILE, FINISHED_FILE, "datalist.json", *OUTPUTS, *NETWORKS}
+    return {name for name in os.listdir(output_dir) if name in names or name.startswith("ensemble")}
+
+
 def _prepare_output(output_dir, settings, overwrite):
-    """Create ``output_dir`` or reuse it for the same settings; a finished one only with ``overwrite``."""
+    """Check ``output_dir`` (reused for the same settings, a finished one only with ``overwrite``), then create it.
+    ``overwrite`` removes only what a cross-validation wrote there and refuses a folder that holds anything else."""
     path = os.path.join(output_dir, SETTINGS_FILE)
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
+    hold_folder(output_dir)  # one cross-validation per folder at a time
+    if set(os.listdir(output_dir)) - {LOCK}:
         earlier = None
         if os.path.isfile(path):
             with open(path) as f:
@@ -133,19 +158,31 @@ def _prepare_output(output_dir, settings, overwrite):
                 f" --overwrite true to run it again"
             )
         if overwrite:
-            shutil.rmtree(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
+            others = sorted(set(os.listdir(output_dir)) - _outputs_of_a_run(output_dir) - {LOCK})
+            if others or earlier is None:
+                raise FileExistsError(
+                    f"{output_dir} holds files no cross-validation wrote ({', '.join(others[:5]) or 'no ' + SETTINGS_FILE});"
+                    " --overwrite true replaces only a cross-validation's outputs: choose another --output_dir"
+                )
+            for name in _outputs_of_a_run(output_dir):
+                target = os.path.join(output_dir, name)
+                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
     write_atomically(path, lambda f: f.write(json.dumps(settings, indent=4).encode()))
 
 
-def _datalist(dataset_dir, output_dir, datalist, folds, seed):
-    """The datalist the folds come from: ``datalist``, else built (and checked) into ``OUT/datalist.json``."""
+def _datalist(dataset_dir, datalist, folds, seed):
+    """The datalist the folds come from, checked before anything is written: ``(path, None)`` for ``--datalist``,
+    else ``(None, the datalist built and checked from dataset_dir)``, to be written into ``OUT/datalist.json``."""
     if datalist:
-        return os.path.abspath(datalist)
-    path = os.path.join(output_dir, "datalist.json")
-    if not os.path.isfile(path):
-        write_datalist(dataset_dir, path, folds=folds, seed=seed, check=True)
-    return path
+        path = os.path.abspath(datalist)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--datalist {path} is not a file")
+        with open(path) as f:
+            content = json.load(f)
+        if not content.get("training") or any("fold" not in item for item in content["training"]):
+            raise ValueError(f"--datalist {path}: its 'training' section has no cases with a 'fold'")
+        return path, None
+    return None, build_datalist(dataset_dir, folds=folds, seed=seed, check=True)
 
 
 def cross_validate(
@@ -170,6 +207,7 @@ def cross_validate(
     if not os.path.isdir(dataset_dir):
         raise FileNotFoundError(f"--dataset_dir {dataset_dir} is not a folder")
     check_overrides(overrides, networks, config)
+    datalist_path, built = _datalist(dataset_dir, datalist, folds, seed)
     settings = {
         "dataset_dir": dataset_dir,
         "networks": networks,
@@ -180,7 +218,10 @@ def cross_validate(
         "overrides": overrides,
     }
     _prepare_output(output_dir, settings, as_bool(overwrite, "overwrite"))
-    datalist_path = _datalist(dataset_dir, output_dir, datalist, folds, seed)
+    if built is not None:
+        datalist_path = os.path.join(output_dir, "datalist.json")
+        if not os.path.isfile(datalist_path):  # a rerun keeps the folds it started with
+            write_atomically(datalist_path, lambda f: f.write(json.dumps(built, indent=2).encode()))
     with open(datalist_path) as f:
         fold_ids = sorted({item["fold"] for item in json.load(f)["training"]})
     common = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from scripts.prepare_datalist import main as write_datalist
+from scripts.folds import build_datalist
+from scripts.safe_files import write_atomically
 from scripts.synthetic_isles import generate
 
 __all__ = ["network_settings", "prepare_demo_data"]
@@ -33,4 +34,5 @@ def prepare_demo_data(dataset_dir: str, datalist_path: str, num_cases: int, seed
     if not os.path.isdir(dataset_dir):
         generate(dataset_dir, num_train=num_cases, num_test=4, seed=seed)
     if not os.path.isfile(datalist_path):
-        write_datalist(dataset_dir, datalist_path, folds=5, seed=seed, check=True)
+        datalist = build_datalist(dataset_dir, folds=5, seed=seed, check=True)
+        write_atomically(datalist_path, lambda f: f.write(json.dumps(datalist, indent=2).encode()))

@@ -1,8 +1,38 @@
-"""Settings as the command line gives them: ``monai.bundle run`` and fire pass ``--resume true`` on as the text
-``'true'``, which Python takes for true whatever it says. The runtime's one reader of such flags, below every module
-that takes one (the configs' helpers and the command-line tools alike)."""
+"""Settings as the command line gives them, below every module that takes one (the configs' helpers and the
+command-line tools alike).
 
-__all__ = ["as_bool"]
+- ``monai.bundle run`` and fire pass ``--resume true`` on as the text ``'true'``, which Python takes for true
+  whatever it says: ``as_bool`` reads it as what it says.
+- ``monai.bundle run`` adds any ``--ID VALUE`` it is given as a new config id, so a typo (``--epoch 1`` for
+  ``--epochs``) is silently ignored: ``refuse_unknown_overrides``, the first step of every run's ``initialize``,
+  refuses it before any work.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import os
+import sys
+
+from monai.bundle import ConfigParser
+
+__all__ = ["as_bool", "refuse_unknown_overrides"]
+
+# the arguments of `monai.bundle run` itself (monai.bundle.scripts.run, create_workflow, ConfigWorkflow)
+RUN_ARGUMENTS = {
+    "run_id",
+    "init_id",
+    "final_id",
+    "meta_file",
+    "config_file",
+    "logging_file",
+    "tracking",
+    "args_file",
+    "workflow_name",
+    "workflow_type",
+    "properties_path",
+}
 
 
 def as_bool(value, name):
@@ -30,3 +60,52 @@ def as_bool(value, name):
     if text in ("false", "no", "0"):
         return False
     raise ValueError(f"--{name} must be true or false, got {value!r}")
+
+
+def _command_line_overrides(argv):
+    """The config files and the ``--ID`` overrides of a ``python -m monai.bundle run ...`` command line."""
+    overrides, config_file, args = [], None, argv[2:]
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        key, _, value = arg[2:].partition("=")
+        if key == "config_file":
+            config_file = value or (args[i + 1] if i + 1 < len(args) else None)
+        elif key not in RUN_ARGUMENTS:
+            overrides.append(key)
+    if isinstance(config_file, str) and config_file.strip().startswith("["):
+        config_file = ast.literal_eval(config_file)
+    return config_file, overrides
+
+
+def refuse_unknown_overrides(argv=None) -> None:
+    """Refuse a ``monai.bundle run`` command line that overrides an id none of its config files defines, naming the
+    nearest known id. A new id is added on purpose in a config file of one's own, put on ``--config_file``. Runs
+    made in Python (``ConfigWorkflow(...)``) pass their settings by name and are not checked here.
+
+    Args:
+        argv: the command line, default ``sys.argv``; anything but ``monai.bundle``'s ``run`` is not checked.
+
+    Raises:
+        ValueError: ``--ID: no config of this run defines that id (the nearest: --...)``.
+    """
+    argv = sys.argv if argv is None else argv
+    if len(argv) < 2 or argv[1] != "run" or not argv[0].endswith(os.path.join("monai", "bundle", "__main__.py")):
+        return
+    config_file, overrides = _command_line_overrides(argv)
+    if not config_file or not overrides:
+        return
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    unknown = [key for key in overrides if key.lstrip("+") not in parser]
+    if unknown:
+        ids = list(parser.get())
+        near = {key: difflib.get_close_matches(key.split("#")[0], ids, n=1) for key in unknown}
+        raise ValueError(
+            "; ".join(
+                f"--{key}: no config of this run defines that id"
+                + (f" (the nearest: --{near[key][0]})" if near[key] else "")
+                for key in unknown
+            )
+            + ". Add a new id in a config file of your own, on --config_file"
+        )

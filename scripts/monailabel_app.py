@@ -17,6 +17,7 @@ The sample app is taken from the MONAI Label installation of the running Python,
 ``--overwrite``; an existing app folder keeps its own files (several bundles can share one app).
 """
 
+import ast
 import glob
 import importlib.util
 import json
@@ -53,17 +54,52 @@ def find_sample_app(sample_app=None):
     )
 
 
+def import_graph() -> dict:
+    """``{module: the modules of scripts/ it imports}``, read from the sources, leaving out each module's
+    ``if __name__ == "__main__":`` block (its command-line edge, not imported with it)."""
+    folder = os.path.join(BUNDLE_ROOT, "scripts")
+    modules = {name[:-3] for name in os.listdir(folder) if name.endswith(".py") and name != "__init__.py"}
+    graph = {}
+    for module in modules:
+        with open(os.path.join(folder, f"{module}.py")) as f:
+            tree = ast.parse(f.read())
+        body = [node for node in tree.body if not (isinstance(node, ast.If) and "__main__" in ast.dump(node.test))]
+        names = set()
+        for node in (n for top in body for n in ast.walk(top)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("scripts"):
+                names |= {node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("scripts.")}
+        graph[module] = names & modules
+    return graph
+
+
+def runtime_modules() -> set:
+    """The modules of scripts/ that the configs call, with every module they import (``import_graph``): what a
+    bundle needs to run, without the command-line tools."""
+    graph = import_graph()
+    named = set()
+    for path in glob.glob(os.path.join(BUNDLE_ROOT, "configs", "*.json")):
+        if os.path.basename(path) != "metadata.json":
+            with open(path) as f:
+                named |= set(re.findall(r"(?<![\w.])scripts\.(\w+)", f.read())) & set(graph)
+    runtime = set()
+    while named:
+        module = named.pop()
+        runtime.add(module)
+        named |= graph[module] - runtime
+    return runtime
+
+
 def _copy_bundle(target):
     os.makedirs(os.path.join(target, "configs"))
     for path in glob.glob(os.path.join(BUNDLE_ROOT, "configs", "*")):
         name = os.path.basename(path)
         if os.path.isfile(path) and name.endswith((".json", ".yaml", ".conf")) and not name.startswith("datalist"):
             shutil.copy(path, os.path.join(target, "configs"))
-    shutil.copytree(
-        os.path.join(BUNDLE_ROOT, "scripts"),
-        os.path.join(target, "scripts"),
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
+    os.makedirs(os.path.join(target, "scripts"))
+    for module in ["__init__", *sorted(runtime_modules())]:  # the runtime only: no command-line tool
+        shutil.copy(os.path.join(BUNDLE_ROOT, "scripts", f"{module}.py"), os.path.join(target, "scripts"))
     shutil.copytree(os.path.join(BUNDLE_ROOT, "docs"), os.path.join(target, "docs"))
     shutil.copy(os.path.join(BUNDLE_ROOT, "LICENSE"), target)
     os.makedirs(os.path.join(target, "models"))

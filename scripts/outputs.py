@@ -60,13 +60,14 @@ def overlay_image(case, ct, cbf, mask, affine, ct_window=(0, 100), report=None, 
 
 def report_line(row):
     """The predicted volume and the perfusion figures of a volumes.csv row, in one line (research use)."""
-    if row.get("perfusion_note"):
+    if row["hypoperfusion_ml"] == "":
         return f"predicted {row['volume_pred_ml']:.1f} mL; no perfusion figures: {row['perfusion_note']}"
-    return (
+    line = (
         f"predicted {row['volume_pred_ml']:.1f} mL | Tmax>6s {row['hypoperfusion_ml']:.1f} mL |"
         f" rCBF<30% {row['core_rcbf_ml']:.1f} mL | mismatch {row['mismatch_ml']:.1f} mL"
         f" (ratio {row['mismatch_ratio'] or '-'}) | HIR {row['hypoperfusion_intensity_ratio'] or '-'} (research use)"
     )
+    return f"{line}\nnote: {row['perfusion_note']}" if row["perfusion_note"] else line
 
 
 def _pick_slices(mask, count):

@@ -9,8 +9,14 @@ Per case, on the scan's own grid (voxel volume from its affine; the maps are 0 o
   the hypoperfused region;
 - mismatch volume (hypoperfusion minus core) and ratio (hypoperfusion / core), and the hypoperfusion intensity ratio
   (Tmax > ``tmax_severe_s`` (10 s) volume / Tmax > 6 s volume); a ratio with an empty denominator is left blank.
-Tmax must be in seconds: a map whose 99th percentile in the brain exceeds ``TMAX_SECONDS_LIMIT`` looks like
-milliseconds, and its figures are left blank with a note (and a warning) instead of being wrong by 1000x.
+No figure is printed as real when the maps cannot give it; the figures are left blank and the note says why:
+- a blank CBF or Tmax map (no value above 0: the perfusion software failed), named;
+- Tmax not in seconds: most brain tissue is healthy, with a Tmax of 0 to 4 s, so the median Tmax of the brain's
+  measured voxels (Tmax > 0) is at most ``TMAX_MEDIAN_LIMIT_S`` in seconds; a map stored in tenths of a second
+  (x10) or milliseconds (x1000) is far above it, and which of the two it is cannot be told from the values alone;
+- no healthy tissue to take the reference CBF from.
+Voxels inside the brain outline where both maps give no value (0), next to the hypoperfused region, are what a
+no-flow core looks like when the software leaves it blank: they cannot be counted, and the note gives their volume.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from scipy import ndimage
 
 __all__ = ["COLUMNS", "DEFAULT_THRESHOLDS", "perfusion_regions", "perfusion_figures"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = {"tmax_s": 6.0, "tmax_severe_s": 10.0, "rcbf": 0.3}
-TMAX_SECONDS_LIMIT = 100.0
+TMAX_MEDIAN_LIMIT_S = 5.0  # the median Tmax of the brain's measured voxels, in seconds, is below this
 # the columns perfusion_figures adds to a case's row of volumes.csv
 COLUMNS = (
     "hypoperfusion_ml",
@@ -38,7 +45,8 @@ COLUMNS = (
 
 def perfusion_regions(cbf, tmax, thresholds=None):
     """The hypoperfusion, severe-hypoperfusion and threshold-core masks of one case's CBF and Tmax maps (arrays on
-    one grid, Tmax in seconds), or ``None`` and a note saying why the maps do not allow them.
+    one grid, Tmax in seconds), and the brain voxels next to the hypoperfused region where neither map has a value;
+    or ``None`` and a note saying why the maps do not allow the figures.
 
     Args:
         cbf: the CBF map (any units: the core is relative to the healthy-tissue mean).
@@ -46,22 +54,32 @@ def perfusion_regions(cbf, tmax, thresholds=None):
         thresholds: overrides of ``DEFAULT_THRESHOLDS``.
 
     Returns:
-        ``({"hypo": ..., "severe": ..., "core": ...}, "")`` or ``(None, note)``.
+        ``({"hypo": ..., "severe": ..., "core": ..., "no_value": ...}, "")`` or ``(None, note)``.
     """
     t = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     cbf, tmax = np.asarray(cbf, dtype=np.float64), np.asarray(tmax, dtype=np.float64)
+    blank = [name for name, values in (("CBF", cbf), ("Tmax", tmax)) if not (values > 0).any()]
+    if blank:
+        maps = " and ".join(blank)
+        return None, (
+            f"the {maps} map{'s are' if len(blank) > 1 else ' is'} blank (no value above 0): the perfusion software"
+            " gave none, and the network's mask was computed without it"
+        )
+    median = float(np.median(tmax[tmax > 0]))
+    if median > TMAX_MEDIAN_LIMIT_S:
+        return None, (
+            f"Tmax is not in seconds: its median in the brain is {median:.3g}, healthy tissue is 0-4 s (tenths of a"
+            " second or milliseconds cannot be told apart from the values)"
+        )
     brain = (cbf > 0) | (tmax > 0)
-    if not brain.any():
-        return None, "the CBF and Tmax maps are empty"
-    p99 = float(np.percentile(tmax[brain], 99))
-    if p99 > TMAX_SECONDS_LIMIT:
-        return None, f"Tmax looks like milliseconds (99th percentile {p99:.0f}), not seconds"
     hypo = brain & (tmax > t["tmax_s"])
     healthy = brain & ~hypo & (cbf > 0)
     if not healthy.any():
         return None, "no healthy tissue (Tmax <= threshold) to take the reference CBF from"
     core = hypo & (cbf < t["rcbf"] * cbf[healthy].mean())
-    return {"hypo": hypo, "severe": brain & (tmax > t["tmax_severe_s"]), "core": core}, ""
+    outline = np.stack([ndimage.binary_fill_holes(brain[:, :, k]) for k in range(brain.shape[2])], axis=2)
+    no_value = outline & ~brain & ndimage.binary_dilation(hypo, iterations=2)
+    return {"hypo": hypo, "severe": brain & (tmax > t["tmax_severe_s"]), "core": core, "no_value": no_value}, ""
 
 
 def perfusion_figures(regions, note, voxel_ml) -> dict:
@@ -75,12 +93,17 @@ def perfusion_figures(regions, note, voxel_ml) -> dict:
     """
     if regions is None:
         return {**dict.fromkeys(COLUMNS[:-1], ""), "perfusion_note": note}
-    hypo, severe, core = (float(regions[k].sum()) * voxel_ml for k in ("hypo", "severe", "core"))
+    hypo, severe, core, no_value = (float(regions[k].sum()) * voxel_ml for k in ("hypo", "severe", "core", "no_value"))
+    if no_value:
+        note = (
+            f"{no_value:.3g} mL inside the brain next to the hypoperfused region have no CBF or Tmax value (a no-flow"
+            " core left blank by the perfusion software?): not counted in the core"
+        )
     return {
         "hypoperfusion_ml": round(hypo, 3),
         "core_rcbf_ml": round(core, 3),
         "mismatch_ml": round(hypo - core, 3),
         "mismatch_ratio": round(hypo / core, 3) if core else "",
         "hypoperfusion_intensity_ratio": round(severe / hypo, 3) if hypo else "",
-        "perfusion_note": "",
+        "perfusion_note": note,
     }

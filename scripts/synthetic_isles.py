@@ -29,7 +29,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scripts.cli import run
 from scripts.isles import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
 from scripts.safe_files import refuse_existing
 
@@ -467,5 +466,7 @@ def main(
     return generate_isles24(output_dir, num_train, num_test, seed, in_plane or 512, slices or 100, layout, overwrite)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command-line edge: the generator itself is the demo's runtime
+    from scripts.cli import run
+
     run(main)

@@ -223,3 +223,21 @@ def test_requirements_dev_pins_every_version_the_metadata_records(repo_root):
         name = canonicalize_name(requirement.name)
         assert name in recorded, f"{name}: in requirements.txt but its version is not recorded in metadata.json"
         assert requirement.specifier.contains(recorded[name]), (name, str(requirement.specifier), recorded[name])
+
+
+TOOLS = {"cli", "prepare_datalist", "cross_validate", "cv_report", "make_studies", "monailabel_app"}
+
+
+def test_the_runtime_the_configs_call_imports_no_command_line_tool_and_no_import_is_circular():
+    """What the configs call, and all it imports (what the MONAI Label app gets), holds no command-line tool; no
+    module of scripts/ reaches itself through its imports."""
+    from scripts.monailabel_app import import_graph, runtime_modules
+
+    runtime = runtime_modules()
+    assert not runtime & TOOLS, f"the runtime imports {runtime & TOOLS}"
+    assert {"networks", "case_report", "transforms", "metrics", "checkpoints", "flags", "demo"} <= runtime
+    graph = import_graph()
+    reached = {module: set(graph[module]) for module in graph}
+    for _ in graph:  # the transitive closure
+        reached = {m: r | {n for k in r for n in reached[k]} for m, r in reached.items()}
+    assert not [m for m in graph if m in reached[m]], "an import cycle"

@@ -134,3 +134,40 @@ def test_a_flag_typed_true_or_false_means_what_it_says(repo_root, synthetic_tree
     result = run_cli(repo_root, "prepare_datalist", "--data_root", str(tree), "--output", str(out), "--check", typed)
     assert (result.returncode != 0 and f"error: case_2: cannot read CT file {ct}" in result.stderr) == checked
     assert out.exists() != checked
+
+
+@pytest.mark.parametrize(
+    "args, typo, nearest",
+    [
+        (["training", "--config_file", "configs/train.json", "--epoch", "1"], "epoch", "epochs"),
+        (
+            ["--config_file", "['configs/inference.json','configs/demo.json']", "--tta_flip", "true"],
+            "tta_flip",
+            "tta_flips",
+        ),
+        (
+            [
+                "evaluating",
+                "--config_file",
+                "['configs/inference.json','configs/evaluate.json']",
+                "--fold=1",
+                "--evalsection",
+                "x",
+            ],
+            "evalsection",
+            "eval_section",
+        ),
+    ],
+    ids=["training", "inference", "evaluation"],
+)
+def test_monai_bundle_run_refuses_an_override_no_config_defines(
+    repo_root, synthetic_tree, tmp_path, args, typo, nearest
+):
+    """`monai.bundle run` takes any --ID as a new config id: a typo would be ignored (650 epochs for `--epoch 1`).
+    The bundle's runs refuse it before any work, naming the nearest id; nothing is written."""
+    bundle_root = tmp_path / "bundle"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *args, "--bundle_root", str(bundle_root)]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode != 0
+    assert f"--{typo}: no config of this run defines that id (the nearest: --{nearest})" in result.stderr
+    assert not bundle_root.exists(), "nothing is written"

@@ -97,7 +97,24 @@ def test_a_finished_or_different_run_is_not_overwritten_and_typos_are_refused(re
     assert (out / "table.md").read_text() == before
     typo = cross_validate(repo_root, "--dataset_dir", args[1], "--output_dir", str(tmp_path / "new"), "--epoch", "1")
     assert typo.returncode == 1 and "unknown config ID(s) --epoch" in typo.stderr
+    near = cross_validate(repo_root, "--dataset_dir", args[1], "--output_dir", str(tmp_path / "new"), "--network", "x")
+    assert near.returncode == 1 and "--network: did you mean this command's --networks?" in near.stderr
+    for bad in (["--folds", "99"], ["--datalist", str(tmp_path / "missing.json")]):
+        refused = cross_validate(repo_root, "--dataset_dir", args[1], "--output_dir", str(tmp_path / "new"), *bad)
+        assert refused.returncode == 1 and (
+            "folds must be between" in refused.stderr or "is not a file" in refused.stderr
+        )
     assert not (tmp_path / "new").exists(), "nothing is written for a refused command line"
+
+
+def test_overwrite_replaces_only_what_a_cross_validation_wrote(repo_root, finished, tmp_path):
+    out, args, _ = finished
+    keep = tmp_path / "kept"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    refused = cross_validate(repo_root, "--dataset_dir", args[1], "--output_dir", str(keep), "--overwrite", "true")
+    assert refused.returncode == 1 and "notes.txt" in refused.stderr
+    assert (keep / "notes.txt").read_text() == "mine", "a folder with other files is never emptied"
 
 
 def test_a_killed_run_resumes_where_it_stopped(repo_root, synthetic_tree, tmp_path):

@@ -23,11 +23,11 @@ from monai.transforms import Invertd
 from PIL import Image
 from scipy import ndimage
 from scripts.datalist import find_inputs, load_section
+from scripts.folds import build_datalist
 from scripts.inferers import FlipInferer
 from scripts.isles import CHANNELS, InvalidCaseError, read_case
 from scripts.metrics import METRIC_NAMES
 from scripts.outputs import overlay_image
-from scripts.prepare_datalist import build_datalist
 from scripts.synthetic_isles import generate
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
@@ -627,3 +627,24 @@ def test_scans_monais_writer_cannot_write_get_their_masks_and_a_2d_map_is_refuse
     with pytest.raises(Exception) as excinfo:
         workflow(repo_root, ("inference.json",), "infer", dataset_dir=str(flat.parent), **common).initialize()
     assert f"case_3: CT file {ct} has shape (32, 32); a map must be a 3-D grid" in raised_messages(excinfo)
+
+
+def test_inference_refuses_a_prediction_dir_another_live_run_holds(repo_root, trained, six_scans, tmp_path):
+    """The lock of a live process (here a stand-in that holds it) refuses the run, naming the process; a dead
+    process's lock is taken over."""
+    root, settings = trained
+    out = tmp_path / "runs" / "predictions"
+    out.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".in_use").write_text(f"{holder.pid}\npython -m monai.bundle run ...\n")
+        common = dict(bundle_root=str(root), dataset_dir=str(six_scans), output_dir=str(tmp_path / "runs"))
+        common.update({k: settings[k] for k in TINY})
+        with pytest.raises(Exception) as excinfo:
+            workflow(repo_root, ("inference.json",), "infer", **common).initialize()
+        assert f"{out} is in use by another run (process {holder.pid}" in raised_messages(excinfo)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_all(workflow(repo_root, ("inference.json",), "infer", **common))
+    assert len(read_csv(out / "volumes.csv")) == 6

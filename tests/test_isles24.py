@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
 from scripts.datalist import find_inputs
+from scripts.folds import build_datalist
 from scripts.isles import CHANNELS, InvalidCaseError
-from scripts.prepare_datalist import build_datalist
 from scripts.synthetic_isles import generate_isles24
 
 SMALL = {"num_train": 4, "num_test": 1, "seed": 2, "in_plane": 48, "slices": 20}

@@ -56,12 +56,14 @@ def test_install_writes_the_models_settings_into_both_configs(tmp_path, sample_a
         "configs/train.json",
         "configs/metadata.json",
         "scripts/networks.py",
-        "scripts/make_studies.py",
+        "scripts/case_report.py",
         "models/model.pt",
         "LICENSE",
         "docs/README.md",
     ):
         assert os.path.isfile(os.path.join(bundle, name)), name
+    for tool in ("cli", "make_studies", "monailabel_app", "cross_validate", "prepare_datalist"):
+        assert not os.path.exists(os.path.join(bundle, "scripts", f"{tool}.py")), "the app gets the runtime only"
     assert not [f for f in os.listdir(os.path.join(bundle, "configs")) if f.startswith("datalist")]
     assert sorted(os.listdir(app / "model")) == ["isles_ctp"]  # no staging folder left
     with open(os.path.join(bundle, "configs", "inference.json")) as f:

@@ -104,3 +104,39 @@ def test_the_case_report_holds_the_figures_the_threshold_core_the_mask_and_the_o
     assert written.get_data_dtype() == np.uint8 and np.array_equal(np.asanyarray(written.dataobj), core)
     assert np.allclose(written.affine, affine) and written.header["sform_code"] == 1
     assert (tmp_path / "out" / "overlays" / "case_7.png").stat().st_size > 0
+
+
+def maps_of(files):
+    return [np.asanyarray(nib.load(files[CHANNELS.index(c)]).dataobj).astype(np.float64) for c in ("CBF", "Tmax")]
+
+
+@pytest.mark.parametrize("blank", ["CBF", "Tmax"])
+def test_a_blank_map_gives_a_note_naming_it_not_zero_volumes(tmp_path, blank):
+    cbf, tmax = maps_of(case_files(tmp_path)[0])
+    maps = {"CBF": cbf, "Tmax": tmax}
+    maps[blank] = np.zeros_like(maps[blank])
+    figures = perfusion_figures(*perfusion_regions(maps["CBF"], maps["Tmax"]), np.prod(SPACING) / 1000)
+    assert figures["hypoperfusion_ml"] == "" and figures["core_rcbf_ml"] == ""
+    assert f"the {blank} map is blank" in figures["perfusion_note"] and "network's mask" in figures["perfusion_note"]
+
+
+@pytest.mark.parametrize("scale", [10.0, 1000.0], ids=["tenths", "milliseconds"])
+def test_tmax_not_in_seconds_is_not_reported(tmp_path, scale):
+    """Tmax x10 passed the old milliseconds test (99th percentile 120 here) and reported hypoperfusion in the healthy
+    brain; the median of the brain's Tmax (20 here, 2000) cannot be seconds."""
+    cbf, tmax = maps_of(case_files(tmp_path, tmax_scale=scale)[0])
+    figures = perfusion_figures(*perfusion_regions(cbf, tmax), np.prod(SPACING) / 1000)
+    assert figures["hypoperfusion_ml"] == "" and "Tmax is not in seconds" in figures["perfusion_note"]
+
+
+def test_a_no_flow_core_without_values_is_named_in_the_note(tmp_path):
+    """A core stored as 0 in both maps (no value) drops out of the brain mask: the note says how much."""
+    files, _, hypo, _, core = case_files(tmp_path)
+    cbf, tmax = maps_of(files)
+    cbf[core], tmax[core] = 0.0, 0.0
+    figures = perfusion_figures(*perfusion_regions(cbf, tmax), np.prod(SPACING) / 1000)
+    assert figures["hypoperfusion_ml"] == pytest.approx(ml(hypo & ~core), abs=1e-3)
+    assert f"{ml(core):.3g} mL inside the brain" in figures["perfusion_note"]
+    assert "not counted in the core" in figures["perfusion_note"]
+    healthy = perfusion_figures(*perfusion_regions(*maps_of(files)), np.prod(SPACING) / 1000)
+    assert healthy["perfusion_note"] == "", "no note when every brain voxel has its values"

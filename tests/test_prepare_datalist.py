@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 from scripts.datalist import load_fold
+from scripts.folds import build_datalist
 from scripts.isles import CHANNELS, InvalidCaseError, check_case
-from scripts.prepare_datalist import build_datalist
 
 # The token each channel's folder carries in the synthetic tree (the real release's CT_ names).
 TOKENS = {"CT": ".CT.", "CBF": ".CT_CBF.", "CBV": ".CT_CBV.", "MTT": ".CT_MTT.", "Tmax": ".CT_Tmax.", "OT": ".OT."}

@@ -12,7 +12,7 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset
 from scripts.datalist import load_fold
-from scripts.prepare_datalist import build_datalist
+from scripts.folds import build_datalist
 from scripts.readers import ThreadSafeNibabelReader
 from scripts.synthetic_isles import generate
 

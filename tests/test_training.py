@@ -15,7 +15,7 @@ import torch
 from helpers import initialize_and_run, raised_messages
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-from scripts.prepare_datalist import build_datalist
+from scripts.folds import build_datalist
 
 # Small enough for this CPU: 5 levels still need every spatial size divisible by 16.
 TINY = {
@@ -236,6 +236,20 @@ def test_a_second_run_never_replaces_a_trained_model_unasked(repo_root, syntheti
     assert model.read_bytes() != before and latest.exists()
 
 
+@pytest.mark.parametrize("epochs, val_interval, validated", [(1, 5, [1]), (3, 2, [2, 3]), (4, 2, [2, 4])])
+def test_a_finished_run_is_validated_at_its_last_epoch_whatever_the_interval(
+    repo_root, synthetic_tree, datalist_file, tmp_path, epochs, val_interval, validated
+):
+    wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, epochs=epochs, val_interval=val_interval))
+    wf.initialize()
+    seen = []
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    evaluator.add_event_handler(Events.COMPLETED, lambda engine: seen.append(engine.state.epoch))
+    wf.run()
+    assert seen == validated
+    assert (tmp_path / "models" / "model.pt").is_file(), "a finished run always has its model"
+
+
 def test_resume_keeps_the_best_validation_so_far(repo_root, synthetic_tree, datalist_file, tmp_path):
     """A resumed run compares its validations with the best one before the kill, and replaces model.pt only for a
     better one (the best so far is set out of reach here, so no resumed epoch may replace model.pt)."""
@@ -427,3 +441,37 @@ def test_kill_9_at_random_moments_then_resume(repo_root, synthetic_tree, datalis
     assert kills >= 1
     final = torch.load(models / "checkpoint_epoch=120.pt", map_location="cpu", weights_only=True)
     assert final["trainer"]["iteration"] == 120 * final["trainer"]["epoch_length"]
+
+
+def test_one_run_per_checkpoint_folder_and_a_killed_runs_lock_is_taken_over(
+    repo_root, synthetic_tree, datalist_file, tmp_path
+):
+    """A second training into the ckpt_dir of a running one is refused, naming its process; once that run is
+    killed (-9), its lock is taken over and the folder is usable again."""
+    import signal
+    import time
+
+    settings = tiny(synthetic_tree, datalist_file, epochs=500)
+    args = [x for key, value in settings.items() for x in (f"--{key}", str(value).replace(" ", ""))]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json"]
+    first = subprocess.Popen(
+        [*cmd, "--bundle_root", str(tmp_path), *args],
+        cwd=repo_root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    lock = tmp_path / "models" / ".in_use"
+    deadline = time.monotonic() + 300
+    while not lock.exists() and time.monotonic() < deadline:
+        assert first.poll() is None, "the first run ended before it could be seen running"
+        time.sleep(0.05)
+    try:
+        with pytest.raises(Exception) as excinfo:
+            workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, overwrite=True)).initialize()
+        assert f"is in use by another run (process {first.pid}" in raised_messages(excinfo)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert lock.exists(), "a killed run leaves its lock"
+    run_all(workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, overwrite=True)))
+    assert (tmp_path / "models" / "model.pt").is_file()
