@@ -45,15 +45,15 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from scripts.cli import run  # noqa: E402
 from scripts.datalist import load_fold  # noqa: E402
 from scripts.demo import network_settings  # noqa: E402
 from scripts.flags import as_bool  # noqa: E402
 from scripts.inferers import cpu_has_native_bf16  # noqa: E402
 from scripts.networks import ModifiedUNet  # noqa: E402
-from scripts.prepare_datalist import main as write_datalist  # noqa: E402
 from scripts.safe_files import write_atomically  # noqa: E402
 from scripts.synthetic_isles import generate  # noqa: E402
+from scripts.tools.cli import run  # noqa: E402
+from scripts.tools.prepare_datalist import main as write_datalist  # noqa: E402
 
 DEMO = network_settings()
 SIZES = {  # name: (batch, features, spatial_size)

@@ -25,7 +25,7 @@ from scripts.isles import (
 def _require_datalist(data_list_file_path, dataset_dir):
     if not os.path.isfile(data_list_file_path):
         raise FileNotFoundError(
-            f"datalist {data_list_file_path} not found; build it with: python -m scripts.prepare_datalist"
+            f"datalist {data_list_file_path} not found; build it with: python -m scripts.tools.prepare_datalist"
             f" --data_root {dataset_dir} --output {data_list_file_path}"
         )
 
@@ -58,7 +58,7 @@ def load_fold(data_list_file_path, dataset_dir, fold, check=False):
     """One fold of the ``training`` section, for the training configs.
 
     Args:
-        data_list_file_path: the datalist (``python -m scripts.prepare_datalist``).
+        data_list_file_path: the datalist (``python -m scripts.tools.prepare_datalist``).
         dataset_dir: the folder its paths are relative to.
         fold: the fold held out for validation.
         check: run ``check_case`` on every case, and refuse a fold whose training labels are all empty.

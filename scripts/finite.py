@@ -77,7 +77,7 @@ class StopOnNonFinite:
             raise FloatingPointError(
                 f"training loss is {loss} at epoch {state.epoch}, iteration {state.iteration} ({in_epoch} of"
                 f" {state.epoch_length} in the epoch): training stopped, no checkpoint of these weights was written."
-                " Check the inputs (python -m scripts.prepare_datalist ... --check) or lower the learning rate"
+                " Check the inputs (python -m scripts.tools.prepare_datalist ... --check) or lower the learning rate"
             )
 
     def check_weights(self, engine: Engine) -> None:

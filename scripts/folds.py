@@ -1,5 +1,5 @@
 """The datalist of an ISLES 2018 or ISLES 2024 CT-perfusion tree, with patient-grouped folds: what
-``python -m scripts.prepare_datalist`` writes and the demo and the cross-validation build (MONAI reads datalists with
+``python -m scripts.tools.prepare_datalist`` writes and the demo and the cross-validation build (MONAI reads datalists with
 ``load_decathlon_datalist`` but cannot make one from the ISLES layouts)."""
 
 import csv

@@ -74,12 +74,11 @@ def _running(pid: int) -> bool:
 
 def _command_line_run() -> bool:
     """Whether this process is a command-line run of the bundle (``python -m monai.bundle ...`` or
-    ``python -m scripts.<tool>``), which exits when its run ends, rather than a Python session that builds runs."""
+    ``python -m scripts.tools.<tool>``), which exits when its run ends, rather than a Python session that builds
+    runs."""
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return (
-        script.endswith(os.path.join("monai", "bundle", "__main__.py"))
-        or os.path.basename(os.path.dirname(script)) == "scripts"
-    )
+    tool = os.path.dirname(script).endswith(os.path.join("scripts", "tools"))
+    return tool or script.endswith(os.path.join("monai", "bundle", "__main__.py"))
 
 
 def hold_folder(folder: str) -> None:

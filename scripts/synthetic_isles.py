@@ -467,6 +467,6 @@ def main(
 
 
 if __name__ == "__main__":  # the command-line edge: the generator itself is the demo's runtime
-    from scripts.cli import run
+    from scripts.tools.cli import run
 
     run(main)

@@ -1,4 +1,4 @@
-"""scripts/cli.py: the bundle's CLIs refuse unknown flags, surplus arguments and values of the wrong type before their
+"""scripts/tools/cli.py: the bundle's CLIs refuse unknown flags, surplus arguments and values of the wrong type before their
 ``main`` runs, so nothing is written, with one line on stderr; a correct command still works."""
 
 import glob
@@ -17,7 +17,7 @@ APP_FLAGS = "--app_dir, --model, --name, --features, --spatial_size, --settings,
 
 def run_cli(repo_root, module, *args):
     return subprocess.run(
-        [sys.executable, "-m", f"scripts.{module}", *args],
+        [sys.executable, "-m", f"scripts.tools.{module}", *args],
         cwd=repo_root,
         capture_output=True,
         text=True,
@@ -40,20 +40,20 @@ REFUSED = [  # (CLI, arguments after the required ones, exit status, the one lin
         "prepare_datalist",
         ["--chek", "True"],
         2,
-        f"error: unknown flag --chek for scripts.prepare_datalist (did you mean --check?); known flags: {DATALIST_FLAGS}",
+        f"error: unknown flag --chek for scripts.tools.prepare_datalist (did you mean --check?); known flags: {DATALIST_FLAGS}",
     ),
     (
         "prepare_datalist",
         ["-s", "1"],
         2,  # fire's one-letter shortcut, but --seed and --skip_invalid both start with s
-        f"error: unknown flag -s for scripts.prepare_datalist; known flags: {DATALIST_FLAGS}",
+        f"error: unknown flag -s for scripts.tools.prepare_datalist; known flags: {DATALIST_FLAGS}",
     ),
     (
         "prepare_datalist",
         ["3", "0", "None", "True", "False", "False", "surplus"],
         2,
         (
-            "error: unexpected argument 'surplus' for scripts.prepare_datalist: every parameter has a value"
+            "error: unexpected argument 'surplus' for scripts.tools.prepare_datalist: every parameter has a value"
             f" ({DATALIST_FLAGS})"
         ),
     ),
@@ -66,7 +66,7 @@ REFUSED = [  # (CLI, arguments after the required ones, exit status, the one lin
         "make_studies",
         ["--lables"],
         2,
-        f"error: unknown flag --lables for scripts.make_studies (did you mean --labels?); known flags: {STUDIES_FLAGS}",
+        f"error: unknown flag --lables for scripts.tools.make_studies (did you mean --labels?); known flags: {STUDIES_FLAGS}",
     ),
     ("make_studies", ["--sections", "1"], 1, "error: sections must be TRAINING and/or TESTING, got ['1']"),
     (
@@ -74,7 +74,7 @@ REFUSED = [  # (CLI, arguments after the required ones, exit status, the one lin
         ["--overwite"],
         2,
         (
-            "error: unknown flag --overwite for scripts.monailabel_app (did you mean --overwrite?);"
+            "error: unknown flag --overwite for scripts.tools.monailabel_app (did you mean --overwrite?);"
             f" known flags: {APP_FLAGS}"
         ),
     ),

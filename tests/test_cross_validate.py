@@ -1,4 +1,4 @@
-"""scripts/cross_validate.py on a tiny synthetic tree: every case scored out-of-fold once by a model that never saw its
+"""scripts/tools/cross_validate.py on a tiny synthetic tree: every case scored out-of-fold once by a model that never saw its
 patient, the table from the per-case CSV, overrides reaching the runs, refusals, and a killed run resumed."""
 
 import json
@@ -20,7 +20,7 @@ TINY = ["--features", "[2,4,8,16,32]", "--spatial_size", "[32,32,16]", "--num_wo
 
 
 def cross_validate(repo_root, *args, **popen):
-    cmd = [sys.executable, "-m", "scripts.cross_validate", *args]
+    cmd = [sys.executable, "-m", "scripts.tools.cross_validate", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=repo_root, start_new_session=True, **popen)
     return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=1800, check=False)

@@ -1,4 +1,4 @@
-"""scripts/make_studies.py: ISLES cases (5 maps) -> single 5-channel 4D NIfTI studies, e.g. a MONAI Label studies folder."""
+"""scripts/tools/make_studies.py: ISLES cases (5 maps) -> single 5-channel 4D NIfTI studies, e.g. a MONAI Label studies folder."""
 
 import os
 import shutil
@@ -12,8 +12,8 @@ import torch
 from monai.data import correct_nifti_header_if_necessary
 from monai.transforms import LoadImaged
 from scripts.isles import CHANNELS, InvalidCaseError, find_cases, read_case
-from scripts.make_studies import convert
 from scripts.readers import ThreadSafeNibabelReader
+from scripts.tools.make_studies import convert
 
 # The header fields that place a NIfTI in the world; the study and the label must carry the CT's.
 GEOMETRY_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y")
@@ -188,7 +188,16 @@ def test_a_bad_later_case_stops_the_run_before_any_study_is_written(repo_root, s
     with open(cbf, "r+b") as f:
         f.truncate(os.path.getsize(cbf) // 2)
     out = tmp_path / "studies"
-    cmd = [sys.executable, "-m", "scripts.make_studies", "--source", str(root), "--output_dir", str(out), "--labels"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.tools.make_studies",
+        "--source",
+        str(root),
+        "--output_dir",
+        str(out),
+        "--labels",
+    ]
     result = subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     error = result.stderr[result.stderr.find("error: ") :]  # nibabel's reason runs over two lines
@@ -227,7 +236,7 @@ def test_cli(repo_root, synthetic_tree, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "scripts.make_studies",
+        "scripts.tools.make_studies",
         "--source",
         synthetic_tree,
         "--output_dir",

@@ -3,7 +3,7 @@
 The server runs from the separate MONAI Label environment (``.venv-monailabel``, built by ``tools/monailabel-env``
 from ``requirements-monailabel.txt``; docs/monai_label.md): nothing is installed here. The test copies the sample app
 and the bundle (configs with the tiny test network written into them, a tiny model trained here) to a temp dir, fills
-a studies folder with synthetic 5-channel studies made by ``scripts.make_studies``, starts ``monailabel.main
+a studies folder with synthetic 5-channel studies made by ``scripts.tools.make_studies``, starts ``monailabel.main
 start_server`` on 127.0.0.1 and a free port, and checks ``/info/``, ``/infer/<model>`` (by datastore id and by upload)
 against a direct ``run`` of the same inference.json, then MONAI Label's own training entry (``BundleTrainTask``,
 ``POST /train/<model>``) on the studies' labels, and that the server then serves the retrained weights.
@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
 from scripts.isles import read_case
-from scripts.make_studies import convert
-from scripts.monailabel_app import install
 from scripts.synthetic_isles import generate
+from scripts.tools.make_studies import convert
+from scripts.tools.monailabel_app import install
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ML_PYTHON = os.environ.get("MONAILABEL_PYTHON") or os.path.join(REPO_ROOT, ".venv-monailabel", "bin", "python")
@@ -99,7 +99,7 @@ def studies(isles, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(ml_prefix, isles, tmp_path_factory):
-    """The stock monaibundle app with this bundle in model/MODEL, set up by scripts.monailabel_app with a tiny model
+    """The stock monaibundle app with this bundle in model/MODEL, set up by scripts.tools.monailabel_app with a tiny model
     trained here (on case_1..6, fold 0 = case_5, case_6) and the tiny network written into the copy's configs
     (MONAI Label reads configs/inference.json and configs/train.json only)."""
     trained = tmp_path_factory.mktemp("trained")

@@ -1,4 +1,4 @@
-"""scripts/monailabel_app.py: the bundle and a model put into a MONAI Label app folder (no MONAI Label needed here)."""
+"""scripts/tools/monailabel_app.py: the bundle and a model put into a MONAI Label app folder (no MONAI Label needed here)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from scripts.monailabel_app import install
+from scripts.tools.monailabel_app import install
 
 TINY = [2, 4, 8, 16, 32]
 
@@ -142,7 +142,7 @@ def test_cli_refuses_a_name_that_is_no_folder_of_its_own(repo_root, tmp_path, sa
     cmd = [
         sys.executable,
         "-m",
-        "scripts.monailabel_app",
+        "scripts.tools.monailabel_app",
         "--app_dir",
         str(app),
         "--model",
@@ -181,7 +181,7 @@ def test_a_file_that_is_no_checkpoint_is_named_in_one_line(repo_root, tmp_path, 
     cmd = [
         sys.executable,
         "-m",
-        "scripts.monailabel_app",
+        "scripts.tools.monailabel_app",
         "--app_dir",
         str(tmp_path / "app"),
         "--model",
@@ -202,7 +202,7 @@ def test_cli_errors_are_one_line(repo_root, tmp_path, sample_app):
     cmd = [
         sys.executable,
         "-m",
-        "scripts.monailabel_app",
+        "scripts.tools.monailabel_app",
         "--app_dir",
         str(tmp_path / "app"),
         "--model",

@@ -61,7 +61,7 @@ def test_written_datalist_loads_with_monai(synthetic_tree, tmp_path):
         [
             sys.executable,
             "-m",
-            "scripts.prepare_datalist",
+            "scripts.tools.prepare_datalist",
             "--data_root",
             synthetic_tree,
             "--output",
@@ -292,7 +292,7 @@ def test_broken_input_is_named(tree, breaker, tmp_path, caplog):
 
     out = tmp_path / "datalist.json"
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.prepare_datalist", "--data_root", tree, "--output", str(out), "--check"],
+        [sys.executable, "-m", "scripts.tools.prepare_datalist", "--data_root", tree, "--output", str(out), "--check"],
         cwd=os.path.dirname(os.path.dirname(__file__)),
         capture_output=True,
         text=True,
@@ -304,7 +304,7 @@ def test_broken_input_is_named(tree, breaker, tmp_path, caplog):
 def test_never_overwrites_a_datalist(synthetic_tree, tmp_path):
     out = tmp_path / "datalist.json"
     out.write_text("{}")
-    cmd = [sys.executable, "-m", "scripts.prepare_datalist", "--data_root", synthetic_tree, "--output", str(out)]
+    cmd = [sys.executable, "-m", "scripts.tools.prepare_datalist", "--data_root", synthetic_tree, "--output", str(out)]
     cwd = os.path.dirname(os.path.dirname(__file__))
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     assert result.returncode != 0 and "--overwrite" in result.stderr

@@ -1,14 +1,14 @@
 """Build a MONAI datalist (with patient-grouped folds) from an ISLES 2018 or ISLES 2024 CT-perfusion tree, and check
 its files (``scripts.folds``).
 
-python -m scripts.prepare_datalist --data_root DIR --output datalist.json --folds 5 --seed 0 [--check]
+python -m scripts.tools.prepare_datalist --data_root DIR --output datalist.json --folds 5 --seed 0 [--check]
 """
 
 import json
 
-from scripts.cli import run
 from scripts.folds import build_datalist
 from scripts.safe_files import refuse_existing, write_atomically
+from scripts.tools.cli import run
 
 
 def main(

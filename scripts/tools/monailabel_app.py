@@ -7,9 +7,9 @@ than the configs say is served anyway, with whatever weights happen to fit. So t
 settings the model was trained with into the copy's configs, and checks that the weights load strictly.
 
     # the released/full-size model (configs' defaults)
-    python -m scripts.monailabel_app --app_dir ~/isles-app --model models/model.pt
+    python -m scripts.tools.monailabel_app --app_dir ~/isles-app --model models/model.pt
     # the demo model: pass the network settings of configs/demo.json (`features`, `spatial_size`)
-    python -m scripts.monailabel_app --app_dir ~/isles-app --model demo_data/models/model.pt \\
+    python -m scripts.tools.monailabel_app --app_dir ~/isles-app --model demo_data/models/model.pt \\
         --features "<demo.json's features>" --spatial_size "<demo.json's spatial_size>"
 
 The sample app is taken from the MONAI Label installation of the running Python, else from ``.venv-monailabel``
@@ -28,8 +28,8 @@ import sys
 
 from scripts import BUNDLE_ROOT
 from scripts.checkpoints import NamedCheckpointLoader
-from scripts.cli import run
 from scripts.networks import check_spatial_size
+from scripts.tools.cli import run
 
 SAMPLE_APP = os.path.join("monailabel", "sample-apps", "monaibundle")  # under the environment's sys.prefix
 CONFIGS = ("inference.json", "train.json")  # what MONAI Label reads
@@ -55,11 +55,12 @@ def find_sample_app(sample_app=None):
 
 
 def import_graph() -> dict:
-    """``{module: the modules of scripts/ it imports}``, read from the sources, leaving out each module's
-    ``if __name__ == "__main__":`` block (its command-line edge, not imported with it)."""
+    """``{module: the modules of scripts/ it imports}`` (``tools`` for any of scripts/tools/), read from the
+    sources, leaving out each module's ``if __name__ == "__main__":`` block (its command-line edge, not imported
+    with it)."""
     folder = os.path.join(BUNDLE_ROOT, "scripts")
     modules = {name[:-3] for name in os.listdir(folder) if name.endswith(".py") and name != "__init__.py"}
-    graph = {}
+    graph = {"tools": set()}  # the command-line tools, as one node: the runtime must not reach it
     for module in modules:
         with open(os.path.join(folder, f"{module}.py")) as f:
             tree = ast.parse(f.read())
@@ -70,7 +71,7 @@ def import_graph() -> dict:
                 names |= {node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names}
             elif isinstance(node, ast.Import):
                 names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("scripts.")}
-        graph[module] = names & modules
+        graph[module] = names & (modules | {"tools"})
     return graph
 
 

@@ -7,10 +7,10 @@ pre-processing loads that file and the five separate maps to the same (5, x, y, 
 give the same mask.
 
     # one case folder -> OUT/case_7.nii.gz
-    python -m scripts.make_studies --source DIR/TESTING/case_7 --output_dir OUT
+    python -m scripts.tools.make_studies --source DIR/TESTING/case_7 --output_dir OUT
     # a whole ISLES root -> a MONAI Label studies folder: OUT/training_case_N.nii.gz, OUT/testing_case_N.nii.gz,
     # with --labels also the training labels as OUT/labels/final/training_case_N.nii.gz (what MONAI Label trains on)
-    python -m scripts.make_studies --source DIR --output_dir OUT [--sections TRAINING,TESTING] [--labels]
+    python -m scripts.tools.make_studies --source DIR --output_dir OUT [--sections TRAINING,TESTING] [--labels]
 
 Existing files are never replaced without ``--overwrite`` (checked for every planned file before anything is
 written); every case is read and checked with the datalist builder's checks before the first study is written, so
@@ -39,7 +39,6 @@ import os
 import nibabel as nib
 import numpy as np
 from monai.data import correct_nifti_header_if_necessary
-from scripts.cli import run
 from scripts.isles import (
     CHANNELS,
     TESTING_DIR,
@@ -51,6 +50,7 @@ from scripts.isles import (
     read_valid_cases,
 )
 from scripts.safe_files import refuse_existing, write_atomically
+from scripts.tools.cli import run
 
 logger = logging.getLogger(__name__)
 

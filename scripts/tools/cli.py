@@ -193,7 +193,7 @@ def run(main):
     from fire.parser import SeparateFlagArgs
 
     spec = main.__globals__.get("__spec__")
-    prog = spec.name if spec else os.path.basename(sys.argv[0])  # "scripts.prepare_datalist" under python -m
+    prog = spec.name if spec else os.path.basename(sys.argv[0])  # "scripts.tools.prepare_datalist" under python -m
     checked_main = _with_checked_values(main)
     args = sys.argv[1:]
     if any(flag in args for flag in HELP_FLAGS):

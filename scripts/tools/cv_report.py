@@ -1,4 +1,4 @@
-"""What a cross-validation (scripts/cross_validate.py) leaves: the per-case table, the paper's Tab. 1 beside ours, a
+"""What a cross-validation (scripts/tools/cross_validate.py) leaves: the per-case table, the paper's Tab. 1 beside ours, a
 paired comparison of the two networks, a figure of per-case Dice, and the fold-ensemble override for inference."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The paper's Tab. 1 in one command: patient-grouped cross-validation of the modified and the classic 3D UNet.
 
-    python -m scripts.cross_validate --dataset_dir DIR --output_dir OUT [--networks "['modified','classic']"]
+    python -m scripts.tools.cross_validate --dataset_dir DIR --output_dir OUT [--networks "['modified','classic']"]
         [--folds 5] [--seed 0] [--config demo|isles24] [--overwrite true] [--ID VALUE ...]
 
 For every network and fold: `monai.bundle run training` (configs/train.json, + configs/classic_unet.json for the
@@ -13,7 +13,7 @@ the scans' own grids. Folds keep every slab of a patient together (the datalist 
 one close to this command's own flags, is refused. Every setting (the datalist and its folds included) is checked
 before anything is written. A rerun with the same settings skips the steps already done and resumes an interrupted
 training from its checkpoint; a finished ``OUT`` is replaced only with ``--overwrite true``, which removes only what
-a cross-validation wrote there (a folder holding other files is refused). Outputs (scripts/cv_report.py):
+a cross-validation wrote there (a folder holding other files is refused). Outputs (scripts/tools/cv_report.py):
 ``per_case.csv``, ``table.md``/``table.csv`` beside the paper's Tab. 1, ``comparison.md`` (paired, modified against
 classic), ``dice.png``, and ``ensemble.json``: an override of configs/inference.json with the fold models as
 ``ensemble_checkpoints``, for the testing cases.
@@ -33,11 +33,11 @@ import time
 from monai.bundle import ConfigParser
 from scripts import BUNDLE_ROOT
 from scripts.checkpoints import latest_training_state
-from scripts.cli import run
-from scripts.cv_report import write_outputs
 from scripts.flags import as_bool
 from scripts.folds import build_datalist
 from scripts.safe_files import LOCK, hold_folder, write_atomically
+from scripts.tools.cli import run
+from scripts.tools.cv_report import write_outputs
 
 __all__ = ["NETWORKS", "cross_validate", "main"]
 
@@ -48,7 +48,7 @@ TRAIN, EVALUATE = ["configs/train.json"], ["configs/inference.json", "configs/ev
 STEPS = (("train", "trained.json"), ("test", "scored_test.json"), ("train_cases", "scored_train.json"))
 SETTINGS_FILE = "cross_validation.json"
 FINISHED_FILE = "table.md"
-# what scripts.cv_report.write_outputs writes besides table.md and the ensemble overrides
+# what scripts.tools.cv_report.write_outputs writes besides table.md and the ensemble overrides
 OUTPUTS = ("per_case.csv", "table.csv", "dice.png", "comparison.md")
 
 
