@@ -96,6 +96,19 @@ def test_existing_bundle_is_replaced_only_with_overwrite(tmp_path, sample_app, t
     assert (app / "main.py").read_text() == "# edited by the user\n", "an existing app keeps its own files"
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_is_no_app_is_never_written_over(tmp_path, sample_app, tiny_model, overwrite):
+    """An --app_dir that holds files but no main.py is refused, whatever --overwrite says: nothing in it changes."""
+    app = tmp_path / "mine"
+    (app / "lib").mkdir(parents=True)
+    (app / "README.md").write_text("my notes\n")
+    (app / "lib" / "mine.py").write_text("x = 1\n")
+    before = snapshot(app)
+    with pytest.raises(FileExistsError, match="no MONAI Label app"):
+        install(str(app), tiny_model, features=TINY, sample_app=sample_app, overwrite=overwrite)
+    assert snapshot(app) == before
+
+
 def snapshot(folder):
     """Every file, folder and link under ``folder``: ``{relative path: the file's bytes, "folder" or the link}``."""
     found = {}

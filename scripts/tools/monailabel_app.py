@@ -193,6 +193,12 @@ def install(
     app_dir = os.path.abspath(app_dir)
     models_dir = os.path.join(app_dir, "model")
     target = os.path.join(models_dir, name)
+    others = sorted(os.listdir(app_dir)) if os.path.isdir(app_dir) else []
+    if others and not os.path.isfile(os.path.join(app_dir, "main.py")):
+        raise FileExistsError(
+            f"{app_dir} holds files ({', '.join(others[:5])}) but no MONAI Label app (no main.py): the sample app"
+            " would be copied over them; choose a new or empty --app_dir, or an existing app"
+        )
     if os.path.lexists(target):
         if not overwrite:
             raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
