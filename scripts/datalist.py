@@ -1,6 +1,7 @@
 """Datalists as the configs read them: one fold of the training section, a section to evaluate, or the scans to
 segment (an ISLES root, case folders, 4D files or a datalist), each item checked before any work is done."""
 
+import json
 import os
 
 from monai.data import load_decathlon_datalist
@@ -28,6 +29,15 @@ def _require_datalist(data_list_file_path, dataset_dir):
             f"datalist {data_list_file_path} not found; build it with: python -m scripts.tools.prepare_datalist"
             f" --data_root {dataset_dir} --output {data_list_file_path}"
         )
+
+
+def _read_section(path, key, base_dir=None, is_segmentation=True):
+    """The ``key`` section of the datalist file ``path``, read by MONAI's ``load_decathlon_datalist``; a file that
+    is not JSON (empty, truncated, another format) is named, which the JSON parser's own message does not do."""
+    try:
+        return load_decathlon_datalist(path, is_segmentation=is_segmentation, data_list_key=key, base_dir=base_dir)
+    except json.JSONDecodeError as err:
+        raise InvalidCaseError(f"{path} is not a datalist: it is not valid JSON ({err})") from err
 
 
 def check_entries(items, source, need_label=False, need_fold=False):
@@ -67,7 +77,7 @@ def load_fold(data_list_file_path, dataset_dir, fold, check=False):
         ``{"train": [...], "validation": [...]}``, items with absolute paths.
     """
     _require_datalist(data_list_file_path, dataset_dir)
-    items = load_decathlon_datalist(data_list_file_path, data_list_key="training", base_dir=dataset_dir)
+    items = _read_section(data_list_file_path, "training", base_dir=dataset_dir)
     check_entries(items, data_list_file_path, need_label=True, need_fold=True)
     folds = sorted({item["fold"] for item in items})
     if fold not in folds:
@@ -98,7 +108,7 @@ def load_section(data_list_file_path, dataset_dir, section="validation", fold=0,
         items = load_fold(data_list_file_path, dataset_dir, fold)[section]
     else:
         _require_datalist(data_list_file_path, dataset_dir)
-        items = load_decathlon_datalist(data_list_file_path, data_list_key=section, base_dir=dataset_dir)
+        items = _read_section(data_list_file_path, section, base_dir=dataset_dir)
         check_entries(items, data_list_file_path)
         unlabelled = [case_name(item["image"]) for item in items if "label" not in item]
         if unlabelled:
@@ -132,10 +142,7 @@ def find_inputs(source, data_list_key="testing", check=False):
     """
     source = os.path.abspath(source)
     if os.path.isfile(source) and source.lower().endswith(".json"):
-        images = [
-            item["image"]
-            for item in load_decathlon_datalist(source, is_segmentation=False, data_list_key=data_list_key)
-        ]
+        images = [item["image"] for item in _read_section(source, data_list_key, is_segmentation=False)]
     elif not os.path.isdir(source):
         raise FileNotFoundError(f"{source} is neither a folder nor a datalist .json file")
     elif find_dir(source, TESTING_DIR):

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
-from scripts.datalist import load_fold
+from scripts.datalist import find_inputs, load_fold, load_section
 from scripts.folds import build_datalist
 from scripts.isles import CHANNELS, InvalidCaseError, check_case
 
@@ -403,3 +403,14 @@ def test_a_fold_whose_training_labels_are_all_empty_is_refused(tree, tmp_path):
     load_fold(str(path), tree, fold=0)  # without the check nothing is read
     with pytest.raises(InvalidCaseError, match="the labels of all [0-9]+ training cases of fold 0 are empty"):
         load_fold(str(path), tree, fold=0, check=True)
+
+
+@pytest.mark.parametrize("content", ["", "{bad", "training: []\n"], ids=["empty", "truncated", "yaml"])
+def test_a_datalist_that_is_no_json_is_named(synthetic_tree, tmp_path, content):
+    path = tmp_path / "datalist.json"
+    path.write_text(content)
+    for read in (lambda: load_fold(str(path), synthetic_tree, 0), lambda: load_section(str(path), synthetic_tree)):
+        with pytest.raises(InvalidCaseError, match=f"{path} is not a datalist: it is not valid JSON"):
+            read()
+    with pytest.raises(InvalidCaseError, match=f"{path} is not a datalist"):
+        find_inputs(str(path))
