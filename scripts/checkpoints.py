@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import re
+import sys
 
 import ignite.distributed as idist
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "SafeCheckpointSaver",
     "latest_training_state",
     "prepare_ckpt_dir",
+    "refuse_outdated",
     "resume_checkpoint",
 ]
 
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 LATEST_PATTERN = "checkpoint_epoch=*.pt"  # what CheckpointSaver(save_interval=1) names the latest training state
 BEST_MODEL = "model.pt"
+# beside a model.pt that an --overwrite run will replace at its first validation; removed when it does
+OUTDATED_MARKER = "model.pt.outdated"
 
 
 class _KeepPreviousDiskSaver(BaseSaveHandler):
@@ -59,6 +63,8 @@ class _KeepPreviousDiskSaver(BaseSaveHandler):
             return
         name = self.filename or filename
         write_atomically(os.path.join(self.dirname, name), lambda f: torch.save(checkpoint, f))
+        if name == BEST_MODEL and os.path.exists(os.path.join(self.dirname, OUTDATED_MARKER)):
+            os.remove(os.path.join(self.dirname, OUTDATED_MARKER))
         for old in self._replaced:
             if old != name and os.path.exists(os.path.join(self.dirname, old)):
                 os.remove(os.path.join(self.dirname, old))
@@ -246,7 +252,8 @@ def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = Fals
     A new run (neither ``resume`` nor ``overwrite``) refuses a folder that holds a trained model or checkpoints.
     ``overwrite`` removes the earlier run's ``checkpoint_epoch=N.pt`` (a later resume would otherwise continue that
     run); its ``model.pt`` stays until this run's first validation replaces it (MONAI Label's training starts from
-    it), and every finished run validates at least once (``ValidationAtIntervalAndEnd``).
+    it), marked outdated meanwhile (``OUTDATED_MARKER``, which ``refuse_outdated`` reads), and every finished run
+    validates at least once (``ValidationAtIntervalAndEnd``).
 
     Args:
         ckpt_dir: the checkpoint folder (created if absent).
@@ -276,5 +283,28 @@ def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = Fals
             f" continue it, or --overwrite true to start a new run that replaces it (or choose"
             f" another --ckpt_dir)"
         )
+    if overwrite and existing and os.path.exists(os.path.join(ckpt_dir, BEST_MODEL)):
+        command = " ".join(sys.argv)
+        note = f"the run this folder held before; the run of `{command}` replaces it at its first validation\n"
+        write_atomically(os.path.join(ckpt_dir, OUTDATED_MARKER), lambda f: f.write(note.encode()))
     for path in latest:
         os.remove(path)
+
+
+def refuse_outdated(checkpoints: list) -> list:
+    """``checkpoints``, after checking that none is a ``model.pt`` that a newer training run (``--overwrite``) is
+    replacing and has not yet validated (``OUTDATED_MARKER`` beside it): predicting with it would pass the previous
+    run's model off as the new one's.
+
+    Raises:
+        ValueError: naming the checkpoint and the run that replaces it.
+    """
+    for path in checkpoints:
+        marker = os.path.join(os.path.dirname(os.path.abspath(path)), OUTDATED_MARKER)
+        if os.path.basename(path) == BEST_MODEL and os.path.isfile(marker):
+            with open(marker) as f:
+                note = f.read().strip()
+            raise ValueError(
+                f"{path} is outdated ({marker}: {note}); finish that run (--resume true) or pass another checkpoint"
+            )
+    return list(checkpoints)

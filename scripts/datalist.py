@@ -10,6 +10,7 @@ from scripts.flags import as_bool
 from scripts.isles import (
     CHANNELS,
     NIFTI_SUFFIXES,
+    SMIR_NAME,
     TESTING_DIR,
     TRAINING_DIR,
     InvalidCaseError,
@@ -19,6 +20,7 @@ from scripts.isles import (
     check_unique_names,
     find_cases,
     find_dir,
+    key_of_token,
     read_case,
 )
 
@@ -33,11 +35,29 @@ def _require_datalist(data_list_file_path, dataset_dir):
 
 def _read_section(path, key, base_dir=None, is_segmentation=True):
     """The ``key`` section of the datalist file ``path``, read by MONAI's ``load_decathlon_datalist``; a file that
-    is not JSON (empty, truncated, another format) is named, which the JSON parser's own message does not do."""
+    is not JSON (empty, truncated, another format) is named, which the JSON parser's own message does not do, and so
+    is a datalist whose ``channels`` (``scripts.folds.build_datalist`` records them) are not the model's."""
     try:
-        return load_decathlon_datalist(path, is_segmentation=is_segmentation, data_list_key=key, base_dir=base_dir)
-    except json.JSONDecodeError as err:
-        raise InvalidCaseError(f"{path} is not a datalist: it is not valid JSON ({err})") from err
+        with open(path) as f:
+            channels = json.load(f).get("channels", list(CHANNELS))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise InvalidCaseError(f"{path} is not a datalist: it is not valid JSON, or not a JSON object ({err})") from err
+    if channels != list(CHANNELS):
+        raise InvalidCaseError(
+            f"{path} lists its images in the channel order {channels}; the model takes {list(CHANNELS)}"
+        )
+    return load_decathlon_datalist(path, is_segmentation=is_segmentation, data_list_key=key, base_dir=base_dir)
+
+
+def _named_channel(path):
+    """The input a file's name says it holds (ISLES 2018 ``SMIR.Brain.XX.O.<MOD>.<id>``, ISLES 2024
+    ``..._space-ncct_<map>``), None when the name says nothing."""
+    stem = os.path.basename(path)
+    stem = next((stem[: -len(s)] for s in (".nii.gz", ".nii") if stem.lower().endswith(s)), stem)
+    smir = SMIR_NAME.match(stem) or SMIR_NAME.match(os.path.basename(os.path.dirname(path)))
+    if smir:
+        return key_of_token(smir.group("mod"))
+    return next((c for c, suffix in isles24.INPUT_SUFFIXES.items() if stem.lower().endswith("_" + suffix)), None)
 
 
 def check_entries(items, source, need_label=False, need_fold=False):
@@ -57,6 +77,13 @@ def check_entries(items, source, need_label=False, need_fold=False):
                 f"{case}: 'image' in {source} lists {count} files, expected one 4D file or the"
                 f" {len(CHANNELS)} maps {', '.join(CHANNELS)}"
             )
+        for position, path in enumerate(image if isinstance(image, list) else []):
+            named = _named_channel(path)
+            if named not in (None, CHANNELS[position]):
+                raise InvalidCaseError(
+                    f"{case}: 'image' in {source} gives {path}, a {named} map, as channel {position + 1}; the"
+                    f" channels are {', '.join(CHANNELS)}, in that order"
+                )
         if need_label and not isinstance(item.get("label"), str):
             raise InvalidCaseError(f"{case}: no 'label' file in {source}; training and evaluation need one per case")
         fold = item.get("fold")
@@ -71,7 +98,8 @@ def load_fold(data_list_file_path, dataset_dir, fold, check=False):
         data_list_file_path: the datalist (``python -m scripts.tools.prepare_datalist``).
         dataset_dir: the folder its paths are relative to.
         fold: the fold held out for validation.
-        check: run ``check_case`` on every case, and refuse a fold whose training labels are all empty.
+        check: run ``check_case`` on every case (blank perfusion maps refused), and refuse a fold whose training
+            labels are all empty.
 
     Returns:
         ``{"train": [...], "validation": [...]}``, items with absolute paths.
@@ -79,7 +107,16 @@ def load_fold(data_list_file_path, dataset_dir, fold, check=False):
     _require_datalist(data_list_file_path, dataset_dir)
     items = _read_section(data_list_file_path, "training", base_dir=dataset_dir)
     check_entries(items, data_list_file_path, need_label=True, need_fold=True)
-    folds = sorted({item["fold"] for item in items})
+    seen = {}
+    for item in items:
+        name = case_name(item["image"])
+        if name in seen:
+            raise InvalidCaseError(
+                f"{name}: listed twice in the training section of {data_list_file_path} (folds {seen[name]} and"
+                f" {item['fold']}); a case in two folds is trained on and validated on"
+            )
+        seen[name] = item["fold"]
+    folds = sorted(set(seen.values()))
     if fold not in folds:
         raise ValueError(f"fold {fold} is not in {data_list_file_path}, which has folds {folds}")
     split = {
@@ -88,7 +125,8 @@ def load_fold(data_list_file_path, dataset_dir, fold, check=False):
     }
     if as_bool(check, "check_inputs"):
         lesion_voxels = {
-            item["case"] if "case" in item else case_name(item["image"]): check_case(item) for item in split["train"]
+            item["case"] if "case" in item else case_name(item["image"]): check_case(item, refuse_blank=True)
+            for item in split["train"]
         }
         if lesion_voxels and not any(lesion_voxels.values()):
             raise InvalidCaseError(
@@ -96,7 +134,7 @@ def load_fold(data_list_file_path, dataset_dir, fold, check=False):
                 f" fold {fold} are empty; the network would learn nothing (its loss stays near 1)"
             )
         for item in split["validation"]:
-            check_case(item)
+            check_case(item, refuse_blank=True)
     return split
 
 
@@ -125,13 +163,50 @@ def load_section(data_list_file_path, dataset_dir, section="validation", fold=0,
     return items
 
 
+def _refuse_missing(items, datalist):
+    """A datalist given to inference names files relative to its own folder: say so when one is not there."""
+    for item in items:
+        missing = next((p for p in _as_list(item["image"]) if not os.path.exists(p)), None)
+        if missing:
+            raise InvalidCaseError(
+                f"{item['case']}: {missing}, listed in {datalist}, does not exist; the relative paths of a datalist"
+                f" given as dataset_dir are relative to its folder ({os.path.dirname(datalist)}): keep it in the folder its"
+                " paths are relative to, or give absolute paths"
+            )
+
+
+def _as_list(image):
+    return [image] if isinstance(image, str) else image
+
+
+def _folder_inputs(source):
+    """The ``image`` of each case in the folder ``source`` (see ``find_inputs``)."""
+    roots = isles24.find_root(source)  # first: it refuses a folder that mixes the releases
+    if roots:
+        return [isles24.read_subject(subject, *roots)["image"] for subject in isles24.find_subjects(*roots)]
+    if find_dir(source, TESTING_DIR):
+        return [read_case(case, case_dir, False)["image"] for case, case_dir in find_cases(source, TESTING_DIR)]
+    if find_dir(source, TRAINING_DIR):
+        raise InvalidCaseError(
+            f"{source} has a {TRAINING_DIR} folder but no {TESTING_DIR} folder; to segment"
+            f" the training cases pass {os.path.join(source, TRAINING_DIR)}"
+        )
+    names = sorted(os.listdir(source))
+    if any(SMIR_NAME.match(name) and os.path.isdir(os.path.join(source, name)) for name in names):
+        return [read_case(os.path.basename(source), source, False)["image"]]  # one ISLES 2018 case folder
+    files = [f for f in names if f.lower().endswith(NIFTI_SUFFIXES) and os.path.isfile(os.path.join(source, f))]
+    if files:
+        return [os.path.join(source, f) for f in files]
+    return [read_case(case, case_dir, False)["image"] for case, case_dir in case_folders(source)]
+
+
 def find_inputs(source, data_list_key="testing", check=False):
     """Unlabelled cases to segment, as items ``{"image", "case"}`` with absolute paths; ``image`` is the 5 maps in
     channel order (CT, CBF, CBV, MTT, Tmax) or one 4D NIfTI file with those 5 channels last, ``case`` its
     ``case_name``. ``source`` is:
 
     - an ISLES 2018 root (with a ``TESTING`` folder): its TESTING cases;
-    - a folder of ISLES 2018 case folders (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...``);
+    - a folder of ISLES 2018 case folders (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...``), or one such case folder;
     - an ISLES 2024 root (``scripts.isles24``): every subject;
     - a folder of 4D NIfTI files, one case each;
     - a datalist ``.json``: the ``image`` of each item of its ``data_list_key`` section (relative paths are relative to
@@ -145,28 +220,8 @@ def find_inputs(source, data_list_key="testing", check=False):
         images = [item["image"] for item in _read_section(source, data_list_key, is_segmentation=False)]
     elif not os.path.isdir(source):
         raise FileNotFoundError(f"{source} is neither a folder nor a datalist .json file")
-    elif find_dir(source, TESTING_DIR):
-        images = [
-            read_case(case, case_dir, with_label=False)["image"] for case, case_dir in find_cases(source, TESTING_DIR)
-        ]
     else:
-        files = sorted(
-            f
-            for f in os.listdir(source)
-            if f.lower().endswith(NIFTI_SUFFIXES) and os.path.isfile(os.path.join(source, f))
-        )
-        if files:
-            images = [os.path.join(source, f) for f in files]
-        elif isles24.find_root(source):
-            roots = isles24.find_root(source)
-            images = [isles24.read_subject(subject, *roots)["image"] for subject in isles24.find_subjects(*roots)]
-        elif find_dir(source, TRAINING_DIR):
-            raise InvalidCaseError(
-                f"{source} has a {TRAINING_DIR} folder but no {TESTING_DIR} folder; to segment"
-                f" the training cases pass {os.path.join(source, TRAINING_DIR)}"
-            )
-        else:
-            images = [read_case(case, case_dir, with_label=False)["image"] for case, case_dir in case_folders(source)]
+        images = _folder_inputs(source)
     if not images:
         raise InvalidCaseError(
             f"{source}: no cases (an ISLES 2018 or 2024 root, a folder of case folders or of 4D NIfTI files,"
@@ -174,6 +229,8 @@ def find_inputs(source, data_list_key="testing", check=False):
         )
     items = [{"image": image, "case": case_name(image)} for image in images]
     check_entries(items, source)
+    if os.path.isfile(source):
+        _refuse_missing(items, source)
     check_unique_names(items)
     if as_bool(check, "check_inputs"):
         for item in items:

@@ -73,7 +73,8 @@ def _relative(item, data_root):
 def _read_tree(data_root, check, skip_invalid):
     """The training items (with a label), testing items, skipped messages and release name of an ISLES 2018 root
     (``TRAINING/``, ``TESTING/``) or an ISLES 2024 root (``scripts.isles24``: a subject with a mask trains)."""
-    if find_dir(data_root, TRAINING_DIR) or find_dir(data_root, TESTING_DIR):
+    roots = isles24.find_root(data_root)  # first: it refuses a root that mixes the releases
+    if roots is None and (find_dir(data_root, TRAINING_DIR) or find_dir(data_root, TESTING_DIR)):
         training, skipped = read_valid_cases(
             [(c, d, True) for c, d in find_cases(data_root, TRAINING_DIR)], check, skip_invalid
         )
@@ -81,7 +82,6 @@ def _read_tree(data_root, check, skip_invalid):
             [(c, d, False) for c, d in find_cases(data_root, TESTING_DIR)], check, skip_invalid
         )
         return training, testing, skipped + skipped_test, "ISLES 2018 CT perfusion"
-    roots = isles24.find_root(data_root)
     if roots is None:
         raise InvalidCaseError(
             f"{data_root}: neither an ISLES 2018 root ({TRAINING_DIR}/ and/or {TESTING_DIR}/ of case_N folders) nor"
@@ -90,6 +90,13 @@ def _read_tree(data_root, check, skip_invalid):
     subjects = [(s, *roots) for s in isles24.find_subjects(*roots)]
     items, skipped = read_valid_cases(subjects, check, skip_invalid, read=isles24.read_subject)
     training, testing = [i for i in items if "label" in i], [i for i in items if "label" not in i]
+    if training and testing:
+        logger.warning(
+            "%d subject(s) without a %s file are testing cases, not training ones: %s",
+            len(testing),
+            isles24.MASK_SUFFIX,
+            ", ".join(i["case"] for i in testing),
+        )
     return training, testing, skipped, "ISLES 2024 CT perfusion"
 
 

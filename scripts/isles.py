@@ -5,9 +5,11 @@ MONAI reads datalists and NIfTI files but knows nothing of the ISLES folder layo
 broken; this module fills that gap.
 """
 
+import gzip
 import logging
 import os
 import re
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -165,12 +167,26 @@ def _values_problem(data):
     return None
 
 
-def check_case(item):
+def _gzip_problem(path):
+    """Why a ``.gz`` file's stream is not whole (its CRC or length differs from its trailer), or None. nibabel reads
+    only the bytes the header asks for, so a corrupt stream can give wrong values without an error."""
+    if not path.lower().endswith(".gz"):
+        return None
+    try:
+        with gzip.open(path) as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as err:
+        return f"a compressed stream that is not whole ({err}): the file is corrupt; copy it again"
+    return None
+
+
+def check_case(item, refuse_blank=False):
     """Load every file of a datalist item (absolute paths) and check grids, values and the label.
 
     ``item["image"]`` is the 5 maps in channel order, or one 4D file with the 5 channels last (x, y, z, 5).
     Values are checked as the pipeline reads them: after the header's scaling (``scl_slope``/``scl_inter``), as
-    float32.
+    float32. With ``refuse_blank`` (training), a perfusion map with one value everywhere is refused too.
 
     Returns:
         The number of lesion voxels of the label, None for an item without label.
@@ -178,8 +194,8 @@ def check_case(item):
     Raises:
         InvalidCaseError: naming the case and the file, for unreadable/truncated/non-NIfTI files, a map that is not 3-D
             ((x, y, z), or (x, y, z, 1)), a 4D file that is not (x, y, z, 5), a shape or affine that differs from the
-            CT's (``same_grid``), values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, and a label with
-            values other than 0 and 1.
+            CT's (``same_grid``), values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, a ``.gz`` file
+            whose stream fails its CRC or length check, and a label with values other than 0 and 1.
     """
     case = item.get("case", "?")
     image = item["image"]
@@ -216,7 +232,12 @@ def check_case(item):
                 f" {np.abs(img.affine - ref_affine).max():.2g}; MONAI stacks maps only when np.allclose holds)"
                 f"\n{np.array2string(img.affine, precision=6)}\nvs CT\n{np.array2string(ref_affine, precision=6)}"
             )
-        problem = _values_problem(data)
+        problem = _values_problem(data) or _gzip_problem(path)
+        if not problem and refuse_blank and name in CHANNELS[1:] and data.size and np.ptp(data) == 0:
+            problem = (
+                f"the same value ({np.asarray(data).flat[0]:.4g}) in every voxel: a blank map (the perfusion software"
+                " produced none) teaches the network nothing true; leave the case out"
+            )
         if problem:
             raise InvalidCaseError(f"{case}: {name} file {path} has {problem}")
         if name == LABEL:
@@ -283,7 +304,7 @@ def read_valid_cases(cases, check=False, skip_invalid=False, read=None):
         try:
             item = (read or read_case)(*case)
             if check:
-                check_case(item)
+                check_case(item, refuse_blank="label" in item)  # a training case
         except InvalidCaseError as err:
             if not skip_invalid:
                 raise

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
-from scripts.isles import CHANNELS, NIFTI_SUFFIXES, InvalidCaseError
+from scripts.isles import CHANNELS, NIFTI_SUFFIXES, TESTING_DIR, TRAINING_DIR, InvalidCaseError, find_dir
 
 __all__ = ["EXPECTED", "find_root", "find_subjects", "read_subject"]
 
@@ -32,6 +33,7 @@ INPUT_SUFFIXES = {
     "Tmax": "space-ncct_tmax",
 }
 MASK_SUFFIX = "lesion-msk"
+MASK_LIKE = re.compile(r"msk|mask|lesion|label|seg")  # in the name of a file that is not read as a mask
 EXPECTED = (
     "an ISLES 2024 root holds rawdata/ (or raw_data/) and derivatives/, or a train/ folder holding them:"
     " <raw>/sub-*/ses-*/sub-*_ses-*_ncct.nii.gz, derivatives/sub-*/ses-*/perfusion-maps/"
@@ -41,13 +43,30 @@ assert tuple(INPUT_SUFFIXES) == CHANNELS
 
 
 def find_root(data_root: str) -> tuple[str, str] | None:
-    """``(raw_dir, derivatives_dir)`` of an ISLES 2024 tree at ``data_root`` or in its ``train/`` folder, else None."""
+    """``(raw_dir, derivatives_dir)`` of an ISLES 2024 tree at ``data_root`` or in its ``train/`` folder, else None.
+
+    Raises:
+        InvalidCaseError: when the choice is not one: two ISLES 2024 trees (``rawdata/`` and ``raw_data/``, or one at
+            the root and one in ``train/``), or an ISLES 2024 tree beside ISLES 2018 ``TRAINING/``/``TESTING/``
+            folders; each would silently leave the other's cases out.
+    """
+    found = []
     for root in (data_root, os.path.join(data_root, "train")):
-        raw = next((os.path.join(root, d) for d in RAW_DIRS if os.path.isdir(os.path.join(root, d))), None)
         derivatives = os.path.join(root, DERIVATIVES_DIR)
-        if raw and os.path.isdir(derivatives):
-            return raw, derivatives
-    return None
+        raws = [os.path.join(root, d) for d in RAW_DIRS if os.path.isdir(os.path.join(root, d))]
+        found += [(raw, derivatives) for raw in raws if os.path.isdir(derivatives)]
+    if len(found) > 1:
+        raise InvalidCaseError(
+            f"{data_root} holds {len(found)} ISLES 2024 trees ({', '.join(raw for raw, _ in found)}); one would be"
+            " left out unseen: pass the folder of one of them"
+        )
+    isles18 = [d for d in (find_dir(data_root, TRAINING_DIR), find_dir(data_root, TESTING_DIR)) if d]
+    if found and isles18:
+        raise InvalidCaseError(
+            f"{data_root} holds both ISLES 2018 ({', '.join(isles18)}) and ISLES 2024 ({found[0][0]}) cases; one"
+            " release would be left out unseen: keep each release in its own folder"
+        )
+    return found[0] if found else None
 
 
 def find_subjects(raw_dir: str, derivatives_dir: str) -> list[str]:
@@ -69,6 +88,22 @@ def _one(subject, pattern, what, required=True):
     return found[0] if found else None
 
 
+def _refuse_misnamed_mask(subject, derivatives_dir):
+    """A subject without a ``*lesion-msk*`` file is a testing case; one whose derivatives hold a file that looks like
+    a mask under another name would become one unseen, so it is refused, naming the file."""
+    candidates = [
+        path
+        for path in glob.glob(os.path.join(derivatives_dir, subject, "ses-*", "*"))
+        if path.lower().endswith(NIFTI_SUFFIXES) and MASK_LIKE.search(os.path.basename(path).lower())
+    ]
+    if candidates:
+        raise InvalidCaseError(
+            f"{subject}: no *{MASK_SUFFIX}* file, but {', '.join(sorted(candidates))} looks like a mask; name it"
+            f" <subject>_<session>[_space-ncct]_{MASK_SUFFIX}.nii.gz to train on the subject, or move it away to use"
+            " the subject as a testing case"
+        )
+
+
 def read_subject(subject: str, raw_dir: str, derivatives_dir: str) -> dict:
     """The datalist item of one subject: ``{"image": [NCCT, CBF, CBV, MTT, Tmax], "case": subject}`` with absolute
     paths, and ``"label"`` when the subject has a lesion mask.
@@ -86,6 +121,8 @@ def read_subject(subject: str, raw_dir: str, derivatives_dir: str) -> dict:
         "lesion mask",
         required=False,
     )
+    if mask is None:
+        _refuse_misnamed_mask(subject, derivatives_dir)
     item = {"image": image, "case": subject}
     if mask:
         item["label"] = mask

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripts.datalist import find_inputs
 from scripts.reports import read_csv
 
 TINY = ["--features", "[2,4,8,16,32]", "--spatial_size", "[32,32,16]", "--num_workers", "0", "--val_interval", "1"]
@@ -74,7 +75,7 @@ def test_the_table_is_the_mean_of_the_per_case_values(finished):
 
 
 def test_overrides_reach_every_run(finished):
-    out, _, _ = finished
+    out, args, _ = finished
     for network in ("modified", "classic"):
         for fold in (0, 1):
             models = out / network / f"fold{fold}" / "models"
@@ -85,6 +86,13 @@ def test_overrides_reach_every_run(finished):
     ensemble = json.load(open(out / "ensemble.json"))
     assert ensemble["features"] == [2, 4, 8, 16, 32] and len(ensemble["ensemble_checkpoints"]) == 2
     assert all(os.path.isfile(p) for p in ensemble["ensemble_checkpoints"])
+    # the ensemble segments the datalist's testing cases only: every other case trained one of its models
+    assert ensemble["dataset_dir"] == str(out / "testing.json") and ensemble["data_list_key"] == "testing"
+    datalist, datalist_root = json.load(open(out / "datalist.json")), args[1]
+    testing = find_inputs(ensemble["dataset_dir"])
+    assert [i["case"] for i in testing] == [i["case"] for i in datalist["testing"]] and testing
+    trained = {os.path.join(datalist_root, i["image"][0]) for i in datalist["training"]}
+    assert all(i["image"][0] not in trained for i in testing)
 
 
 def test_a_finished_or_different_run_is_not_overwritten_and_typos_are_refused(repo_root, finished, tmp_path):

@@ -3,6 +3,7 @@ profile, and masks back on the NCCT's oblique grid."""
 
 import glob
 import json
+import logging
 import os
 import shutil
 
@@ -102,6 +103,40 @@ def test_the_check_compares_every_map_and_the_mask_with_the_nccts_grid(copy):
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.uint8), shifted), path)
     with pytest.raises(InvalidCaseError, match=f"^{subject}: OT file {path} has an affine that differs from the CT's"):
         build_datalist(root, folds=2, check=True)
+
+
+def test_a_root_that_mixes_trees_or_releases_is_refused(copy, synthetic_tree, tmp_path, caplog):
+    root, layout = copy
+    raw = glob.glob(os.path.join(root, "**", "raw*data"), recursive=True)[0]
+    other = os.path.join(os.path.dirname(raw), "raw_data" if layout == "isles24" else "rawdata")
+    shutil.copytree(raw, other)
+    for read in (lambda: build_datalist(root, folds=2), lambda: find_inputs(root)):
+        with pytest.raises(InvalidCaseError, match=f"^{root} holds 2 ISLES 2024 trees .*one would be left out"):
+            read()
+    shutil.rmtree(other)
+    shutil.copytree(os.path.join(synthetic_tree, "TESTING"), os.path.join(root, "TESTING"))
+    for read in (lambda: build_datalist(root, folds=2), lambda: find_inputs(root)):
+        with pytest.raises(InvalidCaseError, match=f"^{root} holds both ISLES 2018 .*TESTING.* and ISLES 2024"):
+            read()
+    shutil.rmtree(os.path.join(root, "TESTING"))
+    with caplog.at_level(logging.WARNING):
+        datalist = build_datalist(root, folds=2)
+    (testing,) = [item["case"] for item in datalist["testing"]]
+    assert f"1 subject(s) without a lesion-msk file are testing cases, not training ones: {testing}" in caplog.text
+
+
+def test_a_misnamed_mask_is_refused_not_turned_into_a_testing_case(copy):
+    root, _ = copy
+    subject = build_datalist(root, folds=2)["training"][0]["case"]
+    path = mask_of(root, subject)
+    misnamed = path.replace("lesion-msk", "lesion-mask")
+    os.rename(path, misnamed)
+    with pytest.raises(
+        InvalidCaseError, match=f"^{subject}: no \\*lesion-msk\\* file, but {misnamed} looks like a mask"
+    ):
+        build_datalist(root, folds=2)
+    os.remove(misnamed)  # without it the subject is a testing case, as documented
+    assert subject in [item["case"] for item in build_datalist(root, folds=2)["testing"]]
 
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}

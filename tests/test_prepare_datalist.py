@@ -15,7 +15,7 @@ import pytest
 from monai.data import load_decathlon_datalist
 from scripts.datalist import find_inputs, load_fold, load_section
 from scripts.folds import build_datalist
-from scripts.isles import CHANNELS, InvalidCaseError, check_case
+from scripts.isles import CHANNELS, InvalidCaseError, check_case, read_case
 
 # The token each channel's folder carries in the synthetic tree (the real release's CT_ names).
 TOKENS = {"CT": ".CT.", "CBF": ".CT_CBF.", "CBV": ".CT_CBV.", "MTT": ".CT_MTT.", "Tmax": ".CT_Tmax.", "OT": ".OT."}
@@ -260,7 +260,32 @@ def break_empty_case(tree):
     return "case_4", "case_4"
 
 
+def break_gzip_checksum(tree):
+    """A .nii.gz whose stream fails its CRC: nibabel reads the values the header asks for and never notices."""
+    path = map_file(tree, "case_4", "CBV")
+    gz = path + ".gz" if path.endswith(".nii") else path
+    nib.save(nib.load(path), gz)
+    if gz != path:
+        os.remove(path)
+    with open(gz, "r+b") as f:  # the last 8 bytes are the CRC-32 and the length
+        f.seek(-6, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-6, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    np.asanyarray(nib.load(gz).dataobj)  # no error from nibabel
+    return "case_4", os.path.basename(gz)
+
+
+def break_blank_cbf(tree):
+    """The perfusion software produced no CBF map: every voxel 0."""
+    path = map_file(tree, "case_4", "CBF")
+    rewrite(path, lambda d, a: (np.zeros_like(d), a))
+    return "case_4", os.path.basename(path)
+
+
 BREAKERS = [
+    break_gzip_checksum,
+    break_blank_cbf,
     break_missing_map,
     break_shape,
     break_affine,
@@ -384,8 +409,9 @@ def write_datalist(path, tree, change):
         (lambda item: item.update(fold="0"), "'fold' in .* must be an integer, got '0'"),
         (lambda item: item["image"].pop(), "lists 4 files, expected one 4D file or the 5 maps"),
         (lambda item: item["image"].append(item["image"][0]), "lists 6 files"),
+        (lambda item: item["image"].insert(1, item["image"].pop(2)), "gives .*CBV.*, a CBV map, as channel 2"),
     ],
-    ids=["no_label", "no_fold", "string_fold", "four_images", "six_images"],
+    ids=["no_label", "no_fold", "string_fold", "four_images", "six_images", "channels_swapped"],
 )
 def test_malformed_datalist_entries_are_named_before_training(tree, tmp_path, change, message):
     path = tmp_path / "datalist.json"
@@ -414,3 +440,35 @@ def test_a_datalist_that_is_no_json_is_named(synthetic_tree, tmp_path, content):
             read()
     with pytest.raises(InvalidCaseError, match=f"{path} is not a datalist"):
         find_inputs(str(path))
+
+
+def test_a_datalist_that_contradicts_itself_is_refused(tree, tmp_path):
+    datalist = build_datalist(tree, folds=3, seed=0)
+    twice = dict(datalist["training"][0], fold=(datalist["training"][0]["fold"] + 1) % 3)
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps(dict(datalist, training=datalist["training"] + [twice])))
+    with pytest.raises(InvalidCaseError, match=f"^{twice['case']}: listed twice .* a case in two folds is trained on"):
+        load_fold(str(path), tree, fold=0)
+    path = tmp_path / "order.json"
+    path.write_text(json.dumps(dict(datalist, channels=["CT", "CBV", "CBF", "MTT", "Tmax"])))
+    for read in (lambda: load_fold(str(path), tree, 0), lambda: load_section(str(path), tree, "training")):
+        with pytest.raises(InvalidCaseError, match=f"^{path} lists its images in the channel order"):
+            read()
+
+
+def test_inference_takes_one_case_folder_and_names_a_datalist_away_from_its_files(tree, tmp_path):
+    (item,) = find_inputs(os.path.join(tree, "TRAINING", "case_4"))
+    assert (
+        item["case"] == "case_4"
+        and item["image"] == read_case("case_4", os.path.join(tree, "TRAINING", "case_4"), False)["image"]
+    )
+    away = tmp_path / "elsewhere" / "datalist.json"
+    away.parent.mkdir()
+    away.write_text(json.dumps(build_datalist(tree, folds=3, seed=0)))
+    with pytest.raises(
+        InvalidCaseError, match=r"^case_1: .* listed in .*datalist.json, does not exist; the relative paths"
+    ):
+        find_inputs(str(away))
+    inside = os.path.join(tree, "datalist.json")
+    shutil.copy(away, inside)
+    assert [i["case"] for i in find_inputs(inside)] == ["case_1", "case_2"]

@@ -232,8 +232,17 @@ def test_a_second_run_never_replaces_a_trained_model_unasked(repo_root, syntheti
     wf.initialize()
     assert not latest.exists(), "the replaced run's checkpoint is gone: a later --resume must not continue it"
     assert model.read_bytes() == before, "the earlier model stays until this run's first validation replaces it"
+    inference = ConfigWorkflow(
+        config_file=os.path.join(repo_root, "configs", "inference.json"),
+        workflow_type="infer",
+        ckpt_dir=str(tmp_path / "models"),
+    )
+    with pytest.raises(Exception) as excinfo:  # meanwhile no prediction passes it off as the new run's model
+        inference.parser.get_parsed_content("checkpoints")
+    assert f"{model} is outdated" in raised_messages(excinfo) and "--resume true" in raised_messages(excinfo)
     wf.run()
     assert model.read_bytes() != before and latest.exists()
+    assert inference.parser.get_parsed_content("checkpoints", lazy=False) == [str(model)]
 
 
 @pytest.mark.parametrize("epochs, val_interval, validated", [(1, 5, [1]), (3, 2, [2, 3]), (4, 2, [2, 4])])

@@ -37,7 +37,7 @@ from scripts.flags import as_bool
 from scripts.folds import build_datalist
 from scripts.safe_files import LOCK, hold_folder, write_atomically
 from scripts.tools.cli import run
-from scripts.tools.cv_report import write_outputs
+from scripts.tools.cv_report import TESTING_FILE, write_outputs
 
 __all__ = ["NETWORKS", "cross_validate", "main"]
 
@@ -49,7 +49,7 @@ STEPS = (("train", "trained.json"), ("test", "scored_test.json"), ("train_cases"
 SETTINGS_FILE = "cross_validation.json"
 FINISHED_FILE = "table.md"
 # what scripts.tools.cv_report.write_outputs writes besides table.md and the ensemble overrides
-OUTPUTS = ("per_case.csv", "table.csv", "dice.png", "comparison.md")
+OUTPUTS = ("per_case.csv", "table.csv", "dice.png", "comparison.md", TESTING_FILE)
 
 
 def _config_files(network, profile, evaluate=False):

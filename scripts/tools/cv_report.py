@@ -11,6 +11,7 @@ import numpy as np
 from monai.bundle import ConfigParser
 from PIL import Image, ImageDraw
 from scripts import BUNDLE_ROOT
+from scripts.isles import CHANNELS
 from scripts.metrics import METRIC_NAMES
 from scripts.reports import print_table, read_csv, write_csv
 from scripts.safe_files import write_atomically
@@ -28,6 +29,7 @@ PAPER_TABLE = [
     {"network": "modified", "split": "test", "dice": 0.58, "precision": 0.68, "recall": 0.60, "jaccard": 0.66},
 ]
 SPLITS = ("test", "train")
+TESTING_FILE = "testing.json"  # the datalist's testing cases, which the fold-ensemble overrides segment
 BASELINE = "threshold (rCBF<30%)"  # the non-learned core of scripts/perfusion_report.py, scored by every evaluation
 
 
@@ -160,9 +162,10 @@ def dice_figure(per_case, networks, path, title):
     write_atomically(path, lambda f: image.save(f, format="PNG"))
 
 
-def _ensemble_override(output_dir, network, folds, dataset_dir, profile_files, overrides):
-    """An override of configs/inference.json that segments ``dataset_dir``'s testing cases with the fold models:
-    the run's overrides and profile settings that inference.json has (those that refer to no other ID)."""
+def _ensemble_override(output_dir, network, folds, testing_path, profile_files, overrides):
+    """An override of configs/inference.json that segments the datalist's testing cases (``testing_path``) with the
+    fold models: the run's overrides and profile settings that inference.json has (those that refer to no other ID).
+    Only the testing section: on an ISLES 2024 root every other subject trained one of the fold models."""
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
     settings = {}
@@ -172,10 +175,28 @@ def _ensemble_override(output_dir, network, folds, dataset_dir, profile_files, o
     settings.update({k: v for k, v in overrides.items() if k in parser})
     return {
         **settings,
-        "dataset_dir": dataset_dir,
+        "dataset_dir": testing_path,
+        "data_list_key": "testing",
         "ensemble_checkpoints": [os.path.join(output_dir, network, f"fold{f}", "models", "model.pt") for f in folds],
         "output_dir": os.path.join(output_dir, network, "ensemble"),
     }
+
+
+def _testing_items(datalist_path, dataset_dir):
+    """The datalist's ``testing`` items with absolute paths and without labels (none of the fold models trained on
+    them)."""
+    with open(datalist_path) as f:
+        items = json.load(f).get("testing", [])
+    return [
+        {**{k: v for k, v in item.items() if k != "label"}, "image": _absolute(item["image"], dataset_dir)}
+        for item in items
+    ]
+
+
+def _absolute(image, dataset_dir):
+    if isinstance(image, str):
+        return os.path.join(dataset_dir, image)
+    return [os.path.join(dataset_dir, p) for p in image]
 
 
 def write_outputs(output_dir, networks, folds, datalist_path, dataset_dir, profile_files, overrides):
@@ -214,15 +235,22 @@ def write_outputs(output_dir, networks, folds, datalist_path, dataset_dir, profi
         )
         write_atomically(out["comparison.md"], lambda f: f.write(comparison.encode()))
         text.append("\n" + comparison)
-    for network in networks:
+    testing = _testing_items(datalist_path, dataset_dir)
+    if testing:
+        out[TESTING_FILE] = os.path.join(output_dir, TESTING_FILE)
+        listing = json.dumps({"channels": list(CHANNELS), "testing": testing}, indent=2) + "\n"
+        write_atomically(out[TESTING_FILE], lambda f: f.write(listing.encode()))
+    else:
+        text.append("\nThe datalist has no testing cases: no fold ensemble (every case trained one of its models).\n")
+    for network in networks if testing else []:
         name = "ensemble.json" if network == networks[0] else f"ensemble_{network}.json"
         out[name] = os.path.join(output_dir, name)
-        override = _ensemble_override(output_dir, network, folds, dataset_dir, profile_files, overrides)
+        override = _ensemble_override(output_dir, network, folds, out[TESTING_FILE], profile_files, overrides)
         write_atomically(out[name], lambda f, o=override: f.write((json.dumps(o, indent=4) + "\n").encode()))
         configs = ["configs/inference.json"] + (["configs/classic_unet.json"] if network == "classic" else [])
         text.append(
-            f"\nFold ensemble of {network} on the testing cases:\n\n    python -m monai.bundle run --config_file"
-            f' "{configs + [out[name]]}"\n'
+            f"\nFold ensemble of {network} on the {len(testing)} testing cases of the datalist ({TESTING_FILE}):\n\n"
+            f'    python -m monai.bundle run --config_file "{configs + [out[name]]}"\n'
         )
     write_atomically(out["table.md"], lambda f: f.write("\n".join(text).encode()))  # last: it marks OUT as finished
     print_table(f"{out['table.md']}:", columns, table)
