@@ -9,11 +9,14 @@ MONAI has the metrics themselves (``DiceMetric``, ``MeanIoU``, ``ConfusionMatrix
 - ``ConfusionRatioMetric``: ``ConfusionMatrixMetric`` keeps each case's TP/FP/TN/FN counts, so the per-case report
   would hold counts instead of precision and recall.
 - ``EmptyMaskRule``: MONAI's distance metrics give NaN or inf (depending on the metric) when a mask is empty.
+- ``ChallengeLesionMetric``: MONAI has no lesion-wise (instance) metrics; ISLES 2024 scores with ``panoptica``
+  (connected components, naive IoU-threshold matching), which this wraps as its scoring code calls it.
 
 Empty masks (docs/evaluation.md): Dice and Jaccard are 1 when both masks are empty and 0 when one is (MONAI with
 ``ignore_empty=False``); precision is NaN for an empty prediction and recall NaN for an empty label (0/0); HD95 and
 ASSD are 0 when both are empty and NaN when one is; volumes are always defined. NaNs are left out of the summary
-statistics, whose ``notnans`` column counts the cases that entered them.
+statistics, whose ``notnans`` column counts the cases that entered them. Lesion-wise F1 is 1 when both are empty
+and 0 when one is, as the ISLES 2024 scoring has it; the lesion-count difference is always defined.
 """
 
 from __future__ import annotations
@@ -34,16 +37,31 @@ from monai.metrics import (
 )
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 from monai.metrics.utils import do_metric_reduction
+from panoptica import (
+    ConnectedComponentsInstanceApproximator,
+    InputType,
+    NaiveThresholdMatching,
+    Panoptica_Evaluator,
+    disable_citation_reminder,
+)
 
 __all__ = [
+    "LESION_MATCHING_IOU",
     "METRICS",
     "METRIC_NAMES",
+    "ChallengeLesionMetric",
     "ConfusionRatioMetric",
     "EmptyMaskRule",
     "LesionVolumeMetric",
     "SpacingMetricHandler",
     "metric_handlers",
 ]
+
+disable_citation_reminder()  # else panoptica prints a banner in every process that imports it
+# IoU from which a predicted lesion matches a reference lesion: the ISLES 2024 scoring code's
+# (github:ezequieldlrosa/isles24, utils/eval_utils.py, NaiveThresholdMatching(matching_threshold=0.2) since
+# December 2025; the 2024 leaderboard used panoptica's default, 0.5)
+LESION_MATCHING_IOU = 0.2
 
 # The one deprecation MONAI 1.6.1 warns of from its own call (metrics/utils.py), whatever the caller passes
 DEPRECATED_BY_MONAI_ITSELF = r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy: "
@@ -145,6 +163,42 @@ class EmptyMaskRule(_PerCaseMetric):
         return torch.where(~pred_any & ~label_any, self.both_empty, value)
 
 
+class ChallengeLesionMetric(_PerCaseMetric):
+    """A lesion-wise figure of the ISLES 2024 scoring, computed by ``panoptica`` as the challenge's code calls it:
+    lesions are connected components, matched one to one where their IoU is at least ``matching_iou``.
+
+    Args:
+        of: ``"f1"`` (panoptica's recognition quality ``rq``, tp / (tp + (fp + fn) / 2); 1 when both masks are
+            empty, as the challenge sets it) or ``"count_difference"`` (|reference lesions - predicted lesions|).
+        matching_iou: the matching threshold.
+    """
+
+    def __init__(self, of="f1", matching_iou=LESION_MATCHING_IOU, reduction="mean"):
+        super().__init__(reduction)
+        if of not in ("f1", "count_difference"):
+            raise ValueError(f"of must be 'f1' or 'count_difference', got {of!r}")
+        self.of = of
+        self.evaluator = Panoptica_Evaluator(
+            expected_input=InputType.SEMANTIC,
+            instance_approximator=ConnectedComponentsInstanceApproximator(),
+            instance_matcher=NaiveThresholdMatching(matching_threshold=matching_iou),
+        )
+
+    def _compute_tensor(self, y_pred, y=None, **kwargs):
+        values = [
+            [self._one(pred_c, label_c) for pred_c, label_c in zip(pred, label)] for pred, label in zip(y_pred, y)
+        ]
+        return torch.tensor(values, dtype=torch.float32, device=y_pred.device)
+
+    def _one(self, pred, label):
+        pred, label = (np.asarray(t.detach().cpu().numpy() > 0, dtype=np.int32) for t in (pred, label))
+        result = self.evaluator.evaluate(pred, label, verbose=False)["ungrouped"]
+        n_ref, n_pred = int(result.n_ref_instances), int(result.n_pred_instances)
+        if self.of == "count_difference":
+            return float(abs(n_ref - n_pred))
+        return 1.0 if n_ref == 0 and n_pred == 0 else float(result.rq)
+
+
 # The per-case metrics of evaluation, defined once, in the order of metrics_per_case.csv: name -> (a new metric, whether
 # it takes the voxel spacing). configs/evaluate.json scores the model's masks and the threshold-core baseline with them.
 METRICS = {
@@ -157,6 +211,8 @@ METRICS = {
     "volume_true_ml": (lambda: LesionVolumeMetric("label"), True),
     "volume_pred_ml": (lambda: LesionVolumeMetric("pred"), True),
     "volume_abs_diff_ml": (lambda: LesionVolumeMetric("abs_difference"), True),
+    "lesion_f1": (lambda: ChallengeLesionMetric("f1"), False),
+    "lesion_count_diff": (lambda: ChallengeLesionMetric("count_difference"), False),
 }
 METRIC_NAMES = tuple(METRICS)
 

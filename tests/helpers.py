@@ -1,5 +1,8 @@
 """Helpers shared by the test modules (pytest puts tests/ on sys.path: `from helpers import ...`)."""
 
+import numpy as np
+from panoptica import ConnectedComponentsInstanceApproximator, InputType, NaiveThresholdMatching, Panoptica_Evaluator
+
 
 def initialize_and_run(workflow):
     """``initialize()`` then ``run()`` of a MONAI bundle workflow: one call, for a ``pytest.raises`` block."""
@@ -15,3 +18,21 @@ def raised_messages(excinfo):
         messages.append(f"{type(err).__name__}: {err}")
         err = err.__cause__ or err.__context__
     return "\n".join(messages)
+
+
+def challenge_scoring(prediction, ground_truth, voxel_size):
+    """The ISLES 2024 scoring of one case (github:ezequieldlrosa/isles24, utils/eval_utils.py), called on panoptica
+    2.x directly: F1, lesion count difference, Dice, absolute volume difference (``voxel_size`` in mL)."""
+    evaluator = Panoptica_Evaluator(
+        expected_input=InputType.SEMANTIC,
+        instance_approximator=ConnectedComponentsInstanceApproximator(),
+        instance_matcher=NaiveThresholdMatching(matching_threshold=0.2),
+    )
+    result = evaluator.evaluate(prediction.astype(int), ground_truth.astype(int), verbose=False)["ungrouped"]
+    count_difference = abs(result.n_ref_instances - result.n_pred_instances)
+    if result.n_ref_instances == 0 and result.n_pred_instances == 0:
+        f1, dice = 1.0, 1.0
+    else:
+        f1, dice = result.rq, result.global_bin_dsc
+    volume_difference = abs(np.sum(ground_truth > 0) * voxel_size - np.sum(prediction > 0) * voxel_size)
+    return f1, count_difference, dice, volume_difference

@@ -60,7 +60,7 @@ def test_the_table_is_the_mean_of_the_per_case_values(finished):
     for entry in table:
         cases = [r for r in rows if r["network"] == entry["network"] and r["split"] == entry["split"]]
         assert int(entry["cases"]) == len(cases)
-        for metric in ("dice", "precision", "recall", "jaccard", "hd95_mm", "volume_abs_diff_ml"):
+        for metric in ("dice", "precision", "recall", "jaccard", "hd95_mm", "volume_abs_diff_ml", "lesion_f1"):
             values = [float(r[metric]) for r in cases if not math.isnan(float(r[metric]))]
             expected = np.mean(values) if values else math.nan
             assert float(entry[metric]) == pytest.approx(expected, nan_ok=True), (entry, metric)

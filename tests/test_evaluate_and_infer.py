@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import initialize_and_run, raised_messages
+from helpers import challenge_scoring, initialize_and_run, raised_messages
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from monai.transforms import Invertd
@@ -117,6 +117,7 @@ def reference_metrics(pred, label, spacing):
         "volume_pred_ml": pred.sum() * voxel_ml,
         "volume_abs_diff_ml": abs(int(pred.sum()) - int(label.sum())) * voxel_ml,
     }
+    values["lesion_f1"], values["lesion_count_diff"] = challenge_scoring(pred, label, voxel_ml)[:2]
     if pred.any() and label.any():
         edge_pred, edge_label = (m & ~ndimage.binary_erosion(m) for m in (pred, label))
         to_label = ndimage.distance_transform_edt(~edge_label, sampling=spacing)[edge_pred]

@@ -4,14 +4,16 @@ import csv
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
+from helpers import challenge_scoring
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.handlers import MetricsSaver
 from scripts.inferers import FlipInferer
-from scripts.metrics import METRIC_NAMES, ConfusionRatioMetric
+from scripts.metrics import METRIC_NAMES, METRICS, ConfusionRatioMetric
 from scripts.reports import write_report
 
 SPACING = (0.5, 0.5, 5.0)  # mm: anisotropic, as ISLES slabs are
@@ -28,22 +30,23 @@ def box(z0, z1):
 
 
 EMPTY = torch.zeros(1, 8, 8, 4)
-# case: (prediction, label, expected values in COLUMNS order), worked out by hand in the comments
+# case: (prediction, label, expected values in COLUMNS order), worked out by hand in the comments; one lesion per
+# mask, matched (lesion_f1 1, lesion_count_diff 0) where the IoU (1/3 shifted, 1/2 larger) is at least 0.2
 CASES = {
     # one slice of overlap out of two; every voxel of a 2-slice box is on its surface: 16 distances of 0 and 16 of
     # one slice (5 mm) each way -> HD95 5 mm, ASSD 2.5 mm (1 and 0.5 if the spacing were ignored)
-    "shifted": (box(1, 3), box(0, 2), [0.5, 1 / 3, 0.5, 0.5, 5.0, 2.5, 32 * VOXEL_ML, 32 * VOXEL_ML, 0.0]),
+    "shifted": (box(1, 3), box(0, 2), [0.5, 1 / 3, 0.5, 0.5, 5.0, 2.5, 32 * VOXEL_ML, 32 * VOXEL_ML, 0.0, 1.0, 0.0]),
     # prediction = label (z 0-1) plus z 2-3: 56 of its 64 voxels are on its surface, 28 of them in the label (0 mm),
     # 12 at 5 mm, 16 at 10 mm; 28 label voxels are on the prediction's surface, 4 are 0.5 mm (one voxel in-plane)
     # from it -> HD95 max(10, 0.5) = 10 mm, ASSD (12 * 5 + 16 * 10 + 4 * 0.5) / (56 + 32) mm
     "larger": (
         box(0, 4),
         box(0, 2),
-        [2 / 3, 0.5, 0.5, 1.0, 10.0, 222 / 88, 32 * VOXEL_ML, 64 * VOXEL_ML, 32 * VOXEL_ML],
+        [2 / 3, 0.5, 0.5, 1.0, 10.0, 222 / 88, 32 * VOXEL_ML, 64 * VOXEL_ML, 32 * VOXEL_ML, 1.0, 0.0],
     ),
-    "both_empty": (EMPTY, EMPTY, [1.0, 1.0, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0]),
-    "missed": (EMPTY, box(0, 2), [0.0, 0.0, NAN, 0.0, NAN, NAN, 32 * VOXEL_ML, 0.0, 32 * VOXEL_ML]),
-    "false_alarm": (box(0, 2), EMPTY, [0.0, 0.0, 0.0, NAN, NAN, NAN, 0.0, 32 * VOXEL_ML, 32 * VOXEL_ML]),
+    "both_empty": (EMPTY, EMPTY, [1.0, 1.0, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+    "missed": (EMPTY, box(0, 2), [0.0, 0.0, NAN, 0.0, NAN, NAN, 32 * VOXEL_ML, 0.0, 32 * VOXEL_ML, 0.0, 1.0]),
+    "false_alarm": (box(0, 2), EMPTY, [0.0, 0.0, 0.0, NAN, NAN, NAN, 0.0, 32 * VOXEL_ML, 32 * VOXEL_ML, 0.0, 1.0]),
 }
 
 
@@ -144,3 +147,40 @@ def test_flip_inferer_averages_probabilities_of_the_mirror_images():
     assert torch.allclose(torch.softmax(out, 1), expected, atol=1e-6)
     assert len(FlipInferer().flips) == 8 and FlipInferer(spatial_axes=[]).flips == [[]]
     assert torch.allclose(torch.softmax(FlipInferer(spatial_axes=[])(inputs, net), 1), torch.softmax(net(inputs), 1))
+
+
+def blobs(rng, shape, count):
+    """``count`` random boxes (2-6 voxels a side) in a grid of ``shape``; some touch, so components merge."""
+    mask = np.zeros(shape, bool)
+    for _ in range(count):
+        size = rng.integers(2, 7, size=3)
+        corner = [rng.integers(0, n - s) for n, s in zip(shape, size)]
+        mask[tuple(slice(c, c + s) for c, s in zip(corner, size))] = True
+    return mask
+
+
+def test_the_challenge_figures_are_panopticas_on_several_lesions_and_empty_masks():
+    """lesion_f1, lesion_count_diff, dice and volume_abs_diff_ml of METRICS against the challenge's own scoring."""
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 12)
+    pairs = []
+    for _ in range(12):
+        label = blobs(rng, shape, int(rng.integers(1, 6)))
+        kept = label & (rng.random(shape) < 0.95)  # prediction: the label thinned, some lesions dropped, new ones
+        for dropped in blobs(rng, shape, 2):
+            kept &= ~dropped
+        pairs.append((kept | blobs(rng, shape, int(rng.integers(0, 3))), label))
+    empty = np.zeros(shape, bool)
+    pairs += [(empty, empty), (empty, pairs[0][1]), (pairs[0][0], empty), (pairs[1][1], pairs[1][1])]
+    metrics = {name: METRICS[name][0]() for name in ("lesion_f1", "lesion_count_diff", "dice", "volume_abs_diff_ml")}
+    for pred, label in pairs:
+        expected = challenge_scoring(pred, label, VOXEL_ML)
+        y_pred, y = (on_grid(torch.from_numpy(m[None].astype(np.float32)))[None] for m in (pred, label))
+        ours = [
+            metrics["lesion_f1"](y_pred, y),
+            metrics["lesion_count_diff"](y_pred, y),
+            metrics["dice"](y_pred, y),
+            metrics["volume_abs_diff_ml"](y_pred, y, spacing=SPACING),
+        ]
+        assert all(same(float(value), float(want)) for value, want in zip(ours, expected)), (ours, expected)
+    assert {round(float(challenge_scoring(p, l, 1)[0]), 3) for p, l in pairs[:12]} - {0.0, 1.0}, "partial matches"

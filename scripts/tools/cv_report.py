@@ -20,7 +20,16 @@ __all__ = ["PAPER_TABLE", "paired_comparison", "summary_table", "write_outputs"]
 
 
 METRICS = METRIC_NAMES
-TABLE_COLUMNS = ("dice", "precision", "recall", "jaccard", "hd95_mm", "volume_abs_diff_ml")
+TABLE_COLUMNS = (
+    "dice",
+    "precision",
+    "recall",
+    "jaccard",
+    "hd95_mm",
+    "volume_abs_diff_ml",
+    "lesion_f1",
+    "lesion_count_diff",
+)
 # Omarov et al. 2022, Tab. 1 (their "test" is a held-out part of the ISLES 2018 training set)
 PAPER_TABLE = [
     {"network": "classic", "split": "train", "dice": 0.48, "precision": 0.39, "recall": 0.99, "jaccard": 0.35},
