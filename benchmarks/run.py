@@ -25,6 +25,10 @@ scripts/inferers.py), each figure against the ceiling of its own precision.
   demo size with the demo model trained here (and the best validation Dice of a float32 and a bfloat16 training
   run of the demo, same seed), at the paper size with an untrained network (no trained weights exist at that size);
 - ``scaling``: step time and peak memory against batch size and spatial size, demo and paper features;
+- ``isles24`` (``--isles24 true``): on full-size synthetic ISLES 2024 cases (512 x 512 x 100 at about 0.45 x 0.45 x
+  2 mm), whole-case inference per case and its peak memory with configs/isles24.json (resize to 128 x 128 x 64) and
+  configs/isles24_native.json (0.8 x 0.8 x 2 mm, sliding 96 x 96 x 32 windows), each in its own process, and the
+  training step each profile takes (batch 2 of whole resized volumes; batch 2 x 2 patches), at the demo's features;
 - peak resident memory of each section, each measured in its own child process.
 Not part of the tests: timings are never asserted.
 """
@@ -51,7 +55,7 @@ from scripts.flags import as_bool  # noqa: E402
 from scripts.inferers import cpu_has_native_bf16  # noqa: E402
 from scripts.networks import ModifiedUNet  # noqa: E402
 from scripts.safe_files import write_atomically  # noqa: E402
-from scripts.synthetic_isles import generate  # noqa: E402
+from scripts.synthetic_isles import generate, generate_isles24  # noqa: E402
 from scripts.tools.cli import run  # noqa: E402
 from scripts.tools.prepare_datalist import main as write_datalist  # noqa: E402
 
@@ -493,6 +497,66 @@ def section_fidelity(size, workdir):
     return out
 
 
+# profile: (config file, the training batch it gives: volumes or patches, their size)
+ISLES24_PROFILES = {"resize": ("isles24.json", 2, [128, 128, 64]), "native": ("isles24_native.json", 4, [96, 96, 32])}
+
+
+def section_isles24(cases, repeats):
+    """Whole-case inference and the training step of each ISLES 2024 profile, each in its own process."""
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        root = os.path.join(workdir, "isles24")
+        generate_isles24(root, num_train=0, num_test=cases, seed=1)
+        for name, (config, batch_size, spatial) in ISLES24_PROFILES.items():
+            infer = run_child("isles24_inference", {"config": config, "dataset_dir": root, "cases": cases})
+            step = run_child(
+                "scaling_point",
+                {"features": SIZES["demo"][1], "batch": batch_size, "spatial": spatial, "repeats": repeats},
+            )
+            rows.append(
+                {
+                    "profile": f"{name} ({config})",
+                    "per_case_s": infer["per_case_s"],
+                    "inference_peak_rss_mib": infer["peak_rss_mib"],
+                    "train_batch": f"{batch_size} x {spatial}",
+                    "train_step_s": step["step_s"],
+                    "train_step_peak_rss_mib": step["peak_rss_mib"],
+                }
+            )
+    return rows
+
+
+def isles24_inference(config, dataset_dir, cases):
+    """Seconds per case of configs/inference.json + ``config`` on ``dataset_dir`` (an untrained network of the
+    demo's features), the first case left out (start-up), and the peak RSS."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    with tempfile.TemporaryDirectory() as bundle_root:
+        os.makedirs(os.path.join(bundle_root, "models"))
+        torch.manual_seed(0)
+        net = ModifiedUNet(features=SIZES["demo"][1])
+        torch.save(net.state_dict(), os.path.join(bundle_root, "models", "model.pt"))
+        wf = ConfigWorkflow(
+            config_file=[os.path.join(REPO_ROOT, "configs", name) for name in ("inference.json", config)],
+            workflow_type="infer",
+            meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"),
+            bundle_root=bundle_root,
+            dataset_dir=dataset_dir,
+            features=SIZES["demo"][1],
+            amp=False,
+        )
+        wf.initialize()
+        done = [time.perf_counter()]
+        wf.parser.get_parsed_content("evaluator").add_event_handler(
+            Events.ITERATION_COMPLETED, lambda: done.append(time.perf_counter())
+        )
+        wf.run()
+        wf.finalize()
+    per_case = (done[-1] - done[1]) / (len(done) - 2) if cases > 1 else done[-1] - done[0]
+    return {"per_case_s": per_case, "peak_rss_mib": peak_rss_mib()}
+
+
 def section_scaling(points, repeats):
     """Training step time and peak RSS at each ``(features, batch, spatial)`` point, each in its own process."""
     return [
@@ -529,6 +593,8 @@ def child(section, kwargs_json):
     kwargs = json.loads(kwargs_json)
     if section == "scaling_point":
         return scaling_point(kwargs["features"], kwargs["batch"], kwargs["spatial"], kwargs["repeats"])
+    if section == "isles24_inference":
+        return isles24_inference(kwargs["config"], kwargs["dataset_dir"], kwargs["cases"])
     with tempfile.TemporaryDirectory() as workdir:
         if section == "pipeline":
             result = section_pipeline(kwargs["size"], kwargs["repeats"], workdir, kwargs["with_steps"])
@@ -587,12 +653,15 @@ def main(
     inference: bool = True,
     fidelity: bool = True,
     bf16: str = "auto",
+    isles24: bool = False,
+    isles24_cases: int = 3,
 ):
     """Run every section for each size in ``sizes`` and write ``output`` (JSON).
 
     ``paper_repeats`` (timed calls after one warm-up) applies at the paper size, where one training step of each
     network takes tens of seconds on a CPU. ``bf16``: ``auto`` times bfloat16 beside float32 only on a CPU with
-    native bfloat16 (``measured_precisions``), ``true`` or ``false`` decide.
+    native bfloat16 (``measured_precisions``), ``true`` or ``false`` decide. ``isles24``: add the ``isles24``
+    section, on ``isles24_cases`` full-size synthetic cases.
     """
     precisions = measured_precisions(bf16)
     results = {
@@ -672,6 +741,9 @@ def main(
         points += [(paper_features, b, [128, 128, 32]) for b in (1, 2)]
         results["scaling"] = section_scaling(points, max(1, repeats - 1))
         print_table("scaling of the modified UNet's training step (channels_last_3d)", results["scaling"])
+    if as_bool(isles24, "isles24"):
+        results["isles24"] = section_isles24(isles24_cases, max(1, repeats - 1))
+        print_table("ISLES 2024 profiles, full-size synthetic cases, demo features, float32", results["isles24"])
     results["targets"] = targets(results)
     if results["targets"]:
         print_table("bf16 targets", [{"size": size, **row} for size, row in results["targets"].items()])

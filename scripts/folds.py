@@ -7,6 +7,7 @@ import logging
 import os
 from collections import defaultdict
 
+import nibabel as nib
 import numpy as np
 from scripts import isles24
 from scripts.isles import (
@@ -20,7 +21,7 @@ from scripts.isles import (
     read_valid_cases,
 )
 
-__all__ = ["assign_folds", "build_datalist", "read_patients_csv"]
+__all__ = ["assign_folds", "build_datalist", "median_spacing", "read_patients_csv"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,21 @@ def _read_tree(data_root, check, skip_invalid):
     return training, testing, skipped, "ISLES 2024 CT perfusion"
 
 
+def median_spacing(items):
+    """The median voxel size (mm, per axis) of the items' CT files, read from their headers: the target spacing that
+    nnU-Net's dataset fingerprint would choose, for ``target_spacing`` (configs/isles24_native.json); None for no
+    items."""
+    if not items:
+        return None
+    zooms = []
+    for item in items:
+        try:
+            zooms.append(nib.load(item["image"][0]).header.get_zooms()[:3])
+        except Exception as err:  # nibabel raises several types for unreadable files
+            raise InvalidCaseError(f"{item['case']}: cannot read the CT header of {item['image'][0]}: {err}") from err
+    return [round(float(z), 4) for z in np.median(np.asarray(zooms, dtype=np.float64), axis=0)]
+
+
 def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, skip_invalid=False):
     """The datalist dict: ``training`` items with ``fold`` and ``patient``, ``testing`` items without label, from an
     ISLES 2018 or ISLES 2024 root.
@@ -136,6 +152,7 @@ def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, s
     return {
         "name": release,
         "channels": list(CHANNELS),
+        "median_spacing": median_spacing(training),
         "num_folds": folds,
         "seed": seed,
         "patients_csv": patients_csv,

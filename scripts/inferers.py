@@ -15,7 +15,7 @@ import os
 import warnings
 
 import torch
-from monai.inferers import Inferer, SimpleInferer
+from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 from scripts.flags import as_bool
 
 __all__ = ["CpuAutocastInferer", "FlipInferer", "amp_default", "cpu_has_native_bf16", "engine_amp", "make_inferer"]
@@ -56,19 +56,27 @@ def engine_amp(amp, device) -> bool:
     return as_bool(amp, "amp") and torch.device(device).type == "cuda"
 
 
-def make_inferer(tta_flips=False, amp=False, device="cpu") -> Inferer:
+def make_inferer(tta_flips=False, amp=False, device="cpu", sliding_window_size=None) -> Inferer:
     """The inferer of training, evaluation and inference.
 
     Args:
-        tta_flips: average over the 8 mirror images (``FlipInferer``), else MONAI's ``SimpleInferer``.
+        tta_flips: average over the 8 mirror images (``FlipInferer``), else one pass.
         amp: mixed precision; on a CPU ``device`` the network then runs under ``CpuAutocastInferer`` (on CUDA,
             MONAI's engines autocast themselves).
         device: the ``device`` id.
+        sliding_window_size: None: the network sees the whole (resized) volume (MONAI's ``SimpleInferer``); a size:
+            MONAI's ``SlidingWindowInferer`` over windows of that size, half overlapping, blended with Gaussian
+            weights (as nnU-Net), for volumes kept at their resolution (``target_spacing``).
 
     Returns:
         The inferer.
     """
-    inferer = FlipInferer() if as_bool(tta_flips, "tta_flips") else SimpleInferer()
+    one_pass = (
+        SimpleInferer()
+        if sliding_window_size is None
+        else SlidingWindowInferer(roi_size=list(sliding_window_size), sw_batch_size=1, overlap=0.5, mode="gaussian")
+    )
+    inferer = FlipInferer(inferer=one_pass) if as_bool(tta_flips, "tta_flips") else one_pass
     if as_bool(amp, "amp") and torch.device(device).type == "cpu":
         if not cpu_has_native_bf16():
             warn_emulated_bf16()

@@ -140,6 +140,8 @@ class _Patient:
             "cbv": float(rng.uniform(0.5, 0.8)),
             "tmax": float(rng.uniform(1.4, 2.0)),
         }
+        if whole_brain:  # ISLES 2024's final infarcts: often several, some small (lacunes under 1 mL)
+            self.lesions += self._draw_small_lesions(rng, int(rng.integers(2, 6)))
 
     @staticmethod
     def _draw_slabs(rng, slices, n_slabs):
@@ -165,6 +167,17 @@ class _Patient:
             slab = self.slabs[i] if i < len(self.slabs) else self.slabs[rng.integers(len(self.slabs))]
             center = self._lesion_center(rng, slab, side)
             shape = rng.lognormal(0.0, 0.25, size=3)
+            radii = (3 * volume / (4 * np.pi)) ** (1 / 3) * shape / np.prod(shape) ** (1 / 3)
+            lesions.append((center, radii.astype(np.float32), float(rng.uniform(0, np.pi))))
+        return lesions
+
+    def _draw_small_lesions(self, rng, n_lesions):
+        """Near-spherical lesions of 0.1-1.5 mL anywhere in the brain of the (one) slab: most under 1 mL."""
+        lesions = []
+        for _ in range(n_lesions):
+            volume = float(np.exp(rng.uniform(np.log(100.0), np.log(1500.0))))  # mm^3
+            center = self._lesion_center(rng, self.slabs[0], rng.choice((-1.0, 1.0)))
+            shape = rng.lognormal(0.0, 0.15, size=3)
             radii = (3 * volume / (4 * np.pi)) ** (1 / 3) * shape / np.prod(shape) ** (1 / 3)
             lesions.append((center, radii.astype(np.float32), float(rng.uniform(0, np.pi))))
         return lesions

@@ -11,6 +11,7 @@ import torch
 from monai.transforms import (
     ConcatItemsd,
     CopyItemsd,
+    CropForegroundd,
     DeleteItemsd,
     EnsureTyped,
     Lambdad,
@@ -19,12 +20,15 @@ from monai.transforms import (
     Orientationd,
     Resized,
     ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
     SplitDimd,
 )
 from scripts.finite import RequireFinited
+from scripts.flags import as_bool
 from scripts.readers import ThreadSafeNibabelReader
 
-__all__ = ["REPORT_MAPS", "case_preprocessing", "lesion_mask"]
+__all__ = ["REPORT_MAPS", "case_preprocessing", "ct_in_brain", "in_brain", "lesion_mask"]
 
 REPORT_MAPS = ("CT", "CBF", "Tmax")  # the maps the per-case report reads as they were loaded
 
@@ -34,11 +38,32 @@ def lesion_mask(label):
     return (label > 0).float()
 
 
+def in_brain(maps):
+    """Where the perfusion maps (C, ...) give a value: the brain, as the perfusion software leaves it (0 outside)."""
+    return (maps != 0).any(0, keepdim=True)
+
+
+def ct_in_brain(image):
+    """The image (CT first, then the perfusion maps) with the CT set to 0 outside the brain (``in_brain``)."""
+    image = image.clone()
+    image[:1] = image[:1] * in_brain(image[1:])
+    return image
+
+
 def case_preprocessing(
-    channels, ct_window, spatial_size, load_keys, spatial_keys, resize_modes, input_map_keys=None
+    channels,
+    ct_window,
+    spatial_size,
+    load_keys,
+    spatial_keys,
+    resize_modes,
+    input_map_keys=None,
+    target_spacing=None,
+    brain_mask=False,
 ) -> list:
     """Load a case's maps as the channels of ``image_key``, window the CT to [0, 1] and z-score each perfusion map
-    within the brain (non-zero voxels), refuse NaN/Inf, bring it to RAS and resize it to ``spatial_size``.
+    within the brain (non-zero voxels), refuse NaN/Inf, bring it to RAS and resize it to ``spatial_size`` (the
+    paper's recipe), or resample it to ``target_spacing`` and pad it to at least ``spatial_size`` (patches).
 
     Args:
         channels: the channel names in order, CT first (``image_key`` becomes ``image_<name>`` while split).
@@ -49,6 +74,11 @@ def case_preprocessing(
         resize_modes: the interpolation of each of ``spatial_keys``.
         input_map_keys: where to keep a copy of ``REPORT_MAPS`` as read, for the per-case report
             (``scripts.case_report``); None keeps nothing (training).
+        target_spacing: None resizes the whole volume to ``spatial_size``; a voxel size in mm resamples to it
+            (``Spacingd``) instead, and ``spatial_size`` is then the patch (training) and window (inference) size.
+        brain_mask: restrict the input to the brain (where the perfusion maps give a value): the CT is set to 0
+            outside it and the volume cropped to its bounding box (``CropForegroundd``) before the resize or the
+            resampling, so the loss covers the brain's box only; ``Invertd`` pads the prediction back.
 
     Returns:
         The transforms, in order.
@@ -76,7 +106,31 @@ def case_preprocessing(
         ConcatItemsd(keys=channel_keys, name=image_key, dim=0),
         DeleteItemsd(keys=channel_keys),
         RequireFinited(keys=image_key, channel_names=channels),
+        *(
+            [
+                Lambdad(keys=image_key, func=ct_in_brain),
+                CropForegroundd(
+                    keys=spatial_keys,
+                    source_key=image_key,
+                    select_fn=in_brain,
+                    channel_indices=list(range(1, len(channels))),
+                    margin=2,
+                    start_coord_key=None,
+                    end_coord_key=None,
+                    allow_missing_keys=True,
+                ),
+            ]
+            if as_bool(brain_mask, "brain_mask")
+            else []
+        ),
         Orientationd(keys=spatial_keys, axcodes="RAS", labels=None, allow_missing_keys=True),
-        Resized(keys=spatial_keys, spatial_size=spatial_size, mode=resize_modes, allow_missing_keys=True),
+        *(
+            [Resized(keys=spatial_keys, spatial_size=spatial_size, mode=resize_modes, allow_missing_keys=True)]
+            if target_spacing is None
+            else [
+                Spacingd(keys=spatial_keys, pixdim=target_spacing, mode=resize_modes, allow_missing_keys=True),
+                SpatialPadd(keys=spatial_keys, spatial_size=spatial_size, allow_missing_keys=True),
+            ]
+        ),
         EnsureTyped(keys=load_keys, dtype=torch.float32, allow_missing_keys=True),
     ]

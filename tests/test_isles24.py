@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
+from monai.inferers import SlidingWindowInferer
 from scripts.datalist import find_inputs
 from scripts.folds import build_datalist
 from scripts.isles import CHANNELS, InvalidCaseError
@@ -142,13 +143,29 @@ def test_a_misnamed_mask_is_refused_not_turned_into_a_testing_case(copy):
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 
 
-def test_train_one_epoch_and_segment_on_the_nccts_exact_grid(repo_root, tree, tmp_path):
-    """With the dataset profile (configs/isles24.json, its spatial size made tiny here)."""
+# the native profile at this tree's coarse voxels (about 4.8 x 4.8 x 10 mm): 6 x 6 x 10 mm gives a grid of about
+# 38 x 38 x 20 voxels, 8 windows of 32 x 32 x 16 blended with Gaussian weights
+NATIVE = {"target_spacing": [6.0, 6.0, 10.0], "spatial_size": [32, 32, 16], "sliding_window_size": [32, 32, 16]}
+
+
+@pytest.mark.parametrize(
+    "profile, sizes",
+    [("isles24.json", {}), ("isles24_native.json", NATIVE), ("isles24.json", {"brain_mask": True})],
+    ids=["resize", "native", "resize_brain_mask"],
+)
+def test_train_one_epoch_and_segment_on_the_nccts_exact_grid(repo_root, tree, tmp_path, profile, sizes):
+    """With a dataset profile (configs/isles24.json, its spatial size made tiny here; configs/isles24_native.json:
+    patches at a target spacing, sliding-window validation and inference)."""
     root, _ = tree
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(build_datalist(root, folds=2, seed=0)))
-    configs = [os.path.join(repo_root, "configs", name) for name in ("train.json", "isles24.json")]
-    common = {"meta_file": os.path.join(repo_root, "configs", "metadata.json"), "bundle_root": str(tmp_path), **TINY}
+    configs = [os.path.join(repo_root, "configs", name) for name in ("train.json", profile)]
+    common = {
+        "meta_file": os.path.join(repo_root, "configs", "metadata.json"),
+        "bundle_root": str(tmp_path),
+        **TINY,
+        **sizes,
+    }
     train = ConfigWorkflow(
         config_file=configs,
         workflow_type="train",
@@ -160,9 +177,19 @@ def test_train_one_epoch_and_segment_on_the_nccts_exact_grid(repo_root, tree, tm
     )
     train.initialize()
     assert train.parser.get_parsed_content("ct_window") == [0, 80]
+    if "target_spacing" in sizes:  # patches of the network's size, sampled around lesions and in the background
+        batch = train.parser.get_parsed_content("train#dataset")[0]
+        assert len(batch) == 2 and all(tuple(p["image"].shape) == (5, 32, 32, 16) for p in batch)
+        validate = train.parser.get_parsed_content("validate#dataset")[0]["image"]
+        assert validate.shape[1] > 32 and validate.shape[3] > 16  # more than one window
+        assert isinstance(train.parser.get_parsed_content("validate#inferer"), SlidingWindowInferer)
+    if sizes.get("brain_mask"):  # the CT is 0 where no perfusion map gives a value, and the box is the brain's
+        image = train.parser.get_parsed_content("validate#dataset")[0]["image"]
+        outside = (image[1:] == 0).all(0)
+        assert outside.any() and (image[0][outside] == 0).all() and (image[0][~outside] > 0).any()
     train.run()
     infer = ConfigWorkflow(
-        config_file=[os.path.join(repo_root, "configs", n) for n in ("inference.json", "isles24.json")],
+        config_file=[os.path.join(repo_root, "configs", n) for n in ("inference.json", profile)],
         workflow_type="infer",
         dataset_dir=root,
         **common,

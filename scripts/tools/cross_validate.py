@@ -42,7 +42,12 @@ from scripts.tools.cv_report import TESTING_FILE, write_outputs
 __all__ = ["NETWORKS", "cross_validate", "main"]
 
 NETWORKS = {"modified": [], "classic": ["configs/classic_unet.json"]}  # overrides after the base configs
-PROFILES = {None: [], "demo": ["configs/demo.json"], "isles24": ["configs/isles24.json"]}
+PROFILES = {
+    None: [],
+    "demo": ["configs/demo.json"],
+    "isles24": ["configs/isles24.json"],
+    "isles24_native": ["configs/isles24_native.json"],
+}
 TRAIN, EVALUATE = ["configs/train.json"], ["configs/inference.json", "configs/evaluate.json"]
 # each fold's steps, in order: (name, marker file written when it is done)
 STEPS = (("train", "trained.json"), ("test", "scored_test.json"), ("train_cases", "scored_train.json"))

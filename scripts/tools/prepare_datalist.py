@@ -27,7 +27,8 @@ def main(
     write_atomically(output, lambda f: f.write(json.dumps(datalist, indent=2).encode()))
     print(
         f"{output}: {len(datalist['training'])} training cases in {folds} folds, {len(datalist['testing'])} testing,"
-        f" {len(datalist['skipped'])} skipped"
+        f" {len(datalist['skipped'])} skipped; median CT voxel size {datalist['median_spacing']} mm (a target_spacing"
+        " for configs/isles24_native.json)"
     )
 
 
