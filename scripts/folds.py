@@ -15,6 +15,7 @@ from scripts.isles import (
     TESTING_DIR,
     TRAINING_DIR,
     InvalidCaseError,
+    check_channels,
     find_cases,
     find_dir,
     log_skipped,
@@ -71,11 +72,13 @@ def _relative(item, data_root):
     return out
 
 
-def _read_tree(data_root, check, skip_invalid):
+def _read_tree(data_root, check, skip_invalid, channels):
     """The training items (with a label), testing items, skipped messages and release name of an ISLES 2018 root
     (``TRAINING/``, ``TESTING/``) or an ISLES 2024 root (``scripts.isles24``: a subject with a mask trains)."""
     roots = isles24.find_root(data_root)  # first: it refuses a root that mixes the releases
     if roots is None and (find_dir(data_root, TRAINING_DIR) or find_dir(data_root, TESTING_DIR)):
+        if tuple(channels) != CHANNELS:
+            raise InvalidCaseError(f"{data_root}: ISLES 2018 has no {', '.join(channels[len(CHANNELS) :])}")
         training, skipped = read_valid_cases(
             [(c, d, True) for c, d in find_cases(data_root, TRAINING_DIR)], check, skip_invalid
         )
@@ -88,8 +91,8 @@ def _read_tree(data_root, check, skip_invalid):
             f"{data_root}: neither an ISLES 2018 root ({TRAINING_DIR}/ and/or {TESTING_DIR}/ of case_N folders) nor"
             f" an ISLES 2024 one ({isles24.EXPECTED})"
         )
-    subjects = [(s, *roots) for s in isles24.find_subjects(*roots)]
-    items, skipped = read_valid_cases(subjects, check, skip_invalid, read=isles24.read_subject)
+    subjects = [(s, *roots, channels) for s in isles24.find_subjects(*roots)]
+    items, skipped = read_valid_cases(subjects, check, skip_invalid, read=isles24.read_subject, channels=channels)
     training, testing = [i for i in items if "label" in i], [i for i in items if "label" not in i]
     if training and testing:
         logger.warning(
@@ -116,18 +119,20 @@ def median_spacing(items):
     return [round(float(z), 4) for z in np.median(np.asarray(zooms, dtype=np.float64), axis=0)]
 
 
-def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, skip_invalid=False):
+def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, skip_invalid=False, channels=CHANNELS):
     """The datalist dict: ``training`` items with ``fold`` and ``patient``, ``testing`` items without label, from an
     ISLES 2018 or ISLES 2024 root.
 
     Without a case-to-patient CSV (argument, or ``patients.csv`` in ``data_root``) every case counts as its own
     patient, so the two slabs of one ISLES 2018 patient may land in different folds; a warning says so. ISLES 2024
-    gives one case per subject: the subject is the patient.
+    gives one case per subject: the subject is the patient. ``channels`` may add ``OPTIONAL_CHANNELS`` (ISLES 2024's
+    CTA) after the five inputs.
     """
+    check_channels(channels)
     data_root = os.path.abspath(data_root)
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data_root {data_root} is not a folder")
-    training, testing, skipped, release = _read_tree(data_root, check, skip_invalid)
+    training, testing, skipped, release = _read_tree(data_root, check, skip_invalid, channels)
     if not training and not testing:
         raise InvalidCaseError(f"{data_root}: no usable cases ({release})")
     log_skipped(skipped)
@@ -151,7 +156,7 @@ def build_datalist(data_root, folds=5, seed=0, patients_csv=None, check=False, s
         item.update(patient=patients[item["case"]], fold=fold_of[item["case"]])
     return {
         "name": release,
-        "channels": list(CHANNELS),
+        "channels": list(channels),
         "median_spacing": median_spacing(training),
         "num_folds": folds,
         "seed": seed,

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 # Model input channels, in the fixed order of metadata.json's channel_def.
 CHANNELS = ("CT", "CBF", "CBV", "MTT", "Tmax")
+# Inputs a profile may add after them (configs/isles24_cta.json): ISLES 2024's CT angiography, on the NCCT grid.
+OPTIONAL_CHANNELS = ("CTA",)
 LABEL = "OT"
 
 # Modality token(s) found in the folder names for each channel; the first is what the generator writes.
@@ -46,6 +48,20 @@ BIDS_NCCT = re.compile(r"^(?P<subject>sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+_ncct\.n
 def smir_name(token: str, smir_id: int) -> str:
     """Folder (and file stem) name of one map, e.g. ``SMIR.Brain.XX.O.CT_CBF.345563``."""
     return f"SMIR.Brain.XX.O.{token}.{smir_id}"
+
+
+def check_channels(channels):
+    """Refuse a ``channels`` setting other than the five inputs followed by some of ``OPTIONAL_CHANNELS``."""
+    extra = tuple(channels[len(CHANNELS) :])
+    if (
+        tuple(channels[: len(CHANNELS)]) != CHANNELS
+        or len(set(extra)) < len(extra)
+        or set(extra) - set(OPTIONAL_CHANNELS)
+    ):
+        raise ValueError(
+            f"channels {list(channels)}: the model's inputs are {', '.join(CHANNELS)}, in that order, then optionally"
+            f" {', '.join(OPTIONAL_CHANNELS)}"
+        )
 
 
 def key_of_token(token: str):
@@ -181,12 +197,13 @@ def _gzip_problem(path):
     return None
 
 
-def check_case(item, refuse_blank=False):
+def check_case(item, refuse_blank=False, channels=CHANNELS):
     """Load every file of a datalist item (absolute paths) and check grids, values and the label.
 
     ``item["image"]`` is the 5 maps in channel order, or one 4D file with the 5 channels last (x, y, z, 5).
     Values are checked as the pipeline reads them: after the header's scaling (``scl_slope``/``scl_inter``), as
     float32. With ``refuse_blank`` (training), a perfusion map with one value everywhere is refused too.
+    ``channels`` names the files of ``item["image"]`` (``CHANNELS``, and optional ones a profile adds).
 
     Returns:
         The number of lesion voxels of the label, None for an item without label.
@@ -200,7 +217,7 @@ def check_case(item, refuse_blank=False):
     case = item.get("case", "?")
     image = item["image"]
     one_file = isinstance(image, str)
-    files = [("image", image)] if one_file else list(zip(CHANNELS, image))
+    files = [("image", image)] if one_file else list(zip(channels, image))
     files += [(LABEL, item["label"])] if "label" in item else []
     ref_shape = ref_affine = lesion_voxels = None
     for name, path in files:
@@ -217,10 +234,10 @@ def check_case(item, refuse_blank=False):
             )
         shape = shape[:3]
         if name == "image":
-            if data.ndim != 4 or data.shape[3] != len(CHANNELS):
+            if data.ndim != 4 or data.shape[3] != len(channels):
                 raise InvalidCaseError(
                     f"{case}: image file {path} has shape {data.shape}; a single-file input must be"
-                    f" (x, y, z, {len(CHANNELS)}) with the channels {', '.join(CHANNELS)} last"
+                    f" (x, y, z, {len(channels)}) with the channels {', '.join(channels)} last"
                 )
         if ref_shape is None:
             ref_shape, ref_affine = shape, img.affine
@@ -280,7 +297,7 @@ def check_unique_names(items):
         seen[name] = first
 
 
-def read_valid_cases(cases, check=False, skip_invalid=False, read=None):
+def read_valid_cases(cases, check=False, skip_invalid=False, read=None, channels=CHANNELS):
     """Read (``read_case``) and, with ``check``, check (``check_case``) each case; the one loop of every tool that
     reads an ISLES tree.
 
@@ -291,6 +308,7 @@ def read_valid_cases(cases, check=False, skip_invalid=False, read=None):
         skip_invalid: leave a case that is not valid out instead of stopping (``log_skipped`` lists them).
         read: what reads one case into a datalist item, default ``read_case`` (ISLES 2018); ISLES 2024:
             ``scripts.isles24.read_subject``.
+        channels: the inputs each item's ``image`` lists, for ``check_case``.
 
     Returns:
         The items (``{"image": [...], "case": name}``, with ``"label"`` where asked) of the valid cases, in order, and
@@ -304,7 +322,7 @@ def read_valid_cases(cases, check=False, skip_invalid=False, read=None):
         try:
             item = (read or read_case)(*case)
             if check:
-                check_case(item, refuse_blank="label" in item)  # a training case
+                check_case(item, refuse_blank="label" in item, channels=channels)  # refuse_blank: a training case
         except InvalidCaseError as err:
             if not skip_invalid:
                 raise

@@ -17,7 +17,15 @@ import glob
 import os
 import re
 
-from scripts.isles import CHANNELS, NIFTI_SUFFIXES, TESTING_DIR, TRAINING_DIR, InvalidCaseError, find_dir
+from scripts.isles import (
+    CHANNELS,
+    NIFTI_SUFFIXES,
+    OPTIONAL_CHANNELS,
+    TESTING_DIR,
+    TRAINING_DIR,
+    InvalidCaseError,
+    find_dir,
+)
 
 __all__ = ["EXPECTED", "find_root", "find_subjects", "read_subject"]
 
@@ -31,6 +39,7 @@ INPUT_SUFFIXES = {
     "CBV": "space-ncct_cbv",
     "MTT": "space-ncct_mtt",
     "Tmax": "space-ncct_tmax",
+    "CTA": "space-ncct_cta",  # optional (OPTIONAL_CHANNELS), in the derivatives session folder beside perfusion-maps
 }
 MASK_SUFFIX = "lesion-msk"
 MASK_LIKE = re.compile(r"msk|mask|lesion|label|seg")  # in the name of a file that is not read as a mask
@@ -39,7 +48,7 @@ EXPECTED = (
     " <raw>/sub-*/ses-*/sub-*_ses-*_ncct.nii.gz, derivatives/sub-*/ses-*/perfusion-maps/"
     "sub-*_ses-*_space-ncct_{cbf,cbv,mtt,tmax}.nii.gz, derivatives/sub-*/ses-*/sub-*_ses-*[_space-ncct]_lesion-msk.nii.gz"
 )
-assert tuple(INPUT_SUFFIXES) == CHANNELS
+assert tuple(INPUT_SUFFIXES) == CHANNELS + OPTIONAL_CHANNELS
 
 
 def find_root(data_root: str) -> tuple[str, str] | None:
@@ -104,9 +113,10 @@ def _refuse_misnamed_mask(subject, derivatives_dir):
         )
 
 
-def read_subject(subject: str, raw_dir: str, derivatives_dir: str) -> dict:
+def read_subject(subject: str, raw_dir: str, derivatives_dir: str, channels=CHANNELS) -> dict:
     """The datalist item of one subject: ``{"image": [NCCT, CBF, CBV, MTT, Tmax], "case": subject}`` with absolute
-    paths, and ``"label"`` when the subject has a lesion mask.
+    paths, and ``"label"`` when the subject has a lesion mask. ``channels`` may add ``"CTA"`` after the five: the
+    CT angiography registered to the NCCT, ``derivatives/sub-*/ses-*/sub-*_ses-*_space-ncct_cta.nii.gz``.
 
     Raises:
         InvalidCaseError: naming the subject and the file pattern that matched nothing (or more than one file).
@@ -115,6 +125,8 @@ def read_subject(subject: str, raw_dir: str, derivatives_dir: str) -> dict:
     image = [_one(subject, os.path.join(raw_dir, subject, sessions + INPUT_SUFFIXES["CT"]) + "*", "NCCT")]
     maps = os.path.join(derivatives_dir, subject, "ses-*", "perfusion-maps", f"{subject}_ses-*_")
     image += [_one(subject, maps + INPUT_SUFFIXES[c] + "*", f"{c} map") for c in CHANNELS[1:]]
+    derived = os.path.join(derivatives_dir, subject, sessions)
+    image += [_one(subject, derived + INPUT_SUFFIXES[c] + "*", c) for c in channels[len(CHANNELS) :]]
     mask = _one(
         subject,
         os.path.join(derivatives_dir, subject, sessions + "*" + MASK_SUFFIX) + "*",

@@ -57,6 +57,7 @@ WHOLE_BRAIN_MM = 200.0  # axial extent of an ISLES 2024 NCCT-space volume (about
 # ISLES 2024: stored dtypes (NCCT in HU; maps in float32, CBV in mL/100 g; the mask as uint16 0/65535 scaled to 0/1)
 DTYPES_2024 = {"CT": np.int16, "CBF": np.float32, "CBV": np.float32, "MTT": np.float32, "Tmax": np.float32}
 MASK_RAW = 65535
+CTA_ENHANCEMENT_HU = 15.0  # synthetic CTA: HU added per mL/100 g of blood volume
 LAYOUTS_2024 = {  # layout: (root folder, raw folder, subject prefix, session of the inputs, of the mask, mask infix)
     "isles24": ("", "rawdata", "sub-strokecase", "ses-0001", "ses-0002", ""),
     "isles24_archive": ("train", "raw_data", "sub-stroke", "ses-01", "ses-02", "space-ncct_"),
@@ -410,6 +411,9 @@ def _write_isles24_subject(root, layout, index, arrays, affine, with_mask):
     maps = base / "derivatives" / subject / ses_in / "perfusion-maps"
     for key in CHANNELS[1:]:
         _save_nifti(maps / f"{subject}_{ses_in}_space-ncct_{key.lower()}.nii.gz", arrays[key], affine)
+    # the CTA registered to the NCCT: contrast-enhanced where the blood volume is (CBV in mL/100 g), int16 HU
+    cta = (arrays["CT"].astype(np.float32) + CTA_ENHANCEMENT_HU * arrays["CBV"]).round().astype(np.int16)
+    _save_nifti(base / "derivatives" / subject / ses_in / f"{subject}_{ses_in}_space-ncct_cta.nii.gz", cta, affine)
     if with_mask:
         mask = base / "derivatives" / subject / ses_mask / f"{subject}_{ses_mask}_{mask_infix}lesion-msk.nii.gz"
         _save_scaled_mask(mask, arrays[LABEL], affine)
@@ -422,7 +426,8 @@ def generate_isles24(
     """Write a synthetic ISLES 2024 tree in ``layout`` (``isles24``: the challenge README's; ``isles24_archive``: the
     public archive's): one whole-brain NCCT-space volume per subject, ``in_plane`` squared voxels over a 215-250 mm
     field of view, ``slices`` slices over 200 mm, tilted about x by 5-15 degrees (an oblique affine); NCCT int16 HU,
-    maps float32 (CBV in mL/100 g), the mask uint16 0/65535 with a scale factor of 1/65535. Subjects after the first
+    maps float32 (CBV in mL/100 g), a CTA registered to the NCCT (int16 HU, enhanced with the CBV), the mask uint16
+    0/65535 with a scale factor of 1/65535. Subjects after the first
     ``num_train`` have no mask (testing cases). Existing trees are replaced only with ``overwrite``.
     """
     if layout not in LAYOUTS_2024:

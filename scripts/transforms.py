@@ -26,6 +26,7 @@ from monai.transforms import (
 )
 from scripts.finite import RequireFinited
 from scripts.flags import as_bool
+from scripts.isles import CHANNELS
 from scripts.readers import ThreadSafeNibabelReader
 
 __all__ = ["REPORT_MAPS", "case_preprocessing", "ct_in_brain", "in_brain", "lesion_mask"]
@@ -44,9 +45,12 @@ def in_brain(maps):
 
 
 def ct_in_brain(image):
-    """The image (CT first, then the perfusion maps) with the CT set to 0 outside the brain (``in_brain``)."""
+    """The image (CT first, then the four perfusion maps, then optional inputs) with the CT, and the optional
+    inputs, set to 0 outside the brain (``in_brain`` of the perfusion maps)."""
     image = image.clone()
-    image[:1] = image[:1] * in_brain(image[1:])
+    brain = in_brain(image[1 : len(CHANNELS)])
+    image[:1] = image[:1] * brain
+    image[len(CHANNELS) :] = image[len(CHANNELS) :] * brain
     return image
 
 
@@ -113,7 +117,7 @@ def case_preprocessing(
                     keys=spatial_keys,
                     source_key=image_key,
                     select_fn=in_brain,
-                    channel_indices=list(range(1, len(channels))),
+                    channel_indices=list(range(1, len(CHANNELS))),
                     margin=2,
                     start_coord_key=None,
                     end_coord_key=None,

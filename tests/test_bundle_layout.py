@@ -51,7 +51,7 @@ def test_metadata_matches_the_configs(repo_root):
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {"0": "background", "1": "lesion"}
     assert pred["num_channels"] == train["network_def"]["out_channels"]
-    assert image["num_channels"] == train["network_def"]["in_channels"]
+    assert train["network_def"]["in_channels"] == "$len(@channels)" and image["num_channels"] == len(train["channels"])
     assert any("Omarov" in ref for ref in meta["references"]) and any("ISLES" in ref for ref in meta["references"])
 
 

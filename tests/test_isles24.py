@@ -10,6 +10,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import raised_messages
 from monai.bundle import ConfigWorkflow
 from monai.inferers import SlidingWindowInferer
 from scripts.datalist import find_inputs
@@ -201,3 +202,51 @@ def test_train_one_epoch_and_segment_on_the_nccts_exact_grid(repo_root, tree, tm
         mask = nib.load(tmp_path / "runs" / "predictions" / "masks" / f"{item['case']}.nii.gz")
         assert mask.shape == ncct.shape and np.array_equal(mask.affine, ncct.affine), item["case"]
     assert len(CHANNELS) == 5
+
+
+def test_the_cta_as_a_sixth_input(repo_root, tree, tmp_path):
+    """configs/isles24_cta.json after isles24.json: the datalist lists the CTA, the network takes 6 channels, and a
+    five-input datalist is refused by name."""
+    root, _ = tree
+    five, six = tmp_path / "five.json", tmp_path / "six.json"
+    five.write_text(json.dumps(build_datalist(root, folds=2, seed=0)))
+    datalist = build_datalist(root, folds=2, seed=0, channels=CHANNELS + ("CTA",))
+    six.write_text(json.dumps(datalist))
+    assert datalist["channels"][-1] == "CTA" and all(
+        i["image"][5].endswith("_space-ncct_cta.nii.gz") for i in datalist["training"]
+    )
+    configs = [os.path.join(repo_root, "configs", n) for n in ("train.json", "isles24.json", "isles24_cta.json")]
+    common = {"meta_file": os.path.join(repo_root, "configs", "metadata.json"), "bundle_root": str(tmp_path), **TINY}
+    refused = ConfigWorkflow(
+        config_file=configs, workflow_type="train", dataset_dir=root, data_list_file_path=str(five), **common
+    )
+    with pytest.raises(Exception) as excinfo:
+        refused.parser.get_parsed_content("datalist")
+    assert f"{five} lists its images in the channel order" in raised_messages(excinfo) and "CTA" in raised_messages(
+        excinfo
+    )
+    train = ConfigWorkflow(
+        config_file=configs,
+        workflow_type="train",
+        dataset_dir=root,
+        data_list_file_path=str(six),
+        epochs=1,
+        val_interval=1,
+        **common,
+    )
+    train.initialize()
+    first = next(w for w in train.parser.get_parsed_content("network_def").parameters() if w.dim() == 5)
+    assert first.shape[1] == 6, "the first convolution takes 6 channels"
+    assert train.parser.get_parsed_content("train#dataset")[0]["image"].shape[0] == 6
+    train.run()
+    infer = ConfigWorkflow(
+        config_file=[
+            os.path.join(repo_root, "configs", n) for n in ("inference.json", "isles24.json", "isles24_cta.json")
+        ],
+        workflow_type="infer",
+        dataset_dir=root,
+        **common,
+    )
+    infer.initialize()
+    infer.run()
+    assert len(list((tmp_path / "runs" / "predictions" / "masks").glob("*.nii.gz"))) == len(find_inputs(root))

@@ -407,7 +407,7 @@ def write_datalist(path, tree, change):
         (lambda item: item.pop("label"), "no 'label' file"),
         (lambda item: item.pop("fold"), "'fold' in .* must be an integer, got None"),
         (lambda item: item.update(fold="0"), "'fold' in .* must be an integer, got '0'"),
-        (lambda item: item["image"].pop(), "lists 4 files, expected one 4D file or the 5 maps"),
+        (lambda item: item["image"].pop(), "lists 4 files, expected one 4D file or the 5 inputs"),
         (lambda item: item["image"].append(item["image"][0]), "lists 6 files"),
         (lambda item: item["image"].insert(1, item["image"].pop(2)), "gives .*CBV.*, a CBV map, as channel 2"),
     ],

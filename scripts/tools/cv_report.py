@@ -192,11 +192,12 @@ def _ensemble_override(output_dir, network, folds, testing_path, profile_files, 
 
 
 def _testing_items(datalist_path, dataset_dir):
-    """The datalist's ``testing`` items with absolute paths and without labels (none of the fold models trained on
-    them)."""
+    """The datalist's channels and its ``testing`` items with absolute paths and without labels (none of the fold
+    models trained on them)."""
     with open(datalist_path) as f:
-        items = json.load(f).get("testing", [])
-    return [
+        datalist = json.load(f)
+    items = datalist.get("testing", [])
+    return datalist.get("channels", list(CHANNELS)), [
         {**{k: v for k, v in item.items() if k != "label"}, "image": _absolute(item["image"], dataset_dir)}
         for item in items
     ]
@@ -244,10 +245,10 @@ def write_outputs(output_dir, networks, folds, datalist_path, dataset_dir, profi
         )
         write_atomically(out["comparison.md"], lambda f: f.write(comparison.encode()))
         text.append("\n" + comparison)
-    testing = _testing_items(datalist_path, dataset_dir)
+    channels, testing = _testing_items(datalist_path, dataset_dir)
     if testing:
         out[TESTING_FILE] = os.path.join(output_dir, TESTING_FILE)
-        listing = json.dumps({"channels": list(CHANNELS), "testing": testing}, indent=2) + "\n"
+        listing = json.dumps({"channels": channels, "testing": testing}, indent=2) + "\n"
         write_atomically(out[TESTING_FILE], lambda f: f.write(listing.encode()))
     else:
         text.append("\nThe datalist has no testing cases: no fold ensemble (every case trained one of its models).\n")
