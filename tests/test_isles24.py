@@ -144,6 +144,20 @@ def test_a_misnamed_mask_is_refused_not_turned_into_a_testing_case(copy):
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 
 
+def workflow(repo_root, configs, bundle_root, **override):
+    """A tiny workflow of the bundle's ``configs`` (file names, in order) in ``bundle_root``: one epoch for train.json,
+    else inference."""
+    kind = "train" if configs[0] == "train.json" else "infer"
+    settings = {"epochs": 1, "val_interval": 1} if kind == "train" else {}
+    return ConfigWorkflow(
+        config_file=[os.path.join(repo_root, "configs", name) for name in configs],
+        workflow_type=kind,
+        meta_file=os.path.join(repo_root, "configs", "metadata.json"),
+        bundle_root=str(bundle_root),
+        **{**TINY, **settings, **override},
+    )
+
+
 # the native profile at this tree's coarse voxels (about 4.8 x 4.8 x 10 mm): 6 x 6 x 10 mm gives a grid of about
 # 38 x 38 x 20 voxels, 8 windows of 32 x 32 x 16 blended with Gaussian weights
 NATIVE = {"target_spacing": [6.0, 6.0, 10.0], "spatial_size": [32, 32, 16], "sliding_window_size": [32, 32, 16]}
@@ -160,21 +174,8 @@ def test_train_one_epoch_and_segment_on_the_nccts_exact_grid(repo_root, tree, tm
     root, _ = tree
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(build_datalist(root, folds=2, seed=0)))
-    configs = [os.path.join(repo_root, "configs", name) for name in ("train.json", profile)]
-    common = {
-        "meta_file": os.path.join(repo_root, "configs", "metadata.json"),
-        "bundle_root": str(tmp_path),
-        **TINY,
-        **sizes,
-    }
-    train = ConfigWorkflow(
-        config_file=configs,
-        workflow_type="train",
-        dataset_dir=root,
-        data_list_file_path=str(datalist),
-        epochs=1,
-        val_interval=1,
-        **common,
+    train = workflow(
+        repo_root, ("train.json", profile), tmp_path, dataset_dir=root, data_list_file_path=str(datalist), **sizes
     )
     train.initialize()
     assert train.parser.get_parsed_content("ct_window") == [0, 80]
@@ -189,12 +190,7 @@ def test_train_one_epoch_and_segment_on_the_nccts_exact_grid(repo_root, tree, tm
         outside = (image[1:] == 0).all(0)
         assert outside.any() and (image[0][outside] == 0).all() and (image[0][~outside] > 0).any()
     train.run()
-    infer = ConfigWorkflow(
-        config_file=[os.path.join(repo_root, "configs", n) for n in ("inference.json", profile)],
-        workflow_type="infer",
-        dataset_dir=root,
-        **common,
-    )
+    infer = workflow(repo_root, ("inference.json", profile), tmp_path, dataset_dir=root, **sizes)
     infer.initialize()
     infer.run()
     for item in find_inputs(root):
@@ -215,38 +211,19 @@ def test_the_cta_as_a_sixth_input(repo_root, tree, tmp_path):
     assert datalist["channels"][-1] == "CTA" and all(
         i["image"][5].endswith("_space-ncct_cta.nii.gz") for i in datalist["training"]
     )
-    configs = [os.path.join(repo_root, "configs", n) for n in ("train.json", "isles24.json", "isles24_cta.json")]
-    common = {"meta_file": os.path.join(repo_root, "configs", "metadata.json"), "bundle_root": str(tmp_path), **TINY}
-    refused = ConfigWorkflow(
-        config_file=configs, workflow_type="train", dataset_dir=root, data_list_file_path=str(five), **common
-    )
+    profiles = ("isles24.json", "isles24_cta.json")
+    refused = workflow(repo_root, ("train.json", *profiles), tmp_path, dataset_dir=root, data_list_file_path=str(five))
     with pytest.raises(Exception) as excinfo:
         refused.parser.get_parsed_content("datalist")
-    assert f"{five} lists its images in the channel order" in raised_messages(excinfo) and "CTA" in raised_messages(
-        excinfo
-    )
-    train = ConfigWorkflow(
-        config_file=configs,
-        workflow_type="train",
-        dataset_dir=root,
-        data_list_file_path=str(six),
-        epochs=1,
-        val_interval=1,
-        **common,
-    )
+    message = raised_messages(excinfo)
+    assert f"{five} lists its images in the channel order" in message and "CTA" in message
+    train = workflow(repo_root, ("train.json", *profiles), tmp_path, dataset_dir=root, data_list_file_path=str(six))
     train.initialize()
     first = next(w for w in train.parser.get_parsed_content("network_def").parameters() if w.dim() == 5)
     assert first.shape[1] == 6, "the first convolution takes 6 channels"
     assert train.parser.get_parsed_content("train#dataset")[0]["image"].shape[0] == 6
     train.run()
-    infer = ConfigWorkflow(
-        config_file=[
-            os.path.join(repo_root, "configs", n) for n in ("inference.json", "isles24.json", "isles24_cta.json")
-        ],
-        workflow_type="infer",
-        dataset_dir=root,
-        **common,
-    )
+    infer = workflow(repo_root, ("inference.json", *profiles), tmp_path, dataset_dir=root)
     infer.initialize()
     infer.run()
     assert len(list((tmp_path / "runs" / "predictions" / "masks").glob("*.nii.gz"))) == len(find_inputs(root))
