@@ -106,16 +106,18 @@ def _read_tree(data_root, check, skip_invalid, channels):
 
 def median_spacing(items):
     """The median voxel size (mm, per axis) of the items' CT files, read from their headers: the target spacing that
-    nnU-Net's dataset fingerprint would choose, for ``target_spacing`` (configs/isles24_native.json); None for no
-    items."""
+    nnU-Net's dataset fingerprint would choose, for ``target_spacing`` (configs/isles24_native.json); files whose
+    header cannot be read are left out (the datalist's check names them); None when no header could be read."""
     if not items:
         return None
     zooms = []
     for item in items:
         try:
             zooms.append(nib.load(item["image"][0]).header.get_zooms()[:3])
-        except Exception as err:  # nibabel raises several types for unreadable files
-            raise InvalidCaseError(f"{item['case']}: cannot read the CT header of {item['image'][0]}: {err}") from err
+        except Exception:  # nibabel raises several types; check_case names unreadable files where asked (--check)
+            continue
+    if not zooms:
+        return None
     return [round(float(z), 4) for z in np.median(np.asarray(zooms, dtype=np.float64), axis=0)]
 
 

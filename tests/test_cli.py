@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-DATALIST_FLAGS = "--data_root, --output, --folds, --seed, --patients_csv, --check, --skip_invalid, --overwrite"
+DATALIST_FLAGS = "--data_root, --output, --folds, --seed, --patients_csv, --check, --skip_invalid, --overwrite, --cta"
 STUDIES_FLAGS = "--source, --output_dir, --sections, --labels, --overwrite, --check, --skip_invalid"
 APP_FLAGS = "--app_dir, --model, --name, --features, --spatial_size, --settings, --sample_app, --overwrite"
 
@@ -50,7 +50,7 @@ REFUSED = [  # (CLI, arguments after the required ones, exit status, the one lin
     ),
     (
         "prepare_datalist",
-        ["3", "0", "None", "True", "False", "False", "surplus"],
+        ["3", "0", "None", "True", "False", "False", "False", "surplus"],
         2,
         (
             "error: unexpected argument 'surplus' for scripts.tools.prepare_datalist: every parameter has a value"

@@ -21,8 +21,8 @@ def main(
     patients_csv: str | None = None,
     check: bool = False,
     skip_invalid: bool = False,
-    cta: bool = False,
     overwrite: bool = False,
+    cta: bool = False,
 ):
     """CLI: write the datalist of ``data_root`` to ``output``; never replaces an existing file without ``--overwrite``.
     ``--cta true`` lists ISLES 2024's CTA as a sixth input (configs/isles24_cta.json)."""
