@@ -283,6 +283,8 @@ def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = Fals
             f" continue it, or --overwrite true to start a new run that replaces it (or choose"
             f" another --ckpt_dir)"
         )
+    if int(os.environ.get("RANK", "0")) != 0:  # the ranks of one torchrun: rank 0 replaces the earlier run's files
+        return
     if overwrite and existing and os.path.exists(os.path.join(ckpt_dir, BEST_MODEL)):
         command = " ".join(sys.argv)
         note = f"the run this folder held before; the run of `{command}` replaces it at its first validation\n"

@@ -156,6 +156,20 @@ def test_rank0_alone_writes_one_checkpoint_holding_the_final_weights(ddp_run):
         assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in saved), rank
 
 
+def test_a_distributed_run_replaces_an_earlier_one_in_a_shared_checkpoint_folder(repo_root, split, tmp_path):
+    """An --overwrite torchrun into the folder of an earlier one: the earlier run's checkpoints are gone, its model is
+    replaced by the new run's validation and no outdated marker is left (rank 0 alone removes and marks)."""
+    settings, _ = split
+    configs = ["configs/train.json", "configs/multi_gpu_train.json"]
+    torchrun(repo_root, "training", configs, tmp_path, **settings, batch_size=1, epochs=1, val_interval=1)
+    model = tmp_path / "models" / "model.pt"
+    before = model.read_bytes()
+    again = {**settings, "batch_size": 1, "epochs": 1, "val_interval": 1, "seed": 1, "overwrite": "true"}
+    torchrun(repo_root, "training", configs, tmp_path, **again)
+    assert model.read_bytes() != before and not (tmp_path / "models" / "model.pt.outdated").exists()
+    assert [p.name for p in (tmp_path / "models").glob("checkpoint_epoch=*.pt")] == ["checkpoint_epoch=1.pt"]
+
+
 def test_amp_dtype_reaches_both_engines(ddp_run):
     root, _, _ = ddp_run
     expected = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
