@@ -16,6 +16,7 @@ from monai.transforms import (
     EnsureTyped,
     Lambdad,
     LoadImaged,
+    MaskIntensityd,
     NormalizeIntensityd,
     Orientationd,
     Resized,
@@ -29,7 +30,7 @@ from scripts.flags import as_bool
 from scripts.isles import CHANNELS
 from scripts.readers import ThreadSafeNibabelReader
 
-__all__ = ["REPORT_MAPS", "case_preprocessing", "ct_in_brain", "in_brain", "lesion_mask"]
+__all__ = ["REPORT_MAPS", "case_preprocessing", "in_brain", "lesion_mask"]
 
 REPORT_MAPS = ("CT", "CBF", "Tmax")  # the maps the per-case report reads as they were loaded
 
@@ -39,19 +40,10 @@ def lesion_mask(label):
     return (label > 0).float()
 
 
-def in_brain(maps):
-    """Where the perfusion maps (C, ...) give a value: the brain, as the perfusion software leaves it (0 outside)."""
-    return (maps != 0).any(0, keepdim=True)
-
-
-def ct_in_brain(image):
-    """The image (CT first, then the four perfusion maps, then optional inputs) with the CT, and the optional
-    inputs, set to 0 outside the brain (``in_brain`` of the perfusion maps)."""
-    image = image.clone()
-    brain = in_brain(image[1 : len(CHANNELS)])
-    image[:1] = image[:1] * brain
-    image[len(CHANNELS) :] = image[len(CHANNELS) :] * brain
-    return image
+def in_brain(image):
+    """The brain of an image (CT first, then the four perfusion maps, then optional inputs), one channel: where the
+    perfusion maps give a value, as the perfusion software leaves them (0 outside)."""
+    return (image[1 : len(CHANNELS)] != 0).any(0, keepdim=True)
 
 
 def case_preprocessing(
@@ -80,9 +72,10 @@ def case_preprocessing(
             (``scripts.case_report``); None keeps nothing (training).
         target_spacing: None resizes the whole volume to ``spatial_size``; a voxel size in mm resamples to it
             (``Spacingd``) instead, and ``spatial_size`` is then the patch (training) and window (inference) size.
-        brain_mask: restrict the input to the brain (where the perfusion maps give a value): the CT is set to 0
-            outside it and the volume cropped to its bounding box (``CropForegroundd``) before the resize or the
-            resampling, so the loss covers the brain's box only; ``Invertd`` pads the prediction back.
+        brain_mask: restrict the input to the brain (``in_brain``): the image set to 0 outside it (MONAI's
+            ``MaskIntensityd``: the CT and optional inputs; the maps are 0 there already) and cropped to its bounding
+            box (``CropForegroundd``) before the resize or the resampling, so the loss covers the brain's box only;
+            ``Invertd`` pads the prediction back.
 
     Returns:
         The transforms, in order.
@@ -112,12 +105,11 @@ def case_preprocessing(
         RequireFinited(keys=image_key, channel_names=channels),
         *(
             [
-                Lambdad(keys=image_key, func=ct_in_brain),
+                MaskIntensityd(keys=image_key, mask_key=image_key, select_fn=in_brain),
                 CropForegroundd(
                     keys=spatial_keys,
                     source_key=image_key,
                     select_fn=in_brain,
-                    channel_indices=list(range(1, len(CHANNELS))),
                     margin=2,
                     start_coord_key=None,
                     end_coord_key=None,

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 from monai.bundle import ConfigParser
+from monai.data import load_decathlon_datalist
 from PIL import Image, ImageDraw
 from scripts import BUNDLE_ROOT
 from scripts.isles import CHANNELS
@@ -192,21 +193,15 @@ def _ensemble_override(output_dir, network, folds, testing_path, profile_files, 
 
 
 def _testing_items(datalist_path, dataset_dir):
-    """The datalist's channels and its ``testing`` items with absolute paths and without labels (none of the fold
-    models trained on them)."""
+    """The datalist's channels and its ``testing`` items with absolute paths (MONAI's ``load_decathlon_datalist``)
+    and without labels (none of the fold models trained on them)."""
     with open(datalist_path) as f:
         datalist = json.load(f)
-    items = datalist.get("testing", [])
-    return datalist.get("channels", list(CHANNELS)), [
-        {**{k: v for k, v in item.items() if k != "label"}, "image": _absolute(item["image"], dataset_dir)}
-        for item in items
-    ]
-
-
-def _absolute(image, dataset_dir):
-    if isinstance(image, str):
-        return os.path.join(dataset_dir, image)
-    return [os.path.join(dataset_dir, p) for p in image]
+    channels = datalist.get("channels", list(CHANNELS))
+    if not datalist.get("testing"):
+        return channels, []
+    items = load_decathlon_datalist(datalist_path, is_segmentation=False, data_list_key="testing", base_dir=dataset_dir)
+    return channels, [{k: v for k, v in item.items() if k != "label"} for item in items]
 
 
 def write_outputs(output_dir, networks, folds, datalist_path, dataset_dir, profile_files, overrides):
