@@ -219,11 +219,15 @@ class CaseOutputsWriter:
         ct_window: the CT display window (HU) of the overlay.
         pred_key: the mask key.
         report_key: the key of ``PerfusionReportd``'s figures.
+        case_writers: more writers of each case's outputs, called after its mask and before its row is written:
+            each has ``write(case, mask, affine, row)`` (e.g. ``scripts.dicom_results.DicomResultsWriter``).
     """
 
-    def __init__(self, prediction_dir, map_keys, ct_window=(0, 100), pred_key="pred", report_key="perfusion"):
+    def __init__(
+        self, prediction_dir, map_keys, ct_window=(0, 100), pred_key="pred", report_key="perfusion", case_writers=()
+    ):
         self.prediction_dir, self.map_keys, self.ct_window = prediction_dir, list(map_keys), ct_window
-        self.pred_key, self.report_key = pred_key, report_key
+        self.pred_key, self.report_key, self.case_writers = pred_key, report_key, list(case_writers)
         self.rows = {}
 
     def attach(self, engine: Engine) -> None:
@@ -257,6 +261,8 @@ class CaseOutputsWriter:
         nifti.header.set_qform(affine, code=1)
         nifti.header.set_sform(affine, code=1)
         write_atomically(mask_path, lambda f: f.write(gzip.compress(nifti.to_bytes(), compresslevel=6)))
+        for writer in self.case_writers:
+            writer.write(case, mask, affine, row)
         return row
 
     def completed(self, engine: Engine) -> None:

@@ -41,6 +41,7 @@ TESTING_DIR = "TESTING"
 # SMIR.Brain.XX.O.<MOD>.<id>, the name of both the map folder and the NIfTI file inside it.
 SMIR_NAME = re.compile(r"^SMIR\.Brain\.XX\.O\.(?P<mod>[A-Za-z0-9_]+)\.(?P<id>\d+)$", re.IGNORECASE)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SERIES_SUFFIX = ".dcm-series"  # a DICOM series' key, <dataset_dir>/<case>/<channel>.dcm-series (dicom_series)
 # an ISLES 2024 NCCT file, sub-<label>_ses-<label>_ncct.nii[.gz]: its subject names the case
 BIDS_NCCT = re.compile(r"^(?P<subject>sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+_ncct\.nii(\.gz)?$", re.IGNORECASE)
 
@@ -271,11 +272,14 @@ def check_case(item, refuse_blank=False, channels=CHANNELS):
 def case_name(image):
     """Name of a case, which its outputs carry, from its ``image`` (one file or a list of files): the ISLES 2018 case
     folder (``case_N`` above ``SMIR.Brain.XX.O.<MOD>.<id>/``), the ISLES 2024 subject (``sub-...`` of
-    ``sub-..._ses-..._ncct.nii.gz``), else the (first) file's name without ``.nii``/``.nii.gz``."""
+    ``sub-..._ses-..._ncct.nii.gz``), the DICOM study's case (``<case>/CT.dcm-series``), else the (first) file's name
+    without ``.nii``/``.nii.gz``."""
     path = os.path.abspath(image if isinstance(image, str) else image[0])
     folder = os.path.dirname(path)
     if SMIR_NAME.match(os.path.basename(folder)):
         return os.path.basename(os.path.dirname(folder))
+    if path.endswith(DICOM_SERIES_SUFFIX):
+        return os.path.basename(folder)
     name = os.path.basename(path)
     subject = BIDS_NCCT.match(name)
     if subject:

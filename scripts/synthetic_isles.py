@@ -31,10 +31,13 @@ import nibabel as nib
 import numpy as np
 from scripts.isles import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
 from scripts.safe_files import refuse_existing
+from scripts.synthetic_dicom import dicom_representable, write_study
 
 FIRST_SMIR_ID = 345560
 DTYPES = {"CT": np.int32, "CBF": np.uint16, "CBV": np.uint16, "MTT": np.float64, "Tmax": np.float64, LABEL: np.uint8}
 PATIENTS_CSV = "patients.csv"
+DICOM_DIR = "dicom"  # ISLES 2018 DICOM studies: dicom/TRAINING/case_1/, dicom/TESTING/case_1/, ...
+SOURCEDATA_DIR = "sourcedata"  # ISLES 2024 DICOM studies, BIDS's place for them: sourcedata/<subject>/<session>/
 
 BOX_MM = (140.0, 140.0, 110.0)  # half extent, around the head centre, of the region the random fields cover
 SLAB_LIMIT_MM = 70.0  # slabs stay within this distance of the head centre along z
@@ -304,8 +307,16 @@ def _write_case(case_dir, arrays, affine, smir_ids):
         nib.save(image, folder / f"{name}.nii")
 
 
-def _write_split(split_dir, keys, num_cases, seed, split_index, in_plane, slices, two_slab_fraction, smir_ids):
-    """Write case_1 .. case_<num_cases> of one split; return the (case, patient) rows."""
+def _with_dicom_values(arrays):
+    """``arrays`` with the maps' values as their DICOM series hold them (``dicom_representable``), the label as is."""
+    return {**arrays, **dicom_representable({key: arrays[key] for key in CHANNELS})}
+
+
+def _write_split(
+    split_dir, keys, num_cases, seed, split_index, in_plane, slices, two_slab_fraction, smir_ids, dicom_dir=None
+):
+    """Write case_1 .. case_<num_cases> of one split, and (with a ``dicom_dir``) each case's maps as a DICOM study in
+    ``dicom_dir/<case>/``; return the (case, patient) rows."""
     rows = []
     for patient_index in itertools.count(1):
         if len(rows) == num_cases:
@@ -316,6 +327,11 @@ def _write_split(split_dir, keys, num_cases, seed, split_index, in_plane, slices
         for slab_index, slab in enumerate(patient.slabs[: num_cases - len(rows)]):
             case = f"case_{len(rows) + 1}"
             arrays, affine = patient.case(slab, np.random.default_rng([seed, split_index, patient_index, slab_index]))
+            if dicom_dir is not None:
+                arrays = _with_dicom_values(arrays)
+                split = split_dir.name.lower()
+                maps = {key: arrays[key] for key in CHANNELS}
+                write_study(dicom_dir / case, maps, affine, f"{split}-{case}", seed, f"{split}-patient_{patient_index}")
             _write_case(split_dir / case, {key: arrays[key] for key in keys}, affine, smir_ids)
             rows.append((case, f"patient_{patient_index}"))
 
@@ -329,12 +345,17 @@ def generate(
     slices: int | tuple | list = (2, 4, 8, 16, 22),
     two_slab_fraction: float = 0.3,
     overwrite: bool = False,
+    dicom: bool = False,
 ) -> dict:
     """Write a synthetic ISLES 2018 tree (TRAINING with labels, TESTING without, patients.csv) to `output_dir`.
 
     `slices` is a slab depth or the choices each case draws its depth from; a training patient gives two consecutive
-    cases with probability `two_slab_fraction`. The same arguments give byte-identical files. Existing TRAINING or
-    TESTING folders (or patients.csv) are replaced only with `overwrite=True`.
+    cases with probability `two_slab_fraction`. With `dicom`, each case's five maps are also written as a DICOM study
+    (`scripts.synthetic_dicom.write_study`) in dicom/TRAINING/case_N/ or dicom/TESTING/case_N/, and the NIfTI files
+    hold the same values (`dicom_representable`: MTT and Tmax on a power-of-two grid) instead of the full float64
+    ones. The same arguments give byte-identical files. Existing TRAINING, TESTING or dicom folders (or patients.csv)
+    are replaced only with `overwrite=True`; the dicom folder is removed then even without `dicom`, so that no studies
+    of an earlier tree stay beside the new one.
     """
     slices = (int(slices),) if np.isscalar(slices) else tuple(int(s) for s in slices)
     if int(in_plane) < 16 or not slices or min(slices) < 1 or num_train < 0 or num_test < 0:
@@ -343,8 +364,9 @@ def generate(
         raise ValueError(f"two_slab_fraction must lie in [0, 1], got {two_slab_fraction}")
     output_dir = Path(output_dir)
     train_dir, test_dir, csv_path = output_dir / TRAINING_DIR, output_dir / TESTING_DIR, output_dir / PATIENTS_CSV
-    refuse_existing([train_dir, test_dir, csv_path], overwrite)
-    for folder in (train_dir, test_dir):
+    dicom_dir = output_dir / DICOM_DIR
+    refuse_existing([train_dir, test_dir, dicom_dir, csv_path], overwrite)
+    for folder in (train_dir, test_dir, dicom_dir):
         if folder.exists():
             shutil.rmtree(folder)
     csv_path.unlink(missing_ok=True)
@@ -352,9 +374,23 @@ def generate(
     smir_ids = itertools.count(FIRST_SMIR_ID)
     common = {"seed": int(seed), "in_plane": int(in_plane), "slices": slices, "smir_ids": smir_ids}
     rows = _write_split(
-        train_dir, CHANNELS + (LABEL,), num_train, split_index=0, two_slab_fraction=two_slab_fraction, **common
+        train_dir,
+        CHANNELS + (LABEL,),
+        num_train,
+        split_index=0,
+        two_slab_fraction=two_slab_fraction,
+        dicom_dir=dicom_dir / TRAINING_DIR if dicom else None,
+        **common,
     )
-    test_rows = _write_split(test_dir, CHANNELS, num_test, split_index=1, two_slab_fraction=0.0, **common)
+    test_rows = _write_split(
+        test_dir,
+        CHANNELS,
+        num_test,
+        split_index=1,
+        two_slab_fraction=0.0,
+        dicom_dir=dicom_dir / TESTING_DIR if dicom else None,
+        **common,
+    )
     train_dir.mkdir(parents=True, exist_ok=True)
     test_dir.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
@@ -421,14 +457,25 @@ def _write_isles24_subject(root, layout, index, arrays, affine, with_mask):
 
 
 def generate_isles24(
-    output_dir, num_train=20, num_test=0, seed=0, in_plane=512, slices=100, layout="isles24", overwrite=False
+    output_dir,
+    num_train=20,
+    num_test=0,
+    seed=0,
+    in_plane=512,
+    slices=100,
+    layout="isles24",
+    overwrite=False,
+    dicom: bool = False,
 ) -> dict:
     """Write a synthetic ISLES 2024 tree in ``layout`` (``isles24``: the challenge README's; ``isles24_archive``: the
     public archive's): one whole-brain NCCT-space volume per subject, ``in_plane`` squared voxels over a 215-250 mm
     field of view, ``slices`` slices over 200 mm, tilted about x by 5-15 degrees (an oblique affine); NCCT int16 HU,
     maps float32 (CBV in mL/100 g), a CTA registered to the NCCT (int16 HU, enhanced with the CBV), the mask uint16
     0/65535 with a scale factor of 1/65535. Subjects after the first
-    ``num_train`` have no mask (testing cases). Existing trees are replaced only with ``overwrite``.
+    ``num_train`` have no mask (testing cases). With ``dicom``, each subject's NCCT and maps are also written as a
+    DICOM study (``scripts.synthetic_dicom.write_study``, oblique as the affine) in sourcedata/<subject>/<session>/,
+    and the NIfTI files (and the CTA made from them) hold the same values (``dicom_representable``). Existing trees
+    (sourcedata included, with or without ``dicom``) are replaced only with ``overwrite``.
     """
     if layout not in LAYOUTS_2024:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS_2024)}, got {layout!r}")
@@ -437,8 +484,8 @@ def generate_isles24(
     output_dir = Path(output_dir)
     top, raw_dir = LAYOUTS_2024[layout][:2]
     base = output_dir / top if top else output_dir
-    refuse_existing([base / raw_dir, base / "derivatives"], overwrite)
-    for folder in (base / raw_dir, base / "derivatives"):
+    refuse_existing([base / raw_dir, base / "derivatives", base / SOURCEDATA_DIR], overwrite)
+    for folder in (base / raw_dir, base / "derivatives", base / SOURCEDATA_DIR):
         if folder.exists():
             shutil.rmtree(folder)
     subjects = []
@@ -448,9 +495,13 @@ def generate_isles24(
         arrays, affine = patient.case(patient.slabs[0], np.random.default_rng([seed, 2024, index, 0]))
         arrays = {key: np.asarray(arrays[key], dtype=DTYPES_2024.get(key, arrays[key].dtype)) for key in arrays}
         arrays["CBV"] = (arrays["CBV"] / 100).astype(np.float32)  # 0.01 mL/100 g -> mL/100 g
-        subjects.append(
-            _write_isles24_subject(output_dir, layout, index, arrays, _oblique(affine, rng), index <= num_train)
-        )
+        affine = _oblique(affine, rng)
+        if dicom:
+            arrays = _with_dicom_values(arrays)
+        subjects.append(_write_isles24_subject(output_dir, layout, index, arrays, affine, index <= num_train))
+        if dicom:
+            study_dir = base / SOURCEDATA_DIR / subjects[-1] / LAYOUTS_2024[layout][3]
+            write_study(study_dir, {key: arrays[key] for key in CHANNELS}, affine, subjects[-1], seed)
     return {"output_dir": str(output_dir), "training": subjects[:num_train], "testing": subjects[num_train:]}
 
 
@@ -464,10 +515,11 @@ def main(
     slices: int | tuple | list | None = None,
     two_slab_fraction: float = 0.3,
     overwrite: bool = False,
+    dicom: bool = False,
 ) -> dict:
     """CLI: a synthetic tree in ``layout``: ``isles18`` (``generate``) or ``isles24`` / ``isles24_archive``
     (``generate_isles24``); ``in_plane`` and ``slices`` default to each release's (256 and 2-22 slice slabs; 512 and
-    100 slices)."""
+    100 slices); ``--dicom true`` also writes each case's maps as a DICOM study."""
     if layout == "isles18":
         return generate(
             output_dir,
@@ -478,10 +530,13 @@ def main(
             slices or (2, 4, 8, 16, 22),
             two_slab_fraction,
             overwrite,
+            dicom,
         )
     if isinstance(slices, (tuple, list)):
         raise ValueError("--slices is one slice count for an ISLES 2024 volume")
-    return generate_isles24(output_dir, num_train, num_test, seed, in_plane or 512, slices or 100, layout, overwrite)
+    return generate_isles24(
+        output_dir, num_train, num_test, seed, in_plane or 512, slices or 100, layout, overwrite, dicom
+    )
 
 
 if __name__ == "__main__":  # the command-line edge: the generator itself is the demo's runtime

@@ -56,6 +56,7 @@ def case_preprocessing(
     input_map_keys=None,
     target_spacing=None,
     brain_mask=False,
+    reader=None,
 ) -> list:
     """Load a case's maps as the channels of ``image_key``, window the CT to [0, 1] and z-score each perfusion map
     within the brain (non-zero voxels), refuse NaN/Inf, bring it to RAS and resize it to ``spatial_size`` (the
@@ -76,6 +77,8 @@ def case_preprocessing(
             ``MaskIntensityd``: the CT and optional inputs; the maps are 0 there already) and cropped to its bounding
             box (``CropForegroundd``) before the resize or the resampling, so the loss covers the brain's box only;
             ``Invertd`` pads the prediction back.
+        reader: the ``LoadImaged`` reader; None reads NIfTI (``ThreadSafeNibabelReader``), configs/dicom.json gives
+            ``scripts.dicom_series.DicomSeriesReader``.
 
     Returns:
         The transforms, in order.
@@ -85,7 +88,7 @@ def case_preprocessing(
     transforms = [
         LoadImaged(
             keys=load_keys,
-            reader=ThreadSafeNibabelReader(),
+            reader=reader or ThreadSafeNibabelReader(),
             ensure_channel_first=True,
             image_only=True,
             allow_missing_keys=True,

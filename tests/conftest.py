@@ -1,6 +1,7 @@
 """Shared fixtures: the repo root on sys.path first (so the project's ``tests``/``scripts`` win over any
 installed package of the same name) and small synthetic ISLES trees written once per session."""
 
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,42 @@ def demo_run(tmp_path_factory):
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, result, DEMO_OVERRIDES
+
+
+# The tiny network of the DICOM and PACS tests (tests/test_dicom.py, tests/test_pacs.py).
+TINY_NETWORK = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synthetic_tree, tmp_path_factory):
+    """A bundle root whose models/model.pt is a tiny network trained for one epoch on the session's synthetic tree."""
+    from monai.bundle import ConfigWorkflow
+    from scripts.folds import build_datalist
+
+    root = tmp_path_factory.mktemp("tiny_bundle")
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps(build_datalist(synthetic_tree, folds=3, seed=0)))
+    workflow = ConfigWorkflow(
+        config_file=os.path.join(REPO_ROOT, "configs", "train.json"),
+        meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"),
+        workflow_type="train",
+        bundle_root=str(root),
+        dataset_dir=synthetic_tree,
+        data_list_file_path=str(datalist),
+        epochs=1,
+        val_interval=1,
+        **TINY_NETWORK,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    assert (root / "models" / "model.pt").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def dicom_tree(tmp_path_factory):
+    """Two synthetic testing cases written as NIfTI (TESTING/) and as DICOM studies (dicom/TESTING/)."""
+    root = tmp_path_factory.mktemp("dicom_isles")
+    generate(str(root), num_train=0, num_test=2, seed=11, in_plane=32, slices=(4, 6), dicom=True)
+    return root

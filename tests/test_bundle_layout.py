@@ -86,10 +86,10 @@ def test_inference_json_stands_alone_and_repeats_train_jsons_network_and_preproc
     train, infer = load(repo_root, "configs", "train.json"), load(repo_root, "configs", "inference.json")
     for key in COPIED_FROM_TRAIN:
         assert infer[key] == train[key] or key == "preprocessing_transforms", key
-    # one pre-processing, built from each config's own ids; inference keeps the maps the per-case report reads
-    assert {**train["preprocessing_transforms"], "input_map_keys": "@input_map_keys"} == infer[
-        "preprocessing_transforms"
-    ]
+    # one pre-processing, built from each config's own ids; inference keeps the maps the per-case report reads, and
+    # its reader is the place configs/dicom.json sets the DICOM one
+    expected = {**train["preprocessing_transforms"], "input_map_keys": "@input_map_keys", "reader": None}
+    assert expected == infer["preprocessing_transforms"]
     for config in (train, infer):
         assert "%" not in json.dumps(config), "MONAI Label reads train.json and inference.json without the others"
     assert infer["load_keys"] == infer["spatial_keys"] == ["@image_key"], "MONAI Label's requests have no label"
@@ -139,6 +139,7 @@ DOC_PAGES = (
     "README.md",
     "docs/README.md",
     "docs/architecture.md",
+    "docs/dicom.md",
     "docs/evaluation.md",
     "docs/monai_label.md",
     "docs/multi_gpu_and_export.md",

@@ -1,0 +1,380 @@
+"""DICOM CT perfusion studies as the bundle's cases: the studies of a folder, each map's series picked by rules and
+checked from the headers before any work, and MONAI's ``LoadImaged`` reading the five series as one case.
+
+A hospital's perfusion software (RAPID, syngo.via, Olea, Vitrea) sends the NCCT and its CBF, CBV, MTT and Tmax maps to
+the PACS as DICOM series of one study. ``find_studies`` reads the headers of every file under a folder (pixel data
+only of one Tmax slice, for its unit), groups them by study, and picks for each channel the one series that its rule
+(``SERIES_RULES``, the config id ``series_rules``) matches by modality, image type and series description. A study
+with a map missing, two candidates for one map, series of another frame of reference, a non-axial or irregular
+series, or Tmax in milliseconds is refused with one error naming the series (description and UID) before anything is
+segmented. A case's name is ``study-`` and a hash of its StudyInstanceUID: no patient name or ID reaches a file
+name or a log.
+
+``DicomSeriesReader`` is a MONAI ``ImageReader``: each case's ``image`` is the five series' keys
+(``<dataset_dir>/<case>/<channel>.dcm-series``, see ``scripts.isles.case_name``), and the reader turns them into one
+(5, x, y, z) float32 array with the NCCT's affine (RAS, as ``NibabelReader`` gives a NIfTI's): highdicom applies the
+rescale slope and intercept and checks the geometry, and a map on another grid of the same frame of reference is
+resampled (trilinear) onto the NCCT's, as the ISLES 2024 maps are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from monai.data import ImageReader
+from scipy import ndimage
+from scripts.isles import CHANNELS, DICOM_SERIES_SUFFIX, InvalidCaseError
+
+__all__ = [
+    "SERIES_RULES",
+    "DicomSeriesReader",
+    "Series",
+    "Study",
+    "case_of",
+    "find_studies",
+    "matches_description",
+    "series_key",
+    "volume_arrays",
+    "volume_as_nifti",
+]
+
+logger = logging.getLogger(__name__)
+
+# Which series is which map, matched in order: modality, every listed ImageType value, the series description
+# against ``description`` and not against ``exclude`` (case-insensitive regular expressions). The names cover the
+# descriptions of RAPID ("RAPID CBF"), syngo.via ("CT Perfusion CBF", "rCBF"), Olea, Vitrea and ISLES ("NCCT").
+_NOT_A_MAP = r"cbf|cbv|mtt|t.?max|ttp|flow|volume|transit|perf|ctp|cta|angio|mip|dynamic|4d|bone|lung|scout|topo"
+SERIES_RULES = {
+    "CT": {
+        "modality": ["CT"],
+        "image_type": ["ORIGINAL"],
+        "description": r"ncct|non.?contrast|w/?o|plain|nect|native|head|brain|cerebr|schaedel|skull|ct",
+        "exclude": _NOT_A_MAP + r"|\+c\b|post|contrast enh",
+    },
+    "CBF": {"modality": ["CT", "MR", "OT"], "description": r"\br?cbf\b|blood.?flow", "exclude": r"<|%|thresh|mask"},
+    "CBV": {"modality": ["CT", "MR", "OT"], "description": r"\br?cbv\b|blood.?vol", "exclude": r"<|%|thresh|mask"},
+    "MTT": {"modality": ["CT", "MR", "OT"], "description": r"\bmtt\b|mean.?transit", "exclude": r"<|%|thresh|mask"},
+    "Tmax": {"modality": ["CT", "MR", "OT"], "description": r"t.?max|time.?to.?max", "exclude": r"<|>|%|thresh|mask"},
+}
+AXIAL_LIMIT_DEG = 45.0  # the slice normal within this angle of the head-foot axis (oblique, gantry-tilted: fine)
+SPACING_TOLERANCE = 0.01  # relative: slice gaps that differ by more are an irregular series
+TMAX_MS_MEDIAN = 100.0  # a median Tmax in the brain above this (seconds) can only be milliseconds
+_MS_UNIT = re.compile(r"(?i)\b(ms|msec|millisec\w*)\b")
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient coordinates (LPS) to NIfTI's (RAS), and back
+
+
+def series_key(dataset_dir, case, channel) -> str:
+    """The key ``DicomSeriesReader`` reads a case's ``channel`` from: ``<dataset_dir>/<case>/<channel>.dcm-series``
+    (no such file: the key names the case, see ``scripts.isles.case_name``)."""
+    return os.path.join(os.path.abspath(dataset_dir), case, channel + DICOM_SERIES_SUFFIX)
+
+
+@dataclass
+class Series:
+    """One DICOM series: its UID, description and files, with the headers read from them (no pixel data)."""
+
+    uid: str
+    description: str
+    headers: list = field(repr=False)
+    files: list = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        """How messages name it: ``"RAPID CBF" (1.2.826...)``."""
+        return f'"{self.description}" ({self.uid})'
+
+
+@dataclass
+class Study:
+    """One study as a case: its name, StudyInstanceUID and the series picked for each channel."""
+
+    case: str
+    uid: str
+    series: dict
+
+    def item(self, dataset_dir) -> dict:
+        """The datalist item: the channels' series keys as ``image``."""
+        return {"image": [series_key(dataset_dir, self.case, channel) for channel in self.series]}
+
+
+def case_of(study_uid) -> str:
+    """A study's case name: ``study-`` and 12 hex digits of its StudyInstanceUID's SHA-256."""
+    return "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:12]
+
+
+def _read_headers(dataset_dir):
+    """Every DICOM file's header under ``dataset_dir`` (walked in sorted order), as (path, dataset) pairs; files that
+    are not DICOM are skipped, a DICOM file that cannot be read is refused."""
+    found = []
+    for folder, dirs, files in os.walk(dataset_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+            except pydicom.errors.InvalidDicomError:
+                continue
+            except Exception as err:  # a truncated or damaged file: refused, naming it
+                raise InvalidCaseError(f"{path}: not a readable DICOM file ({err})") from err
+            if "SeriesInstanceUID" in header and "StudyInstanceUID" in header:
+                found.append((path, header))
+    return found
+
+
+def _group(found):
+    """``{study UID: {series UID: Series}}`` of the image series (SEG, SR and other non-image objects left out)."""
+    studies = {}
+    for path, header in found:
+        if "Rows" not in header or header.get("Modality") in ("SEG", "SR", "PR", "KO"):
+            continue
+        series = studies.setdefault(header.StudyInstanceUID, {}).setdefault(
+            header.SeriesInstanceUID, Series(header.SeriesInstanceUID, str(header.get("SeriesDescription", "")), [], [])
+        )
+        series.headers.append(header)
+        series.files.append(path)
+    return studies
+
+
+def matches_description(rule, modality, description) -> bool:
+    """Whether a series of ``modality`` and ``description`` passes a rule's modality and description tests (what a
+    PACS query tells of a series before it is downloaded)."""
+    if rule.get("modality") and modality not in rule["modality"]:
+        return False
+    if not re.search(rule["description"], description, re.IGNORECASE):
+        return False
+    return not (rule.get("exclude") and re.search(rule["exclude"], description, re.IGNORECASE))
+
+
+def _matches(rule, series) -> bool:
+    header = series.headers[0]
+    image_type = [str(v).upper() for v in header.get("ImageType", [])]
+    if any(value.upper() not in image_type for value in rule.get("image_type", [])):
+        return False
+    if header.get("SamplesPerPixel", 1) != 1:  # a colour rendering of a map, not the map
+        return False
+    return matches_description(rule, header.get("Modality"), series.description)
+
+
+def _pick(case, series_of_study, rules, channels):
+    """The one series of each channel, or an error naming the candidates (or the series there are)."""
+    picked = {}
+    for channel in channels:
+        if channel not in rules:
+            raise ValueError(f"series_rules has no rule for channel {channel}; it has {', '.join(rules)}")
+        candidates = [s for s in series_of_study.values() if _matches(rules[channel], s)]
+        if not candidates:
+            present = "; ".join(s.name for s in series_of_study.values()) or "none"
+            raise InvalidCaseError(
+                f"{case}: no series for {channel} (rule {rules[channel]}); the study's image series: {present}"
+            )
+        if len(candidates) > 1:
+            raise InvalidCaseError(
+                f"{case}: two or more series match {channel}: {'; '.join(s.name for s in candidates)}; set"
+                " series_rules to tell them apart (docs/dicom.md)"
+            )
+        picked[channel] = candidates[0]
+    repeated = {s.uid for s in picked.values() if list(picked.values()).count(s) > 1}
+    if repeated:
+        names = [f"{c} {s.name}" for c, s in picked.items() if s.uid in repeated]
+        raise InvalidCaseError(f"{case}: one series matches two maps ({'; '.join(names)}); set series_rules")
+    return picked
+
+
+def _frame_positions(header):
+    """The (orientation, [positions]) of a series' instance: one per frame of a multi-frame one."""
+    if int(header.get("NumberOfFrames", 1)) > 1:
+        shared = header.get("SharedFunctionalGroupsSequence", [{}])[0]
+        frames = header.PerFrameFunctionalGroupsSequence
+        first = frames[0]
+        orientation_seq = first.get("PlaneOrientationSequence") or shared.get("PlaneOrientationSequence")
+        orientation = orientation_seq[0].ImageOrientationPatient
+        positions = [frame.PlanePositionSequence[0].ImagePositionPatient for frame in frames]
+        return np.asarray(orientation, dtype=float), [np.asarray(p, dtype=float) for p in positions]
+    if "ImageOrientationPatient" not in header or "ImagePositionPatient" not in header:
+        return None, []
+    return np.asarray(header.ImageOrientationPatient, dtype=float), [np.asarray(header.ImagePositionPatient, float)]
+
+
+def _check_geometry(case, channel, series):
+    """Refuse a series that is not one regular stack of axial (or gantry-tilted) slices."""
+    orientations, positions = [], []
+    for header in series.headers:
+        orientation, frame_positions = _frame_positions(header)
+        if orientation is None:
+            raise InvalidCaseError(f"{case}: {channel} series {series.name} has no image plane (orientation)")
+        orientations.append(orientation)
+        positions.extend(frame_positions)
+    if any(not np.allclose(o, orientations[0], atol=1e-3) for o in orientations):
+        raise InvalidCaseError(f"{case}: {channel} series {series.name} mixes slice orientations")
+    normal = np.cross(orientations[0][:3], orientations[0][3:])
+    angle = np.degrees(np.arccos(min(1.0, abs(normal[2]) / np.linalg.norm(normal))))
+    if angle > AXIAL_LIMIT_DEG:
+        raise InvalidCaseError(
+            f"{case}: {channel} series {series.name} is not axial: its slices are {angle:.0f} degrees from axial"
+            f" (at most {AXIAL_LIMIT_DEG:.0f}: sagittal and coronal reformats are not read)"
+        )
+    along = np.sort([float(np.dot(p, normal)) for p in positions])
+    gaps = np.diff(along)
+    if len(gaps) and (gaps.min() <= 1e-3 or gaps.max() - gaps.min() > SPACING_TOLERANCE * gaps.mean()):
+        detail = "two slices at one position" if gaps.min() <= 1e-3 else f"gaps {gaps.min():.3g}-{gaps.max():.3g} mm"
+        raise InvalidCaseError(
+            f"{case}: {channel} series {series.name} has irregular slice spacing ({detail}): a missing or repeated"
+            " slice, or a time series"
+        )
+
+
+def _check_tmax_unit(case, series):
+    """Refuse Tmax stored in milliseconds: said by its unit, or seen in its values (the middle slice's median)."""
+    header = series.headers[0]
+    said = " ".join(str(header.get(k, "")) for k in ("RescaleType", "Units", "SeriesDescription", "ImageComments"))
+    if _MS_UNIT.search(said):
+        raise InvalidCaseError(f"{case}: Tmax series {series.name} is in milliseconds ({said.strip()}); need seconds")
+    if int(header.get("NumberOfFrames", 1)) > 1:
+        values = volume_arrays([pydicom.dcmread(series.files[0])])[0]
+    else:
+        middle = sorted(range(len(series.files)), key=lambda i: float(series.headers[i].get("InstanceNumber", i)))
+        values = volume_arrays([pydicom.dcmread(series.files[middle[len(middle) // 2]])])[0]
+    measured = values[values > 0]
+    if measured.size and float(np.median(measured)) > TMAX_MS_MEDIAN:
+        raise InvalidCaseError(
+            f"{case}: Tmax series {series.name} holds values of median {float(np.median(measured)):.0f} in the"
+            " brain: milliseconds, not seconds (healthy tissue is 0-4 s); convert it or store it in seconds"
+        )
+
+
+def find_studies(dataset_dir, rules=None, channels=CHANNELS) -> list:
+    """The DICOM studies under ``dataset_dir`` as cases, checked: one per StudyInstanceUID that holds image series.
+
+    Args:
+        dataset_dir: a folder of DICOM files (any layout, any file names; other files are skipped).
+        rules: which series is which channel (``SERIES_RULES``'s form); ``None`` uses ``SERIES_RULES``.
+        channels: the channels to pick, in order, the NCCT first.
+
+    Returns:
+        The ``Study`` of each case, in StudyInstanceUID order.
+
+    Raises:
+        InvalidCaseError: for a study with a map missing, two candidates for a map, series of other frames of
+            reference, a non-axial or irregular series or Tmax in milliseconds, naming the series; or no study.
+    """
+    rules = SERIES_RULES if rules is None else rules
+    if not os.path.isdir(dataset_dir):
+        raise FileNotFoundError(f"{dataset_dir}: no such folder of DICOM studies")
+    studies = []
+    for study_uid, series_of_study in sorted(_group(_read_headers(dataset_dir)).items()):
+        case = case_of(study_uid)
+        picked = _pick(case, series_of_study, rules, list(channels))
+        frames = {s.headers[0].get("FrameOfReferenceUID") for s in picked.values()}
+        if len(frames) > 1 or None in frames:
+            listed = "; ".join(f"{c} {s.name}: {s.headers[0].get('FrameOfReferenceUID')}" for c, s in picked.items())
+            raise InvalidCaseError(f"{case}: the series are not in one frame of reference ({listed})")
+        for channel, series in picked.items():
+            _check_geometry(case, channel, series)
+        if "Tmax" in picked:
+            _check_tmax_unit(case, picked["Tmax"])
+        studies.append(Study(case, study_uid, picked))
+        logger.info("%s: %s", case, ", ".join(f"{c} {len(s.files)} file(s)" for c, s in picked.items()))
+    if not studies:
+        raise InvalidCaseError(f"{dataset_dir}: no DICOM study with image series found")
+    return studies
+
+
+def volume_as_nifti(volume) -> tuple:
+    """The NIfTI (x, y, z) array and RAS affine of a ``highdicom.Volume`` (of a series, a multi-frame image or a SEG).
+
+    ``highdicom.get_volume_from_series`` stacks the slices on axis 0 of ``volume.array`` (rows on axis 1, columns on
+    axis 2), ordered so that (slice, row, column) is right-handed in LPS, and ``volume.affine`` maps (slice, row,
+    column, 1) to LPS: its columns are the slice step, the step down the rows (the column cosine times the row
+    spacing), the step along a row (the row cosine times the column spacing) and the first slice's position. So
+    (column, row, slice) in that order is left-handed, and for a series written by
+    ``scripts.synthetic_dicom.write_study`` from a right-handed affine (as all of the generator's are) axis 0 runs
+    from slice z-1 to slice 0: ``volume.array[s, j, i]`` is ``array[i, j, z - 1 - s]``.
+
+    This returns the axes (column index, row index, slice index) with the slices in the order that makes the RAS
+    affine right-handed (highdicom's order reversed), read from the volume's affine alone, so it holds for any slice
+    order in the files and any row, column or slice direction; for such a series of a right-handed affine
+    it gives back that affine (up to the DS rounding, ~1e-10 mm) and the array exactly.
+
+    Args:
+        volume: a ``highdicom.Volume`` with a 3-D array.
+
+    Returns:
+        (array (x, y, z) float32, 4 x 4 RAS affine float64).
+    """
+    array = np.asarray(volume.array, dtype=np.float32).transpose(2, 1, 0)
+    affine_lps = np.asarray(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
+    if np.linalg.det(affine_lps[:3, :3]) < 0:
+        affine_lps[:3, 3] += (array.shape[2] - 1) * affine_lps[:3, 2]
+        affine_lps[:3, 2] *= -1
+        array = array[:, :, ::-1]
+    affine = _LPS @ affine_lps
+    return np.ascontiguousarray(array), affine
+
+
+def volume_arrays(datasets, dtype=np.float32):
+    """The pixel values (rescaled) of one series' datasets, single-frame slices in any order or one multi-frame
+    instance, as ``volume_as_nifti`` gives them."""
+    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1)) > 1:
+        return volume_as_nifti(hd.Image.from_dataset(datasets[0], copy=False).get_volume(dtype=dtype))
+    return volume_as_nifti(hd.get_volume_from_series(datasets, dtype=dtype))
+
+
+def _onto_grid(array, affine, shape, target_affine):
+    """``array`` resampled (trilinear, 0 outside) onto the grid of ``shape`` and ``target_affine``."""
+    matrix = np.linalg.inv(affine) @ target_affine
+    return ndimage.affine_transform(array, matrix[:3, :3], matrix[:3, 3], output_shape=shape, order=1, cval=0.0)
+
+
+class DicomSeriesReader(ImageReader):
+    """MONAI ``ImageReader`` of the series ``find_studies`` picked, by their keys (``series_key``).
+
+    ``read`` of a case's keys gives its series as (array, affine) pairs; ``get_data`` stacks them as channels, each
+    map on another grid than the first (the NCCT) resampled onto it. Stateless between calls, so threads and
+    DataLoader workers can share it.
+
+    Args:
+        studies: the ``find_studies`` result.
+        dataset_dir: the folder the keys were made with.
+    """
+
+    def __init__(self, studies, dataset_dir):
+        super().__init__()
+        self.files = {
+            series_key(dataset_dir, study.case, channel): series.files
+            for study in studies
+            for channel, series in study.series.items()
+        }
+
+    def verify_suffix(self, filename) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else filename
+        return all(str(name) in self.files for name in names)
+
+    def read(self, data, **kwargs):
+        keys = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        return [volume_arrays([pydicom.dcmread(path) for path in self.files[str(key)]]) for key in keys]
+
+    def get_data(self, img):
+        (reference, affine), others = img[0], img[1:]
+        arrays = [reference] + [
+            (
+                array
+                if array.shape == reference.shape and np.allclose(a, affine, atol=1e-3)
+                else _onto_grid(array, a, reference.shape, affine)
+            )
+            for array, a in others
+        ]
+        meta = {
+            "affine": affine,
+            "original_affine": affine.copy(),
+            "spatial_shape": np.asarray(reference.shape),
+            "original_channel_dim": 0,
+            "space": "RAS",
+        }
+        return np.stack(arrays).astype(np.float32, copy=False), meta

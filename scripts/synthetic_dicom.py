@@ -1,0 +1,257 @@
+"""Synthetic cases as a hospital's PACS holds CT perfusion results: one DICOM study per case, with a series for the
+NCCT and one for each perfusion map, each classic CT Image Storage with one file per slice.
+
+The NIfTI and the DICOM forms of a case hold the same values (``dicom_representable``) on the same grid, so the
+bundle's pipeline gives identical inputs, and identical masks, from either.
+
+Geometry: voxel (i, j, k) of a NIfTI (x, y, z) array is slice k's pixel at column i, row j. With the RAS affine A and
+``LPS = diag(-1, -1, 1)``: ImageOrientationPatient is LPS @ A[:3, 0] (along the columns of a row, increasing column
+index) and LPS @ A[:3, 1] (down the rows), both normalised; ImagePositionPatient of slice k is LPS @ (A @ [0, 0, k, 1]);
+PixelSpacing is (|A[:3, 1]|, |A[:3, 0]|), the slice spacing |A[:3, 2]|; InstanceNumber is k + 1.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+__all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_study"]
+
+# Series description of each channel (the keys in the order of scripts.isles.CHANNELS), as a vendor names them.
+SERIES_DESCRIPTIONS = {
+    "CT": "NCCT Head 5mm",
+    "CBF": "RAPID CBF",
+    "CBV": "RAPID CBV",
+    "MTT": "RAPID MTT",
+    "Tmax": "RAPID Tmax",
+}
+IMAGE_TYPES = {"CT": ["ORIGINAL", "PRIMARY", "AXIAL"], "map": ["DERIVED", "SECONDARY", "AXIAL", "PERFUSION"]}
+CT_INTERCEPT = -1024  # HU of stored value 0 in the NCCT series
+# Finest rescale slope 2**-k of a float map: 2**-15 = 3.0517578125e-05 still fits the 16 characters of a DS exactly.
+MAX_SCALE_EXPONENT = 15
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+# Fixed dates and times, so that the same arguments give byte-identical files.
+STUDY_DATE, STUDY_TIME = "20240101", "120000"
+MANUFACTURER, MODEL_NAME = "SYNTHETIC", "synthetic_isles"
+UID_NAMESPACE = "scripts.synthetic_dicom"
+
+
+def _storage_range(signed):
+    """The smallest and largest stored value of 16-bit pixels."""
+    return (-(2**15), 2**15 - 1) if signed else (0, 2**16 - 1)
+
+
+def _scale_exponent(values):
+    """Largest k in [0, MAX_SCALE_EXPONENT] whose grid 2**-k holds ``values`` (float) in 16-bit integers: int16, or
+    uint16 where all values are >= 0.
+
+    Raises:
+        ValueError: for values that are not finite or too large for 16 bits even at k = 0.
+    """
+    if not np.isfinite(values).all():
+        raise ValueError("a map with NaN or infinite values has no DICOM form")
+    low, high = float(values.min()), float(values.max())
+    lower, upper = _storage_range(signed=low < 0)
+    for exponent in range(MAX_SCALE_EXPONENT, -1, -1):
+        if lower <= np.rint(low * 2.0**exponent) and np.rint(high * 2.0**exponent) <= upper:
+            return exponent
+    raise ValueError(f"values from {low} to {high} do not fit 16 bits with a rescale slope of 1")
+
+
+def dicom_representable(arrays: dict) -> dict:
+    """The values a 16-bit DICOM series with a power-of-two RescaleSlope holds of each array, in the array's dtype.
+
+    Integer arrays are returned unchanged (slope 1). A float array is rounded to the grid 2**-k with the largest k
+    (the finest grid, k from 0 to ``MAX_SCALE_EXPONENT``) whose stored integers fit int16, or uint16 where all values
+    are >= 0. Why: a stored integer n < 2**16 times 2**-k is exact in float64 and in float32, so the DICOM read back
+    (stored * slope + intercept, cast to float32) gives exactly the float32 values MONAI loads from the NIfTI of the
+    returned array, and the model gives identical masks from the NIfTI and the DICOM forms of a case. The result is
+    its own ``dicom_representable``.
+
+    Args:
+        arrays: channel -> numpy array (any shape).
+
+    Returns:
+        channel -> array of the same dtype and shape.
+
+    Raises:
+        ValueError: for a float array with NaN or infinite values, or too large for 16 bits.
+    """
+    representable = {}
+    for channel, array in arrays.items():
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.integer):
+            representable[channel] = array
+            continue
+        step = 2.0 ** -_scale_exponent(array)
+        representable[channel] = (np.rint(array.astype(np.float64) / step) * step + 0.0).astype(array.dtype)
+    return representable
+
+
+def _stored_pixels(channel, array):
+    """The stored 16-bit values of ``array`` and its (slope, intercept, signed).
+
+    Raises:
+        ValueError: where ``array`` is not ``dicom_representable`` (off the grid, or out of 16-bit range).
+    """
+    values = np.asarray(array)
+    if np.issubdtype(values.dtype, np.integer):
+        slope, intercept = 1.0, CT_INTERCEPT if channel == "CT" else 0
+    else:
+        slope, intercept = 2.0 ** -_scale_exponent(values), 0
+    scaled = (values.astype(np.float64) - intercept) / slope
+    stored = np.rint(scaled)
+    signed = bool(stored.min() < 0)
+    lower, upper = _storage_range(signed)
+    if not np.array_equal(stored, scaled) or stored.min() < lower or stored.max() > upper:
+        raise ValueError(f"{channel} is not dicom_representable: pass it through dicom_representable first")
+    return stored.astype("<i2" if signed else "<u2"), slope, intercept, signed
+
+
+def _ds(values):
+    """DS strings (16 characters at most) of ``values``, with no negative zeros."""
+    return [format_number_as_ds(float(v) + 0.0) for v in values]
+
+
+def _uid(*parts):
+    """A UID derived from ``parts`` alone: the same parts give the same UID."""
+    return generate_uid(entropy_srcs=[UID_NAMESPACE, *map(str, parts)])
+
+
+def _geometry(affine, depth):
+    """ImageOrientationPatient, PixelSpacing, slice spacing, each slice's ImagePositionPatient and SliceLocation (LPS)
+    of a NIfTI RAS ``affine``, for an (x, y, z) array of ``depth`` slices."""
+    affine = np.asarray(affine, dtype=np.float64)
+    row_step, column_step = LPS_FROM_RAS @ affine[:3, 0], LPS_FROM_RAS @ affine[:3, 1]
+    row_cosine, column_cosine = row_step / np.linalg.norm(row_step), column_step / np.linalg.norm(column_step)
+    positions = [LPS_FROM_RAS @ (affine @ [0.0, 0.0, k, 1.0])[:3] for k in range(depth)]
+    normal = np.cross(row_cosine, column_cosine)
+    return {
+        "orientation": np.concatenate([row_cosine, column_cosine]),
+        "pixel_spacing": (np.linalg.norm(column_step), np.linalg.norm(row_step)),
+        "slice_spacing": float(np.linalg.norm(affine[:3, 2])),
+        "positions": positions,
+        "locations": [float(normal @ p) for p in positions],
+    }
+
+
+def _series_dataset(channel, number, study, series_uid, geometry, shape, storage):
+    """The attributes shared by every slice of one series."""
+    slope, intercept, signed = storage
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.ImageType = IMAGE_TYPES["CT" if channel == "CT" else "map"]
+    for prefix in ("Study", "Series", "Acquisition", "Content"):
+        setattr(ds, f"{prefix}Date", STUDY_DATE)
+        setattr(ds, f"{prefix}Time", STUDY_TIME)
+    ds.AccessionNumber = ""
+    ds.Modality = "CT"
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = MODEL_NAME
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CT PERFUSION HEAD"
+    ds.SeriesDescription = SERIES_DESCRIPTIONS[channel]
+    if channel != "CT":
+        ds.DerivationDescription = f"{channel} map computed from the CT perfusion series (synthetic)"
+    ds.PatientName = study["patient_name"]
+    ds.PatientID = study["patient_id"]
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "HEAD"
+    ds.SliceThickness = _ds([geometry["slice_spacing"]])[0]
+    ds.SpacingBetweenSlices = _ds([geometry["slice_spacing"]])[0]
+    ds.KVP = "120" if channel == "CT" else "80"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study["study_instance_uid"]
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = number
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = _ds(geometry["orientation"])
+    ds.FrameOfReferenceUID = study["frame_of_reference_uid"]
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = shape[1], shape[0]
+    ds.PixelSpacing = _ds(geometry["pixel_spacing"])
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = int(signed)
+    ds.RescaleIntercept = _ds([intercept])[0]
+    ds.RescaleSlope = _ds([slope])[0]
+    ds.RescaleType = "HU" if channel == "CT" else "US"
+    return ds
+
+
+def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str | None = None) -> dict:
+    """Write one case as a DICOM study under ``folder``: one series per channel, ``<number>_<channel>/``, holding
+    ``<number:02d>_<instance:04d>.dcm`` per slice (classic CT Image Storage, explicit VR little endian).
+
+    Deterministic: the UIDs derive from ``case``, ``seed``, a digest of the arrays and affine, the channel and the
+    slice, and dates and times are fixed, so the same arguments give byte-identical files. All series share one
+    StudyInstanceUID and one FrameOfReferenceUID. See the module docstring for the geometry.
+
+    Args:
+        folder: the study folder (created).
+        arrays: channel -> (x, y, z) numpy array, already ``dicom_representable``, one per key of
+            ``SERIES_DESCRIPTIONS``, all of one shape.
+        affine: 4 x 4 RAS affine (NIfTI) of all the arrays.
+        case: a name of the case unique in its tree (e.g. ``training-case_1``); it names the patient unless
+            ``patient`` does.
+        seed: the generator's seed.
+        patient: a name of the patient (cases of one patient share it), e.g. ``training-patient_1``.
+
+    Returns:
+        ``{"study_instance_uid", "series": {channel: series_instance_uid}, "files": [paths, series by series, in
+        slice order], "folder"}``.
+
+    Raises:
+        ValueError: for other channels than ``SERIES_DESCRIPTIONS``', arrays of different or non-3D shapes, or values
+            that are not ``dicom_representable``.
+    """
+    if set(arrays) != set(SERIES_DESCRIPTIONS):
+        raise ValueError(f"a study holds the channels {', '.join(SERIES_DESCRIPTIONS)}, got {', '.join(arrays)}")
+    shapes = {np.shape(array) for array in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"the arrays must share one (x, y, z) shape, got {sorted(shapes)}")
+    shape = shapes.pop()
+    affine = np.asarray(affine, dtype=np.float64)
+    digest = hashlib.sha256(affine.tobytes())
+    for channel in SERIES_DESCRIPTIONS:
+        digest.update(f"{channel}:{arrays[channel].dtype.str}".encode())
+        digest.update(np.ascontiguousarray(arrays[channel]))
+    identity = (case, seed, digest.hexdigest())
+    patient = case if patient is None else patient
+    study = {
+        "study_instance_uid": _uid(*identity, "study"),
+        "frame_of_reference_uid": _uid(*identity, "frame of reference"),
+        "patient_name": f"SYNTHETIC^{patient.upper()}",
+        "patient_id": f"SYN-{patient}",
+    }
+    geometry = _geometry(affine, shape[2])
+    folder = Path(folder)
+    series, files = {}, []
+    for number, channel in enumerate(SERIES_DESCRIPTIONS, start=1):
+        stored, *storage = _stored_pixels(channel, arrays[channel])
+        series[channel] = _uid(*identity, "series", channel)
+        template = _series_dataset(channel, number, study, series[channel], geometry, shape, storage)
+        series_dir = folder / f"{number}_{channel}"
+        series_dir.mkdir(parents=True, exist_ok=True)
+        for k in range(shape[2]):
+            ds = template.copy()
+            ds.SOPInstanceUID = _uid(*identity, "instance", channel, k)
+            ds.InstanceNumber = k + 1
+            ds.ImagePositionPatient = _ds(geometry["positions"][k])
+            ds.SliceLocation = _ds([geometry["locations"][k]])[0]
+            ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            path = series_dir / f"{number:02d}_{k + 1:04d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(str(path))
+    return {"study_instance_uid": study["study_instance_uid"], "series": series, "files": files, "folder": str(folder)}

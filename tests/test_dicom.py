@@ -1,0 +1,255 @@
+"""DICOM studies through configs/dicom.json: the same masks and volumes as the same cases given as NIfTI, the SEG
+and SR read back with highdicom, bad studies refused naming the series before anything is written, a file we did
+not write (pydicom's CT test file) and multi-frame series read."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from conftest import TINY_NETWORK
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from scripts.dicom_results import FIGURES
+from scripts.dicom_series import case_of, find_studies, volume_arrays, volume_as_nifti
+from scripts.isles import InvalidCaseError
+
+DICOM_CONFIGS = "['configs/inference.json','configs/dicom.json']"
+
+
+def rules(repo_root):
+    with open(os.path.join(repo_root, "configs", "dicom.json")) as f:
+        return json.load(f)["series_rules"]
+
+
+def run_bundle(repo_root, configs, bundle_root, dataset_dir, output_dir, *extra):
+    """`python -m monai.bundle run` with the tiny network; the finished process (stdout and stderr as text)."""
+    args = [f"--{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY_NETWORK.items()]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle_root)]
+    cmd += ["--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *args, *extra]
+    return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600, check=False)
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def canonical(array, affine):
+    image = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array, dtype=np.uint8), affine))
+    return np.asanyarray(image.dataobj), image.affine
+
+
+def study_files(folder):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith(".dcm"))
+
+
+@pytest.fixture(scope="module")
+def both_runs(repo_root, tiny_model, dicom_tree, tmp_path_factory):
+    """Inference of the NIfTI cases and of their DICOM studies with the same model."""
+    out = tmp_path_factory.mktemp("dicom_runs")
+    nifti = run_bundle(repo_root, "configs/inference.json", tiny_model, dicom_tree, out / "nifti")
+    assert nifti.returncode == 0, nifti.stderr[-3000:]
+    dicom = run_bundle(repo_root, DICOM_CONFIGS, tiny_model, dicom_tree / "dicom", out / "dicom")
+    assert dicom.returncode == 0, dicom.stderr[-3000:]
+    cases = {}  # case_N -> its study's case name
+    for folder in sorted((dicom_tree / "dicom" / "TESTING").iterdir()):
+        cases[folder.name] = case_of(pydicom.dcmread(study_files(folder)[0]).StudyInstanceUID)
+    return out, cases, dicom
+
+
+def test_a_dicom_study_gets_the_mask_and_volumes_of_the_same_case_as_nifti(both_runs):
+    out, cases, _ = both_runs
+    nifti_rows = read_rows(out / "nifti" / "predictions" / "volumes.csv")
+    dicom_rows = read_rows(out / "dicom" / "predictions" / "volumes.csv")
+    assert sorted(dicom_rows) == sorted(cases.values())
+    for case, study in cases.items():
+        nifti_mask = nib.load(out / "nifti" / "predictions" / "masks" / f"{case}.nii.gz")
+        dicom_mask = nib.load(out / "dicom" / "predictions" / "masks" / f"{study}.nii.gz")
+        a, a_affine = canonical(nifti_mask.dataobj, nifti_mask.affine)
+        b, b_affine = canonical(dicom_mask.dataobj, dicom_mask.affine)
+        assert a.sum() > 0 and np.array_equal(a, b) and np.allclose(a_affine, b_affine, atol=1e-3), case
+        assert {**nifti_rows[case], "case": study} == dicom_rows[study], case
+
+
+def test_the_seg_reads_back_as_the_mask_and_the_sr_holds_the_volumes(both_runs, dicom_tree):
+    out, cases, _ = both_runs
+    rows = read_rows(out / "dicom" / "predictions" / "volumes.csv")
+    for case, study in cases.items():
+        folder = out / "dicom" / "predictions" / "dicom" / study
+        seg = hd.seg.segread(folder / "seg.dcm")
+        ct = [pydicom.dcmread(f, stop_before_pixels=True) for f in study_files(dicom_tree / "dicom" / "TESTING" / case)]
+        ct = [ds for ds in ct if ds.SeriesDescription == ct[0].SeriesDescription and "ORIGINAL" in ds.ImageType]
+        assert seg.SeriesDescription == "Ischemic core (predicted, research use)"
+        assert seg.StudyInstanceUID == ct[0].StudyInstanceUID and seg.FrameOfReferenceUID == ct[0].FrameOfReferenceUID
+        assert {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == {
+            ds.SOPInstanceUID for ds in ct
+        }
+        segment = seg.SegmentSequence[0]
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "55641003"  # SNOMED CT: infarct
+        mask = nib.load(out / "dicom" / "predictions" / "masks" / f"{study}.nii.gz")
+        read_back, affine = volume_as_nifti(seg.get_volume(combine_segments=True))
+        a, a_affine = canonical(read_back, affine)
+        b, b_affine = canonical(mask.dataobj, mask.affine)
+        assert np.array_equal(a, b) and np.allclose(a_affine, b_affine, atol=1e-3), case
+
+        sr = hd.sr.srread(folder / "sr.dcm")
+        assert sr.SeriesDescription == "Stroke CTP volumes (predicted, research use)"
+        groups = sr.content.get_volumetric_roi_measurement_groups()
+        assert len(groups) == 1 and groups[0].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+        (volume,) = groups[0].get_measurements()
+        assert volume.value == pytest.approx(float(rows[study]["volume_pred_ml"]))
+        (perfusion,) = sr.content.get_image_measurement_groups()
+        figures = {m.name.value: float(m.value) for m in perfusion.get_measurements()}
+        expected = {k: float(v) for k, v in rows[study].items() if k in FIGURES and v not in ("", None)}
+        assert expected and figures == pytest.approx(expected), case
+
+
+def test_no_patient_name_or_id_in_the_logs_or_file_names(both_runs, dicom_tree):
+    out, cases, dicom = both_runs
+    header = pydicom.dcmread(study_files(dicom_tree / "dicom" / "TESTING" / "case_1")[0])
+    written = [os.path.join(d, n) for d, dirs, files in os.walk(out / "dicom") for n in dirs + files]
+    for secret in (str(header.PatientName), str(header.PatientID)):
+        assert secret and secret not in dicom.stdout + dicom.stderr
+        assert not any(secret in path for path in written)
+
+
+def test_a_rerun_makes_objects_of_the_same_uids(repo_root, tiny_model, dicom_tree, both_runs):
+    out, cases, _ = both_runs
+    again = run_bundle(repo_root, DICOM_CONFIGS, tiny_model, dicom_tree / "dicom", out / "dicom", "--overwrite", "true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    # the first run's objects were replaced; compare with a third run into another folder
+    other = run_bundle(repo_root, DICOM_CONFIGS, tiny_model, dicom_tree / "dicom", out / "other")
+    assert other.returncode == 0, other.stderr[-3000:]
+    for study in cases.values():
+        for name in ("seg.dcm", "sr.dcm"):
+            first = pydicom.dcmread(out / "dicom" / "predictions" / "dicom" / study / name)
+            second = pydicom.dcmread(out / "other" / "predictions" / "dicom" / study / name)
+            assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (second.SOPInstanceUID, second.SeriesInstanceUID)
+
+
+@pytest.fixture()
+def study_copy(dicom_tree, tmp_path):
+    """A copy of case_1's DICOM study, its files by series description: {description: [paths]}."""
+    folder = tmp_path / "study"
+    shutil.copytree(dicom_tree / "dicom" / "TESTING" / "case_1", folder)
+    by_series = {}
+    for path in study_files(folder):
+        by_series.setdefault(str(pydicom.dcmread(path, stop_before_pixels=True).SeriesDescription), []).append(path)
+    return folder, by_series
+
+
+def rewrite(paths, change):
+    """Apply ``change(dataset, index)`` to each file of ``paths`` and save it in place."""
+    for index, path in enumerate(sorted(paths)):
+        dataset = pydicom.dcmread(path)
+        change(dataset, index)
+        dataset.save_as(path)
+
+
+def series_named(by_series, channel):
+    return next(paths for description, paths in by_series.items() if channel.lower() in description.lower())
+
+
+def _missing_tmax(by_series):
+    for path in series_named(by_series, "Tmax"):
+        os.remove(path)
+    return "no series for Tmax"
+
+
+def _two_cbf(by_series):
+    uid = generate_uid()
+    for path in series_named(by_series, "CBF"):
+        shutil.copy(path, path + ".copy.dcm")
+        rewrite(
+            [path + ".copy.dcm"],
+            lambda ds, i: (setattr(ds, "SeriesInstanceUID", uid), setattr(ds, "SOPInstanceUID", generate_uid())),
+        )
+    return "two or more series match CBF"
+
+
+def _other_frame(by_series):
+    uid = generate_uid()
+    rewrite(series_named(by_series, "MTT"), lambda ds, i: setattr(ds, "FrameOfReferenceUID", uid))
+    return "not in one frame of reference"
+
+
+def _sagittal(by_series):
+    rewrite(series_named(by_series, "CBV"), lambda ds, i: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]))
+    return "is not axial"
+
+
+def _missing_slice(by_series):
+    paths = sorted(series_named(by_series, "NCCT"), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))
+    os.remove(paths[len(paths) // 2])
+    return "irregular slice spacing"
+
+
+def _tmax_ms(by_series):
+    rewrite(series_named(by_series, "Tmax"), lambda ds, i: setattr(ds, "RescaleSlope", float(ds.RescaleSlope) * 1000))
+    return "milliseconds"
+
+
+@pytest.mark.parametrize("breakage", [_missing_tmax, _two_cbf, _other_frame, _sagittal, _missing_slice, _tmax_ms])
+def test_a_bad_study_is_refused_naming_the_series(repo_root, study_copy, breakage):
+    folder, by_series = study_copy
+    expected = breakage(by_series)
+    with pytest.raises(InvalidCaseError) as excinfo:
+        find_studies(str(folder), rules(repo_root))
+    message = str(excinfo.value)
+    assert expected in message and "study-" in message
+    if breakage is not _missing_tmax:  # the others name the series by description and UID
+        assert '" (1.' in message or '" (2.25.' in message, message
+
+
+def test_a_bad_study_stops_the_run_before_anything_is_written(repo_root, tiny_model, study_copy, tmp_path):
+    folder, by_series = study_copy
+    _other_frame(by_series)
+    result = run_bundle(repo_root, DICOM_CONFIGS, tiny_model, folder, tmp_path / "out")
+    assert result.returncode != 0 and "not in one frame of reference" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_pydicoms_vendor_ct_file_reads_with_its_rescale_and_geometry():
+    """pydicom's CT_small.dcm (a file we did not write): HU from its stored values, slope and intercept; the affine
+    from its orientation, position and spacing."""
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    array, affine = volume_arrays([dataset])
+    expected = dataset.pixel_array.astype(np.float64) * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+    assert array.shape == (dataset.Columns, dataset.Rows, 1)
+    assert np.array_equal(array[:, :, 0], expected.T.astype(np.float32))
+    row_spacing, column_spacing = (float(v) for v in dataset.PixelSpacing)
+    position = np.asarray(dataset.ImagePositionPatient, dtype=float) * [-1, -1, 1]
+    assert np.allclose(affine[:3, 3], position, atol=1e-4)
+    assert np.allclose(np.linalg.norm(affine[:3, :2], axis=0), [column_spacing, row_spacing], atol=1e-5)
+
+
+def test_multi_frame_series_read_as_their_single_frame_slices(repo_root, study_copy, tmp_path):
+    """Each series of a study converted to one legacy-converted enhanced CT instance (highdicom): the same arrays."""
+    folder, by_series = study_copy
+    (single,) = find_studies(str(folder), rules(repo_root))
+    multi_dir = tmp_path / "multi"
+    multi_dir.mkdir()
+    for index, paths in enumerate(by_series.values()):
+        datasets = [pydicom.dcmread(p) for p in paths]
+        enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+            datasets,
+            series_instance_uid=generate_uid(),
+            series_number=100 + index,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+        )
+        enhanced.SeriesDescription = datasets[0].SeriesDescription
+        enhanced.save_as(multi_dir / f"series_{index}.dcm")
+    (multi,) = find_studies(str(multi_dir), rules(repo_root))
+    for channel in single.series:
+        a, a_affine = volume_arrays([pydicom.dcmread(p) for p in single.series[channel].files])
+        b, b_affine = volume_arrays([pydicom.dcmread(p) for p in multi.series[channel].files])
+        assert np.array_equal(a, b) and np.allclose(a_affine, b_affine, atol=1e-4), channel
