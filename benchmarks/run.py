@@ -29,6 +29,9 @@ scripts/inferers.py), each figure against the ceiling of its own precision.
   2 mm), whole-case inference per case and its peak memory with configs/isles24.json (resize to 128 x 128 x 64) and
   configs/isles24_native.json (0.8 x 0.8 x 2 mm, sliding 96 x 96 x 32 windows), each in its own process, and the
   training step each profile takes (batch 2 of whole resized volumes; batch 2 x 2 patches), at the demo's features;
+- ``pacs`` (``--pacs true``): per study, ``scripts.tools.pacs segment`` on a real Orthanc (pull over DICOMweb,
+  inference with configs/dicom.json, SEG and SR stored back) against whole-case NIfTI inference of the same case, both
+  with their start-up, and the listener's time per study; full-size synthetic ISLES 2018 cases, demo features;
 - peak resident memory of each section, each measured in its own child process.
 Not part of the tests: timings are never asserted.
 """
@@ -348,10 +351,11 @@ def forward_flops(net, x):
     return counter.get_total_flops()
 
 
-def inference_bundle(size, workdir, cases, seed=1):
-    """Synthetic testing cases and a bundle root whose models/model.pt is an untrained network of ``size``."""
+def inference_bundle(size, workdir, cases, seed=1, dicom=False):
+    """Synthetic testing cases (``dicom``: also as DICOM studies) and a bundle root whose models/model.pt is an
+    untrained network of ``size``."""
     root = os.path.join(workdir, f"isles_inference_{seed}")
-    generate(root, num_train=0, num_test=cases, seed=seed)
+    generate(root, num_train=0, num_test=cases, seed=seed, dicom=dicom)
     bundle_root = tempfile.mkdtemp(dir=workdir)
     os.makedirs(os.path.join(bundle_root, "models"))
     torch.manual_seed(seed)
@@ -557,6 +561,55 @@ def isles24_inference(config, dataset_dir, cases):
     return {"per_case_s": per_case, "peak_rss_mib": peak_rss_mib()}
 
 
+def section_pacs(cases, repeats):
+    """Per study: ``scripts.tools.pacs segment``'s work (QIDO-RS, WADO-RS of the series, inference with
+    configs/dicom.json, SEG and SR written and stored by STOW-RS) on a real Orthanc (tests/orthanc.py), against
+    whole-case NIfTI inference of the same case (configs/inference.json on its case folder), each with its start-up,
+    the shortest of ``repeats``; then the listener segmenting every stored study (``--until_idle``), per study.
+    An untrained network of the demo's features on full-size synthetic ISLES 2018 cases."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+    from orthanc import orthanc_available, start_orthanc, upload
+    from scripts.dicom_series import find_studies
+    from scripts.dicomweb import ListenerState, Pacs
+    from scripts.tools.pacs import StudySegmenter, config_files, listen
+
+    available, reason = orthanc_available()
+    if not available:
+        return [{"skipped": reason}]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        root, bundle_root = inference_bundle("demo", workdir, cases, dicom=True)
+        settings = os.path.join(workdir, "demo_network.json")
+        with open(settings, "w") as f:
+            json.dump({"features": SIZES["demo"][1], "spatial_size": SIZES["demo"][2], "amp": False}, f)
+        with start_orthanc(os.path.join(workdir, "orthanc")) as orthanc:
+            pacs = Pacs(orthanc.dicomweb_url, orthanc.auth, orthanc.url)
+            segmenter = StudySegmenter(pacs, os.path.join(workdir, "pacs"), bundle_root, config_files(settings))
+            for case in sorted(os.listdir(os.path.join(root, "dicom", "TESTING"))):
+                study_dir = os.path.join(root, "dicom", "TESTING", case)
+                upload(orthanc, [os.path.join(d, n) for d, _, names in os.walk(study_dir) for n in names])
+                (study,) = find_studies(study_dir, segmenter.rules)
+
+                def nifti_inference(case=case):
+                    wf = inference_workflow("demo", bundle_root, os.path.join(root, "TESTING", case), workdir)
+                    wf.initialize()
+                    wf.run()
+                    wf.finalize()
+
+                nifti_s = timed(nifti_inference, repeats, warmup=0)
+                pacs_s = timed(lambda: segmenter(study.uid, segmenter.inputs(study.uid), True), repeats, warmup=0)
+                slices = len(study.series["CT"].files)
+                rows.append({"case": case, "slices": slices, "nifti_s": nifti_s, "pacs_s": pacs_s})
+            for row in rows:
+                row["ratio"] = row["pacs_s"] / row["nifti_s"]
+            time.sleep(2)  # every study stable (StableAge 1 s)
+            start = time.perf_counter()
+            listen(segmenter, ListenerState(os.path.join(workdir, "listener.json")), 0.5, until_idle=True)
+            per_study = (time.perf_counter() - start) / cases
+    rows.append({"case": "listener, per study", "slices": "", "nifti_s": "", "pacs_s": per_study, "ratio": ""})
+    return rows
+
+
 def section_scaling(points, repeats):
     """Training step time and peak RSS at each ``(features, batch, spatial)`` point, each in its own process."""
     return [
@@ -593,6 +646,8 @@ def child(section, kwargs_json):
     kwargs = json.loads(kwargs_json)
     if section == "scaling_point":
         return scaling_point(kwargs["features"], kwargs["batch"], kwargs["spatial"], kwargs["repeats"])
+    if section == "pacs":
+        return {"rows": section_pacs(kwargs["cases"], kwargs["repeats"]), "peak_rss_mib": peak_rss_mib()}
     if section == "isles24_inference":
         return isles24_inference(kwargs["config"], kwargs["dataset_dir"], kwargs["cases"])
     with tempfile.TemporaryDirectory() as workdir:
@@ -655,13 +710,16 @@ def main(
     bf16: str = "auto",
     isles24: bool = False,
     isles24_cases: int = 3,
+    pacs: bool = False,
+    pacs_cases: int = 3,
 ):
     """Run every section for each size in ``sizes`` and write ``output`` (JSON).
 
     ``paper_repeats`` (timed calls after one warm-up) applies at the paper size, where one training step of each
     network takes tens of seconds on a CPU. ``bf16``: ``auto`` times bfloat16 beside float32 only on a CPU with
     native bfloat16 (``measured_precisions``), ``true`` or ``false`` decide. ``isles24``: add the ``isles24``
-    section, on ``isles24_cases`` full-size synthetic cases.
+    section, on ``isles24_cases`` full-size synthetic cases. ``pacs``: add the ``pacs`` section (a real Orthanc), on
+    ``pacs_cases`` studies.
     """
     precisions = measured_precisions(bf16)
     results = {
@@ -744,6 +802,12 @@ def main(
     if as_bool(isles24, "isles24"):
         results["isles24"] = section_isles24(isles24_cases, max(1, repeats - 1))
         print_table("ISLES 2024 profiles, full-size synthetic cases, demo features, float32", results["isles24"])
+    if as_bool(pacs, "pacs"):
+        results["pacs"] = run_child("pacs", {"cases": pacs_cases, "repeats": repeats})
+        print_table(
+            f"PACS round trip against NIfTI inference, per study (peak RSS {results['pacs']['peak_rss_mib']:.0f} MiB)",
+            results["pacs"]["rows"],
+        )
     results["targets"] = targets(results)
     if results["targets"]:
         print_table("bf16 targets", [{"size": size, **row} for size, row in results["targets"].items()])

@@ -87,15 +87,29 @@ def _slice_of(header, frame, inverse):
     return k
 
 
-def segmentation(ct_headers, mask, affine, uids, software_version) -> hd.seg.Segmentation:
+def segmentation(
+    ct_headers,
+    mask,
+    affine,
+    uids,
+    software_version,
+    manufacturer=MANUFACTURER,
+    series_number=SEG_SERIES_NUMBER,
+    series_description=SEG_DESCRIPTION,
+    predicted=True,
+) -> hd.seg.Segmentation:
     """The mask as a binary DICOM SEG referencing the NCCT instances.
 
     Args:
         ct_headers: the NCCT series' datasets (headers suffice), any order.
         mask: the (x, y, z) bool mask on the NCCT's grid (x the column, y the row of a slice).
         affine: the mask's RAS affine (``scripts.dicom_series.volume_arrays``'s).
-        uids: ``result_uids``'s.
+        uids: ``result_uids``'s (``seg_series``, ``seg_instance``).
         software_version: the bundle's version.
+        manufacturer: who made it: the bundle (a prediction); a ground truth's maker otherwise.
+        series_number: the SEG's series number.
+        series_description: the SEG's series description.
+        predicted: the bundle's automatic segment (the model named); else a manual one (a ground truth).
     """
     inverse = np.linalg.inv(_LPS @ np.asarray(affine, dtype=np.float64))
     frames = []
@@ -107,9 +121,15 @@ def segmentation(ct_headers, mask, affine, uids, software_version) -> hd.seg.Seg
         segment_label=SEGMENT_LABEL,
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=INFARCT,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="ModifiedUNet", version=software_version, family=codes.cid7162.ArtificialIntelligence
+        algorithm_type=(
+            hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC if predicted else hd.seg.SegmentAlgorithmTypeValues.MANUAL
+        ),
+        algorithm_identification=(
+            hd.AlgorithmIdentificationSequence(
+                name="ModifiedUNet", version=software_version, family=codes.cid7162.ArtificialIntelligence
+            )
+            if predicted
+            else None
         ),
         anatomic_regions=[codes.SCT.Brain],
     )
@@ -119,14 +139,14 @@ def segmentation(ct_headers, mask, affine, uids, software_version) -> hd.seg.Seg
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
         series_instance_uid=uids["seg_series"],
-        series_number=SEG_SERIES_NUMBER,
+        series_number=series_number,
         sop_instance_uid=uids["seg_instance"],
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name="ModifiedUNet",
+        manufacturer=manufacturer,
+        manufacturer_model_name="ModifiedUNet" if predicted else manufacturer,
         software_versions=software_version,
         device_serial_number="0",
-        series_description=SEG_DESCRIPTION,
+        series_description=series_description,
         omit_empty_frames=False,
     )
 

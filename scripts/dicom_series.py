@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 import highdicom as hd
 import numpy as np
 import pydicom
+from highdicom.spatial import get_series_volume_positions
 from monai.data import ImageReader
 from scipy import ndimage
+from scripts.dicom_results import MANUFACTURER as RESULTS_MANUFACTURER
 from scripts.isles import CHANNELS, DICOM_SERIES_SUFFIX, InvalidCaseError
 
 __all__ = [
@@ -68,6 +70,7 @@ SPACING_TOLERANCE = 0.01  # relative: slice gaps that differ by more are an irre
 TMAX_MS_MEDIAN = 100.0  # a median Tmax in the brain above this (seconds) can only be milliseconds
 _MS_UNIT = re.compile(r"(?i)\b(ms|msec|millisec\w*)\b")
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient coordinates (LPS) to NIfTI's (RAS), and back
+LABEL = "label"  # the series key name of a study's ground-truth SEG
 
 
 def series_key(dataset_dir, case, channel) -> str:
@@ -93,15 +96,20 @@ class Series:
 
 @dataclass
 class Study:
-    """One study as a case: its name, StudyInstanceUID and the series picked for each channel."""
+    """One study as a case: its name, StudyInstanceUID, the series picked for each channel and its ground-truth SEG
+    (evaluation only)."""
 
     case: str
     uid: str
     series: dict
+    label: Series | None = None
 
     def item(self, dataset_dir) -> dict:
-        """The datalist item: the channels' series keys as ``image``."""
-        return {"image": [series_key(dataset_dir, self.case, channel) for channel in self.series]}
+        """The datalist item: the channels' series keys as ``image``, the ground truth's as ``label``."""
+        item = {"image": [series_key(dataset_dir, self.case, channel) for channel in self.series]}
+        if self.label is not None:
+            item["label"] = series_key(dataset_dir, self.case, LABEL)
+        return item
 
 
 def case_of(study_uid) -> str:
@@ -129,17 +137,24 @@ def _read_headers(dataset_dir):
 
 
 def _group(found):
-    """``{study UID: {series UID: Series}}`` of the image series (SEG, SR and other non-image objects left out)."""
-    studies = {}
+    """``{study UID: {series UID: Series}}`` of the image series and of the SEG series (SR and other non-image
+    objects left out)."""
+    images, segmentations = {}, {}
     for path, header in found:
-        if "Rows" not in header or header.get("Modality") in ("SEG", "SR", "PR", "KO"):
+        modality = header.get("Modality")
+        if modality == "SEG":
+            grouped = segmentations
+        elif "Rows" in header and modality not in ("SR", "PR", "KO"):
+            grouped = images
+        else:
             continue
-        series = studies.setdefault(header.StudyInstanceUID, {}).setdefault(
-            header.SeriesInstanceUID, Series(header.SeriesInstanceUID, str(header.get("SeriesDescription", "")), [], [])
+        uid = header.SeriesInstanceUID
+        series = grouped.setdefault(header.StudyInstanceUID, {}).setdefault(
+            uid, Series(uid, str(header.get("SeriesDescription", "")), [], [])
         )
         series.headers.append(header)
         series.files.append(path)
-    return studies
+    return images, segmentations
 
 
 def matches_description(rule, modality, description) -> bool:
@@ -249,13 +264,33 @@ def _check_tmax_unit(case, series):
         )
 
 
-def find_studies(dataset_dir, rules=None, channels=CHANNELS) -> list:
+def _ground_truth(case, segmentations, ct):
+    """The study's one ground-truth SEG on its NCCT series: a SEG this bundle did not make (``MANUFACTURER`` of
+    ``scripts.dicom_results``) that references ``ct``; an error for none, several, or one on a multi-frame NCCT."""
+    candidates = [
+        s
+        for s in segmentations.values()
+        if s.headers[0].get("Manufacturer") != RESULTS_MANUFACTURER
+        and any(ref.SeriesInstanceUID == ct.uid for ref in s.headers[0].get("ReferencedSeriesSequence", []))
+    ]
+    if len(candidates) != 1 or len(candidates[0].files) != 1:
+        found = "; ".join(s.name for s in candidates) or "none"
+        raise InvalidCaseError(
+            f"{case}: evaluation needs one ground-truth SEG instance on the NCCT series {ct.name}, found: {found}"
+        )
+    if int(ct.headers[0].get("NumberOfFrames", 1)) > 1:
+        raise InvalidCaseError(f"{case}: a ground-truth SEG on a multi-frame NCCT ({ct.name}) is not read")
+    return candidates[0]
+
+
+def find_studies(dataset_dir, rules=None, channels=CHANNELS, labels=False) -> list:
     """The DICOM studies under ``dataset_dir`` as cases, checked: one per StudyInstanceUID that holds image series.
 
     Args:
         dataset_dir: a folder of DICOM files (any layout, any file names; other files are skipped).
         rules: which series is which channel (``SERIES_RULES``'s form); ``None`` uses ``SERIES_RULES``.
         channels: the channels to pick, in order, the NCCT first.
+        labels: each study must hold one ground-truth SEG on its NCCT (evaluation), which becomes its ``label``.
 
     Returns:
         The ``Study`` of each case, in StudyInstanceUID order.
@@ -264,13 +299,14 @@ def find_studies(dataset_dir, rules=None, channels=CHANNELS) -> list:
         InvalidCaseError: for a study with a map missing, two candidates for a map, series of other frames of
             reference, a non-axial or irregular series or Tmax in milliseconds, naming the series; or no study.
     """
-    rules = SERIES_RULES if rules is None else rules
+    rules, channels = SERIES_RULES if rules is None else rules, list(channels)
     if not os.path.isdir(dataset_dir):
         raise FileNotFoundError(f"{dataset_dir}: no such folder of DICOM studies")
     studies = []
-    for study_uid, series_of_study in sorted(_group(_read_headers(dataset_dir)).items()):
+    images, segmentations = _group(_read_headers(dataset_dir))
+    for study_uid, series_of_study in sorted(images.items()):
         case = case_of(study_uid)
-        picked = _pick(case, series_of_study, rules, list(channels))
+        picked = _pick(case, series_of_study, rules, channels)
         frames = {s.headers[0].get("FrameOfReferenceUID") for s in picked.values()}
         if len(frames) > 1 or None in frames:
             listed = "; ".join(f"{c} {s.name}: {s.headers[0].get('FrameOfReferenceUID')}" for c, s in picked.items())
@@ -279,7 +315,8 @@ def find_studies(dataset_dir, rules=None, channels=CHANNELS) -> list:
             _check_geometry(case, channel, series)
         if "Tmax" in picked:
             _check_tmax_unit(case, picked["Tmax"])
-        studies.append(Study(case, study_uid, picked))
+        label = _ground_truth(case, segmentations.get(study_uid, {}), picked[channels[0]]) if labels else None
+        studies.append(Study(case, study_uid, picked, label))
         logger.info("%s: %s", case, ", ".join(f"{c} {len(s.files)} file(s)" for c, s in picked.items()))
     if not studies:
         raise InvalidCaseError(f"{dataset_dir}: no DICOM study with image series found")
@@ -326,6 +363,28 @@ def volume_arrays(datasets, dtype=np.float32):
     return volume_as_nifti(hd.get_volume_from_series(datasets, dtype=dtype))
 
 
+def _geometry(series) -> hd.VolumeGeometry:
+    """The grid of a single-frame series as highdicom's ``get_volume_from_series`` makes it, from the headers."""
+    headers = series.headers
+    spacing, positions = (
+        get_series_volume_positions(headers)
+        if len(headers) > 1
+        else (float(headers[0].get("SpacingBetweenSlices", 1.0)), [0])
+    )
+    first = headers[positions.index(0)]
+    return hd.VolumeGeometry.from_attributes(
+        image_position=first.ImagePositionPatient,
+        image_orientation=first.ImageOrientationPatient,
+        rows=first.Rows,
+        columns=first.Columns,
+        pixel_spacing=first.PixelSpacing,
+        spacing_between_slices=spacing,
+        number_of_frames=len(headers),
+        coordinate_system="PATIENT",
+        frame_of_reference_uid=first.FrameOfReferenceUID,
+    )
+
+
 def _onto_grid(array, affine, shape, target_affine):
     """``array`` resampled (trilinear, 0 outside) onto the grid of ``shape`` and ``target_affine``."""
     matrix = np.linalg.inv(affine) @ target_affine
@@ -336,8 +395,9 @@ class DicomSeriesReader(ImageReader):
     """MONAI ``ImageReader`` of the series ``find_studies`` picked, by their keys (``series_key``).
 
     ``read`` of a case's keys gives its series as (array, affine) pairs; ``get_data`` stacks them as channels, each
-    map on another grid than the first (the NCCT) resampled onto it. Stateless between calls, so threads and
-    DataLoader workers can share it.
+    map on another grid than the first (the NCCT) resampled onto it. A ground-truth SEG (a ``label`` key) is read on
+    its NCCT's grid (highdicom's ``match_geometry``: padded with 0 where it has no frames). Stateless between calls,
+    so threads and DataLoader workers can share it.
 
     Args:
         studies: the ``find_studies`` result.
@@ -351,14 +411,27 @@ class DicomSeriesReader(ImageReader):
             for study in studies
             for channel, series in study.series.items()
         }
+        self.labels = {
+            series_key(dataset_dir, study.case, LABEL): (study.label.files[0], _geometry(study.series["CT"]))
+            for study in studies
+            if study.label is not None
+        }
 
     def verify_suffix(self, filename) -> bool:
         names = [filename] if isinstance(filename, (str, os.PathLike)) else filename
-        return all(str(name) in self.files for name in names)
+        return all(str(name) in self.files or str(name) in self.labels for name in names)
 
     def read(self, data, **kwargs):
-        keys = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        return [volume_arrays([pydicom.dcmread(path) for path in self.files[str(key)]]) for key in keys]
+        keys = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(key) for key in data]
+        return [self._read_label(key) if key in self.labels else self._read_series(key) for key in keys]
+
+    def _read_series(self, key):
+        return volume_arrays([pydicom.dcmread(path) for path in self.files[key]])
+
+    def _read_label(self, key):
+        path, grid = self.labels[key]
+        volume = hd.seg.segread(path).get_volume(combine_segments=True, dtype=np.float32)
+        return volume_as_nifti(volume.match_geometry(grid))
 
     def get_data(self, img):
         (reference, affine), others = img[0], img[1:]

@@ -18,8 +18,9 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
+from scripts.dicom_results import segmentation
 
-__all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_study"]
+__all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_label", "write_study"]
 
 # Series description of each channel (the keys in the order of scripts.isles.CHANNELS), as a vendor names them.
 SERIES_DESCRIPTIONS = {
@@ -255,3 +256,45 @@ def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str
             ds.save_as(path, enforce_file_format=True)
             files.append(str(path))
     return {"study_instance_uid": study["study_instance_uid"], "series": series, "files": files, "folder": str(folder)}
+
+
+LABEL_SERIES_NUMBER = len(SERIES_DESCRIPTIONS) + 1
+LABEL_DESCRIPTION = "Lesion (ground truth, synthetic)"
+
+
+def write_label(study, label, affine, case: str, seed: int) -> str:
+    """Write a case's label as a ground-truth DICOM SEG (binary, a manual segment, on the study's NCCT series) in
+    ``<study folder>/<number>_label/``, as a site's reference segmentation is stored beside the study.
+
+    Args:
+        study: ``write_study``'s result for the case.
+        label: the (x, y, z) label array (lesion where positive), on the grid of ``affine``.
+        affine: the 4 x 4 RAS affine the study was written with.
+        case: the case's name, as given to ``write_study``.
+        seed: the generator's seed.
+
+    Returns:
+        The SEG file's path.
+    """
+    depth = np.shape(label)[2]
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in study["files"][:depth]]  # the NCCT
+    uids = {"seg_series": _uid(case, seed, study["study_instance_uid"], "label series")}
+    uids["seg_instance"] = _uid(case, seed, study["study_instance_uid"], "label instance")
+    seg = segmentation(
+        headers,
+        np.asarray(label) > 0,
+        affine,
+        uids,
+        MODEL_NAME,
+        manufacturer=MANUFACTURER,
+        series_number=LABEL_SERIES_NUMBER,
+        series_description=LABEL_DESCRIPTION,
+        predicted=False,
+    )
+    for prefix in ("Series", "Content"):  # fixed, as the study's: the same arguments give the same file
+        setattr(seg, f"{prefix}Date", STUDY_DATE)
+        setattr(seg, f"{prefix}Time", STUDY_TIME)
+    path = Path(study["folder"]) / f"{LABEL_SERIES_NUMBER}_label" / f"{LABEL_SERIES_NUMBER:02d}_0001.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path, enforce_file_format=True)
+    return str(path)

@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scripts.isles import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
 from scripts.safe_files import refuse_existing
-from scripts.synthetic_dicom import dicom_representable, write_study
+from scripts.synthetic_dicom import dicom_representable, write_label, write_study
 
 FIRST_SMIR_ID = 345560
 DTYPES = {"CT": np.int32, "CBF": np.uint16, "CBV": np.uint16, "MTT": np.float64, "Tmax": np.float64, LABEL: np.uint8}
@@ -331,7 +331,10 @@ def _write_split(
                 arrays = _with_dicom_values(arrays)
                 split = split_dir.name.lower()
                 maps = {key: arrays[key] for key in CHANNELS}
-                write_study(dicom_dir / case, maps, affine, f"{split}-{case}", seed, f"{split}-patient_{patient_index}")
+                name = f"{split}-{case}"
+                study = write_study(dicom_dir / case, maps, affine, name, seed, f"{split}-patient_{patient_index}")
+                if LABEL in keys:
+                    write_label(study, arrays[LABEL], affine, name, seed)
             _write_case(split_dir / case, {key: arrays[key] for key in keys}, affine, smir_ids)
             rows.append((case, f"patient_{patient_index}"))
 
@@ -351,7 +354,8 @@ def generate(
 
     `slices` is a slab depth or the choices each case draws its depth from; a training patient gives two consecutive
     cases with probability `two_slab_fraction`. With `dicom`, each case's five maps are also written as a DICOM study
-    (`scripts.synthetic_dicom.write_study`) in dicom/TRAINING/case_N/ or dicom/TESTING/case_N/, and the NIfTI files
+    (`scripts.synthetic_dicom.write_study`) in dicom/TRAINING/case_N/ or dicom/TESTING/case_N/ (a training case's
+    label too, as a ground-truth DICOM SEG: `write_label`), and the NIfTI files
     hold the same values (`dicom_representable`: MTT and Tmax on a power-of-two grid) instead of the full float64
     ones. The same arguments give byte-identical files. Existing TRAINING, TESTING or dicom folders (or patients.csv)
     are replaced only with `overwrite=True`; the dicom folder is removed then even without `dicom`, so that no studies
@@ -473,7 +477,8 @@ def generate_isles24(
     maps float32 (CBV in mL/100 g), a CTA registered to the NCCT (int16 HU, enhanced with the CBV), the mask uint16
     0/65535 with a scale factor of 1/65535. Subjects after the first
     ``num_train`` have no mask (testing cases). With ``dicom``, each subject's NCCT and maps are also written as a
-    DICOM study (``scripts.synthetic_dicom.write_study``, oblique as the affine) in sourcedata/<subject>/<session>/,
+    DICOM study (``scripts.synthetic_dicom.write_study``, oblique as the affine; a mask as a ground-truth SEG) in
+    sourcedata/<subject>/<session>/,
     and the NIfTI files (and the CTA made from them) hold the same values (``dicom_representable``). Existing trees
     (sourcedata included, with or without ``dicom``) are replaced only with ``overwrite``.
     """
@@ -501,7 +506,9 @@ def generate_isles24(
         subjects.append(_write_isles24_subject(output_dir, layout, index, arrays, affine, index <= num_train))
         if dicom:
             study_dir = base / SOURCEDATA_DIR / subjects[-1] / LAYOUTS_2024[layout][3]
-            write_study(study_dir, {key: arrays[key] for key in CHANNELS}, affine, subjects[-1], seed)
+            study = write_study(study_dir, {key: arrays[key] for key in CHANNELS}, affine, subjects[-1], seed)
+            if index <= num_train:
+                write_label(study, arrays[LABEL], affine, subjects[-1], seed)
     return {"output_dir": str(output_dir), "training": subjects[:num_train], "testing": subjects[num_train:]}
 
 

@@ -19,7 +19,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from scripts.dicom_results import FIGURES
 from scripts.dicom_series import case_of, find_studies, volume_arrays, volume_as_nifti
+from scripts.folds import build_datalist
 from scripts.isles import InvalidCaseError
+from scripts.synthetic_isles import generate
 
 DICOM_CONFIGS = "['configs/inference.json','configs/dicom.json']"
 
@@ -40,6 +42,12 @@ def run_bundle(repo_root, configs, bundle_root, dataset_dir, output_dir, *extra)
 def read_rows(path):
     with open(path, newline="") as f:
         return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def as_numbers(row):
+    """A CSV row with its numbers as floats: the DICOM grid's spacing is the NIfTI's to about 1e-10 mm (decimal
+    strings), so a volume can differ in its seventh digit."""
+    return {k: float(v) if v not in ("", None) and k not in ("case", "perfusion_note") else v for k, v in row.items()}
 
 
 def canonical(array, affine):
@@ -76,7 +84,7 @@ def test_a_dicom_study_gets_the_mask_and_volumes_of_the_same_case_as_nifti(both_
         a, a_affine = canonical(nifti_mask.dataobj, nifti_mask.affine)
         b, b_affine = canonical(dicom_mask.dataobj, dicom_mask.affine)
         assert a.sum() > 0 and np.array_equal(a, b) and np.allclose(a_affine, b_affine, atol=1e-3), case
-        assert {**nifti_rows[case], "case": study} == dicom_rows[study], case
+        assert as_numbers({**nifti_rows[case], "case": study}) == pytest.approx(as_numbers(dicom_rows[study])), case
 
 
 def test_the_seg_reads_back_as_the_mask_and_the_sr_holds_the_volumes(both_runs, dicom_tree):
@@ -253,3 +261,43 @@ def test_multi_frame_series_read_as_their_single_frame_slices(repo_root, study_c
         a, a_affine = volume_arrays([pydicom.dcmread(p) for p in single.series[channel].files])
         b, b_affine = volume_arrays([pydicom.dcmread(p) for p in multi.series[channel].files])
         assert np.array_equal(a, b) and np.allclose(a_affine, b_affine, atol=1e-4), channel
+
+
+EVALUATE = "['configs/inference.json','configs/evaluate.json']"
+EVALUATE_DICOM = "['configs/inference.json','configs/evaluate.json','configs/dicom.json']"
+
+
+def test_evaluation_of_studies_with_a_ground_truth_seg_scores_them_as_their_nifti_cases(
+    repo_root, tiny_model, tmp_path
+):
+    root = tmp_path / "tree"
+    generate(str(root), num_train=3, num_test=0, seed=13, in_plane=32, slices=(4, 6), dicom=True)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(build_datalist(str(root), folds=2, seed=0)))
+    nifti = run_bundle(
+        repo_root,
+        EVALUATE,
+        tiny_model,
+        root,
+        tmp_path / "nifti",
+        "--data_list_file_path",
+        str(datalist),
+        "--eval_section",
+        "training",
+    )
+    assert nifti.returncode == 0, nifti.stderr[-3000:]
+    dicom = run_bundle(repo_root, EVALUATE_DICOM, tiny_model, root / "dicom" / "TRAINING", tmp_path / "dicom")
+    assert dicom.returncode == 0, dicom.stderr[-3000:]
+    nifti_rows = read_rows(tmp_path / "nifti" / "eval" / "metrics_per_case.csv")
+    dicom_rows = read_rows(tmp_path / "dicom" / "eval" / "metrics_per_case.csv")
+    assert len(nifti_rows) == len(dicom_rows) == 3
+    for folder in sorted((root / "dicom" / "TRAINING").iterdir()):
+        study = case_of(pydicom.dcmread(study_files(folder)[0]).StudyInstanceUID)
+        expected = as_numbers({**nifti_rows[folder.name], "case": study})
+        assert expected == pytest.approx(as_numbers(dicom_rows[study]), rel=1e-6), folder.name
+
+
+def test_evaluation_refuses_a_study_without_a_ground_truth_seg(repo_root, tiny_model, dicom_tree, tmp_path):
+    result = run_bundle(repo_root, EVALUATE_DICOM, tiny_model, dicom_tree / "dicom" / "TESTING", tmp_path / "out")
+    assert result.returncode != 0 and "evaluation needs one ground-truth SEG" in result.stderr
+    assert not (tmp_path / "out").exists()

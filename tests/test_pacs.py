@@ -154,35 +154,14 @@ def test_a_bad_study_sends_nothing(repo_root, orthanc, dicom_tree, tiny_model, t
 
 def test_credentials_never_on_the_command_line_and_unknown_flags_refused(repo_root, orthanc, tmp_path):
     url = orthanc.dicomweb_url.replace("http://", f"http://{orthanc.username}:{orthanc.password}@")
-    result = pacs(
-        repo_root, "segment", "--study_uid", "1.2.3", "--dicomweb_url", url, "--output_dir", str(tmp_path / "o")
-    )
+    one_study = ["segment", "--study_uid", "1.2.3", "--output_dir", str(tmp_path / "o")]
+    result = pacs(repo_root, *one_study, "--dicomweb_url", url)
     assert result.returncode == 1 and "credentials" in result.stderr and orthanc.password not in result.stderr
-    result = pacs(
-        repo_root,
-        "segment",
-        "--study_uid",
-        "1.2.3",
-        "--dicomweb_url",
-        orthanc.dicomweb_url,
-        "--output_dir",
-        str(tmp_path / "o"),
-        "--password",
-        "x",
-    )
+    result = pacs(repo_root, *one_study, "--dicomweb_url", orthanc.dicomweb_url, "--password", "x")
     assert result.returncode == 2 and "unknown flag --password" in result.stderr
     assert not (tmp_path / "o").exists()
     # without credentials the PACS refuses, and nothing is written
-    result = pacs(
-        repo_root,
-        "segment",
-        "--study_uid",
-        "1.2.3",
-        "--dicomweb_url",
-        orthanc.dicomweb_url,
-        "--output_dir",
-        str(tmp_path / "o"),
-    )
+    result = pacs(repo_root, *one_study, "--dicomweb_url", orthanc.dicomweb_url)
     assert result.returncode != 0 and "401" in result.stderr
     assert not (tmp_path / "o" / "results").exists()
 

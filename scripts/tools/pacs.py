@@ -41,7 +41,8 @@ STATE_FILE = "listener.json"
 COMMANDS = ("segment", "listen")
 
 
-def _config_files(config_file):
+def config_files(config_file) -> list:
+    """inference.json, dicom.json and the comma-separated ``config_file``s after them (each must exist)."""
     extra = [path for path in (config_file or "").split(",") if path]
     missing = [path for path in extra if not os.path.isfile(path)]
     if missing:
@@ -200,7 +201,7 @@ def main(
     if poll_s <= 0:
         raise ValueError(f"--poll_s must be positive, got {poll_s}")
     pacs = Pacs(dicomweb_url, read_credentials(credentials_file), orthanc_url)
-    segmenter = StudySegmenter(pacs, output_dir, bundle_root, _config_files(config_file))
+    segmenter = StudySegmenter(pacs, output_dir, bundle_root, config_files(config_file))
     if command == "segment":
         segmenter(study_uid, segmenter.inputs(study_uid), overwrite)
     else:
