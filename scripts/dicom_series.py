@@ -56,7 +56,6 @@ _NOT_A_MAP = r"cbf|cbv|mtt|t.?max|ttp|flow|volume|transit|perf|ctp|cta|angio|mip
 SERIES_RULES = {
     "CT": {
         "modality": ["CT"],
-        "image_type": ["ORIGINAL"],
         "description": r"ncct|non.?contrast|w/?o|plain|nect|native|head|brain|cerebr|schaedel|skull|ct",
         "exclude": _NOT_A_MAP + r"|\+c\b|post|contrast enh",
     },
@@ -71,6 +70,8 @@ TMAX_MS_MEDIAN = 100.0  # a median Tmax in the brain above this (seconds) can on
 _MS_UNIT = re.compile(r"(?i)\b(ms|msec|millisec\w*)\b")
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient coordinates (LPS) to NIfTI's (RAS), and back
 LABEL = "label"  # the series key name of a study's ground-truth SEG
+PIXEL_DATA = 0x7FE00010
+DEFER_BYTES = 4096
 
 
 def series_key(dataset_dir, case, channel) -> str:
@@ -126,14 +127,30 @@ def _read_headers(dataset_dir):
         for name in sorted(files):
             path = os.path.join(folder, name)
             try:
-                header = pydicom.dcmread(path, stop_before_pixels=True)
+                header = pydicom.dcmread(path, defer_size=DEFER_BYTES)  # large values not read, their length known
             except pydicom.errors.InvalidDicomError:
                 continue
-            except Exception as err:  # a truncated or damaged file: refused, naming it
+            except Exception as err:  # a damaged file: refused, naming it
                 raise InvalidCaseError(f"{path}: not a readable DICOM file ({err})") from err
+            _refuse_truncated(path, header)
             if "SeriesInstanceUID" in header and "StudyInstanceUID" in header:
                 found.append((path, header))
     return found
+
+
+def _refuse_truncated(path, header):
+    """Refuse a file whose pixel data end after its last byte (a copy or transfer cut short), then drop them from
+    the header: they are read when the case is."""
+    if PIXEL_DATA not in header:
+        return
+    element = header.get_item(PIXEL_DATA)
+    length = getattr(element, "length", None)  # a deferred (raw) element; a small one is read whole already
+    size = os.path.getsize(path)
+    end = getattr(element, "value_tell", 0) + (length or 0)
+    if length not in (None, 0xFFFFFFFF) and end > size:  # encapsulated (undefined length) data are not measured
+        case = case_of(header.StudyInstanceUID) if "StudyInstanceUID" in header else "a study"
+        raise InvalidCaseError(f"{case}: {path} is truncated: its pixel data need {end} bytes, the file has {size}")
+    del header[PIXEL_DATA]
 
 
 def _group(found):

@@ -205,7 +205,16 @@ def _tmax_ms(by_series):
     return "milliseconds"
 
 
-@pytest.mark.parametrize("breakage", [_missing_tmax, _two_cbf, _other_frame, _sagittal, _missing_slice, _tmax_ms])
+def _truncated(by_series):
+    path = series_named(by_series, "CBF")[0]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    return "truncated"
+
+
+@pytest.mark.parametrize(
+    "breakage", [_missing_tmax, _two_cbf, _other_frame, _sagittal, _missing_slice, _tmax_ms, _truncated]
+)
 def test_a_bad_study_is_refused_naming_the_series(repo_root, study_copy, breakage):
     folder, by_series = study_copy
     expected = breakage(by_series)
@@ -213,7 +222,7 @@ def test_a_bad_study_is_refused_naming_the_series(repo_root, study_copy, breakag
         find_studies(str(folder), rules(repo_root))
     message = str(excinfo.value)
     assert expected in message and "study-" in message
-    if breakage is not _missing_tmax:  # the others name the series by description and UID
+    if breakage not in (_missing_tmax, _truncated):  # the others name the series by description and UID
         assert '" (1.' in message or '" (2.25.' in message, message
 
 
@@ -301,3 +310,41 @@ def test_evaluation_refuses_a_study_without_a_ground_truth_seg(repo_root, tiny_m
     result = run_bundle(repo_root, EVALUATE_DICOM, tiny_model, dicom_tree / "dicom" / "TESTING", tmp_path / "out")
     assert result.returncode != 0 and "evaluation needs one ground-truth SEG" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+OTHER_VENDOR = {"NCCT": "Head 5.0 H31s", "CBF": "CT Perfusion CBF", "CBV": "rCBV", "MTT": "Mean Transit Time"}
+
+
+def test_another_vendors_descriptions_and_slice_order_pick_and_read_the_same_series(repo_root, study_copy):
+    """syngo.via-like descriptions, files in reverse order with their instance numbers reversed, and distractors
+    (the perfusion source series, a thresholded CBF) that the rules must not pick."""
+    folder, by_series = study_copy
+    (before,) = find_studies(str(folder), rules(repo_root))
+    expected = {c: volume_arrays([pydicom.dcmread(p) for p in s.files]) for c, s in before.series.items()}
+    for old, new in {**OTHER_VENDOR, "Tmax": "TMAX"}.items():
+        paths = series_named(by_series, old)
+        rewrite(
+            paths,
+            lambda ds, i, new=new, n=len(paths): (
+                setattr(ds, "SeriesDescription", new),
+                setattr(ds, "InstanceNumber", n - i),
+            ),
+        )
+    for description, source in (("Perfusion 4D 0.5s", "CBF"), ("RAPID CBF<30%", "CBF")):
+        uid = generate_uid()
+        for path in series_named(by_series, source):
+            copy = path.replace(".dcm", f"_{description[:5].strip()}.dcm")
+            shutil.copy(path, copy)
+            rewrite(
+                [copy],
+                lambda ds, i, uid=uid, d=description: (
+                    setattr(ds, "SeriesInstanceUID", uid),
+                    setattr(ds, "SOPInstanceUID", generate_uid()),
+                    setattr(ds, "SeriesDescription", d),
+                ),
+            )
+    (after,) = find_studies(str(folder), rules(repo_root))
+    assert {c: s.uid for c, s in after.series.items()} == {c: s.uid for c, s in before.series.items()}
+    for channel, series in after.series.items():
+        array, affine = volume_arrays([pydicom.dcmread(p) for p in series.files])
+        assert np.array_equal(array, expected[channel][0]) and np.allclose(affine, expected[channel][1]), channel
