@@ -11,15 +11,18 @@
 
 Credentials: ``--credentials_file`` (one line ``user:password``) or ``$PACS_CREDENTIALS``, never on the command line.
 Only the series that ``series_rules`` may pick are downloaded, to ``OUT/incoming/<case>/``; each study's run writes
-``OUT/results/<case>/predictions/`` (mask, overlay, volumes.csv, ``dicom/<case>/seg.dcm`` and ``sr.dcm``). A study
-refused by the checks sends nothing. The listener keeps its place in ``OUT/listener.json``: after a restart (even
-after kill -9) it continues with the change it was in; a study done again gets results of the same UIDs, which the
-PACS keeps once; a study whose input series have not changed since it was handled (e.g. its StableStudy event after
-our own SEG and SR arrived) is not done again.
+``OUT/results/<case>/predictions/`` (mask, overlay, volumes.csv, ``dicom/<case>/seg.dcm`` and ``sr.dcm``) and, once
+they are stored, ``OUT/results/<case>/stored.json``: ``segment`` then refuses the study again without ``--overwrite
+true``; a run stopped before that is done again by the same command. A study refused by the checks sends nothing.
+The listener keeps its place in ``OUT/listener.json``: after a restart (even after kill -9) it continues with the
+change it was in; a study done again gets results of the same UIDs, which the PACS keeps once; a study whose input
+series have not changed since it was handled (e.g. its StableStudy event after our own SEG and SR arrived) is not
+done again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,7 +33,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.dicom_series import case_of, matches_description
 from scripts.dicomweb import ListenerState, Pacs, fingerprint, read_credentials
 from scripts.isles import InvalidCaseError
-from scripts.safe_files import refuse_existing
+from scripts.flags import as_bool
+from scripts.safe_files import write_atomically
 from scripts.tools.cli import run
 
 logger = logging.getLogger(__name__)
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = ("inference.json", "dicom.json")
 STATE_FILE = "listener.json"
+STORED = "stored.json"  # in a study's results folder once its SEG and SR are in the PACS
 COMMANDS = ("segment", "listen")
 
 
@@ -80,7 +85,12 @@ class StudySegmenter:
         if not series:
             raise InvalidCaseError(f"{case}: no series of the study matches series_rules")
         results = os.path.join(self.output_dir, "results", case)
-        refuse_existing([results], overwrite)
+        stored = os.path.join(results, STORED)
+        if os.path.isfile(stored) and not as_bool(overwrite, "overwrite"):
+            raise FileExistsError(
+                f"{results}: this study's SEG and SR were stored in the PACS ({stored}); pass --overwrite true to"
+                " segment and store it again"
+            )
         incoming = os.path.join(self.output_dir, "incoming")
         shutil.rmtree(os.path.join(incoming, case), ignore_errors=True)  # a series gone since is not read
         study_dir = self.pacs.fetch(study_uid, series, incoming)
@@ -92,7 +102,7 @@ class StudySegmenter:
             bundle_root=self.bundle_root,
             dataset_dir=study_dir,
             output_dir=results,
-            overwrite=overwrite,
+            overwrite=True,  # this study's own folder: a run stopped before its results were stored is done again
         )
         try:
             workflow.initialize()
@@ -104,6 +114,8 @@ class StudySegmenter:
         writer = workflow.parser.get_parsed_content("case_writers")[0]
         files = list(writer.files(case))
         self.pacs.store(files)
+        record = json.dumps({"stored": [os.path.relpath(path, results) for path in files]})
+        write_atomically(stored, lambda f: f.write(record.encode()))
         logger.info("%s: stored its SEG and SR", case)
         return files
 
@@ -190,7 +202,7 @@ def main(
         credentials_file: a file of one line ``user:password``; else ``$PACS_CREDENTIALS``.
         poll_s: seconds between polls of the change feed (``listen``).
         until_idle: ``listen`` returns once nothing is left to do.
-        overwrite: ``segment`` replaces an earlier run's results of the study.
+        overwrite: ``segment`` segments and stores again a study whose results it stored before.
     """
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {command!r}")
