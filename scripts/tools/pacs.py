@@ -32,8 +32,8 @@ import requests
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.dicom_series import case_of, matches_description
 from scripts.dicomweb import ListenerState, Pacs, fingerprint, read_credentials
-from scripts.isles import InvalidCaseError
 from scripts.flags import as_bool
+from scripts.isles import InvalidCaseError
 from scripts.safe_files import write_atomically
 from scripts.tools.cli import run
 
