@@ -15,6 +15,7 @@ import os
 import re
 import urllib.parse
 
+import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 from scripts.dicom_series import case_of
@@ -99,8 +100,6 @@ class Pacs:
     def store(self, paths) -> None:
         """STOW-RS the DICOM files ``paths`` (a rerun's objects, of the same UIDs, replace the earlier ones where
         the server overwrites instances, as Orthanc does with ``OverwriteInstances``)."""
-        import pydicom
-
         self.client.store_instances([pydicom.dcmread(path) for path in paths])
 
     def _orthanc(self, path, **params):

@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import TINY_NETWORK
+from monai.bundle import ConfigParser
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from scripts.dicom_results import FIGURES
@@ -348,3 +349,16 @@ def test_another_vendors_descriptions_and_slice_order_pick_and_read_the_same_ser
     for channel, series in after.series.items():
         array, affine = volume_arrays([pydicom.dcmread(p) for p in series.files])
         assert np.array_equal(array, expected[channel][0]) and np.allclose(affine, expected[channel][1]), channel
+
+
+def test_a_sites_own_series_names_are_set_in_a_config_file_after_dicom_json(repo_root, study_copy, tmp_path):
+    folder, by_series = study_copy
+    rewrite(series_named(by_series, "CBF"), lambda ds, i: setattr(ds, "SeriesDescription", "PERF FLOW"))
+    with pytest.raises(InvalidCaseError, match="no series for CBF"):
+        find_studies(str(folder), rules(repo_root))
+    site = tmp_path / "site.json"
+    site.write_text(json.dumps({"series_rules#CBF#description": "^PERF FLOW$"}))
+    parser = ConfigParser()
+    parser.read_config([os.path.join(repo_root, "configs", name) for name in ("inference.json", "dicom.json")] + [site])
+    (study,) = find_studies(str(folder), parser.get_parsed_content("series_rules"))
+    assert study.series["CBF"].description == "PERF FLOW"

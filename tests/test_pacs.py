@@ -91,7 +91,9 @@ def test_segment_pulls_a_study_and_stores_seg_and_sr_read_back_as_the_folder_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert orthanc.password not in result.stdout + result.stderr
     header = pydicom.dcmread(study_files(study_dir)[0], stop_before_pixels=True)
-    assert str(header.PatientName) not in result.stdout + result.stderr
+    written = [os.path.join(d, n) for d, dirs, names in os.walk(tmp_path / "out") for n in dirs + names]
+    for secret in (str(header.PatientName), str(header.PatientID)):
+        assert secret not in result.stdout + result.stderr and not any(secret in path for path in written)
 
     seg_instances, sr_instances = results_in_orthanc(orthanc, study_uid)
     assert len(seg_instances) == 1 and len(sr_instances) == 1
