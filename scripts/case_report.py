@@ -220,7 +220,7 @@ class CaseOutputsWriter:
         pred_key: the mask key.
         report_key: the key of ``PerfusionReportd``'s figures.
         case_writers: more writers of each case's outputs, called after its mask and before its row is written:
-            each has ``write(case, mask, affine, row)`` (e.g. ``scripts.dicom_results.DicomResultsWriter``).
+            each has ``write(case, mask, affine, row, overlay)`` (e.g. ``scripts.dicom_results.DicomResultsWriter``).
     """
 
     def __init__(
@@ -262,7 +262,7 @@ class CaseOutputsWriter:
         nifti.header.set_sform(affine, code=1)
         write_atomically(mask_path, lambda f: f.write(gzip.compress(nifti.to_bytes(), compresslevel=6)))
         for writer in self.case_writers:
-            writer.write(case, mask, affine, row)
+            writer.write(case, mask, affine, row, image)
         return row
 
     def completed(self, engine: Engine) -> None:

@@ -21,6 +21,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from scripts.flags import as_bool
 from scripts.safe_files import write_atomically
 
 __all__ = ["DicomResultsWriter", "bundle_version", "measurement_report", "result_uids", "segmentation"]
@@ -30,7 +31,8 @@ INFARCT = Code("55641003", "SCT", "Infarct")
 SEGMENT_LABEL = "ischemic core"
 SEG_DESCRIPTION = "Ischemic core (predicted, research use)"
 SR_DESCRIPTION = "Stroke CTP volumes (predicted, research use)"
-SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9901, 9902
+OVERLAY_DESCRIPTION = "Ischemic core overlay (predicted, research use)"
+SEG_SERIES_NUMBER, SR_SERIES_NUMBER, OVERLAY_SERIES_NUMBER = 9901, 9902, 9903
 LOCAL_SCHEME = "99STROKECTP"  # the bundle's own codes (a private coding scheme: "99" + name) for its figures
 UNITS = {"ml": Code("ml", "UCUM", "milliliter"), "ratio": Code("1", "UCUM", "no units")}
 # volumes.csv's figures in the report: name, meaning, unit
@@ -70,7 +72,7 @@ def _uid(*parts) -> str:
 
 def result_uids(study_uid, model_digest) -> dict:
     """The SEG's and SR's series and instance UIDs, the same for the same study and model."""
-    names = ("seg_series", "seg_instance", "sr_series", "sr_instance", "tracking")
+    names = ("seg_series", "seg_instance", "sr_series", "sr_instance", "tracking", "overlay_series", "overlay_instance")
     return {name: _uid(study_uid, model_digest, name) for name in names}
 
 
@@ -223,6 +225,24 @@ def measurement_report(seg, ct_headers, row, uids, software_version) -> hd.sr.Co
     )
 
 
+def overlay_capture(ct_headers, image, uids) -> hd.sc.SCImage:
+    """The case's overlay PNG (``scripts.outputs.overlay_image``) as an RGB secondary capture in the study."""
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ct_headers[0],
+        pixel_array=np.asarray(image.convert("RGB")),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=uids["overlay_series"],
+        series_number=OVERLAY_SERIES_NUMBER,
+        sop_instance_uid=uids["overlay_instance"],
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("L", "P"),
+        series_description=OVERLAY_DESCRIPTION,
+    )
+
+
 class DicomResultsWriter:
     """Writes each DICOM case's SEG and SR under ``<prediction_dir>/dicom/<case>/`` (a ``case_writers`` entry of
     ``scripts.case_report.CaseOutputsWriter``).
@@ -232,20 +252,24 @@ class DicomResultsWriter:
         prediction_dir: the run's output folder.
         checkpoints: the checkpoint files of the model (their bytes go into the UIDs).
         software_version: the bundle's version (``bundle_version()``).
+        overlay: also the overlay PNG as a secondary capture (``overlay.dcm``).
     """
 
-    def __init__(self, studies, prediction_dir, checkpoints, software_version):
+    def __init__(self, studies, prediction_dir, checkpoints, software_version, overlay=False):
         self.studies = {study.case: study for study in studies}
         self.folder = os.path.join(prediction_dir, "dicom")
         self.checkpoints, self.software_version = list(checkpoints), software_version
+        self.overlay = as_bool(overlay, "dicom_overlay")
         self._model_digest = None
 
     def files(self, case) -> tuple:
-        """The SEG's and SR's paths of ``case``."""
-        return os.path.join(self.folder, case, "seg.dcm"), os.path.join(self.folder, case, "sr.dcm")
+        """The paths of ``case``'s SEG, SR and (with ``overlay``) secondary capture, in that order."""
+        names = ("seg.dcm", "sr.dcm", "overlay.dcm") if self.overlay else ("seg.dcm", "sr.dcm")
+        return tuple(os.path.join(self.folder, case, name) for name in names)
 
-    def write(self, case, mask, affine, row) -> None:
-        """Write ``case``'s SEG and SR from its mask ((x, y, z) bool), the mask's affine and its volumes.csv row."""
+    def write(self, case, mask, affine, row, overlay) -> None:
+        """Write ``case``'s DICOM objects from its mask ((x, y, z) bool), the mask's affine, its volumes.csv row and
+        its overlay (a PIL image)."""
         if self._model_digest is None:
             self._model_digest = _digest(self.checkpoints)
         study = self.studies[case]
@@ -253,7 +277,6 @@ class DicomResultsWriter:
         ct_headers = study.series["CT"].headers
         seg = segmentation(ct_headers, mask, affine, uids, self.software_version)
         sr = measurement_report(seg, ct_headers, row, uids, self.software_version)
-        seg_path, sr_path = self.files(case)
-        os.makedirs(os.path.dirname(seg_path), exist_ok=True)
-        for dataset, path in ((seg, seg_path), (sr, sr_path)):
+        datasets = [seg, sr] + ([overlay_capture(ct_headers, overlay, uids)] if self.overlay else [])
+        for dataset, path in zip(datasets, self.files(case)):
             write_atomically(path, lambda f, dataset=dataset: dataset.save_as(f, enforce_file_format=True))

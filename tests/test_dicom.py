@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from conftest import TINY_NETWORK
 from monai.bundle import ConfigParser
+from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from scripts.dicom_results import FIGURES
@@ -135,13 +136,20 @@ def test_a_rerun_makes_objects_of_the_same_uids(repo_root, tiny_model, dicom_tre
     again = run_bundle(repo_root, DICOM_CONFIGS, tiny_model, dicom_tree / "dicom", out / "dicom", "--overwrite", "true")
     assert again.returncode == 0, again.stderr[-3000:]
     # the first run's objects were replaced; compare with a third run into another folder
-    other = run_bundle(repo_root, DICOM_CONFIGS, tiny_model, dicom_tree / "dicom", out / "other")
+    other = run_bundle(
+        repo_root, DICOM_CONFIGS, tiny_model, dicom_tree / "dicom", out / "other", "--dicom_overlay", "true"
+    )
     assert other.returncode == 0, other.stderr[-3000:]
     for study in cases.values():
         for name in ("seg.dcm", "sr.dcm"):
             first = pydicom.dcmread(out / "dicom" / "predictions" / "dicom" / study / name)
             second = pydicom.dcmread(out / "other" / "predictions" / "dicom" / study / name)
             assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (second.SOPInstanceUID, second.SeriesInstanceUID)
+        # --dicom_overlay true: the overlay PNG as a secondary capture of the study, pixel for pixel
+        assert not (out / "dicom" / "predictions" / "dicom" / study / "overlay.dcm").exists()
+        capture = pydicom.dcmread(out / "other" / "predictions" / "dicom" / study / "overlay.dcm")
+        png = np.asarray(Image.open(out / "other" / "predictions" / "overlays" / f"{study}.png").convert("RGB"))
+        assert capture.StudyInstanceUID == first.StudyInstanceUID and np.array_equal(capture.pixel_array, png)
 
 
 @pytest.fixture()
