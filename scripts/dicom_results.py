@@ -222,6 +222,11 @@ def measurement_report(seg, ct_headers, row, uids, software_version) -> hd.sr.Co
         manufacturer=MANUFACTURER,
         is_complete=True,
         series_description=SR_DESCRIPTION,
+        coding_schemes=[
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=LOCAL_SCHEME, name="Stroke CTP bundle figures", responsible_organization=MANUFACTURER
+            )
+        ],
     )
 
 

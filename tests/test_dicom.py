@@ -370,3 +370,18 @@ def test_a_sites_own_series_names_are_set_in_a_config_file_after_dicom_json(repo
     parser.read_config([os.path.join(repo_root, "configs", name) for name in ("inference.json", "dicom.json")] + [site])
     (study,) = find_studies(str(folder), parser.get_parsed_content("series_rules"))
     assert study.series["CBF"].description == "PERF FLOW"
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian's dicom3tools) is not installed")
+def test_dciodvfy_finds_no_errors_in_the_seg_and_sr(both_runs):
+    """dicom3tools' IOD checker on what the bundle sends; its one warning is the bundle's private coding scheme
+    (99STROKECTP, declared in the SR's CodingSchemeIdentificationSequence), which it does not know."""
+    out, cases, _ = both_runs
+    for study in cases.values():
+        for name in ("seg.dcm", "sr.dcm"):
+            path = out / "dicom" / "predictions" / "dicom" / study / name
+            report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+            lines = (report.stdout + report.stderr).splitlines()
+            assert not [line for line in lines if line.startswith("Error")], (name, lines)
+            warnings = [line for line in lines if line.startswith("Warning")]
+            assert all("99STROKECTP" in line for line in warnings), (name, warnings)
