@@ -12,6 +12,7 @@ the brain) labelled "ischemic core"; the series descriptions say "predicted, res
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from scripts.case_report import file_stamps
 from scripts.flags import as_bool
 from scripts.safe_files import write_atomically
 
@@ -54,14 +56,21 @@ def bundle_version() -> str:
         return json.load(f)["version"]
 
 
-def _digest(paths) -> str:
-    """SHA-256 of the checkpoints' bytes, in order: the model the results come from."""
+@functools.lru_cache(maxsize=8)
+def _digest_of(stamps) -> str:
+    """SHA-256 of the checkpoints' bytes, in order, for their (path, size, mtime) ``stamps``: computed once per
+    model in a process that segments study after study (the listener)."""
     digest = hashlib.sha256()
-    for path in paths:
+    for path, _, _ in stamps:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _digest(paths) -> str:
+    """SHA-256 of the checkpoints' bytes, in order: the model the results come from."""
+    return _digest_of(tuple(tuple(stamp) for stamp in file_stamps(paths)))
 
 
 def _uid(*parts) -> str:
@@ -135,7 +144,7 @@ def segmentation(
         ),
         anatomic_regions=[codes.SCT.Brain],
     )
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(ct_headers),
         pixel_array=np.stack(frames).astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -151,6 +160,10 @@ def segmentation(
         series_description=series_description,
         omit_empty_frames=False,
     )
+    dimensions = _uid(uids["seg_instance"], "dimension organization")  # highdicom draws a random one
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dimensions
+    return seg
 
 
 def _measurement(name, meaning, value, unit):

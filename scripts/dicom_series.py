@@ -30,6 +30,7 @@ import numpy as np
 import pydicom
 from highdicom.spatial import get_series_volume_positions
 from monai.data import ImageReader
+from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 from scripts.dicom_results import MANUFACTURER as RESULTS_MANUFACTURER
 from scripts.isles import CHANNELS, DICOM_SERIES_SUFFIX, InvalidCaseError
@@ -43,6 +44,7 @@ __all__ = [
     "find_studies",
     "matches_description",
     "series_key",
+    "studies_in_memory",
     "volume_arrays",
     "volume_as_nifti",
 ]
@@ -82,12 +84,13 @@ def series_key(dataset_dir, case, channel) -> str:
 
 @dataclass
 class Series:
-    """One DICOM series: its UID, description and files, with the headers read from them (no pixel data)."""
+    """One DICOM series: its UID, description, headers (no pixel data where read from files) and sources: the file
+    of each header, or the dataset itself for a study held in memory (retrieved from a PACS)."""
 
     uid: str
     description: str
     headers: list = field(repr=False)
-    files: list = field(repr=False)
+    sources: list = field(repr=False)
 
     @property
     def name(self) -> str:
@@ -120,11 +123,11 @@ def case_of(study_uid) -> str:
 
 def _read_headers(dataset_dir):
     """Every DICOM file's header under ``dataset_dir`` (walked in sorted order), as (path, dataset) pairs; files that
-    are not DICOM are skipped, a DICOM file that cannot be read is refused."""
+    are not DICOM and hidden files and folders are skipped, a DICOM file that cannot be read is refused."""
     found = []
     for folder, dirs, files in os.walk(dataset_dir):
-        dirs.sort()
-        for name in sorted(files):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):  # hidden: partial writes, system files
             path = os.path.join(folder, name)
             try:
                 header = pydicom.dcmread(path, defer_size=DEFER_BYTES)  # large values not read, their length known
@@ -155,9 +158,9 @@ def _refuse_truncated(path, header):
 
 def _group(found):
     """``{study UID: {series UID: Series}}`` of the image series and of the SEG series (SR and other non-image
-    objects left out)."""
+    objects left out), from (source, header) pairs."""
     images, segmentations = {}, {}
-    for path, header in found:
+    for source, header in found:
         modality = header.get("Modality")
         if modality == "SEG":
             grouped = segmentations
@@ -170,7 +173,7 @@ def _group(found):
             uid, Series(uid, str(header.get("SeriesDescription", "")), [], [])
         )
         series.headers.append(header)
-        series.files.append(path)
+        series.sources.append(source)
     return images, segmentations
 
 
@@ -269,10 +272,10 @@ def _check_tmax_unit(case, series):
     if _MS_UNIT.search(said):
         raise InvalidCaseError(f"{case}: Tmax series {series.name} is in milliseconds ({said.strip()}); need seconds")
     if int(header.get("NumberOfFrames", 1)) > 1:
-        values = volume_arrays([pydicom.dcmread(series.files[0])])[0]
+        values = volume_arrays([_load(series.sources[0])])[0]
     else:
-        middle = sorted(range(len(series.files)), key=lambda i: float(series.headers[i].get("InstanceNumber", i)))
-        values = volume_arrays([pydicom.dcmread(series.files[middle[len(middle) // 2]])])[0]
+        middle = sorted(range(len(series.sources)), key=lambda i: float(series.headers[i].get("InstanceNumber", i)))
+        values = volume_arrays([_load(series.sources[middle[len(middle) // 2]])])[0]
     measured = values[values > 0]
     if measured.size and float(np.median(measured)) > TMAX_MS_MEDIAN:
         raise InvalidCaseError(
@@ -290,7 +293,7 @@ def _ground_truth(case, segmentations, ct):
         if s.headers[0].get("Manufacturer") != RESULTS_MANUFACTURER
         and any(ref.SeriesInstanceUID == ct.uid for ref in s.headers[0].get("ReferencedSeriesSequence", []))
     ]
-    if len(candidates) != 1 or len(candidates[0].files) != 1:
+    if len(candidates) != 1 or len(candidates[0].sources) != 1:
         found = "; ".join(s.name for s in candidates) or "none"
         raise InvalidCaseError(
             f"{case}: evaluation needs one ground-truth SEG instance on the NCCT series {ct.name}, found: {found}"
@@ -314,13 +317,24 @@ def find_studies(dataset_dir, rules=None, channels=CHANNELS, labels=False) -> li
 
     Raises:
         InvalidCaseError: for a study with a map missing, two candidates for a map, series of other frames of
-            reference, a non-axial or irregular series or Tmax in milliseconds, naming the series; or no study.
+            reference, a non-axial or irregular series, Tmax in milliseconds or a truncated file, naming the series
+            or the file; or no study.
     """
-    rules, channels = SERIES_RULES if rules is None else rules, list(channels)
     if not os.path.isdir(dataset_dir):
         raise FileNotFoundError(f"{dataset_dir}: no such folder of DICOM studies")
+    return _studies(_read_headers(dataset_dir), dataset_dir, rules, channels, labels)
+
+
+def studies_in_memory(datasets, rules=None, channels=CHANNELS, labels=False) -> list:
+    """``find_studies`` of datasets held in memory (a study retrieved from a PACS), with the same checks; each
+    ``Series`` keeps its datasets as its sources, so that nothing is written to disk or read twice."""
+    return _studies([(dataset, dataset) for dataset in datasets], "the retrieved instances", rules, channels, labels)
+
+
+def _studies(found, where, rules, channels, labels):
+    rules, channels = SERIES_RULES if rules is None else rules, list(channels)
     studies = []
-    images, segmentations = _group(_read_headers(dataset_dir))
+    images, segmentations = _group(found)
     for study_uid, series_of_study in sorted(images.items()):
         case = case_of(study_uid)
         picked = _pick(case, series_of_study, rules, channels)
@@ -334,10 +348,15 @@ def find_studies(dataset_dir, rules=None, channels=CHANNELS, labels=False) -> li
             _check_tmax_unit(case, picked["Tmax"])
         label = _ground_truth(case, segmentations.get(study_uid, {}), picked[channels[0]]) if labels else None
         studies.append(Study(case, study_uid, picked, label))
-        logger.info("%s: %s", case, ", ".join(f"{c} {len(s.files)} file(s)" for c, s in picked.items()))
+        logger.info("%s: %s", case, ", ".join(f"{c} {len(s.sources)} instance(s)" for c, s in picked.items()))
     if not studies:
-        raise InvalidCaseError(f"{dataset_dir}: no DICOM study with image series found")
+        raise InvalidCaseError(f"{where}: no DICOM study with image series found")
     return studies
+
+
+def _load(source):
+    """A series' source as a dataset: read from its file, or the dataset itself."""
+    return source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(source)
 
 
 def volume_as_nifti(volume) -> tuple:
@@ -360,7 +379,7 @@ def volume_as_nifti(volume) -> tuple:
         volume: a ``highdicom.Volume`` with a 3-D array.
 
     Returns:
-        (array (x, y, z) float32, 4 x 4 RAS affine float64).
+        (array (x, y, z) float32, a view, 4 x 4 RAS affine float64).
     """
     array = np.asarray(volume.array, dtype=np.float32).transpose(2, 1, 0)
     affine_lps = np.asarray(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
@@ -369,27 +388,38 @@ def volume_as_nifti(volume) -> tuple:
         affine_lps[:3, 2] *= -1
         array = array[:, :, ::-1]
     affine = _LPS @ affine_lps
-    return np.ascontiguousarray(array), affine
+    return array, affine  # a view of the volume's array: the reader stacks the channels into one copy
 
 
 def volume_arrays(datasets, dtype=np.float32):
     """The pixel values (rescaled) of one series' datasets, single-frame slices in any order or one multi-frame
-    instance, as ``volume_as_nifti`` gives them."""
+    instance, as ``volume_as_nifti`` gives them.
+
+    A series of two or more single-frame slices with a rescale or a modality LUT (every CT image) is stacked here in
+    the order and on the grid highdicom's ``get_volume_from_series`` gives (``_geometry``), the values from pydicom's
+    ``apply_modality_lut``: the same volume in half the time (highdicom checks every frame's attributes against the
+    IOD). Other series (one slice, multi-frame, a real-world value map) are highdicom's."""
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1)) > 1:
         return volume_as_nifti(hd.Image.from_dataset(datasets[0], copy=False).get_volume(dtype=dtype))
-    return volume_as_nifti(hd.get_volume_from_series(datasets, dtype=dtype))
+    if len(datasets) == 1 or any("RealWorldValueMappingSequence" in ds for ds in datasets):
+        return volume_as_nifti(hd.get_volume_from_series(datasets, dtype=dtype))
+    geometry, order = _geometry(datasets)
+    frames = [apply_modality_lut(datasets[i].pixel_array, datasets[i]) for i in order]
+    return volume_as_nifti(geometry.with_array(np.stack(frames).astype(dtype, copy=False)))
 
 
-def _geometry(series) -> hd.VolumeGeometry:
-    """The grid of a single-frame series as highdicom's ``get_volume_from_series`` makes it, from the headers."""
-    headers = series.headers
-    spacing, positions = (
-        get_series_volume_positions(headers)
-        if len(headers) > 1
-        else (float(headers[0].get("SpacingBetweenSlices", 1.0)), [0])
-    )
-    first = headers[positions.index(0)]
-    return hd.VolumeGeometry.from_attributes(
+def _geometry(headers):
+    """The grid of a series of single-frame slices as highdicom's ``get_volume_from_series`` makes it, from the
+    headers alone, and the order of ``headers`` along its slice axis."""
+    if len(headers) == 1:  # as highdicom takes a one-slice series
+        spacing, positions = float(headers[0].get("SpacingBetweenSlices", 1.0)), [0]
+    else:
+        spacing, positions = get_series_volume_positions(headers)
+    if spacing is None:
+        raise ValueError(f"series {headers[0].SeriesInstanceUID} is not a regularly spaced volume")
+    order = [positions.index(k) for k in range(len(headers))]
+    first = headers[order[0]]
+    geometry = hd.VolumeGeometry.from_attributes(
         image_position=first.ImagePositionPatient,
         image_orientation=first.ImageOrientationPatient,
         rows=first.Rows,
@@ -400,6 +430,7 @@ def _geometry(series) -> hd.VolumeGeometry:
         coordinate_system="PATIENT",
         frame_of_reference_uid=first.FrameOfReferenceUID,
     )
+    return geometry, order
 
 
 def _onto_grid(array, affine, shape, target_affine):
@@ -424,12 +455,15 @@ class DicomSeriesReader(ImageReader):
     def __init__(self, studies, dataset_dir):
         super().__init__()
         self.files = {
-            series_key(dataset_dir, study.case, channel): series.files
+            series_key(dataset_dir, study.case, channel): series.sources
             for study in studies
             for channel, series in study.series.items()
         }
         self.labels = {
-            series_key(dataset_dir, study.case, LABEL): (study.label.files[0], _geometry(study.series["CT"]))
+            series_key(dataset_dir, study.case, LABEL): (
+                study.label.sources[0],
+                _geometry(study.series["CT"].headers)[0],
+            )
             for study in studies
             if study.label is not None
         }
@@ -443,11 +477,12 @@ class DicomSeriesReader(ImageReader):
         return [self._read_label(key) if key in self.labels else self._read_series(key) for key in keys]
 
     def _read_series(self, key):
-        return volume_arrays([pydicom.dcmread(path) for path in self.files[key]])
+        return volume_arrays([_load(source) for source in self.files[key]])
 
     def _read_label(self, key):
-        path, grid = self.labels[key]
-        volume = hd.seg.segread(path).get_volume(combine_segments=True, dtype=np.float32)
+        source, grid = self.labels[key]
+        seg = hd.seg.Segmentation.from_dataset(_load(source), copy=False)
+        volume = seg.get_volume(combine_segments=True, dtype=np.float32)
         return volume_as_nifti(volume.match_geometry(grid))
 
     def get_data(self, img):

@@ -2,8 +2,8 @@
 ``scripts.tools.pacs`` pulls studies with, stores results with and listens to.
 
 Credentials come from a file or the ``PACS_CREDENTIALS`` environment variable (``user:password``), never from a URL
-or a command line, and are never logged. Downloaded files are named after a hash of their SOPInstanceUID and the
-study's folder after ``scripts.dicom_series``'s case name: no patient name or ID reaches a file name or a log.
+or a command line, and are never logged. Retrieved studies stay in memory (no copy of patient data on disk); what is
+written is named after ``scripts.dicom_series``'s case name: no patient name or ID reaches a file name or a log.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import logging
 import os
 import re
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
-from scripts.dicom_series import case_of
 from scripts.safe_files import write_atomically
 
 __all__ = ["CREDENTIALS_ENV", "ListenerState", "Pacs", "read_credentials"]
@@ -29,6 +29,7 @@ CREDENTIALS_ENV = "PACS_CREDENTIALS"
 # DICOM JSON tags of a QIDO-RS series result
 _SERIES_UID, _DESCRIPTION, _MODALITY = "0020000E", "0008103E", "00080060"
 _RESULT_MODALITIES = ("SEG", "SR")
+DOWNLOAD_THREADS = 5  # series downloaded at once: one per map
 
 
 def read_credentials(credentials_file=None):
@@ -86,16 +87,15 @@ class Pacs:
                 found.append((_value(element, _SERIES_UID), str(_value(element, _DESCRIPTION)), modality))
         return sorted(found)
 
-    def fetch(self, study_uid, series, folder) -> str:
-        """Download ``series`` (``input_series``'s entries) of the study into ``folder/<case>/``, each instance
-        written whole; returns that folder."""
-        study_dir = os.path.join(folder, case_of(study_uid))
-        for series_uid, _, _ in series:
-            series_dir = os.path.join(study_dir, _hash(series_uid))
-            for dataset in self.client.iter_series(study_uid, series_uid):
-                path = os.path.join(series_dir, _hash(dataset.SOPInstanceUID) + ".dcm")
-                write_atomically(path, lambda f, dataset=dataset: dataset.save_as(f, enforce_file_format=True))
-        return study_dir
+    def retrieve(self, study_uid, series) -> list:
+        """The instances of ``series`` (``input_series``'s entries) of the study, as datasets in memory, the series
+        retrieved at once (``DOWNLOAD_THREADS``); nothing is written to disk."""
+
+        def retrieve_series(series_uid):
+            return list(self.client.iter_series(study_uid, series_uid))
+
+        with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+            return [dataset for part in pool.map(retrieve_series, [uid for uid, _, _ in series]) for dataset in part]
 
     def store(self, paths) -> None:
         """STOW-RS the DICOM files ``paths`` (a rerun's objects, of the same UIDs, replace the earlier ones where
@@ -125,10 +125,6 @@ class Pacs:
     def all_stable(self) -> bool:
         """Whether every study Orthanc holds is stable (nothing arrived within its ``StableAge``)."""
         return all(study.get("IsStable", True) for study in self._orthanc("/studies", expand=""))
-
-
-def _hash(uid):
-    return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
 def fingerprint(series) -> str:

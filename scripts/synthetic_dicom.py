@@ -291,9 +291,11 @@ def write_label(study, label, affine, case: str, seed: int) -> str:
         series_description=LABEL_DESCRIPTION,
         predicted=False,
     )
-    for prefix in ("Series", "Content"):  # fixed, as the study's: the same arguments give the same file
+    for prefix in ("Series", "Content", "InstanceCreation"):  # fixed, as the study's: the same arguments, the same file
         setattr(seg, f"{prefix}Date", STUDY_DATE)
         setattr(seg, f"{prefix}Time", STUDY_TIME)
+    for item in seg.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = STUDY_DATE + STUDY_TIME
     path = Path(study["folder"]) / f"{LABEL_SERIES_NUMBER}_label" / f"{LABEL_SERIES_NUMBER:02d}_0001.dcm"
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path, enforce_file_format=True)

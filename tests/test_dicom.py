@@ -276,8 +276,8 @@ def test_multi_frame_series_read_as_their_single_frame_slices(repo_root, study_c
         enhanced.save_as(multi_dir / f"series_{index}.dcm")
     (multi,) = find_studies(str(multi_dir), rules(repo_root))
     for channel in single.series:
-        a, a_affine = volume_arrays([pydicom.dcmread(p) for p in single.series[channel].files])
-        b, b_affine = volume_arrays([pydicom.dcmread(p) for p in multi.series[channel].files])
+        a, a_affine = volume_arrays([pydicom.dcmread(p) for p in single.series[channel].sources])
+        b, b_affine = volume_arrays([pydicom.dcmread(p) for p in multi.series[channel].sources])
         assert np.array_equal(a, b) and np.allclose(a_affine, b_affine, atol=1e-4), channel
 
 
@@ -329,7 +329,7 @@ def test_another_vendors_descriptions_and_slice_order_pick_and_read_the_same_ser
     (the perfusion source series, a thresholded CBF) that the rules must not pick."""
     folder, by_series = study_copy
     (before,) = find_studies(str(folder), rules(repo_root))
-    expected = {c: volume_arrays([pydicom.dcmread(p) for p in s.files]) for c, s in before.series.items()}
+    expected = {c: volume_arrays([pydicom.dcmread(p) for p in s.sources]) for c, s in before.series.items()}
     for old, new in {**OTHER_VENDOR, "Tmax": "TMAX"}.items():
         paths = series_named(by_series, old)
         rewrite(
@@ -355,8 +355,12 @@ def test_another_vendors_descriptions_and_slice_order_pick_and_read_the_same_ser
     (after,) = find_studies(str(folder), rules(repo_root))
     assert {c: s.uid for c, s in after.series.items()} == {c: s.uid for c, s in before.series.items()}
     for channel, series in after.series.items():
-        array, affine = volume_arrays([pydicom.dcmread(p) for p in series.files])
+        datasets = [pydicom.dcmread(p) for p in series.sources]
+        array, affine = volume_arrays(datasets)
         assert np.array_equal(array, expected[channel][0]) and np.allclose(affine, expected[channel][1]), channel
+        # the bundle's stacking of single-frame slices is highdicom's volume, voxel for voxel
+        reference, reference_affine = volume_as_nifti(hd.get_volume_from_series(datasets, dtype=np.float32))
+        assert np.array_equal(array, reference) and np.array_equal(affine, reference_affine), channel
 
 
 def test_a_sites_own_series_names_are_set_in_a_config_file_after_dicom_json(repo_root, study_copy, tmp_path):

@@ -188,7 +188,7 @@ def test_the_listener_killed_mid_study_and_restarted_loses_nothing_and_duplicate
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and first.poll() is None:  # kill it once it is inside the first study
-        if (out / "results").is_dir() or (out / "incoming").is_dir():
+        if (out / "results").is_dir():
             break
         time.sleep(0.05)
     assert first.poll() is None, first.stderr.read()[-3000:]

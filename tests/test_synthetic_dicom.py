@@ -43,9 +43,15 @@ def nifti_24(root):
 
 
 def series_files(study_dir):
-    """{channel: [files in InstanceNumber order]} of a study folder (<number>_<channel>/<number>_<instance>.dcm)."""
+    """{channel: [files in InstanceNumber order]} of a study folder (<number>_<channel>/<number>_<instance>.dcm),
+    the ground-truth SEG (<number>_label/) left out."""
     folders = sorted(Path(study_dir).iterdir(), key=lambda d: int(d.name.split("_")[0]))
-    return {d.name.split("_", 1)[1]: sorted(d.iterdir()) for d in folders}
+    return {d.name.split("_", 1)[1]: sorted(d.iterdir()) for d in folders if not d.name.endswith("_label")}
+
+
+def label_files(study_dir):
+    """The ground-truth SEG files of a study folder (a training case's)."""
+    return sorted(path for d in Path(study_dir).iterdir() if d.name.endswith("_label") for path in d.iterdir())
 
 
 def read_back(datasets):
@@ -77,6 +83,13 @@ def test_dicom_reads_back_as_the_nifti(trees, case):
     images, study_dir = trees[case]
     files = series_files(study_dir)
     assert list(files) == list(CHANNELS)
+    assert len(label_files(study_dir)) == (0 if case == "isles18 testing" else 1)
+    if case == "isles18 training":  # the training label as a ground-truth SEG on the NCCT: the same voxels
+        (path,) = label_files(study_dir)
+        array, affine = volume_as_nifti(highdicom.seg.segread(path).get_volume(combine_segments=True))
+        expected = images["OT"]
+        ours = canonical((array > 0).astype(np.uint8), affine)[0]
+        assert ours.any() and np.array_equal(ours, canonical(np.asanyarray(expected.dataobj), expected.affine)[0])
     for channel, paths in files.items():
         array, affine = read_back([pydicom.dcmread(p) for p in paths])
         expected = images[channel].get_fdata(dtype=np.float32)

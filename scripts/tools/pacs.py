@@ -10,7 +10,7 @@
         --output_dir OUT [--bundle_root .] [--credentials_file FILE] [--poll_s 2]
 
 Credentials: ``--credentials_file`` (one line ``user:password``) or ``$PACS_CREDENTIALS``, never on the command line.
-Only the series that ``series_rules`` may pick are downloaded, to ``OUT/incoming/<case>/``; each study's run writes
+Only the series that ``series_rules`` may pick are retrieved, into memory (no copy on disk); each study's run writes
 ``OUT/results/<case>/predictions/`` (mask, overlay, volumes.csv, ``dicom/<case>/seg.dcm`` and ``sr.dcm``) and, once
 they are stored, ``OUT/results/<case>/stored.json``: ``segment`` then refuses the study again without ``--overwrite
 true``; a run stopped before that is done again by the same command. A study refused by the checks sends nothing.
@@ -25,12 +25,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 
 import requests
 from monai.bundle import ConfigParser, ConfigWorkflow
-from scripts.dicom_series import case_of, matches_description
+from scripts.dicom_series import case_of, matches_description, studies_in_memory
 from scripts.dicomweb import ListenerState, Pacs, fingerprint, read_credentials
 from scripts.flags import as_bool
 from scripts.isles import InvalidCaseError
@@ -60,7 +59,7 @@ class StudySegmenter:
 
     Args:
         pacs: the ``scripts.dicomweb.Pacs``.
-        output_dir: where the downloads (``incoming/``) and results (``results/``) go.
+        output_dir: where the results (``results/<case>/``) go.
         bundle_root: the bundle root (its ``models/model.pt``).
         config_files: inference.json, dicom.json and the user's own configs, in order.
     """
@@ -70,6 +69,7 @@ class StudySegmenter:
         parser = ConfigParser()
         parser.read_config(config_files)
         self.rules = parser.get_parsed_content("series_rules")
+        self.channels = parser.get_parsed_content("channels")
 
     def inputs(self, study_uid) -> list:
         """The study's series that a rule may pick (by modality and description, as the PACS lists them)."""
@@ -91,16 +91,15 @@ class StudySegmenter:
                 f"{results}: this study's SEG and SR were stored in the PACS ({stored}); pass --overwrite true to"
                 " segment and store it again"
             )
-        incoming = os.path.join(self.output_dir, "incoming")
-        shutil.rmtree(os.path.join(incoming, case), ignore_errors=True)  # a series gone since is not read
-        study_dir = self.pacs.fetch(study_uid, series, incoming)
+        studies = studies_in_memory(self.pacs.retrieve(study_uid, series), self.rules, self.channels)
         workflow = ConfigWorkflow(
             config_file=self.config_files,
             meta_file=os.path.join(BUNDLE_DIR, "configs", "metadata.json"),
             logging_file=os.path.join(BUNDLE_DIR, "configs", "logging.conf"),
             workflow_type="infer",
             bundle_root=self.bundle_root,
-            dataset_dir=study_dir,
+            dataset_dir=self.output_dir,  # the root of the series keys (scripts.dicom_series.series_key)
+            studies=studies,
             output_dir=results,
             overwrite=True,  # this study's own folder: a run stopped before its results were stored is done again
         )
