@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 from highdicom.spatial import get_series_volume_positions
 from monai.data import ImageReader
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, get_decoder
 from scipy import ndimage
 from scripts.dicom_results import MANUFACTURER as RESULTS_MANUFACTURER
 from scripts.isles import CHANNELS, DICOM_SERIES_SUFFIX, InvalidCaseError
@@ -265,6 +265,24 @@ def _check_geometry(case, channel, series):
         )
 
 
+def _check_decodable(case, channel, series):
+    """Refuse a series whose transfer syntax no installed pydicom decoder reads (JPEG Lossless needs pylibjpeg and
+    pylibjpeg-libjpeg, which requirements.txt installs)."""
+    meta = getattr(series.headers[0], "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or (syntax.is_transfer_syntax and not syntax.is_compressed):
+        return
+    try:
+        available = syntax.is_transfer_syntax and get_decoder(syntax).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise InvalidCaseError(
+            f"{case}: {channel} series {series.name} is stored as {syntax.name} ({syntax}), which no installed"
+            " pixel data decoder reads"
+        )
+
+
 def _check_tmax_unit(case, series):
     """Refuse Tmax stored in milliseconds: said by its unit, or seen in its values (the middle slice's median)."""
     header = series.headers[0]
@@ -317,8 +335,8 @@ def find_studies(dataset_dir, rules=None, channels=CHANNELS, labels=False) -> li
 
     Raises:
         InvalidCaseError: for a study with a map missing, two candidates for a map, series of other frames of
-            reference, a non-axial or irregular series, Tmax in milliseconds or a truncated file, naming the series
-            or the file; or no study.
+            reference, a non-axial or irregular series, a transfer syntax no decoder reads, Tmax in milliseconds or
+            a truncated file, naming the series or the file; or no study.
     """
     if not os.path.isdir(dataset_dir):
         raise FileNotFoundError(f"{dataset_dir}: no such folder of DICOM studies")
@@ -344,6 +362,7 @@ def _studies(found, where, rules, channels, labels):
             raise InvalidCaseError(f"{case}: the series are not in one frame of reference ({listed})")
         for channel, series in picked.items():
             _check_geometry(case, channel, series)
+            _check_decodable(case, channel, series)
         if "Tmax" in picked:
             _check_tmax_unit(case, picked["Tmax"])
         label = _ground_truth(case, segmentations.get(study_uid, {}), picked[channels[0]]) if labels else None

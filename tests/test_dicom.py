@@ -18,7 +18,8 @@ from conftest import TINY_NETWORK
 from monai.bundle import ConfigParser
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, JPEGLosslessSV1, JPEGLSLossless, generate_uid
 from scripts.dicom_results import FIGURES
 from scripts.dicom_series import case_of, find_studies, volume_arrays, volume_as_nifti
 from scripts.folds import build_datalist
@@ -389,3 +390,34 @@ def test_dciodvfy_finds_no_errors_in_the_seg_and_sr(both_runs):
             assert not [line for line in lines if line.startswith("Error")], (name, lines)
             warnings = [line for line in lines if line.startswith("Warning")]
             assert all("99STROKECTP" in line for line in warnings), (name, warnings)
+
+
+def test_a_real_enhanced_ct_reads_frame_by_frame_at_its_positions():
+    """pydicom-data's eCT_Supplemental.dcm (the standard's Enhanced CT example, two frames, its rescale in the shared
+    functional groups): each frame's HU at the slice of the affine that its position gives."""
+    dataset = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    array, affine = volume_arrays([dataset])
+    shared = dataset.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    hu = dataset.pixel_array.astype(np.float64) * float(shared.RescaleSlope) + float(shared.RescaleIntercept)
+    assert array.shape == (dataset.Columns, dataset.Rows, 2)
+    inverse = np.linalg.inv(np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine)  # LPS position -> (column, row, slice)
+    for frame, groups in enumerate(dataset.PerFrameFunctionalGroupsSequence):
+        position = np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        column, row, k = (inverse @ np.append(position, 1.0))[:3]
+        assert np.allclose([column, row], 0, atol=1e-4) and abs(k - round(k)) < 1e-4
+        assert np.array_equal(array[:, :, int(round(k))], hu[frame].T.astype(np.float32)), frame
+
+
+def test_a_compressed_series_reads_as_its_uncompressed_one_and_an_unreadable_one_is_refused(repo_root, study_copy):
+    folder, by_series = study_copy
+    (before,) = find_studies(str(folder), rules(repo_root))
+    expected = volume_arrays([pydicom.dcmread(p) for p in before.series["CBF"].sources])[0]
+    rewrite(series_named(by_series, "CBF"), lambda ds, i: ds.compress(JPEGLSLossless))
+    (after,) = find_studies(str(folder), rules(repo_root))
+    datasets = [pydicom.dcmread(p) for p in after.series["CBF"].sources]
+    assert datasets[0].file_meta.TransferSyntaxUID == JPEGLSLossless
+    assert np.array_equal(volume_arrays(datasets)[0], expected)
+    assert get_decoder(JPEGLosslessSV1).is_available  # requirements.txt's pylibjpeg-libjpeg: PACS CT exports
+    rewrite(series_named(by_series, "MTT"), lambda ds, i: setattr(ds.file_meta, "TransferSyntaxUID", UID("1.2.3.4")))
+    with pytest.raises(InvalidCaseError, match="which no installed pixel data decoder reads"):
+        find_studies(str(folder), rules(repo_root))
