@@ -20,8 +20,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, JPEGLosslessSV1, JPEGLSLossless, generate_uid
+from pydicom.valuerep import format_number_as_ds
 from scripts.dicom_results import FIGURES
-from scripts.dicom_series import case_of, find_studies, volume_arrays, volume_as_nifti
+from scripts.dicom_series import DicomSeriesReader, case_of, find_studies, volume_arrays, volume_as_nifti
 from scripts.folds import build_datalist
 from scripts.isles import InvalidCaseError
 from scripts.synthetic_isles import generate
@@ -421,3 +422,29 @@ def test_a_compressed_series_reads_as_its_uncompressed_one_and_an_unreadable_one
     rewrite(series_named(by_series, "MTT"), lambda ds, i: setattr(ds.file_meta, "TransferSyntaxUID", UID("1.2.3.4")))
     with pytest.raises(InvalidCaseError, match="which no installed pixel data decoder reads"):
         find_studies(str(folder), rules(repo_root))
+
+
+def test_a_map_on_another_grid_of_the_frame_of_reference_is_resampled_onto_the_nccts(repo_root, study_copy):
+    """CBF stored without its first column (its grid shifted by one voxel, as a map computed on its own grid): the
+    reader puts it back on the NCCT's grid, the same values where it has them, 0 in the column it lacks."""
+    folder, by_series = study_copy
+
+    def image_of():
+        (study,) = find_studies(str(folder), rules(repo_root))
+        reader = DicomSeriesReader([study], str(folder))
+        return reader.get_data(reader.read(study.item(str(folder))["image"]))
+
+    image, meta = image_of()
+
+    def drop_first_column(ds, index):
+        pixels = np.ascontiguousarray(ds.pixel_array[:, 1:])
+        row_direction = np.asarray(ds.ImageOrientationPatient[:3], dtype=float)
+        position = np.asarray(ds.ImagePositionPatient, dtype=float) + row_direction * float(ds.PixelSpacing[1])
+        ds.Columns, ds.PixelData = pixels.shape[1], pixels.tobytes()
+        ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in position]
+
+    rewrite(series_named(by_series, "CBF"), drop_first_column)
+    resampled, resampled_meta = image_of()
+    assert resampled.shape == image.shape and np.allclose(resampled_meta["affine"], meta["affine"])
+    assert np.allclose(resampled[1, 1:], image[1, 1:], atol=1e-3) and not resampled[1, 0].any()
+    assert np.array_equal(resampled[[0, 2, 3, 4]], image[[0, 2, 3, 4]])
