@@ -3,30 +3,30 @@ perfusion figures as a TID 1500 measurement report (Comprehensive 3D SR) that re
 
 ``DicomResultsWriter`` is one of ``scripts.case_report.CaseOutputsWriter``'s ``case_writers`` (configs/dicom.json):
 it gets each case's mask, on the NCCT's grid as ``scripts.dicom_series.DicomSeriesReader`` read it, and the case's
-row of ``volumes.csv``, and writes ``<prediction_dir>/dicom/<case>/seg.dcm`` and ``sr.dcm`` (each whole, under a
-temporary name) before the row is written. Their UIDs are derived from the study's UID and the model's checkpoint
-bytes, so a rerun of the same model on the same study makes the same objects: the PACS replaces them instead of
-holding two copies. The segment is coded as an infarct (SNOMED CT 55641003, a morphologically abnormal structure of
-the brain) labelled "ischemic core"; the series descriptions say "predicted, research use".
+row of ``volumes.csv``, and writes ``<prediction_dir>/dicom/<case>/seg.dcm``, ``sr.dcm`` and (``overlay``)
+``overlay.dcm``, each whole under a temporary name, before the row is written. Their UIDs are derived from the
+study's UID and the model's checkpoint bytes, so a rerun of the same model on the same study makes the same objects:
+the PACS replaces them instead of holding two copies. The segment is coded as an infarct (SNOMED CT 55641003, a
+morphologically abnormal structure of the brain) labelled "ischemic core"; the series descriptions say "predicted,
+research use".
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
-import uuid
 
 import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
 from scripts.case_report import file_stamps
 from scripts.flags import as_bool
 from scripts.safe_files import write_atomically
 
-__all__ = ["DicomResultsWriter", "bundle_version", "measurement_report", "result_uids", "segmentation"]
+__all__ = ["DicomResultsWriter", "derived_uid", "measurement_report", "overlay_capture", "result_uids", "segmentation"]
 
 MANUFACTURER = "MONAI bundle ischemic_stroke_ctp_segmentation"
 INFARCT = Code("55641003", "SCT", "Infarct")
@@ -48,14 +48,6 @@ FIGURES = {
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def bundle_version() -> str:
-    """The bundle's version (configs/metadata.json), which the DICOM objects carry as their software version."""
-    with open(
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "metadata.json")
-    ) as f:
-        return json.load(f)["version"]
-
-
 @functools.lru_cache(maxsize=8)
 def _digest_of(stamps) -> str:
     """SHA-256 of the checkpoints' bytes, in order, for their (path, size, mtime) ``stamps``: computed once per
@@ -73,16 +65,15 @@ def _digest(paths) -> str:
     return _digest_of(tuple(tuple(stamp) for stamp in file_stamps(paths)))
 
 
-def _uid(*parts) -> str:
-    """A UID under 2.25 (a UUID's integer, ISO/IEC 9834-8) derived from ``parts``: the same parts, the same UID.
-    (pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources and gives a random one.)"""
-    return "2.25." + str(uuid.uuid5(uuid.NAMESPACE_OID, "/".join(parts)).int)
+def derived_uid(*parts) -> str:
+    """pydicom's UID (under its root) derived from ``parts`` alone: the same parts, the same UID."""
+    return generate_uid(entropy_srcs=[str(part) for part in parts])
 
 
 def result_uids(study_uid, model_digest) -> dict:
     """The SEG's and SR's series and instance UIDs, the same for the same study and model."""
     names = ("seg_series", "seg_instance", "sr_series", "sr_instance", "tracking", "overlay_series", "overlay_instance")
-    return {name: _uid(study_uid, model_digest, name) for name in names}
+    return {name: derived_uid(study_uid, model_digest, name) for name in names}
 
 
 def _slice_of(header, frame, inverse):
@@ -160,7 +151,7 @@ def segmentation(
         series_description=series_description,
         omit_empty_frames=False,
     )
-    dimensions = _uid(uids["seg_instance"], "dimension organization")  # highdicom draws a random one
+    dimensions = derived_uid(uids["seg_instance"], "dimension organization")  # highdicom draws a random one
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dimensions
     return seg
@@ -189,7 +180,7 @@ def measurement_report(seg, ct_headers, row, uids, software_version) -> hd.sr.Co
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_uid(MANUFACTURER), name=MANUFACTURER, model_name="ModifiedUNet"
+            uid=derived_uid(MANUFACTURER), name=MANUFACTURER, model_name="ModifiedUNet"
         ),
     )
     algorithm = hd.sr.AlgorithmIdentification(name="ModifiedUNet", version=software_version)
@@ -269,7 +260,7 @@ class DicomResultsWriter:
         studies: ``scripts.dicom_series.find_studies``'s studies of the run.
         prediction_dir: the run's output folder.
         checkpoints: the checkpoint files of the model (their bytes go into the UIDs).
-        software_version: the bundle's version (``bundle_version()``).
+        software_version: the bundle's version (configs/dicom.json: ``@_meta_#version``).
         overlay: also the overlay PNG as a secondary capture (``overlay.dcm``).
     """
 
@@ -278,7 +269,6 @@ class DicomResultsWriter:
         self.folder = os.path.join(prediction_dir, "dicom")
         self.checkpoints, self.software_version = list(checkpoints), software_version
         self.overlay = as_bool(overlay, "dicom_overlay")
-        self._model_digest = None
 
     def files(self, case) -> tuple:
         """The paths of ``case``'s SEG, SR and (with ``overlay``) secondary capture, in that order."""
@@ -288,10 +278,8 @@ class DicomResultsWriter:
     def write(self, case, mask, affine, row, overlay) -> None:
         """Write ``case``'s DICOM objects from its mask ((x, y, z) bool), the mask's affine, its volumes.csv row and
         its overlay (a PIL image)."""
-        if self._model_digest is None:
-            self._model_digest = _digest(self.checkpoints)
         study = self.studies[case]
-        uids = result_uids(study.uid, self._model_digest)
+        uids = result_uids(study.uid, _digest(self.checkpoints))
         ct_headers = study.series["CT"].headers
         seg = segmentation(ct_headers, mask, affine, uids, self.software_version)
         sr = measurement_report(seg, ct_headers, row, uids, self.software_version)

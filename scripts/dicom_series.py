@@ -4,7 +4,7 @@ checked from the headers before any work, and MONAI's ``LoadImaged`` reading the
 A hospital's perfusion software (RAPID, syngo.via, Olea, Vitrea) sends the NCCT and its CBF, CBV, MTT and Tmax maps to
 the PACS as DICOM series of one study. ``find_studies`` reads the headers of every file under a folder (pixel data
 only of one Tmax slice, for its unit), groups them by study, and picks for each channel the one series that its rule
-(``SERIES_RULES``, the config id ``series_rules``) matches by modality, image type and series description. A study
+(configs/dicom.json's ``series_rules``, defined there only) matches by modality, image type and series description. A study
 with a map missing, two candidates for one map, series of another frame of reference, a non-axial or irregular
 series, or Tmax in milliseconds is refused with one error naming the series (description and UID) before anything is
 segmented. A case's name is ``study-`` and a hash of its StudyInstanceUID: no patient name or ID reaches a file
@@ -12,9 +12,9 @@ name or a log.
 
 ``DicomSeriesReader`` is a MONAI ``ImageReader``: each case's ``image`` is the five series' keys
 (``<dataset_dir>/<case>/<channel>.dcm-series``, see ``scripts.isles.case_name``), and the reader turns them into one
-(5, x, y, z) float32 array with the NCCT's affine (RAS, as ``NibabelReader`` gives a NIfTI's): highdicom applies the
-rescale slope and intercept and checks the geometry, and a map on another grid of the same frame of reference is
-resampled (trilinear) onto the NCCT's, as the ISLES 2024 maps are.
+(5, x, y, z) float32 array with the NCCT's affine (RAS, as ``NibabelReader`` gives a NIfTI's) on highdicom's grid
+(``volume_arrays``), the rescale slope and intercept applied, and a map on another grid of the same frame of
+reference resampled (trilinear) onto the NCCT's, as the ISLES 2024 maps are.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 import highdicom as hd
 import numpy as np
 import pydicom
+import torch
 from highdicom.spatial import get_series_volume_positions
-from monai.data import ImageReader
+from monai.data import ImageReader, MetaTensor
+from monai.transforms import SpatialResample
 from pydicom.pixels import apply_modality_lut, get_decoder
-from scipy import ndimage
 from scripts.dicom_results import MANUFACTURER as RESULTS_MANUFACTURER
 from scripts.isles import CHANNELS, DICOM_SERIES_SUFFIX, InvalidCaseError
 
 __all__ = [
-    "SERIES_RULES",
     "DicomSeriesReader",
     "Series",
     "Study",
@@ -51,21 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Which series is which map, matched in order: modality, every listed ImageType value, the series description
-# against ``description`` and not against ``exclude`` (case-insensitive regular expressions). The names cover the
-# descriptions of RAPID ("RAPID CBF"), syngo.via ("CT Perfusion CBF", "rCBF"), Olea, Vitrea and ISLES ("NCCT").
-_NOT_A_MAP = r"cbf|cbv|mtt|t.?max|ttp|flow|volume|transit|perf|ctp|cta|angio|mip|dynamic|4d|bone|lung|scout|topo"
-SERIES_RULES = {
-    "CT": {
-        "modality": ["CT"],
-        "description": r"ncct|non.?contrast|w/?o|plain|nect|native|head|brain|cerebr|schaedel|skull|ct",
-        "exclude": _NOT_A_MAP + r"|\+c\b|post|contrast enh",
-    },
-    "CBF": {"modality": ["CT", "MR", "OT"], "description": r"\br?cbf\b|blood.?flow", "exclude": r"<|%|thresh|mask"},
-    "CBV": {"modality": ["CT", "MR", "OT"], "description": r"\br?cbv\b|blood.?vol", "exclude": r"<|%|thresh|mask"},
-    "MTT": {"modality": ["CT", "MR", "OT"], "description": r"\bmtt\b|mean.?transit", "exclude": r"<|%|thresh|mask"},
-    "Tmax": {"modality": ["CT", "MR", "OT"], "description": r"t.?max|time.?to.?max", "exclude": r"<|>|%|thresh|mask"},
-}
 AXIAL_LIMIT_DEG = 45.0  # the slice normal within this angle of the head-foot axis (oblique, gantry-tilted: fine)
 SPACING_TOLERANCE = 0.01  # relative: slice gaps that differ by more are an irregular series
 TMAX_MS_MEDIAN = 100.0  # a median Tmax in the brain above this (seconds) can only be milliseconds
@@ -321,12 +306,13 @@ def _ground_truth(case, segmentations, ct):
     return candidates[0]
 
 
-def find_studies(dataset_dir, rules=None, channels=CHANNELS, labels=False) -> list:
+def find_studies(dataset_dir, rules, channels=CHANNELS, labels=False) -> list:
     """The DICOM studies under ``dataset_dir`` as cases, checked: one per StudyInstanceUID that holds image series.
 
     Args:
         dataset_dir: a folder of DICOM files (any layout, any file names; other files are skipped).
-        rules: which series is which channel (``SERIES_RULES``'s form); ``None`` uses ``SERIES_RULES``.
+        rules: which series is which channel: configs/dicom.json's ``series_rules`` (docs/dicom.md), a rule per
+            channel of ``modality``, optional ``image_type`` values, ``description`` and ``exclude`` patterns.
         channels: the channels to pick, in order, the NCCT first.
         labels: each study must hold one ground-truth SEG on its NCCT (evaluation), which becomes its ``label``.
 
@@ -343,14 +329,14 @@ def find_studies(dataset_dir, rules=None, channels=CHANNELS, labels=False) -> li
     return _studies(_read_headers(dataset_dir), dataset_dir, rules, channels, labels)
 
 
-def studies_in_memory(datasets, rules=None, channels=CHANNELS, labels=False) -> list:
+def studies_in_memory(datasets, rules, channels=CHANNELS, labels=False) -> list:
     """``find_studies`` of datasets held in memory (a study retrieved from a PACS), with the same checks; each
     ``Series`` keeps its datasets as its sources, so that nothing is written to disk or read twice."""
     return _studies([(dataset, dataset) for dataset in datasets], "the retrieved instances", rules, channels, labels)
 
 
 def _studies(found, where, rules, channels, labels):
-    rules, channels = SERIES_RULES if rules is None else rules, list(channels)
+    channels = list(channels)
     studies = []
     images, segmentations = _group(found)
     for study_uid, series_of_study in sorted(images.items()):
@@ -453,9 +439,13 @@ def _geometry(headers):
 
 
 def _onto_grid(array, affine, shape, target_affine):
-    """``array`` resampled (trilinear, 0 outside) onto the grid of ``shape`` and ``target_affine``."""
-    matrix = np.linalg.inv(affine) @ target_affine
-    return ndimage.affine_transform(array, matrix[:3, :3], matrix[:3, 3], output_shape=shape, order=1, cval=0.0)
+    """``array`` resampled (MONAI's ``SpatialResample``: trilinear, 0 outside) onto the grid of ``shape`` and
+    ``target_affine``."""
+    image = MetaTensor(torch.as_tensor(np.ascontiguousarray(array))[None], affine=torch.as_tensor(affine))
+    resampled = SpatialResample(mode="bilinear", padding_mode="zeros")(
+        image, dst_affine=torch.as_tensor(target_affine), spatial_size=tuple(shape)
+    )
+    return resampled[0].numpy()
 
 
 class DicomSeriesReader(ImageReader):

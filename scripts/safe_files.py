@@ -35,15 +35,13 @@ def refuse_existing(paths, overwrite=False) -> None:
             raise FileExistsError(f"{existing} exists; pass --overwrite true to replace it, or choose another output")
 
 
-def write_atomically(path: str, write, durable: bool = True) -> None:
+def write_atomically(path: str, write) -> None:
     """Write ``path`` through ``write(file)`` into a hidden temporary file beside it, flushed to disk, then renamed
     over ``path`` (an atomic step on one file system); the temporary file is removed if ``write`` fails.
 
     Args:
         path: the file to create or replace.
         write: called with the temporary file, opened for binary writing.
-        durable: also survive a crash of the machine (fsync of the file and its folder); False for a copy that is
-            made again on every run (a download cache), where a killed process is the only case that matters.
     """
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -52,14 +50,11 @@ def write_atomically(path: str, write, durable: bool = True) -> None:
         with open(partial, "wb") as f:
             write(f)
             f.flush()
-            if durable:
-                os.fsync(f.fileno())
+            os.fsync(f.fileno())
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    if not durable:
-        return
     directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself survives a crash of the machine, not only of the process

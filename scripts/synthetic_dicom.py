@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
-from scripts.dicom_results import segmentation
+from scripts.dicom_results import derived_uid, segmentation
 
 __all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_label", "write_study"]
 
@@ -116,11 +116,6 @@ def _stored_pixels(channel, array):
 def _ds(values):
     """DS strings (16 characters at most) of ``values``, with no negative zeros."""
     return [format_number_as_ds(float(v) + 0.0) for v in values]
-
-
-def _uid(*parts):
-    """A UID derived from ``parts`` alone: the same parts give the same UID."""
-    return generate_uid(entropy_srcs=[UID_NAMESPACE, *map(str, parts)])
 
 
 def _geometry(affine, depth):
@@ -227,8 +222,8 @@ def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str
     identity = (case, seed, digest.hexdigest())
     patient = case if patient is None else patient
     study = {
-        "study_instance_uid": _uid(*identity, "study"),
-        "frame_of_reference_uid": _uid(*identity, "frame of reference"),
+        "study_instance_uid": derived_uid(UID_NAMESPACE, *identity, "study"),
+        "frame_of_reference_uid": derived_uid(UID_NAMESPACE, *identity, "frame of reference"),
         "patient_name": f"SYNTHETIC^{patient.upper()}",
         "patient_id": f"SYN-{patient}",
     }
@@ -237,13 +232,13 @@ def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str
     series, files = {}, []
     for number, channel in enumerate(SERIES_DESCRIPTIONS, start=1):
         stored, *storage = _stored_pixels(channel, arrays[channel])
-        series[channel] = _uid(*identity, "series", channel)
+        series[channel] = derived_uid(UID_NAMESPACE, *identity, "series", channel)
         template = _series_dataset(channel, number, study, series[channel], geometry, shape, storage)
         series_dir = folder / f"{number}_{channel}"
         series_dir.mkdir(parents=True, exist_ok=True)
         for k in range(shape[2]):
             ds = template.copy()
-            ds.SOPInstanceUID = _uid(*identity, "instance", channel, k)
+            ds.SOPInstanceUID = derived_uid(UID_NAMESPACE, *identity, "instance", channel, k)
             ds.InstanceNumber = k + 1
             ds.ImagePositionPatient = _ds(geometry["positions"][k])
             ds.SliceLocation = _ds([geometry["locations"][k]])[0]
@@ -278,8 +273,8 @@ def write_label(study, label, affine, case: str, seed: int) -> str:
     """
     depth = np.shape(label)[2]
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in study["files"][:depth]]  # the NCCT
-    uids = {"seg_series": _uid(case, seed, study["study_instance_uid"], "label series")}
-    uids["seg_instance"] = _uid(case, seed, study["study_instance_uid"], "label instance")
+    uids = {"seg_series": derived_uid(UID_NAMESPACE, case, seed, study["study_instance_uid"], "label series")}
+    uids["seg_instance"] = derived_uid(UID_NAMESPACE, case, seed, study["study_instance_uid"], "label instance")
     seg = segmentation(
         headers,
         np.asarray(label) > 0,

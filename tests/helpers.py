@@ -1,5 +1,8 @@
 """Helpers shared by the test modules (pytest puts tests/ on sys.path: `from helpers import ...`)."""
 
+import os
+
+import nibabel as nib
 import numpy as np
 from panoptica import ConnectedComponentsInstanceApproximator, InputType, NaiveThresholdMatching, Panoptica_Evaluator
 
@@ -36,3 +39,14 @@ def challenge_scoring(prediction, ground_truth, voxel_size):
         f1, dice = result.rq, result.global_bin_dsc
     volume_difference = abs(np.sum(ground_truth > 0) * voxel_size - np.sum(prediction > 0) * voxel_size)
     return f1, count_difference, dice, volume_difference
+
+
+def study_files(folder):
+    """The .dcm files under ``folder``, sorted."""
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith(".dcm"))
+
+
+def canonical(array, affine):
+    """(array, affine) reoriented to the closest RAS axes: one image gives one result whatever its voxel order."""
+    image = nib.as_closest_canonical(nib.Nifti1Image(np.asanyarray(array), affine))
+    return np.asanyarray(image.dataobj), image.affine

@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import TINY_NETWORK
+from helpers import canonical, study_files
 from monai.bundle import ConfigParser
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -64,15 +65,6 @@ def assert_same_row(expected, row, case):
     }, case
     numbers = [k for k, v in expected.items() if number(k, v)]
     assert [float(row[k]) for k in numbers] == pytest.approx([float(expected[k]) for k in numbers], rel=1e-6), case
-
-
-def canonical(array, affine):
-    image = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array, dtype=np.uint8), affine))
-    return np.asanyarray(image.dataobj), image.affine
-
-
-def study_files(folder):
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith(".dcm"))
 
 
 @pytest.fixture(scope="module")

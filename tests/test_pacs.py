@@ -17,6 +17,7 @@ import pytest
 import requests
 from conftest import TINY_NETWORK
 from dicomweb_client import DICOMwebClient
+from helpers import canonical, study_files
 from orthanc import instances_of_study, orthanc_available, start_orthanc, upload
 from scripts.dicom_series import case_of, volume_as_nifti
 
@@ -38,10 +39,6 @@ def tiny_settings(tmp_path_factory):
     path = tmp_path_factory.mktemp("settings") / "tiny.json"
     path.write_text(json.dumps(TINY_NETWORK))
     return str(path)
-
-
-def study_files(folder):
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith(".dcm"))
 
 
 def study_uid_of(folder):
@@ -106,9 +103,7 @@ def test_segment_pulls_a_study_and_stores_seg_and_sr_read_back_as_the_folder_run
     case = case_of(study_uid)
     mask = nib.load(tmp_path / "out" / "results" / case / "predictions" / "masks" / f"{case}.nii.gz")
     array, affine = volume_as_nifti(seg.get_volume(combine_segments=True))
-    stored = nib.as_closest_canonical(nib.Nifti1Image(array.astype(np.uint8), affine))
-    written = nib.as_closest_canonical(mask)
-    assert np.array_equal(np.asanyarray(stored.dataobj), np.asanyarray(written.dataobj))
+    assert np.array_equal(canonical(array.astype(np.uint8), affine)[0], canonical(mask.dataobj, mask.affine)[0])
 
     # the same command again is refused (its results are there); with --overwrite true the PACS still holds one of each
     again = pacs(

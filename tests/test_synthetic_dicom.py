@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import canonical
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 from scripts.dicom_series import volume_as_nifti
@@ -57,12 +58,6 @@ def label_files(study_dir):
 def read_back(datasets):
     """volume_as_nifti of the highdicom Volume of one series' datasets."""
     return volume_as_nifti(highdicom.get_volume_from_series(datasets, dtype=np.float32))
-
-
-def canonical(array, affine):
-    """(array, affine) reoriented to the closest RAS axes: one image gives one result whatever its voxel order."""
-    image = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
-    return np.asanyarray(image.dataobj), image.affine
 
 
 @pytest.fixture(scope="module")
