@@ -158,6 +158,7 @@ def read_case(case, case_dir, with_label):
 # comes near it; beyond it lie "no value" markers such as FLT_MAX (3.4e38), and a float32 z-score over a slab with such
 # a value loses the rest of the map (beyond about 1e19 its sum of squares overflows to Inf, and the input to NaN).
 MAX_ABS_VALUE = 1e6
+NIFTI2_SIZEOF_HDR = 540  # the first header field of a NIfTI-2 file; NIfTI-1 has 348
 
 
 def same_grid(affine, ref_affine):
@@ -184,18 +185,23 @@ def _values_problem(data):
     return None
 
 
-def _gzip_problem(path):
-    """Why a ``.gz`` file's stream is not whole (its CRC or length differs from its trailer), or None. nibabel reads
-    only the bytes the header asks for, so a corrupt stream can give wrong values without an error."""
+class _BrokenStream(Exception):
+    """A ``.gz`` file whose stream is not whole (its CRC or length differs from its trailer, or it ends early)."""
+
+
+def _read_nifti(path):
+    """The NIfTI image of ``path``, its file read once. A ``.gz`` file is decompressed whole in memory first, which
+    checks its stream against the trailer's CRC and length (``_BrokenStream`` when that fails): nibabel reads only
+    the bytes the header asks for, so a corrupt stream could give wrong values without an error."""
     if not path.lower().endswith(".gz"):
-        return None
+        return nib.load(path)
     try:
         with gzip.open(path) as f:
-            while f.read(1 << 24):
-                pass
+            raw = f.read()
     except (OSError, EOFError, zlib.error) as err:
-        return f"a compressed stream that is not whole ({err}): the file is corrupt; copy it again"
-    return None
+        raise _BrokenStream(err) from err
+    nifti2 = raw[:4] in (NIFTI2_SIZEOF_HDR.to_bytes(4, "little"), NIFTI2_SIZEOF_HDR.to_bytes(4, "big"))
+    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
 
 
 def check_case(item, refuse_blank=False, channels=CHANNELS):
@@ -223,8 +229,13 @@ def check_case(item, refuse_blank=False, channels=CHANNELS):
     ref_shape = ref_affine = lesion_voxels = None
     for name, path in files:
         try:
-            img = nib.load(path)
+            img = _read_nifti(path)
             data = np.asanyarray(img.dataobj)
+        except _BrokenStream as err:
+            raise InvalidCaseError(
+                f"{case}: {name} file {path} has a compressed stream that is not whole ({err}): the file is corrupt;"
+                " copy it again"
+            ) from err
         except Exception as err:  # nibabel raises several types for missing, truncated and foreign files
             raise InvalidCaseError(f"{case}: cannot read {name} file {path}: {err}") from err
         shape = data.shape
@@ -250,7 +261,7 @@ def check_case(item, refuse_blank=False, channels=CHANNELS):
                 f" {np.abs(img.affine - ref_affine).max():.2g}; MONAI stacks maps only when np.allclose holds)"
                 f"\n{np.array2string(img.affine, precision=6)}\nvs CT\n{np.array2string(ref_affine, precision=6)}"
             )
-        problem = _values_problem(data) or _gzip_problem(path)
+        problem = _values_problem(data)
         if not problem and refuse_blank and name in CHANNELS[1:] and data.size and np.ptp(data) == 0:
             problem = (
                 f"the same value ({np.asarray(data).flat[0]:.4g}) in every voxel: a blank map (the perfusion software"

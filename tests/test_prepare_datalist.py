@@ -5,6 +5,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,31 @@ def test_real_release_naming_variants(tree):
     assert item["image"][0].startswith("training/")
     assert ".MR_MTT." in item["image"][3] and item["image"][3].endswith(".nii.gz")
     assert ".MR_Tmax." in item["image"][4] and item["image"][4].endswith(".nii.gz")
+
+
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("endianness", ["<", ">"])
+def test_check_reads_every_nifti_gz_flavour(tree, image_class, endianness):
+    """The check decompresses a .nii.gz itself (once, checking its stream): NIfTI-1 and NIfTI-2, either byte order,
+    are read as nibabel reads them, good values accepted and a NaN refused."""
+    path = map_file(tree, "case_4", "CBF")
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    gz = path[: -len(".nii")] + ".nii.gz" if path.endswith(".nii") else path
+
+    def save(values):
+        header = image_class.header_class(endianness=endianness)
+        nib.save(image_class(values, img.affine, header=header), gz)
+
+    save(data)
+    if gz != path:
+        os.remove(path)
+    assert type(nib.load(gz)) is image_class and nib.load(gz).header.endianness == endianness
+    build_datalist(tree, folds=3, check=True)
+    data.flat[7] = np.nan
+    save(data)
+    with pytest.raises(InvalidCaseError, match=f"^case_4: CBF file {re.escape(gz)} has 1 values that are NaN"):
+        build_datalist(tree, folds=3, check=True)
 
 
 def rewrite(path, change):
