@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_NETWORK
 from helpers import challenge_scoring, initialize_and_run, raised_messages
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
@@ -30,7 +31,7 @@ from scripts.metrics import METRIC_NAMES
 from scripts.outputs import overlay_image
 from scripts.synthetic_isles import generate
 
-TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
+TINY = TINY_NETWORK
 COLUMNS = list(METRIC_NAMES)  # the metrics evaluate.json must define, in its order
 EVALUATE = ("inference.json", "evaluate.json")
 
@@ -90,15 +91,11 @@ def load(path):
 
 
 @pytest.fixture(scope="module")
-def trained(repo_root, synthetic_tree, tmp_path_factory):
-    """A bundle root with a tiny model trained for one epoch on the session's synthetic tree (fold 0 held out)."""
-    root = tmp_path_factory.mktemp("bundle")
-    datalist = root / "datalist.json"
-    datalist.write_text(json.dumps(build_datalist(synthetic_tree, folds=3, seed=0)))
-    settings = {**TINY, "dataset_dir": synthetic_tree, "data_list_file_path": str(datalist)}
-    run_all(workflow(repo_root, ("train.json",), "train", bundle_root=str(root), epochs=1, val_interval=1, **settings))
-    assert (root / "models" / "model.pt").is_file() and (root / "models" / "checkpoint_epoch=1.pt").is_file()
-    return root, settings
+def trained(tiny_model, synthetic_tree):
+    """The session's tiny bundle root (conftest ``tiny_model``: one epoch on the synthetic tree, fold 0 held out) and
+    the settings that go with it."""
+    assert (tiny_model / "models" / "checkpoint_epoch=1.pt").is_file()
+    return tiny_model, {**TINY, "dataset_dir": synthetic_tree, "data_list_file_path": str(tiny_model / "datalist.json")}
 
 
 def reference_metrics(pred, label, spacing):
