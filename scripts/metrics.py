@@ -21,7 +21,9 @@ and 0 when one is, as the ISLES 2024 scoring has it; the lesion-count difference
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -163,9 +165,21 @@ class EmptyMaskRule(_PerCaseMetric):
         return torch.where(~pred_any & ~label_any, self.both_empty, value)
 
 
+# panoptica's matchings of the last few (prediction, label) pairs: lesion_f1 and lesion_count_diff are two figures of
+# one matching, which takes seconds on a whole-brain grid; keyed by the masks' bits, so a pair matches only itself
+_MATCHINGS: OrderedDict = OrderedDict()
+_MATCHINGS_KEPT = 8
+
+
+def _mask_key(mask: np.ndarray) -> bytes:
+    """A digest of a boolean mask's shape and voxels."""
+    return hashlib.sha256(repr(mask.shape).encode() + np.packbits(mask).tobytes()).digest()
+
+
 class ChallengeLesionMetric(_PerCaseMetric):
     """A lesion-wise figure of the ISLES 2024 scoring, computed by ``panoptica`` as the challenge's code calls it:
-    lesions are connected components, matched one to one where their IoU is at least ``matching_iou``.
+    lesions are connected components, matched one to one where their IoU is at least ``matching_iou``. A pair of
+    masks is matched once for both figures (the matchings of the last 8 pairs are kept).
 
     Args:
         of: ``"f1"`` (panoptica's recognition quality ``rq``, tp / (tp + (fp + fn) / 2); 1 when both masks are
@@ -178,6 +192,7 @@ class ChallengeLesionMetric(_PerCaseMetric):
         if of not in ("f1", "count_difference"):
             raise ValueError(f"of must be 'f1' or 'count_difference', got {of!r}")
         self.of = of
+        self.matching_iou = matching_iou
         self.evaluator = Panoptica_Evaluator(
             expected_input=InputType.SEMANTIC,
             instance_approximator=ConnectedComponentsInstanceApproximator(),
@@ -191,12 +206,23 @@ class ChallengeLesionMetric(_PerCaseMetric):
         return torch.tensor(values, dtype=torch.float32, device=y_pred.device)
 
     def _one(self, pred, label):
-        pred, label = (np.asarray(t.detach().cpu().numpy() > 0, dtype=np.int32) for t in (pred, label))
-        result = self.evaluator.evaluate(pred, label, verbose=False)["ungrouped"]
-        n_ref, n_pred = int(result.n_ref_instances), int(result.n_pred_instances)
+        pred, label = (t.detach().cpu().numpy() > 0 for t in (pred, label))
+        n_ref, n_pred, rq = self._matching(pred, label)
         if self.of == "count_difference":
             return float(abs(n_ref - n_pred))
-        return 1.0 if n_ref == 0 and n_pred == 0 else float(result.rq)
+        return 1.0 if n_ref == 0 and n_pred == 0 else rq
+
+    def _matching(self, pred, label):
+        """(reference lesions, predicted lesions, rq) of panoptica's matching of the boolean masks."""
+        key = (_mask_key(pred), _mask_key(label), self.matching_iou)
+        if key in _MATCHINGS:
+            _MATCHINGS.move_to_end(key)
+            return _MATCHINGS[key]
+        result = self.evaluator.evaluate(pred.astype(np.int32), label.astype(np.int32), verbose=False)["ungrouped"]
+        _MATCHINGS[key] = int(result.n_ref_instances), int(result.n_pred_instances), float(result.rq)
+        if len(_MATCHINGS) > _MATCHINGS_KEPT:
+            _MATCHINGS.popitem(last=False)
+        return _MATCHINGS[key]
 
 
 # The per-case metrics of evaluation, defined once, in the order of metrics_per_case.csv: name -> (a new metric, whether

@@ -12,6 +12,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.handlers import MetricsSaver
+from panoptica import Panoptica_Evaluator
 from scripts.inferers import FlipInferer
 from scripts.metrics import METRIC_NAMES, METRICS, ConfusionRatioMetric
 from scripts.reports import write_report
@@ -184,3 +185,29 @@ def test_the_challenge_figures_are_panopticas_on_several_lesions_and_empty_masks
         ]
         assert all(same(float(value), float(want)) for value, want in zip(ours, expected)), (ours, expected)
     assert {round(float(challenge_scoring(p, l, 1)[0]), 3) for p, l in pairs[:12]} - {0.0, 1.0}, "partial matches"
+
+
+def test_one_matching_per_pair_of_masks_for_both_lesion_figures(monkeypatch):
+    """lesion_f1 and lesion_count_diff of one pair run panoptica once; a pair that differs by one voxel, or only in
+    its shape, is matched anew."""
+    label = blobs(np.random.default_rng(3), (30, 30, 8), 4)
+    pred = np.roll(label, 1, axis=0)
+    changed = pred.copy()
+    changed.flat[np.flatnonzero(~changed)[0]] = True  # one more voxel: a new lesion
+    expected = [tuple(float(v) for v in challenge_scoring(p, label, VOXEL_ML)[:2]) for p in (pred, changed)]
+    calls = []
+    evaluate = Panoptica_Evaluator.evaluate
+    monkeypatch.setattr(
+        Panoptica_Evaluator, "evaluate", lambda self, *a, **k: calls.append(1) or evaluate(self, *a, **k)
+    )
+    f1, count = METRICS["lesion_f1"][0](), METRICS["lesion_count_diff"][0]()
+
+    def both(p, l):
+        y_pred, y = (on_grid(torch.from_numpy(m[None].astype(np.float32)))[None] for m in (p, l))
+        return float(f1(y_pred, y)), float(count(y_pred, y))
+
+    assert both(pred, label) == pytest.approx(expected[0]) and len(calls) == 1
+    assert both(changed, label) == pytest.approx(expected[1]) and len(calls) == 2
+    assert both(pred, label) == pytest.approx(expected[0]) and len(calls) == 2  # still kept
+    both(pred.reshape(30, 8, 30), label.reshape(30, 8, 30))  # the same voxels on another grid
+    assert len(calls) == 3
