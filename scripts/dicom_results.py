@@ -24,6 +24,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 from scripts.case_report import file_stamps
 from scripts.flags import as_bool
+from scripts.isles import NCCT
 from scripts.safe_files import write_atomically
 
 __all__ = ["DicomResultsWriter", "derived_uid", "measurement_report", "overlay_capture", "result_uids", "segmentation"]
@@ -280,7 +281,7 @@ class DicomResultsWriter:
         its overlay (a PIL image)."""
         study = self.studies[case]
         uids = result_uids(study.uid, _digest(self.checkpoints))
-        ct_headers = study.series["CT"].headers
+        ct_headers = study.series[NCCT].headers
         seg = segmentation(ct_headers, mask, affine, uids, self.software_version)
         sr = measurement_report(seg, ct_headers, row, uids, self.software_version)
         datasets = [seg, sr] + ([overlay_capture(ct_headers, overlay, uids)] if self.overlay else [])

@@ -34,7 +34,7 @@ from monai.data import ImageReader, MetaTensor
 from monai.transforms import SpatialResample
 from pydicom.pixels import apply_modality_lut, get_decoder
 from scripts.dicom_results import MANUFACTURER as RESULTS_MANUFACTURER
-from scripts.isles import CHANNELS, DICOM_SERIES_SUFFIX, InvalidCaseError
+from scripts.isles import CHANNELS, DICOM_SERIES_SUFFIX, NCCT, InvalidCaseError
 
 __all__ = [
     "DicomSeriesReader",
@@ -471,7 +471,7 @@ class DicomSeriesReader(ImageReader):
         self.labels = {
             series_key(dataset_dir, study.case, LABEL): (
                 study.label.sources[0],
-                _geometry(study.series["CT"].headers)[0],
+                _geometry(study.series[NCCT].headers)[0],
             )
             for study in studies
             if study.label is not None

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 # Model input channels, in the fixed order of metadata.json's channel_def.
 CHANNELS = ("CT", "CBF", "CBV", "MTT", "Tmax")
+NCCT = CHANNELS[0]  # the non-contrast CT: the grid the other inputs lie on, which the results are drawn on
 # Inputs a profile may add after them (configs/isles24_cta.json): ISLES 2024's CT angiography, on the NCCT grid.
 OPTIONAL_CHANNELS = ("CTA",)
 LABEL = "OT"
