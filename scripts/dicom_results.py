@@ -46,7 +46,7 @@ FIGURES = {
     "mismatch_ratio": ("Mismatch ratio", "ratio"),
     "hypoperfusion_intensity_ratio": ("Hypoperfusion intensity ratio", "ratio"),
 }
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient coordinates (LPS) to NIfTI's (RAS), and back
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,7 +114,7 @@ def segmentation(
         series_description: the SEG's series description.
         predicted: the bundle's automatic segment (the model named); else a manual one (a ground truth).
     """
-    inverse = np.linalg.inv(_LPS @ np.asarray(affine, dtype=np.float64))
+    inverse = np.linalg.inv(LPS_TO_RAS @ np.asarray(affine, dtype=np.float64))
     frames = []
     for header in ct_headers:
         for frame in range(int(header.get("NumberOfFrames", 1))):

@@ -33,6 +33,7 @@ from highdicom.spatial import get_series_volume_positions
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import SpatialResample
 from pydicom.pixels import apply_modality_lut, get_decoder
+from scripts.dicom_results import LPS_TO_RAS
 from scripts.dicom_results import MANUFACTURER as RESULTS_MANUFACTURER
 from scripts.isles import CHANNELS, DICOM_SERIES_SUFFIX, NCCT, InvalidCaseError
 
@@ -55,7 +56,6 @@ AXIAL_LIMIT_DEG = 45.0  # the slice normal within this angle of the head-foot ax
 SPACING_TOLERANCE = 0.01  # relative: slice gaps that differ by more are an irregular series
 TMAX_MS_MEDIAN = 100.0  # a median Tmax in the brain above this (seconds) can only be milliseconds
 _MS_UNIT = re.compile(r"(?i)\b(ms|msec|millisec\w*)\b")
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient coordinates (LPS) to NIfTI's (RAS), and back
 LABEL = "label"  # the series key name of a study's ground-truth SEG
 PIXEL_DATA = 0x7FE00010
 DEFER_BYTES = 4096
@@ -351,7 +351,7 @@ def _studies(found, where, rules, channels, labels):
             _check_decodable(case, channel, series)
         if "Tmax" in picked:
             _check_tmax_unit(case, picked["Tmax"])
-        label = _ground_truth(case, segmentations.get(study_uid, {}), picked[channels[0]]) if labels else None
+        label = _ground_truth(case, segmentations.get(study_uid, {}), picked[NCCT]) if labels else None
         studies.append(Study(case, study_uid, picked, label))
         logger.info("%s: %s", case, ", ".join(f"{c} {len(s.sources)} instance(s)" for c, s in picked.items()))
     if not studies:
@@ -392,7 +392,7 @@ def volume_as_nifti(volume) -> tuple:
         affine_lps[:3, 3] += (array.shape[2] - 1) * affine_lps[:3, 2]
         affine_lps[:3, 2] *= -1
         array = array[:, :, ::-1]
-    affine = _LPS @ affine_lps
+    affine = LPS_TO_RAS @ affine_lps
     return array, affine  # a view of the volume's array: the reader stacks the channels into one copy
 
 

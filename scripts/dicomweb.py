@@ -146,9 +146,12 @@ class ListenerState:
         self.path = path
         self.since, self.studies = 0, {}
         if os.path.isfile(path):
-            with open(path) as f:
-                state = json.load(f)
-            self.since, self.studies = int(state["since"]), dict(state["studies"])
+            try:
+                with open(path) as f:
+                    state = json.load(f)
+                self.since, self.studies = int(state["since"]), dict(state["studies"])
+            except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+                raise ValueError(f"{path}: not a listener state file ({err!r}); move it away to start afresh") from err
 
     def save(self) -> None:
         """Write the state whole (temporary name, then rename)."""

@@ -159,7 +159,6 @@ def read_case(case, case_dir, with_label):
 # comes near it; beyond it lie "no value" markers such as FLT_MAX (3.4e38), and a float32 z-score over a slab with such
 # a value loses the rest of the map (beyond about 1e19 its sum of squares overflows to Inf, and the input to NaN).
 MAX_ABS_VALUE = 1e6
-NIFTI2_SIZEOF_HDR = 540  # the first header field of a NIfTI-2 file; NIfTI-1 has 348
 
 
 def same_grid(affine, ref_affine):
@@ -201,8 +200,8 @@ def _read_nifti(path):
             raw = f.read()
     except (OSError, EOFError, zlib.error) as err:
         raise _BrokenStream(err) from err
-    nifti2 = raw[:4] in (NIFTI2_SIZEOF_HDR.to_bytes(4, "little"), NIFTI2_SIZEOF_HDR.to_bytes(4, "big"))
-    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+    image_class = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(raw) else nib.Nifti1Image
+    return image_class.from_bytes(raw)
 
 
 def check_case(item, refuse_blank=False, channels=CHANNELS):

@@ -18,7 +18,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
-from scripts.dicom_results import derived_uid, segmentation
+from scripts.dicom_results import LPS_TO_RAS, derived_uid, segmentation
 
 __all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_label", "write_study"]
 
@@ -34,7 +34,6 @@ IMAGE_TYPES = {"CT": ["ORIGINAL", "PRIMARY", "AXIAL"], "map": ["DERIVED", "SECON
 CT_INTERCEPT = -1024  # HU of stored value 0 in the NCCT series
 # Finest rescale slope 2**-k of a float map: 2**-15 = 3.0517578125e-05 still fits the 16 characters of a DS exactly.
 MAX_SCALE_EXPONENT = 15
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 # Fixed dates and times, so that the same arguments give byte-identical files.
 STUDY_DATE, STUDY_TIME = "20240101", "120000"
 MANUFACTURER, MODEL_NAME = "SYNTHETIC", "synthetic_isles"
@@ -122,9 +121,9 @@ def _geometry(affine, depth):
     """ImageOrientationPatient, PixelSpacing, slice spacing, each slice's ImagePositionPatient and SliceLocation (LPS)
     of a NIfTI RAS ``affine``, for an (x, y, z) array of ``depth`` slices."""
     affine = np.asarray(affine, dtype=np.float64)
-    row_step, column_step = LPS_FROM_RAS @ affine[:3, 0], LPS_FROM_RAS @ affine[:3, 1]
+    row_step, column_step = LPS_TO_RAS[:3, :3] @ affine[:3, 0], LPS_TO_RAS[:3, :3] @ affine[:3, 1]
     row_cosine, column_cosine = row_step / np.linalg.norm(row_step), column_step / np.linalg.norm(column_step)
-    positions = [LPS_FROM_RAS @ (affine @ [0.0, 0.0, k, 1.0])[:3] for k in range(depth)]
+    positions = [(LPS_TO_RAS @ (affine @ [0.0, 0.0, k, 1.0]))[:3] for k in range(depth)]
     normal = np.cross(row_cosine, column_cosine)
     return {
         "orientation": np.concatenate([row_cosine, column_cosine]),

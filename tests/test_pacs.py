@@ -200,3 +200,26 @@ def test_the_listener_killed_mid_study_and_restarted_loses_nothing_and_duplicate
         assert [len(x) for x in results_in_orthanc(orthanc, study_uid)] == [1, 1], study_dir.name
     # its own SEG and SR made each study stable again: those events were skipped, not segmented again
     assert "already handled with these series" in second.stdout + second.stderr
+
+
+@pytest.mark.parametrize("content", ["", '{"since": 3', '{"since": 3}', "[1, 2]"])
+def test_a_state_file_that_is_not_the_listeners_is_named_and_left_as_it_is(repo_root, tmp_path, content):
+    """Refused before the PACS is asked anything (no server listens at these URLs)."""
+    out = tmp_path / "listener"
+    out.mkdir()
+    state = out / "listener.json"
+    state.write_text(content)
+    result = pacs(
+        repo_root,
+        "listen",
+        "--dicomweb_url",
+        "http://127.0.0.1:9/dicom-web",
+        "--orthanc_url",
+        "http://127.0.0.1:9",
+        "--output_dir",
+        str(out),
+    )
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {state}: not a listener state file"), line
+    assert state.read_text() == content and sorted(os.listdir(out)) == ["listener.json"]
