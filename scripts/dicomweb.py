@@ -133,9 +133,10 @@ def fingerprint(series) -> str:
 
 
 class ListenerState:
-    """What the listener has done, in one JSON file written whole after every change it handles: the change feed's
+    """What the listener has done, in one JSON file written whole after every study it handles and after each page of
+    the change feed (the instances arriving, one change each, are not worth a disk flush apiece): the change feed's
     position (``since``) and, per study (by case name), the fingerprint of the inputs it segmented or refused. A
-    restart continues after the last change handled; a study it was killed in the middle of is done again (its
+    restart continues after the last change saved; a study it was killed in the middle of is done again (its
     results have the same UIDs, so the PACS holds them once).
 
     Args:

@@ -140,10 +140,14 @@ def listen(segmenter, state, poll_s, until_idle) -> None:
         try:
             feed = segmenter.pacs.changes(state.since)
             for change in feed["Changes"]:
-                if change["ChangeType"] == "StableStudy":
+                study = change["ChangeType"] == "StableStudy"
+                if study:
                     _handle_study(segmenter, state, change["ID"])
                 state.since = int(change["Seq"])
-                state.save()
+                if study:
+                    state.save()  # a study's outcome is kept the moment it is known
+            if feed["Changes"]:
+                state.save()  # the page's other changes (instances arriving): after a kill, at most a page re-read
             if feed["Done"] and until_idle and segmenter.pacs.all_stable():
                 if not segmenter.pacs.changes(state.since)["Changes"]:
                     return
