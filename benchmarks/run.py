@@ -572,6 +572,7 @@ def section_pacs(cases, repeats):
     from orthanc import orthanc_available, start_orthanc, upload
     from scripts.dicom_series import find_studies
     from scripts.dicomweb import ListenerState, Pacs
+    from scripts.isles import NCCT
     from scripts.tools.pacs import StudySegmenter, config_files, listen
 
     available, reason = orthanc_available()
@@ -599,7 +600,7 @@ def section_pacs(cases, repeats):
 
                 nifti_s = timed(nifti_inference, repeats, warmup=0)
                 pacs_s = timed(lambda: segmenter(study.uid, segmenter.inputs(study.uid), True), repeats, warmup=0)
-                slices = len(study.series["CT"].sources)
+                slices = len(study.series[NCCT].sources)
                 rows.append({"case": case, "slices": slices, "nifti_s": nifti_s, "pacs_s": pacs_s})
             for row in rows:
                 row["ratio"] = row["pacs_s"] / row["nifti_s"]
