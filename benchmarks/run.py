@@ -5,7 +5,7 @@
 
 Each section prints a table and everything lands in one JSON file. ``precision`` is ``fp32`` or ``bf16``:
 bfloat16 as the bundle runs it on a CPU (``amp``: ``torch.autocast("cpu", torch.bfloat16)`` around the forward,
-scripts/inferers.py), each figure against the ceiling of its own precision.
+scripts/engine/inferers.py), each figure against the ceiling of its own precision.
 - ``machine``: CPU, torch, whether the CPU has native bfloat16, and the oneDNN kernels (ISA) a float32 and a
   bfloat16 conv3d run on (from ``ONEDNN_VERBOSE``);
 - ``ceiling``: GFLOP/s of one large ``conv3d`` forward (the practical ceiling of the convolution kernels), float32,
@@ -53,13 +53,13 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from scripts.datalist import load_fold  # noqa: E402
-from scripts.demo import network_settings  # noqa: E402
+from scripts.data.datalist import load_fold  # noqa: E402
+from scripts.data.demo import network_settings  # noqa: E402
+from scripts.data.synthetic import generate, generate_isles24  # noqa: E402
+from scripts.engine.inferers import cpu_has_native_bf16  # noqa: E402
+from scripts.engine.networks import ModifiedUNet  # noqa: E402
 from scripts.flags import as_bool  # noqa: E402
-from scripts.inferers import cpu_has_native_bf16  # noqa: E402
-from scripts.networks import ModifiedUNet  # noqa: E402
 from scripts.safe_files import write_atomically  # noqa: E402
-from scripts.synthetic_isles import generate, generate_isles24  # noqa: E402
 from scripts.tools.cli import run  # noqa: E402
 from scripts.tools.prepare_datalist import main as write_datalist  # noqa: E402
 
@@ -116,7 +116,8 @@ def networks(features):
 
 def make_step(net, memory_format, precision="fp32"):
     """One training step of ``net`` on a batch dict, the loss and optimizer of configs/train.json; with ``bf16`` the
-    forward runs under autocast and the loss on its float32 output, as scripts/inferers.py's CpuAutocastInferer."""
+    forward runs under autocast and the loss on its float32 output, as scripts/engine/inferers.py's CpuAutocastInferer.
+    """
     from monai.losses import DiceLoss
 
     net = net.to(memory_format=memory_format).train()
@@ -168,7 +169,7 @@ def conv3d_gflops(channels, spatial, memory_format, repeats, backward=False, pre
 
 def measured_precisions(bf16):
     """The precisions to time: ``fp32``, and ``bf16`` where the CPU computes it in hardware (``bf16="auto"``, as
-    scripts/inferers.py detects it) or when asked (``"true"``). Emulated, one demo-size bfloat16 conv3d takes
+    scripts/engine/inferers.py detects it) or when asked (``"true"``). Emulated, one demo-size bfloat16 conv3d takes
     minutes, so ``auto`` leaves it out there."""
     wanted = cpu_has_native_bf16() if str(bf16).strip().lower() == "auto" else as_bool(bf16, "bf16")
     return PRECISIONS if wanted else ("fp32",)
@@ -570,9 +571,9 @@ def section_pacs(cases, repeats):
     An untrained network of the demo's features on full-size synthetic ISLES 2018 cases."""
     sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
     from orthanc import orthanc_available, start_orthanc, upload
-    from scripts.dicom_series import find_studies
-    from scripts.dicomweb import ListenerState, Pacs
-    from scripts.isles import NCCT
+    from scripts.data.isles18 import NCCT
+    from scripts.dicom.dicomweb import ListenerState, Pacs
+    from scripts.dicom.series import find_studies
     from scripts.tools.pacs import StudySegmenter, config_files, listen
 
     available, reason = orthanc_available()

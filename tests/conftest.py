@@ -12,8 +12,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[0] != REPO_ROOT:
     sys.path.insert(0, REPO_ROOT)
 
-from scripts.inferers import NATIVE_BF16_ENV  # noqa: E402
-from scripts.synthetic_isles import generate  # noqa: E402
+from scripts.data.synthetic import generate  # noqa: E402
+from scripts.engine.inferers import NATIVE_BF16_ENV  # noqa: E402
 
 # No test depends on this CPU's bfloat16: the suite (and every process it starts) runs as on a CPU without it, and
 # the tests of the native path set it themselves (tests/test_precision.py).
@@ -74,7 +74,7 @@ TINY_NETWORK = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "nu
 def tiny_model(synthetic_tree, tmp_path_factory):
     """A bundle root whose models/model.pt is a tiny network trained for one epoch on the session's synthetic tree."""
     from monai.bundle import ConfigWorkflow
-    from scripts.folds import build_datalist
+    from scripts.data.folds import build_datalist
 
     root = tmp_path_factory.mktemp("tiny_bundle")
     datalist = root / "datalist.json"

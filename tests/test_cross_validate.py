@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scripts.datalist import find_inputs
-from scripts.reports import read_csv
+from scripts.data.datalist import find_inputs
+from scripts.report.tables import read_csv
 
 TINY = ["--features", "[2,4,8,16,32]", "--spatial_size", "[32,32,16]", "--num_workers", "0", "--val_interval", "1"]
 

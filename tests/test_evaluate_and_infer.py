@@ -23,13 +23,13 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 from PIL import Image
 from scipy import ndimage
-from scripts.datalist import find_inputs, load_section
-from scripts.folds import build_datalist
-from scripts.inferers import FlipInferer
-from scripts.isles import CHANNELS, InvalidCaseError, read_case
-from scripts.metrics import METRIC_NAMES
-from scripts.outputs import overlay_image
-from scripts.synthetic_isles import generate
+from scripts.data.datalist import find_inputs, load_section
+from scripts.data.folds import build_datalist
+from scripts.data.isles18 import CHANNELS, InvalidCaseError, read_case
+from scripts.data.synthetic import generate
+from scripts.engine.inferers import FlipInferer
+from scripts.report.metrics import METRIC_NAMES
+from scripts.report.overlay import overlay_image
 
 TINY = TINY_NETWORK
 COLUMNS = list(METRIC_NAMES)  # the metrics evaluate.json must define, in its order

@@ -13,9 +13,9 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.handlers import MetricsSaver
 from panoptica import Panoptica_Evaluator
-from scripts.inferers import FlipInferer
-from scripts.metrics import METRIC_NAMES, METRICS, ConfusionRatioMetric
-from scripts.reports import write_report
+from scripts.engine.inferers import FlipInferer
+from scripts.report.metrics import METRIC_NAMES, METRICS, ConfusionRatioMetric
+from scripts.report.tables import write_report
 
 SPACING = (0.5, 0.5, 5.0)  # mm: anisotropic, as ISLES slabs are
 VOXEL_ML = 0.5 * 0.5 * 5.0 / 1000
@@ -91,7 +91,7 @@ def evaluated(repo_root, tmp_path):
 
 
 def test_every_metric_on_hand_made_masks(evaluated):
-    """The model and the baseline are scored by the same metric definitions (scripts.metrics.METRICS)."""
+    """The model and the baseline are scored by the same metric definitions (scripts.report.metrics.METRICS)."""
     engine, _ = evaluated
     for column, name in enumerate(COLUMNS):
         for scored in (name, f"baseline_{name}"):

@@ -13,7 +13,7 @@ import onnxruntime
 import pytest
 import torch
 from monai.data import load_net_with_metadata
-from scripts.networks import ModifiedUNet
+from scripts.engine.networks import ModifiedUNet
 
 FEATURES = [2, 4, 8, 16, 32]  # tiny, so the commands run fast; `--features` overrides train.json's as in training
 CONFIG = ["--meta_file", "configs/metadata.json", "--config_file", "configs/train.json", "--features", str(FEATURES)]
@@ -123,7 +123,7 @@ def test_torchscript_export_matches_eager(bundle, eager, meta, command, file, co
     bundle(command)
     ts_net, ts_meta, extras = load_net_with_metadata(str(ckpt.parent / file), more_extra_files=[config])
     assert ts_meta["network_data_format"] == meta["network_data_format"]
-    assert json.loads(extras[config])["network_def"]["_target_"] == "scripts.networks.ModifiedUNet"
+    assert json.loads(extras[config])["network_def"]["_target_"] == "scripts.engine.networks.ModifiedUNet"
     with torch.no_grad():
         for x in random_inputs(meta):
             torch.testing.assert_close(ts_net(x), net(x), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""ISLES 2024 data unchanged: both public layouts (scripts/isles24.py), their synthetic look-alike, the dataset
+"""ISLES 2024 data unchanged: both public layouts (scripts/data/isles24.py), their synthetic look-alike, the dataset
 profile, and masks back on the NCCT's oblique grid."""
 
 import glob
@@ -13,10 +13,10 @@ import pytest
 from helpers import raised_messages
 from monai.bundle import ConfigWorkflow
 from monai.inferers import SlidingWindowInferer
-from scripts.datalist import find_inputs
-from scripts.folds import build_datalist
-from scripts.isles import CHANNELS, InvalidCaseError
-from scripts.synthetic_isles import generate_isles24
+from scripts.data.datalist import find_inputs
+from scripts.data.folds import build_datalist
+from scripts.data.isles18 import CHANNELS, InvalidCaseError
+from scripts.data.synthetic import generate_isles24
 
 SMALL = {"num_train": 4, "num_test": 1, "seed": 2, "in_plane": 48, "slices": 20}
 TOKENS = ("_ncct.", "_space-ncct_cbf.", "_space-ncct_cbv.", "_space-ncct_mtt.", "_space-ncct_tmax.")

@@ -1,6 +1,6 @@
 """A real MONAI Label 0.8.5 server (its stock `monaibundle` sample app) serving this bundle over HTTP.
 
-The server runs from the separate MONAI Label environment (``.venv-monailabel``, built by ``tools/monailabel-env``
+The server runs from the separate MONAI Label environment (``.venv-monailabel``, built by ``scripts/tools/monailabel-env``
 from ``requirements-monailabel.txt``; docs/monai_label.md): nothing is installed here. The test copies the sample app
 and the bundle (configs with the tiny test network written into them, a tiny model trained here) to a temp dir, fills
 a studies folder with synthetic 5-channel studies made by ``scripts.tools.make_studies``, starts ``monailabel.main
@@ -27,8 +27,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
-from scripts.isles import read_case
-from scripts.synthetic_isles import generate
+from scripts.data.isles18 import read_case
+from scripts.data.synthetic import generate
 from scripts.tools.make_studies import convert
 from scripts.tools.monailabel_app import install
 
@@ -46,7 +46,7 @@ START_TIMEOUT, INFER_TIMEOUT, TRAIN_TIMEOUT = 240, 180, 600  # seconds
 def _monailabel_prefix():
     """sys.prefix of the MONAI Label environment (the sample apps live under it), or a reason why it is unusable."""
     if not os.path.isfile(ML_PYTHON):
-        return None, f"no MONAI Label environment at {ML_PYTHON}: build it with `bash tools/monailabel-env`"
+        return None, f"no MONAI Label environment at {ML_PYTHON}: build it with `bash scripts/tools/monailabel-env`"
     probe = "import sys, importlib.metadata as m; print(sys.prefix); print(m.version('monailabel'))"
     result = subprocess.run([ML_PYTHON, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     lines = result.stdout.split()

@@ -16,8 +16,8 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
-from scripts.folds import build_datalist
-from scripts.networks import ModifiedUNet
+from scripts.data.folds import build_datalist
+from scripts.engine.networks import ModifiedUNet
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 TRAIN = {"batch_size": 1, "epochs": 2, "val_interval": 1}

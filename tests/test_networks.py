@@ -1,10 +1,10 @@
-"""Unit tests of scripts/networks.py: topology, configurable choices, shape checks. Tiny nets, CPU, fast."""
+"""Unit tests of scripts/engine/networks.py: topology, configurable choices, shape checks. Tiny nets, CPU, fast."""
 
 import pytest
 import torch
 import torch.nn as nn
 from monai.bundle import ConfigParser
-from scripts.networks import ConvBlock, ModifiedUNet, UpBlock, check_spatial_size, instance_norm_as_group_norm
+from scripts.engine.networks import ConvBlock, ModifiedUNet, UpBlock, check_spatial_size, instance_norm_as_group_norm
 
 TINY = (2, 4, 8, 16, 32)
 
@@ -238,7 +238,7 @@ def test_bundle_config_construction():
     parser = ConfigParser(
         {
             "network_def": {
-                "_target_": "scripts.networks.ModifiedUNet",
+                "_target_": "scripts.engine.networks.ModifiedUNet",
                 "features": [4, 8, 16, 32, 64],
                 "dilations": [1, 1, 2, 2, 2],
                 "act": ["leakyrelu", {"negative_slope": 0.01, "inplace": True}],
@@ -246,9 +246,9 @@ def test_bundle_config_construction():
                 "dropout": 0.5,
                 "dropout_levels": [4],
             },
-            "patch": "$scripts.networks.check_spatial_size([128, 128, 32])",
-            # "$import scripts.networks" alone binds no name "scripts"; both lines are needed
-            "imports": ["$import scripts", "$import scripts.networks"],
+            "patch": "$scripts.engine.networks.check_spatial_size([128, 128, 32])",
+            # "$import scripts.engine.networks" alone binds no name "scripts"; both lines are needed
+            "imports": ["$import scripts", "$import scripts.engine.networks"],
         }
     )
     parser.get_parsed_content("imports")  # what a bundle workflow does first
@@ -257,5 +257,5 @@ def test_bundle_config_construction():
     assert net.features == (4, 8, 16, 32, 64)
     assert len(convs(net)) == 23
     assert parser.get_parsed_content("patch") == (128, 128, 32)
-    default = ConfigParser({"net": {"_target_": "scripts.networks.ModifiedUNet"}}).get_parsed_content("net")
+    default = ConfigParser({"net": {"_target_": "scripts.engine.networks.ModifiedUNet"}}).get_parsed_content("net")
     assert len(convs(default)) == 23

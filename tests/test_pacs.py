@@ -19,7 +19,7 @@ from conftest import TINY_NETWORK
 from dicomweb_client import DICOMwebClient
 from helpers import canonical, study_files
 from orthanc import instances_of_study, orthanc_available, start_orthanc, upload
-from scripts.dicom_series import case_of, volume_as_nifti
+from scripts.dicom.series import case_of, volume_as_nifti
 
 PACS = [sys.executable, "-m", "scripts.tools.pacs"]
 

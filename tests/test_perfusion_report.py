@@ -1,5 +1,5 @@
-"""scripts/perfusion_report.py on hand-made maps, its figures counted independently, and the threshold core that
-scripts/case_report.py's PerfusionReportd hands evaluation as its baseline."""
+"""scripts/report/perfusion.py on hand-made maps, its figures counted independently, and the threshold core that
+scripts/report/cases.py's PerfusionReportd hands evaluation as its baseline."""
 
 import csv
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.data import MetaTensor
-from scripts.case_report import CaseOutputsWriter, PerfusionReportd
-from scripts.isles import CHANNELS
-from scripts.perfusion_report import perfusion_figures, perfusion_regions
+from scripts.data.isles18 import CHANNELS
+from scripts.report.cases import CaseOutputsWriter, PerfusionReportd
+from scripts.report.perfusion import perfusion_figures, perfusion_regions
 
 SPACING = (0.8, 0.9, 5.0)  # mm: one voxel is 3.6 mm^3
 

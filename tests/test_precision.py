@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.inferers import SimpleInferer
-from scripts.inferers import (
+from scripts.engine.inferers import (
     NATIVE_BF16_ENV,
     CpuAutocastInferer,
     FlipInferer,

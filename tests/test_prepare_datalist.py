@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
-from scripts.datalist import find_inputs, load_fold, load_section
-from scripts.folds import build_datalist
-from scripts.isles import CHANNELS, InvalidCaseError, check_case, read_case
+from scripts.data.datalist import find_inputs, load_fold, load_section
+from scripts.data.folds import build_datalist
+from scripts.data.isles18 import CHANNELS, InvalidCaseError, check_case, read_case
 
 # The token each channel's folder carries in the synthetic tree (the real release's CT_ names).
 TOKENS = {"CT": ".CT.", "CBF": ".CT_CBF.", "CBV": ".CT_CBV.", "MTT": ".CT_MTT.", "Tmax": ".CT_Tmax.", "OT": ".OT."}

@@ -1,4 +1,4 @@
-"""scripts/readers.py: the configs' NIfTI reader under CacheDataset's thread pool."""
+"""scripts/data/readers.py: the configs' NIfTI reader under CacheDataset's thread pool."""
 
 import copy
 import glob
@@ -11,10 +11,10 @@ import nibabel as nib
 import pytest
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset
-from scripts.datalist import load_fold
-from scripts.folds import build_datalist
-from scripts.readers import ThreadSafeNibabelReader
-from scripts.synthetic_isles import generate
+from scripts.data.datalist import load_fold
+from scripts.data.folds import build_datalist
+from scripts.data.readers import ThreadSafeNibabelReader
+from scripts.data.synthetic import generate
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scripts.isles import CHANNELS, LABEL, SMIR_NAME, TESTING_DIR, TRAINING_DIR, key_of_token
-from scripts.synthetic_isles import generate
+from scripts.data.isles18 import CHANNELS, LABEL, SMIR_NAME, TESTING_DIR, TRAINING_DIR, key_of_token
+from scripts.data.synthetic import generate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLICES = (2, 4, 8)
@@ -268,7 +268,7 @@ def test_rejects_bad_arguments(tmp_path, kwargs):
 def test_cli_writes_the_same_tree_as_the_api(tmp_path):
     args = ["--num_train", "2", "--num_test", "1", "--seed", "5", "--in_plane", "32", "--slices", "[2,4]"]
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.synthetic_isles", "--output_dir", str(tmp_path / "cli"), *args],
+        [sys.executable, "-m", "scripts.tools.synthetic_isles", "--output_dir", str(tmp_path / "cli"), *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -13,7 +13,7 @@ the scans' own grids. Folds keep every slab of a patient together (the datalist 
 one close to this command's own flags, is refused. Every setting (the datalist and its folds included) is checked
 before anything is written. A rerun with the same settings skips the steps already done and resumes an interrupted
 training from its checkpoint; a finished ``OUT`` is replaced only with ``--overwrite true``, which removes only what
-a cross-validation wrote there (a folder holding other files is refused). Outputs (scripts/tools/cv_report.py):
+a cross-validation wrote there (a folder holding other files is refused). Outputs (scripts/report/cross_validation.py):
 ``per_case.csv``, ``table.md``/``table.csv`` beside the paper's Tab. 1, ``comparison.md`` (paired, modified against
 classic), ``dice.png``, and ``ensemble.json``: an override of configs/inference.json with the fold models as
 ``ensemble_checkpoints``, for the testing cases.
@@ -32,12 +32,12 @@ import time
 
 from monai.bundle import ConfigParser
 from scripts import BUNDLE_ROOT
-from scripts.checkpoints import latest_training_state
+from scripts.data.folds import build_datalist
+from scripts.engine.checkpoints import latest_training_state
 from scripts.flags import as_bool
-from scripts.folds import build_datalist
+from scripts.report.cross_validation import TESTING_FILE, write_outputs
 from scripts.safe_files import LOCK, hold_folder, write_atomically
 from scripts.tools.cli import run
-from scripts.tools.cv_report import TESTING_FILE, write_outputs
 
 __all__ = ["NETWORKS", "cross_validate", "main"]
 
@@ -53,7 +53,7 @@ TRAIN, EVALUATE = ["configs/train.json"], ["configs/inference.json", "configs/ev
 STEPS = (("train", "trained.json"), ("test", "scored_test.json"), ("train_cases", "scored_train.json"))
 SETTINGS_FILE = "cross_validation.json"
 FINISHED_FILE = "table.md"
-# what scripts.tools.cv_report.write_outputs writes besides table.md and the ensemble overrides
+# what scripts.report.cross_validation.write_outputs writes besides table.md and the ensemble overrides
 OUTPUTS = ("per_case.csv", "table.csv", "dice.png", "comparison.md", TESTING_FILE)
 
 

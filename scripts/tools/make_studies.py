@@ -39,7 +39,7 @@ import os
 import nibabel as nib
 import numpy as np
 from monai.data import correct_nifti_header_if_necessary
-from scripts.isles import (
+from scripts.data.isles18 import (
     CHANNELS,
     TESTING_DIR,
     TRAINING_DIR,

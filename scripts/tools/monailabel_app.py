@@ -13,7 +13,7 @@ settings the model was trained with into the copy's configs, and checks that the
         --features "<demo.json's features>" --spatial_size "<demo.json's spatial_size>"
 
 The sample app is taken from the MONAI Label installation of the running Python, else from ``.venv-monailabel``
-(``tools/monailabel-env``), else from ``--sample_app``. An existing ``<app>/model/<name>`` is replaced only with
+(``scripts/tools/monailabel-env``), else from ``--sample_app``. An existing ``<app>/model/<name>`` is replaced only with
 ``--overwrite``; an existing app folder keeps its own files (several bundles can share one app).
 """
 
@@ -27,8 +27,8 @@ import shutil
 import sys
 
 from scripts import BUNDLE_ROOT
-from scripts.checkpoints import NamedCheckpointLoader
-from scripts.networks import check_spatial_size
+from scripts.engine.checkpoints import NamedCheckpointLoader
+from scripts.engine.networks import check_spatial_size
 from scripts.tools.cli import run
 
 SAMPLE_APP = os.path.join("monailabel", "sample-apps", "monaibundle")  # under the environment's sys.prefix
@@ -50,28 +50,49 @@ def find_sample_app(sample_app=None):
             return path
     raise FileNotFoundError(
         f"no MONAI Label monaibundle sample app in {', '.join(candidates)}; build the MONAI Label"
-        " environment (bash tools/monailabel-env) or pass --sample_app"
+        " environment (bash scripts/tools/monailabel-env) or pass --sample_app"
     )
 
 
-def import_graph() -> dict:
-    """``{module: the modules of scripts/ it imports}`` (``tools`` for any of scripts/tools/), read from the
-    sources, leaving out each module's ``if __name__ == "__main__":`` block (its command-line edge, not imported
-    with it)."""
+def scripts_modules() -> set:
+    """The modules of scripts/ as dotted names under ``scripts`` (``data.isles18``, ``engine.networks``, ...), the
+    command-line tools (scripts/tools/) as one module ``tools``."""
     folder = os.path.join(BUNDLE_ROOT, "scripts")
-    modules = {name[:-3] for name in os.listdir(folder) if name.endswith(".py") and name != "__init__.py"}
+    modules = {"tools"}
+    for path in glob.glob(os.path.join(folder, "**", "*.py"), recursive=True):
+        name = os.path.relpath(path, folder)[:-3].replace(os.sep, ".")
+        if not name.startswith("tools") and not name.endswith("__init__"):
+            modules.add(name)
+    return modules
+
+
+def _module_of(name: str, modules: set) -> str | None:
+    """The module of ``modules`` that the import of ``scripts.<name>`` reaches (``tools`` for any tool)."""
+    if name.split(".")[0] == "tools":
+        return "tools"
+    return name if name in modules else None
+
+
+def import_graph() -> dict:
+    """``{module: the modules of scripts/ it imports}`` (``scripts_modules`` names), read from the sources, leaving
+    out each module's ``if __name__ == "__main__":`` block (its command-line edge, not imported with it)."""
+    folder = os.path.join(BUNDLE_ROOT, "scripts")
+    modules = scripts_modules()
     graph = {"tools": set()}  # the command-line tools, as one node: the runtime must not reach it
-    for module in modules:
-        with open(os.path.join(folder, f"{module}.py")) as f:
+    for module in modules - {"tools"}:
+        with open(os.path.join(folder, *module.split(".")) + ".py") as f:
             tree = ast.parse(f.read())
         body = [node for node in tree.body if not (isinstance(node, ast.If) and "__main__" in ast.dump(node.test))]
         names = set()
         for node in (n for top in body for n in ast.walk(top)):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("scripts"):
-                names |= {node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names}
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("scripts."):
+                base = node.module.split(".", 1)[1]
+                names |= {_module_of(base, modules)} | {_module_of(f"{base}.{a.name}", modules) for a in node.names}
             elif isinstance(node, ast.Import):
-                names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("scripts.")}
-        graph[module] = names & (modules | {"tools"})
+                names |= {
+                    _module_of(a.name.split(".", 1)[1], modules) for a in node.names if a.name.startswith("scripts.")
+                }
+        graph[module] = names - {None}
     return graph
 
 
@@ -83,7 +104,9 @@ def runtime_modules() -> set:
     for path in glob.glob(os.path.join(BUNDLE_ROOT, "configs", "*.json")):
         if os.path.basename(path) != "metadata.json":
             with open(path) as f:
-                named |= set(re.findall(r"(?<![\w.])scripts\.(\w+)", f.read())) & set(graph)
+                for name in re.findall(r"(?<![\w.])scripts\.([\w.]+)", f.read()):
+                    parts = name.split(".")
+                    named |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & set(graph)
     runtime = set()
     while named:
         module = named.pop()
@@ -98,9 +121,14 @@ def _copy_bundle(target):
         name = os.path.basename(path)
         if os.path.isfile(path) and name.endswith((".json", ".yaml", ".conf")) and not name.startswith("datalist"):
             shutil.copy(path, os.path.join(target, "configs"))
-    os.makedirs(os.path.join(target, "scripts"))
-    for module in ["__init__", *sorted(runtime_modules())]:  # the runtime only: no command-line tool
-        shutil.copy(os.path.join(BUNDLE_ROOT, "scripts", f"{module}.py"), os.path.join(target, "scripts"))
+    for module in sorted(runtime_modules()):  # the runtime only: no command-line tool
+        parts = module.split(".")
+        for depth in range(len(parts)):  # the module and the __init__.py of each package above it
+            package = os.path.join("scripts", *parts[:depth])
+            os.makedirs(os.path.join(target, package), exist_ok=True)
+            shutil.copy(os.path.join(BUNDLE_ROOT, package, "__init__.py"), os.path.join(target, package))
+        source = os.path.join("scripts", *parts) + ".py"
+        shutil.copy(os.path.join(BUNDLE_ROOT, source), os.path.join(target, source))
     shutil.copytree(os.path.join(BUNDLE_ROOT, "docs"), os.path.join(target, "docs"))
     shutil.copy(os.path.join(BUNDLE_ROOT, "LICENSE"), target)
     os.makedirs(os.path.join(target, "models"))

@@ -29,10 +29,10 @@ import time
 
 import requests
 from monai.bundle import ConfigParser, ConfigWorkflow
-from scripts.dicom_series import case_of, matches_description, studies_in_memory
-from scripts.dicomweb import ListenerState, Pacs, fingerprint, read_credentials
+from scripts.data.isles18 import InvalidCaseError
+from scripts.dicom.dicomweb import ListenerState, Pacs, fingerprint, read_credentials
+from scripts.dicom.series import case_of, matches_description, studies_in_memory
 from scripts.flags import as_bool
-from scripts.isles import InvalidCaseError
 from scripts.safe_files import write_atomically
 from scripts.tools.cli import run
 
@@ -58,7 +58,7 @@ class StudySegmenter:
     """Pulls one study, segments it with the bundle's DICOM profile and stores its SEG and SR.
 
     Args:
-        pacs: the ``scripts.dicomweb.Pacs``.
+        pacs: the ``scripts.dicom.dicomweb.Pacs``.
         output_dir: where the results (``results/<case>/``) go.
         bundle_root: the bundle root (its ``models/model.pt``).
         config_files: inference.json, dicom.json and the user's own configs, in order.
@@ -98,7 +98,7 @@ class StudySegmenter:
             logging_file=os.path.join(BUNDLE_DIR, "configs", "logging.conf"),
             workflow_type="infer",
             bundle_root=self.bundle_root,
-            dataset_dir=self.output_dir,  # the root of the series keys (scripts.dicom_series.series_key)
+            dataset_dir=self.output_dir,  # the root of the series keys (scripts.dicom.series.series_key)
             studies=studies,
             output_dir=results,
             overwrite=True,  # this study's own folder: a run stopped before its results were stored is done again
@@ -132,7 +132,7 @@ def listen(segmenter, state, poll_s, until_idle) -> None:
 
     Args:
         segmenter: the ``StudySegmenter``.
-        state: the ``scripts.dicomweb.ListenerState``.
+        state: the ``scripts.dicom.dicomweb.ListenerState``.
         poll_s: seconds between polls of an exhausted feed.
         until_idle: return once the feed is exhausted and every study is stable, instead of polling on.
     """

@@ -1,14 +1,14 @@
 """Build a MONAI datalist (with patient-grouped folds) from an ISLES 2018 or ISLES 2024 CT-perfusion tree, and check
-its files (``scripts.folds``).
+its files (``scripts.data.folds``).
 
 python -m scripts.tools.prepare_datalist --data_root DIR --output datalist.json --folds 5 --seed 0 [--check] [--cta true]
 """
 
 import json
 
+from scripts.data.folds import build_datalist
+from scripts.data.isles18 import CHANNELS
 from scripts.flags import as_bool
-from scripts.folds import build_datalist
-from scripts.isles import CHANNELS
 from scripts.safe_files import refuse_existing, write_atomically
 from scripts.tools.cli import run
 

@@ -3,7 +3,7 @@
 
 Credentials come from a file or the ``PACS_CREDENTIALS`` environment variable (``user:password``), never from a URL
 or a command line, and are never logged. Retrieved studies stay in memory (no copy of patient data on disk); what is
-written is named after ``scripts.dicom_series``'s case name: no patient name or ID reaches a file name or a log.
+written is named after ``scripts.dicom.series``'s case name: no patient name or ID reaches a file name or a log.
 """
 
 from __future__ import annotations

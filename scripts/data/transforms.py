@@ -2,7 +2,7 @@
 
 The two configs must each stand alone (MONAI Label reads each without the other, and a ``%file#id`` macro resolves
 against the working folder, not the bundle), so the transform list they share lives here; each config builds it from
-its own top-level ids. Every step is a MONAI transform but ``scripts.finite.RequireFinited``.
+its own top-level ids. Every step is a MONAI transform but ``scripts.engine.finite.RequireFinited``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from monai.transforms import (
     SpatialPadd,
     SplitDimd,
 )
-from scripts.finite import RequireFinited
+from scripts.data.isles18 import CHANNELS
+from scripts.data.readers import ThreadSafeNibabelReader
+from scripts.engine.finite import RequireFinited
 from scripts.flags import as_bool
-from scripts.isles import CHANNELS
-from scripts.readers import ThreadSafeNibabelReader
 
 __all__ = ["REPORT_MAPS", "case_preprocessing", "in_brain", "lesion_mask"]
 
@@ -70,7 +70,7 @@ def case_preprocessing(
         spatial_keys: the keys to reorient and resize (the label too for training, not for evaluation).
         resize_modes: the interpolation of each of ``spatial_keys``.
         input_map_keys: where to keep a copy of ``REPORT_MAPS`` as read, for the per-case report
-            (``scripts.case_report``); None keeps nothing (training).
+            (``scripts.report.cases``); None keeps nothing (training).
         target_spacing: None resizes the whole volume to ``spatial_size``; a voxel size in mm resamples to it
             (``Spacingd``) instead, and ``spatial_size`` is then the patch (training) and window (inference) size.
         brain_mask: restrict the input to the brain (``in_brain``): the image set to 0 outside it (MONAI's
@@ -78,7 +78,7 @@ def case_preprocessing(
             box (``CropForegroundd``) before the resize or the resampling, so the loss covers the brain's box only;
             ``Invertd`` pads the prediction back.
         reader: the ``LoadImaged`` reader; None reads NIfTI (``ThreadSafeNibabelReader``), configs/dicom.json gives
-            ``scripts.dicom_series.DicomSeriesReader``.
+            ``scripts.dicom.series.DicomSeriesReader``.
 
     Returns:
         The transforms, in order.

@@ -24,11 +24,11 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import string_list_all_gather
+from scripts.data.isles18 import case_name
 from scripts.flags import as_bool
-from scripts.isles import case_name
-from scripts.outputs import overlay_image, report_line
-from scripts.perfusion_report import COLUMNS, perfusion_figures, perfusion_regions
-from scripts.reports import print_table, read_csv, write_csv
+from scripts.report.overlay import overlay_image, report_line
+from scripts.report.perfusion import COLUMNS, perfusion_figures, perfusion_regions
+from scripts.report.tables import print_table, read_csv, write_csv
 from scripts.safe_files import LOCK, hold_folder, write_atomically
 
 __all__ = ["CaseOutputsWriter", "PerfusionReportd", "file_stamps", "mark_finished", "prepare_outputs"]
@@ -171,7 +171,7 @@ class PerfusionReportd(MapTransform):
     Args:
         keys: the mask key (``pred``).
         map_keys: the kept CT, CBF and Tmax maps, in that order.
-        thresholds: the perfusion thresholds (``scripts.perfusion_report.DEFAULT_THRESHOLDS``).
+        thresholds: the perfusion thresholds (``scripts.report.perfusion.DEFAULT_THRESHOLDS``).
         baseline_key: where the threshold core goes.
         report_key: where the figures go.
     """
@@ -220,7 +220,7 @@ class CaseOutputsWriter:
         pred_key: the mask key.
         report_key: the key of ``PerfusionReportd``'s figures.
         case_writers: more writers of each case's outputs, called after its mask and before its row is written:
-            each has ``write(case, mask, affine, row, overlay)`` (e.g. ``scripts.dicom_results.DicomResultsWriter``).
+            each has ``write(case, mask, affine, row, overlay)`` (e.g. ``scripts.dicom.results.DicomResultsWriter``).
     """
 
     def __init__(

@@ -322,7 +322,7 @@ def read_valid_cases(cases, check=False, skip_invalid=False, read=None, channels
         check: load and check every file of every case.
         skip_invalid: leave a case that is not valid out instead of stopping (``log_skipped`` lists them).
         read: what reads one case into a datalist item, default ``read_case`` (ISLES 2018); ISLES 2024:
-            ``scripts.isles24.read_subject``.
+            ``scripts.data.isles24.read_subject``.
         channels: the inputs each item's ``image`` lists, for ``check_case``.
 
     Returns:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
-from scripts.isles import case_name
+from scripts.data.isles18 import case_name
 
 __all__ = ["batch_cases", "overlay_image", "report_line"]
 

@@ -18,11 +18,11 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
-from scripts.dicom_results import LPS_TO_RAS, derived_uid, segmentation
+from scripts.dicom.results import LPS_TO_RAS, derived_uid, segmentation
 
 __all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_label", "write_study"]
 
-# Series description of each channel (the keys in the order of scripts.isles.CHANNELS), as a vendor names them.
+# Series description of each channel (the keys in the order of scripts.data.isles18.CHANNELS), as a vendor names them.
 SERIES_DESCRIPTIONS = {
     "CT": "NCCT Head 5mm",
     "CBF": "RAPID CBF",
@@ -37,7 +37,7 @@ MAX_SCALE_EXPONENT = 15
 # Fixed dates and times, so that the same arguments give byte-identical files.
 STUDY_DATE, STUDY_TIME = "20240101", "120000"
 MANUFACTURER, MODEL_NAME = "SYNTHETIC", "synthetic_isles"
-UID_NAMESPACE = "scripts.synthetic_dicom"
+UID_NAMESPACE = "scripts.dicom.synthetic"
 
 
 def _storage_range(signed):

@@ -1,8 +1,8 @@
 """Each DICOM case's results as DICOM objects for the PACS: the mask as a DICOM SEG on the NCCT and its volumes and
 perfusion figures as a TID 1500 measurement report (Comprehensive 3D SR) that references the SEG, both with highdicom.
 
-``DicomResultsWriter`` is one of ``scripts.case_report.CaseOutputsWriter``'s ``case_writers`` (configs/dicom.json):
-it gets each case's mask, on the NCCT's grid as ``scripts.dicom_series.DicomSeriesReader`` read it, and the case's
+``DicomResultsWriter`` is one of ``scripts.report.cases.CaseOutputsWriter``'s ``case_writers`` (configs/dicom.json):
+it gets each case's mask, on the NCCT's grid as ``scripts.dicom.series.DicomSeriesReader`` read it, and the case's
 row of ``volumes.csv``, and writes ``<prediction_dir>/dicom/<case>/seg.dcm``, ``sr.dcm`` and (``overlay``)
 ``overlay.dcm``, each whole under a temporary name, before the row is written. Their UIDs are derived from the
 study's UID and the model's checkpoint bytes, so a rerun of the same model on the same study makes the same objects:
@@ -22,9 +22,9 @@ import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
-from scripts.case_report import file_stamps
+from scripts.data.isles18 import NCCT
 from scripts.flags import as_bool
-from scripts.isles import NCCT
+from scripts.report.cases import file_stamps
 from scripts.safe_files import write_atomically
 
 __all__ = ["DicomResultsWriter", "derived_uid", "measurement_report", "overlay_capture", "result_uids", "segmentation"]
@@ -106,7 +106,7 @@ def segmentation(
     Args:
         ct_headers: the NCCT series' datasets (headers suffice), any order.
         mask: the (x, y, z) bool mask on the NCCT's grid (x the column, y the row of a slice).
-        affine: the mask's RAS affine (``scripts.dicom_series.volume_arrays``'s).
+        affine: the mask's RAS affine (``scripts.dicom.series.volume_arrays``'s).
         uids: ``result_uids``'s (``seg_series``, ``seg_instance``).
         software_version: the bundle's version.
         manufacturer: who made it: the bundle (a prediction); a ground truth's maker otherwise.
@@ -236,7 +236,7 @@ def measurement_report(seg, ct_headers, row, uids, software_version) -> hd.sr.Co
 
 
 def overlay_capture(ct_headers, image, uids) -> hd.sc.SCImage:
-    """The case's overlay PNG (``scripts.outputs.overlay_image``) as an RGB secondary capture in the study."""
+    """The case's overlay PNG (``scripts.report.overlay.overlay_image``) as an RGB secondary capture in the study."""
     return hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ct_headers[0],
         pixel_array=np.asarray(image.convert("RGB")),
@@ -255,10 +255,10 @@ def overlay_capture(ct_headers, image, uids) -> hd.sc.SCImage:
 
 class DicomResultsWriter:
     """Writes each DICOM case's SEG and SR under ``<prediction_dir>/dicom/<case>/`` (a ``case_writers`` entry of
-    ``scripts.case_report.CaseOutputsWriter``).
+    ``scripts.report.cases.CaseOutputsWriter``).
 
     Args:
-        studies: ``scripts.dicom_series.find_studies``'s studies of the run.
+        studies: ``scripts.dicom.series.find_studies``'s studies of the run.
         prediction_dir: the run's output folder.
         checkpoints: the checkpoint files of the model (their bytes go into the UIDs).
         software_version: the bundle's version (configs/dicom.json: ``@_meta_#version``).

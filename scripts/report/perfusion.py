@@ -1,6 +1,6 @@
 """The perfusion figures a stroke team reads beside the predicted core, from the input maps alone, and the threshold
 core as a non-learned baseline (scored in evaluation with the model's own metrics). Research figures, not a treatment
-decision. Computed from the maps the engine holds (``scripts.case_report.PerfusionReportd``), never read back from
+decision. Computed from the maps the engine holds (``scripts.report.cases.PerfusionReportd``), never read back from
 disk.
 
 Per case, on the scan's own grid (voxel volume from its affine; the maps are 0 outside the brain):

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scripts.isles import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
+from scripts.data.isles18 import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
+from scripts.dicom.synthetic import dicom_representable, write_label, write_study
 from scripts.safe_files import refuse_existing
-from scripts.synthetic_dicom import dicom_representable, write_label, write_study
 
 FIRST_SMIR_ID = 345560
 DTYPES = {"CT": np.int32, "CBF": np.uint16, "CBV": np.uint16, "MTT": np.float64, "Tmax": np.float64, LABEL: np.uint8}
@@ -354,7 +354,7 @@ def generate(
 
     `slices` is a slab depth or the choices each case draws its depth from; a training patient gives two consecutive
     cases with probability `two_slab_fraction`. With `dicom`, each case's five maps are also written as a DICOM study
-    (`scripts.synthetic_dicom.write_study`) in dicom/TRAINING/case_N/ or dicom/TESTING/case_N/ (a training case's
+    (`scripts.dicom.synthetic.write_study`) in dicom/TRAINING/case_N/ or dicom/TESTING/case_N/ (a training case's
     label too, as a ground-truth DICOM SEG: `write_label`), and the NIfTI files
     hold the same values (`dicom_representable`: MTT and Tmax on a power-of-two grid) instead of the full float64
     ones. The same arguments give byte-identical files. Existing TRAINING, TESTING or dicom folders (or patients.csv)
@@ -477,7 +477,7 @@ def generate_isles24(
     maps float32 (CBV in mL/100 g), a CTA registered to the NCCT (int16 HU, enhanced with the CBV), the mask uint16
     0/65535 with a scale factor of 1/65535. Subjects after the first
     ``num_train`` have no mask (testing cases). With ``dicom``, each subject's NCCT and maps are also written as a
-    DICOM study (``scripts.synthetic_dicom.write_study``, oblique as the affine; a mask as a ground-truth SEG) in
+    DICOM study (``scripts.dicom.synthetic.write_study``, oblique as the affine; a mask as a ground-truth SEG) in
     sourcedata/<subject>/<session>/,
     and the NIfTI files (and the CTA made from them) hold the same values (``dicom_representable``). Existing trees
     (sourcedata included, with or without ``dicom``) are replaced only with ``overwrite``.
@@ -510,43 +510,3 @@ def generate_isles24(
             if index <= num_train:
                 write_label(study, arrays[LABEL], affine, subjects[-1], seed)
     return {"output_dir": str(output_dir), "training": subjects[:num_train], "testing": subjects[num_train:]}
-
-
-def main(
-    output_dir: str,
-    layout: str = "isles18",
-    num_train: int = 20,
-    num_test: int = 4,
-    seed: int = 0,
-    in_plane: int | None = None,
-    slices: int | tuple | list | None = None,
-    two_slab_fraction: float = 0.3,
-    overwrite: bool = False,
-    dicom: bool = False,
-) -> dict:
-    """CLI: a synthetic tree in ``layout``: ``isles18`` (``generate``) or ``isles24`` / ``isles24_archive``
-    (``generate_isles24``); ``in_plane`` and ``slices`` default to each release's (256 and 2-22 slice slabs; 512 and
-    100 slices); ``--dicom true`` also writes each case's maps as a DICOM study."""
-    if layout == "isles18":
-        return generate(
-            output_dir,
-            num_train,
-            num_test,
-            seed,
-            in_plane or 256,
-            slices or (2, 4, 8, 16, 22),
-            two_slab_fraction,
-            overwrite,
-            dicom,
-        )
-    if isinstance(slices, (tuple, list)):
-        raise ValueError("--slices is one slice count for an ISLES 2024 volume")
-    return generate_isles24(
-        output_dir, num_train, num_test, seed, in_plane or 512, slices or 100, layout, overwrite, dicom
-    )
-
-
-if __name__ == "__main__":  # the command-line edge: the generator itself is the demo's runtime
-    from scripts.tools.cli import run
-
-    run(main)

@@ -17,7 +17,7 @@ import glob
 import os
 import re
 
-from scripts.isles import (
+from scripts.data.isles18 import (
     CHANNELS,
     NIFTI_SUFFIXES,
     OPTIONAL_CHANNELS,

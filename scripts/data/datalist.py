@@ -5,9 +5,8 @@ import json
 import os
 
 from monai.data import load_decathlon_datalist
-from scripts import isles24
-from scripts.flags import as_bool
-from scripts.isles import (
+from scripts.data import isles24
+from scripts.data.isles18 import (
     CHANNELS,
     NIFTI_SUFFIXES,
     SMIR_NAME,
@@ -24,6 +23,7 @@ from scripts.isles import (
     key_of_token,
     read_case,
 )
+from scripts.flags import as_bool
 
 
 def _require_datalist(data_list_file_path, dataset_dir):
@@ -37,7 +37,7 @@ def _require_datalist(data_list_file_path, dataset_dir):
 def _read_section(path, key, base_dir=None, is_segmentation=True, channels=CHANNELS):
     """The ``key`` section of the datalist file ``path``, read by MONAI's ``load_decathlon_datalist``; a file that
     is not JSON (empty, truncated, another format) is named, which the JSON parser's own message does not do, and so
-    is a datalist whose ``channels`` (``scripts.folds.build_datalist`` records them) are not the model's
+    is a datalist whose ``channels`` (``scripts.data.folds.build_datalist`` records them) are not the model's
     ``channels``."""
     try:
         with open(path) as f:
@@ -215,7 +215,7 @@ def find_inputs(source, data_list_key="testing", check=False, channels=CHANNELS)
 
     - an ISLES 2018 root (with a ``TESTING`` folder): its TESTING cases;
     - a folder of ISLES 2018 case folders (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...``), or one such case folder;
-    - an ISLES 2024 root (``scripts.isles24``): every subject;
+    - an ISLES 2024 root (``scripts.data.isles24``): every subject;
     - a folder of 4D NIfTI files, one case each;
     - a datalist ``.json``: the ``image`` of each item of its ``data_list_key`` section (relative paths are relative to
       the file's folder).

@@ -12,9 +12,9 @@ from monai.bundle import ConfigParser
 from monai.data import load_decathlon_datalist
 from PIL import Image, ImageDraw
 from scripts import BUNDLE_ROOT
-from scripts.isles import CHANNELS
-from scripts.metrics import METRIC_NAMES
-from scripts.reports import print_table, read_csv, write_csv
+from scripts.data.isles18 import CHANNELS
+from scripts.report.metrics import METRIC_NAMES
+from scripts.report.tables import print_table, read_csv, write_csv
 from scripts.safe_files import write_atomically
 
 __all__ = ["PAPER_TABLE", "paired_comparison", "summary_table", "write_outputs"]
@@ -40,7 +40,7 @@ PAPER_TABLE = [
 ]
 SPLITS = ("test", "train")
 TESTING_FILE = "testing.json"  # the datalist's testing cases, which the fold-ensemble overrides segment
-BASELINE = "threshold (rCBF<30%)"  # the non-learned core of scripts/perfusion_report.py, scored by every evaluation
+BASELINE = "threshold (rCBF<30%)"  # the non-learned core of scripts/report/perfusion.py, scored by every evaluation
 
 
 def _row(network, fold, split, case, patient, scores):

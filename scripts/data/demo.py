@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from scripts.folds import build_datalist
+from scripts.data.folds import build_datalist
+from scripts.data.synthetic import generate
 from scripts.safe_files import write_atomically
-from scripts.synthetic_isles import generate
 
 __all__ = ["network_settings", "prepare_demo_data"]
 

@@ -9,8 +9,8 @@ from collections import defaultdict
 
 import nibabel as nib
 import numpy as np
-from scripts import isles24
-from scripts.isles import (
+from scripts.data import isles24
+from scripts.data.isles18 import (
     CHANNELS,
     TESTING_DIR,
     TRAINING_DIR,
@@ -74,7 +74,7 @@ def _relative(item, data_root):
 
 def _read_tree(data_root, check, skip_invalid, channels):
     """The training items (with a label), testing items, skipped messages and release name of an ISLES 2018 root
-    (``TRAINING/``, ``TESTING/``) or an ISLES 2024 root (``scripts.isles24``: a subject with a mask trains)."""
+    (``TRAINING/``, ``TESTING/``) or an ISLES 2024 root (``scripts.data.isles24``: a subject with a mask trains)."""
     roots = isles24.find_root(data_root)  # first: it refuses a root that mixes the releases
     if roots is None and (find_dir(data_root, TRAINING_DIR) or find_dir(data_root, TESTING_DIR)):
         if tuple(channels) != CHANNELS:

@@ -11,7 +11,7 @@ segmented. A case's name is ``study-`` and a hash of its StudyInstanceUID: no pa
 name or a log.
 
 ``DicomSeriesReader`` is a MONAI ``ImageReader``: each case's ``image`` is the five series' keys
-(``<dataset_dir>/<case>/<channel>.dcm-series``, see ``scripts.isles.case_name``), and the reader turns them into one
+(``<dataset_dir>/<case>/<channel>.dcm-series``, see ``scripts.data.isles18.case_name``), and the reader turns them into one
 (5, x, y, z) float32 array with the NCCT's affine (RAS, as ``NibabelReader`` gives a NIfTI's) on highdicom's grid
 (``volume_arrays``), the rescale slope and intercept applied, and a map on another grid of the same frame of
 reference resampled (trilinear) onto the NCCT's, as the ISLES 2024 maps are.
@@ -33,9 +33,9 @@ from highdicom.spatial import get_series_volume_positions
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import SpatialResample
 from pydicom.pixels import apply_modality_lut, get_decoder
-from scripts.dicom_results import LPS_TO_RAS
-from scripts.dicom_results import MANUFACTURER as RESULTS_MANUFACTURER
-from scripts.isles import CHANNELS, DICOM_SERIES_SUFFIX, NCCT, InvalidCaseError
+from scripts.data.isles18 import CHANNELS, DICOM_SERIES_SUFFIX, NCCT, InvalidCaseError
+from scripts.dicom.results import LPS_TO_RAS
+from scripts.dicom.results import MANUFACTURER as RESULTS_MANUFACTURER
 
 __all__ = [
     "DicomSeriesReader",
@@ -63,7 +63,7 @@ DEFER_BYTES = 4096
 
 def series_key(dataset_dir, case, channel) -> str:
     """The key ``DicomSeriesReader`` reads a case's ``channel`` from: ``<dataset_dir>/<case>/<channel>.dcm-series``
-    (no such file: the key names the case, see ``scripts.isles.case_name``)."""
+    (no such file: the key names the case, see ``scripts.data.isles18.case_name``)."""
     return os.path.join(os.path.abspath(dataset_dir), case, channel + DICOM_SERIES_SUFFIX)
 
 
@@ -289,7 +289,7 @@ def _check_tmax_unit(case, series):
 
 def _ground_truth(case, segmentations, ct):
     """The study's one ground-truth SEG on its NCCT series: a SEG this bundle did not make (``MANUFACTURER`` of
-    ``scripts.dicom_results``) that references ``ct``; an error for none, several, or one on a multi-frame NCCT."""
+    ``scripts.dicom.results``) that references ``ct``; an error for none, several, or one on a multi-frame NCCT."""
     candidates = [
         s
         for s in segmentations.values()
@@ -372,7 +372,7 @@ def volume_as_nifti(volume) -> tuple:
     column, 1) to LPS: its columns are the slice step, the step down the rows (the column cosine times the row
     spacing), the step along a row (the row cosine times the column spacing) and the first slice's position. So
     (column, row, slice) in that order is left-handed, and for a series written by
-    ``scripts.synthetic_dicom.write_study`` from a right-handed affine (as all of the generator's are) axis 0 runs
+    ``scripts.dicom.synthetic.write_study`` from a right-handed affine (as all of the generator's are) axis 0 runs
     from slice z-1 to slice 0: ``volume.array[s, j, i]`` is ``array[i, j, z - 1 - s]``.
 
     This returns the axes (column index, row index, slice index) with the slices in the order that makes the RAS

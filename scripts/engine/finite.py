@@ -13,7 +13,7 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.handlers import from_engine
 from monai.transforms import MapTransform
-from scripts.isles import case_name
+from scripts.data.isles18 import case_name
 
 __all__ = ["RequireFinited", "StopOnNonFinite"]
 

@@ -1,0 +1,1 @@
+"""Training and inference machinery: the networks, inferers, checkpoints and non-finite guards."""
