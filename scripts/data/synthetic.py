@@ -312,11 +312,27 @@ def _with_dicom_values(arrays):
     return {**arrays, **dicom_representable({key: arrays[key] for key in CHANNELS})}
 
 
+def _drawn_case(patient, slab, rng):
+    """A case's arrays and affine as ``_Patient.case`` draws them, and no raw series."""
+    return (*patient.case(slab, rng), None)
+
+
 def _write_split(
-    split_dir, keys, num_cases, seed, split_index, in_plane, slices, two_slab_fraction, smir_ids, dicom_dir=None
+    split_dir,
+    keys,
+    num_cases,
+    seed,
+    split_index,
+    in_plane,
+    slices,
+    two_slab_fraction,
+    smir_ids,
+    dicom_dir=None,
+    case_source=_drawn_case,
 ):
     """Write case_1 .. case_<num_cases> of one split, and (with a ``dicom_dir``) each case's maps as a DICOM study in
-    ``dicom_dir/<case>/``; return the (case, patient) rows."""
+    ``dicom_dir/<case>/``; return the (case, patient) rows. A raw series that ``case_source`` gives is written beside
+    the case (and into its study)."""
     rows = []
     for patient_index in itertools.count(1):
         if len(rows) == num_cases:
@@ -326,7 +342,8 @@ def _write_split(
         patient = _Patient(rng, in_plane, slices, n_slabs)
         for slab_index, slab in enumerate(patient.slabs[: num_cases - len(rows)]):
             case = f"case_{len(rows) + 1}"
-            arrays, affine = patient.case(slab, np.random.default_rng([seed, split_index, patient_index, slab_index]))
+            rng = np.random.default_rng([seed, split_index, patient_index, slab_index])
+            arrays, affine, raw = case_source(patient, slab, rng)
             if dicom_dir is not None:
                 arrays = _with_dicom_values(arrays)
                 split = split_dir.name.lower()
@@ -335,7 +352,11 @@ def _write_split(
                 study = write_study(dicom_dir / case, maps, affine, name, seed, f"{split}-patient_{patient_index}")
                 if LABEL in keys:
                     write_label(study, arrays[LABEL], affine, name, seed)
+                if raw is not None:
+                    raw.write_dicom(study, affine, name, seed)
             _write_case(split_dir / case, {key: arrays[key] for key in keys}, affine, smir_ids)
+            if raw is not None:
+                raw.write_isles18(split_dir / case, next(smir_ids), affine)
             rows.append((case, f"patient_{patient_index}"))
 
 
@@ -349,6 +370,7 @@ def generate(
     two_slab_fraction: float = 0.3,
     overwrite: bool = False,
     dicom: bool = False,
+    case_source=None,
 ) -> dict:
     """Write a synthetic ISLES 2018 tree (TRAINING with labels, TESTING without, patients.csv) to `output_dir`.
 
@@ -359,7 +381,9 @@ def generate(
     hold the same values (`dicom_representable`: MTT and Tmax on a power-of-two grid) instead of the full float64
     ones. The same arguments give byte-identical files. Existing TRAINING, TESTING or dicom folders (or patients.csv)
     are replaced only with `overwrite=True`; the dicom folder is removed then even without `dicom`, so that no studies
-    of an earlier tree stay beside the new one.
+    of an earlier tree stay beside the new one. `case_source(patient, slab, rng)` gives each case's arrays, affine
+    and raw series (or None) instead of the patient's drawn maps: `scripts.data.phantom.PhantomSource` computes the maps from a
+    phantom's raw series and writes that series beside the case (`write_isles18`, `write_dicom`).
     """
     slices = (int(slices),) if np.isscalar(slices) else tuple(int(s) for s in slices)
     if int(in_plane) < 16 or not slices or min(slices) < 1 or num_train < 0 or num_test < 0:
@@ -377,6 +401,7 @@ def generate(
 
     smir_ids = itertools.count(FIRST_SMIR_ID)
     common = {"seed": int(seed), "in_plane": int(in_plane), "slices": slices, "smir_ids": smir_ids}
+    common["case_source"] = case_source or _drawn_case
     rows = _write_split(
         train_dir,
         CHANNELS + (LABEL,),
@@ -470,6 +495,7 @@ def generate_isles24(
     layout="isles24",
     overwrite=False,
     dicom: bool = False,
+    case_source=None,
 ) -> dict:
     """Write a synthetic ISLES 2024 tree in ``layout`` (``isles24``: the challenge README's; ``isles24_archive``: the
     public archive's): one whole-brain NCCT-space volume per subject, ``in_plane`` squared voxels over a 215-250 mm
@@ -480,7 +506,8 @@ def generate_isles24(
     DICOM study (``scripts.dicom.synthetic.write_study``, oblique as the affine; a mask as a ground-truth SEG) in
     sourcedata/<subject>/<session>/,
     and the NIfTI files (and the CTA made from them) hold the same values (``dicom_representable``). Existing trees
-    (sourcedata included, with or without ``dicom``) are replaced only with ``overwrite``.
+    (sourcedata included, with or without ``dicom``) are replaced only with ``overwrite``. ``case_source`` as
+    ``generate``'s; a raw series goes into the raw tree (``write_isles24``) and the study.
     """
     if layout not in LAYOUTS_2024:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS_2024)}, got {layout!r}")
@@ -497,16 +524,21 @@ def generate_isles24(
     for index in range(1, num_train + num_test + 1):
         rng = np.random.default_rng([seed, 2024, index])
         patient = _Patient(rng, int(in_plane), (int(slices),), 1, whole_brain=True)
-        arrays, affine = patient.case(patient.slabs[0], np.random.default_rng([seed, 2024, index, 0]))
+        case_rng = np.random.default_rng([seed, 2024, index, 0])
+        arrays, affine, raw = (case_source or _drawn_case)(patient, patient.slabs[0], case_rng)
         arrays = {key: np.asarray(arrays[key], dtype=DTYPES_2024.get(key, arrays[key].dtype)) for key in arrays}
         arrays["CBV"] = (arrays["CBV"] / 100).astype(np.float32)  # 0.01 mL/100 g -> mL/100 g
         affine = _oblique(affine, rng)
         if dicom:
             arrays = _with_dicom_values(arrays)
         subjects.append(_write_isles24_subject(output_dir, layout, index, arrays, affine, index <= num_train))
+        if raw is not None:
+            raw.write_isles24(base, layout, subjects[-1], affine)
         if dicom:
             study_dir = base / SOURCEDATA_DIR / subjects[-1] / LAYOUTS_2024[layout][3]
             study = write_study(study_dir, {key: arrays[key] for key in CHANNELS}, affine, subjects[-1], seed)
             if index <= num_train:
                 write_label(study, arrays[LABEL], affine, subjects[-1], seed)
+            if raw is not None:
+                raw.write_dicom(study, affine, subjects[-1], seed)
     return {"output_dir": str(output_dir), "training": subjects[:num_train], "testing": subjects[num_train:]}
