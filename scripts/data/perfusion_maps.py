@@ -53,17 +53,19 @@ DT_S = 1.0  # the uniform time grid the curves are interpolated onto for the dec
 TRUNCATIONS = np.geomspace(0.01, 0.6, 20)  # oSVD: the candidate thresholds, fractions of the largest singular value
 OSCILLATION_INDEX = 0.03  # oSVD: the largest oscillation index a residue function may have (Wu 2003's definition)
 FIXED_TRUNCATION = 0.15  # the plain block-circulant SVD that the benchmark compares against
-SMOOTHING_MM = 5.0  # in-plane Gaussian (sigma) applied to the tissue's curves, within tissue, before deconvolution
+SMOOTHING_MM = (0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)  # in-plane Gaussian sigmas (mm) to choose from
+NOISE_TARGET_HU = 1.0  # the tissue curves' noise after the smoothing
 BIN_MM = 2.0  # the tissue curves are averaged over in-plane blocks of about this size (whole voxels) first
 TMAX_TOLERANCE = 0.1  # oSVD's Tmax: the first time the residue comes within this fraction of its maximum
-BONE_HU = 700.0  # skull, for the motion fit and the intracranial mask
+BONE_HU = 700.0  # skull, for the intracranial mask and the overlap of realigned frames
+SOFT_TISSUE_HU = 150.0  # the motion fit sees what lies above this: bone (and the largest vessels at their peak)
 CSF_HU = 15.0  # baseline (smoothed) under this inside the skull: CSF
 VESSEL_CBV = 8.0  # mL/100 g: a blood volume above this is a vessel, not tissue
 MIN_FRAMES = 8
 MAX_INTERVAL_S = 10.0  # frames further apart than this cannot sample a bolus
 MAX_MOTION_MM = 10.0  # in-plane displacement of the head against the first frame, anywhere in it
 MIN_BONE_DICE = 0.7  # the skull of a realigned frame against the first frame's
-MOTION_TOLERANCE_VOXELS = 0.3  # frames displaced less than this are not resampled
+MOTION_TOLERANCE_VOXELS = 0.05  # frames displaced less than this are not resampled
 VESSEL_SNR = 10.0  # a vessel enhances by more than this many times the noise
 MIN_ENHANCEMENT_HU = 1.0  # the brain's mean enhancement at its peak: below this there is no bolus
 TRUNCATED_FRACTION = 0.6  # the brain's curve still above this fraction of its peak at the last frame: truncated
@@ -161,14 +163,14 @@ def _read_dicom(folder, paths):
     normal = np.cross(orientation[:3], orientation[3:])
     positions = {}
     for ds, t in zip(datasets, times):
-        key = round(float(normal @ np.asarray(ds.ImagePositionPatient, dtype=np.float64)), 2)
-        positions.setdefault(key, []).append((t, ds))
+        level = float(normal @ np.asarray(ds.ImagePositionPatient, dtype=np.float64))
+        positions.setdefault(round(level, 1), []).append((t, level, ds))
     counts = {len(v) for v in positions.values()}
     if len(counts) != 1:
         _refuse(folder, f"cannot be timed: its slice positions have different numbers of frames ({sorted(counts)})")
-    levels = sorted(positions)
-    stacks = [sorted(positions[level], key=lambda pair: pair[0]) for level in levels]
-    frame_times = np.median(np.array([[t for t, _ in stack] for stack in stacks]), axis=0)
+    stacks = [sorted(positions[key], key=lambda entry: entry[0]) for key in sorted(positions)]
+    levels = [np.mean([level for _, level, _ in stack]) for stack in stacks]
+    frame_times = np.median(np.array([[t for t, _, _ in stack] for stack in stacks]), axis=0)
     gaps = np.diff(levels)
     if len(levels) > 1 and (gaps.min() <= 0 or np.ptp(gaps) > 0.01 * gaps.mean()):
         _refuse(folder, f"its slices are not regularly spaced (gaps {gaps.min():.3g}-{gaps.max():.3g} mm)")
@@ -178,10 +180,10 @@ def _read_dicom(folder, paths):
     lps[:3, 0] = orientation[:3] * columns
     lps[:3, 1] = orientation[3:] * rows
     lps[:3, 2] = normal * slice_step
-    lps[:3, 3] = np.asarray(stacks[0][0][1].ImagePositionPatient, dtype=np.float64)
+    lps[:3, 3] = np.asarray(stacks[0][0][2].ImagePositionPatient, dtype=np.float64)
     frames = np.empty((int(first.Columns), int(first.Rows), len(levels), len(frame_times)), dtype=np.float32)
     for k, stack in enumerate(stacks):
-        for i, (_, ds) in enumerate(stack):
+        for i, (_, _, ds) in enumerate(stack):
             frames[:, :, k, i] = apply_modality_lut(ds.pixel_array, ds).T
     return CtpSeries(frames, frame_times - frame_times[0], np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, str(folder))
 
@@ -222,10 +224,11 @@ def _check_times(series):
 
 
 def _skull_image(frames, grid):
-    """Each frame's skull, summed over the slices, on an in-plane grid of at most ``grid`` points a side."""
+    """Each frame's bone, ``SOFT_TISSUE_HU`` and above (linear there, so that a rigid motion of the head moves it
+    rigidly; the enhancing brain left out), averaged over its slices, on an in-plane grid of at most ``grid`` points
+    a side."""
     step = max(1, int(np.ceil(max(frames.shape[:2]) / grid)))
-    bone = np.clip(frames[::step, ::step] - BONE_HU, 0, 1000).mean(axis=2)
-    return bone, step
+    return np.clip(frames[::step, ::step] - SOFT_TISSUE_HU, 0, 2 * BONE_HU).mean(axis=2), step
 
 
 def _rigid(params, centre):
@@ -288,7 +291,7 @@ def _realign(series, spacing):
             matrix = np.eye(3)
             matrix[:2, :2] = rotation
             shift = np.append(offset, 0.0)
-            frames[..., i] = ndimage.affine_transform(frames[..., i], matrix, shift, order=1, mode="nearest")
+            frames[..., i] = ndimage.affine_transform(frames[..., i], matrix, shift, order=3, mode="nearest")
     first = frames[..., 0] > BONE_HU
     for i in range(1, frames.shape[3]):
         other = frames[..., i] > BONE_HU
@@ -302,14 +305,15 @@ def _realign(series, spacing):
     return frames, largest
 
 
-def _intracranial(baseline):
-    """The space inside the closed skull, slice by slice (a slice whose skull is open has none)."""
+def _intracranial(baseline, margin=1):
+    """The space inside the closed skull, ``margin`` voxels away from it, slice by slice (a slice whose skull is open
+    has none)."""
     bone = baseline > BONE_HU / 2
     inside = np.zeros_like(bone)
     disk = ndimage.generate_binary_structure(2, 1)
     for k in range(bone.shape[2]):
         closed = ndimage.binary_closing(bone[..., k], disk, iterations=2)
-        inside[..., k] = ndimage.binary_fill_holes(closed) & ~ndimage.binary_dilation(closed, disk)
+        inside[..., k] = ndimage.binary_fill_holes(closed) & ~ndimage.binary_dilation(closed, disk, iterations=margin)
     return inside & (baseline > -100) & (baseline < 150)
 
 
@@ -421,6 +425,19 @@ def _smooth(conc, weight, sigma):
     else:
         conc *= (weight > 0)[..., None]
     return conc
+
+
+def _smoothing(conc, weight, spacing, target):
+    """The smallest in-plane Gaussian sigma (mm) of ``SMOOTHING_MM`` that brings the noise of the curves (measured
+    on the difference of the first two frames, both before the bolus) down to ``target`` HU, the largest if none
+    does."""
+    difference = (conc[..., 1] - conc[..., 0]) / np.sqrt(2)
+    tissue = weight > 0.5
+    for sigma_mm in SMOOTHING_MM:
+        smoothed = _smooth(difference[..., None].copy(), weight, tuple(sigma_mm / s for s in spacing))
+        if np.std(smoothed[tissue]) <= target:
+            break
+    return sigma_mm
 
 
 def _bin(conc, weight, factor):
@@ -573,7 +590,12 @@ def _scaled_input(conc, intracranial, times, weights, first_pass, notes):
     return aif * scale, voxels, vof, scale
 
 
-def compute_maps(series: CtpSeries, truncation: float | None = None, smoothing_mm: float = SMOOTHING_MM) -> dict:
+def compute_maps(
+    series: CtpSeries,
+    truncation: float | None = None,
+    smoothing_mm: float | None = None,
+    noise_target: float = NOISE_TARGET_HU,
+) -> dict:
     """CBF (mL/100 g/min), CBV (mL/100 g), MTT (s), Tmax (s) and rCBF (fraction of the healthy hemisphere's mean
     CBF) of a raw series, float32 arrays on its grid, 0 outside brain tissue; and ``"tissue"`` (bool) and ``"info"``
     (the arterial input and venous output curves, their voxels, the partial-volume scale, the bolus arrival, the
@@ -586,7 +608,9 @@ def compute_maps(series: CtpSeries, truncation: float | None = None, smoothing_m
         series: the series (``read_series``, or a phantom's).
         truncation: a fixed bSVD threshold (e.g. ``FIXED_TRUNCATION``: the plain block-circulant SVD, its Tmax the
             residue's largest sample) instead of oSVD.
-        smoothing_mm: the in-plane Gaussian sigma applied to the tissue curves (0: none).
+        smoothing_mm: the in-plane Gaussian sigma applied to the tissue curves (0: none), else the smallest of
+            ``SMOOTHING_MM`` that brings their noise down to ``noise_target`` HU.
+        noise_target: see ``smoothing_mm``.
 
     Raises:
         CtpSeriesError: naming the series' file: it cannot be timed, has no bolus, the bolus is truncated, the head
@@ -599,6 +623,10 @@ def compute_maps(series: CtpSeries, truncation: float | None = None, smoothing_m
     intracranial = _intracranial(frames[..., 0])
     if intracranial.sum() < 100:
         _refuse(series.source, "has no brain enclosed by a skull (fewer than 100 intracranial voxels)")
+    # a moved skull leaves its edge in the frames' differences: tissue within the largest motion of it is left out
+    # (the arterial input and the venous output, the sinuses along the skull among them, are sought in all of it)
+    margin = 1 + int(np.ceil(motion / spacing[:2].min() - MOTION_TOLERANCE_VOXELS))
+    inner = _intracranial(frames[..., 0], margin) if margin > 1 else intracranial
     arrival, baseline, conc, first_pass = _series_checks(series, frames, times, intracranial)
     del frames
     weights = _trapezoid_weights(times)
@@ -608,10 +636,13 @@ def compute_maps(series: CtpSeries, truncation: float | None = None, smoothing_m
     volume_per_area = 100 * K_H / RHO_BRAIN / aif_area  # mL/100 g per HU s of tissue enhancement
     blood_volume = volume_per_area * np.einsum("xyzt,t->xyz", conc, weights.astype(np.float32))
     vessels = ndimage.gaussian_filter(blood_volume, sigma=(*(1.0 / spacing[:2]), 0)) > VESSEL_CBV
-    tissue = intracranial & (ndimage.gaussian_filter(baseline, sigma=(1, 1, 0)) >= CSF_HU) & ~vessels
+    tissue = inner & (ndimage.gaussian_filter(baseline, sigma=(1, 1, 0)) >= CSF_HU) & ~vessels
     factor = max(1, int(BIN_MM / spacing[:2].mean()))
     conc, weight = _bin(conc, tissue.astype(np.float32), factor)
-    conc = _smooth(conc, weight, tuple(smoothing_mm / (factor * s) for s in spacing[:2]))
+    binned_spacing = factor * spacing[:2]
+    if smoothing_mm is None:
+        smoothing_mm = _smoothing(conc, weight, binned_spacing, noise_target)
+    conc = _smooth(conc, weight, tuple(smoothing_mm / s for s in binned_spacing))
     known = weight > 0
     curves = conc[known]
     del conc
@@ -650,6 +681,7 @@ def compute_maps(series: CtpSeries, truncation: float | None = None, smoothing_m
         "motion_mm": motion,
         "notes": notes,
         "deconvolution_s": deconvolution_s,
+        "smoothing_mm": smoothing_mm,
     }
     return maps
 

@@ -394,7 +394,7 @@ def phantom_case(
     series += base[..., None]
     if motion_mm > 0:
         for t, (matrix, offset) in enumerate(_motion(rng, len(times), motion_mm, patient.spacing, base.shape)):
-            series[..., t] = ndimage.affine_transform(series[..., t], matrix, offset, order=1, mode="nearest")
+            series[..., t] = ndimage.affine_transform(series[..., t], matrix, offset, order=3, mode="nearest")
     for t in range(len(times)):
         series[..., t] += _noise(rng, base.shape, sd)
     stored = np.clip(np.rint(series), -1024, 3071).astype(np.int16)
@@ -532,10 +532,10 @@ def write_dicom_series(folder, series: CtpSeries, case: str, seed: int, study=No
 
 
 def write_truth(folder, phantom: Phantom, affine=None) -> list:
-    """Write the phantom's truth maps (``TRUTH_MAPS``) and label as ``folder/<name>.nii.gz``."""
+    """Write the phantom's truth maps (``TRUTH_MAPS``) and core label (``core``) as ``folder/<name>.nii.gz``."""
     affine = phantom.series.affine if affine is None else affine
     paths = []
-    for name, data in {**phantom.truth, "label": phantom.label}.items():
+    for name, data in {**phantom.truth, "core": phantom.label}.items():
         path = Path(folder) / f"{name}.nii.gz"
         _save(path, data, affine)
         paths.append(str(path))
