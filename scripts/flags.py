@@ -17,7 +17,7 @@ import sys
 
 from monai.bundle import ConfigParser
 
-__all__ = ["as_bool", "refuse_unknown_overrides"]
+__all__ = ["as_bool", "as_fraction", "refuse_unknown_overrides"]
 
 # the arguments of `monai.bundle run` itself (monai.bundle.scripts.run, create_workflow, ConfigWorkflow)
 RUN_ARGUMENTS = {
@@ -60,6 +60,29 @@ def as_bool(value, name):
     if text in ("false", "no", "0"):
         return False
     raise ValueError(f"--{name} must be true or false, got {value!r}")
+
+
+def as_fraction(value, name) -> float:
+    """A threshold on a probability or a ratio as a float strictly between 0 and 1: at 0 or below every voxel passes
+    it (a full mask), at 1 or above none does (an empty one), so such settings are refused before any work.
+
+    Args:
+        value: the value given (from a config id or the command line).
+        name: the setting's name, for the message.
+
+    Raises:
+        ValueError: ``--name must lie strictly between 0 and 1 ...``.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name} must be a number strictly between 0 and 1, got {value!r}") from None
+    if not 0.0 < number < 1.0:
+        raise ValueError(
+            f"--{name} must lie strictly between 0 and 1, got {value!r}: at or below 0 every mask is full, at or"
+            " above 1 every mask is empty"
+        )
+    return number
 
 
 def _command_line_overrides(argv):
