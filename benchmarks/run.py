@@ -517,7 +517,7 @@ def section_inference(size, repeats, workdir, precisions, ceiling, cases=6):
             "runtime": name,
             "per_case_s": fastest,
             "median_s": median,
-            "of_ceiling": flops / fastest / 1e9 / ceiling[name.split()[-1]],
+            "of_ceiling": flops / fastest / 1e9 / ceiling[name.split()[-1]] if ceiling else None,
         }
         for name, (fastest, median) in peers.items()
     ]
@@ -529,6 +529,8 @@ def section_inference(size, repeats, workdir, precisions, ceiling, cases=6):
         for name, (backend, amp) in WHOLE_CASE.items()
         if (amp is not True or "bf16" in precisions) and (backend != "openvino" or openvino_version() is not None)
     }
+    if default_runtime in variants:  # the default is one of the variants: the same run, timed once
+        del variants["bundle default"]
     runs = {name: [] for name in variants}
     masks = {}
     for _ in range(repeats):
@@ -554,6 +556,9 @@ def section_inference(size, repeats, workdir, precisions, ceiling, cases=6):
                 "max_volume_diff_vs_torch_fp32": max(row["volume_rel_diff"] for row in agreement),
             }
         )
+    if "bundle default" not in variants:
+        rows.append({**next(r for r in rows if r["runtime"] == default_runtime and r["kind"] == "whole case")})
+        rows[-1]["runtime"] = f"bundle default ({default_runtime})"
     return {"rows": rows, "fastest_peer": best_peer, "default_runtime": default_runtime, "cases": cases}
 
 
@@ -818,19 +823,22 @@ def print_table(title, rows):
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
 
 
-def section_training(size, reps, repeats, ceiling, precisions):
-    """The training sections of one size: ``networks``, ``training_precision`` (where bfloat16 is timed),
-    ``compile`` (demo size) and ``pipeline``, each printed as it ends."""
+def section_training(size, reps, repeats, ceiling, precisions, with_networks=True):
+    """The training sections of one size: ``training_precision`` (where bfloat16 is timed) and, ``with_networks``,
+    ``networks``, ``compile`` (demo size) and ``pipeline``; each printed as it ends."""
     bs, features, spatial = SIZES[size]
-    nets = section_networks(size, reps, ceiling["best"])
-    print_table(f"{size}: training step, batch {bs}, features {features}, input {spatial}", nets)
-    section = {"networks": nets}
+    section = {}
     if "bf16" in precisions:
         section["training_precision"] = section_training_precision(size, max(2, reps))
         print_table(
             f"{size}: modified UNet training step, fp32 and bf16 alternating",
             [{"precision": p, **row} for p, row in section["training_precision"].items()],
         )
+    if not with_networks:
+        return section
+    nets = section_networks(size, reps, ceiling["best"])
+    print_table(f"{size}: training step, batch {bs}, features {features}, input {spatial}", nets)
+    section["networks"] = nets
     demo = size == "demo"
     if demo:  # compiling the paper-size network takes too long on a CPU to be worth a row
         section["compile"] = section_compile(size, reps, ceiling["best"])
@@ -883,6 +891,8 @@ def main(
     fidelity: bool = True,
     training: bool = True,
     inference_cases: int = 6,
+    with_ceiling: bool = True,
+    networks: bool = True,
     bf16: str = "auto",
     isles24: bool = False,
     isles24_cases: int = 3,
@@ -897,7 +907,9 @@ def main(
     section, on ``isles24_cases`` full-size synthetic cases. ``pacs``: add the ``pacs`` section (a real Orthanc), on
     ``pacs_cases`` studies. ``training false`` leaves out the training sections (``networks``,
     ``training_precision``, ``compile``, ``pipeline``); ``inference_cases``: the testing cases of each whole-case run
-    of ``inference`` (its rounds are ``repeats``, at least 2).
+    of ``inference`` (its rounds are ``repeats``, at least 2). ``with_ceiling false`` leaves out the conv3d ceiling
+    (and the ``of_ceiling`` figures), which ``networks`` needs; ``networks false`` leaves out ``networks``, ``compile``
+    and ``pipeline`` (``training_precision`` stays).
     """
     precisions = measured_precisions(bf16)
     results = {
@@ -920,22 +932,23 @@ def main(
     for size in sizes:
         bs, features, spatial = SIZES[size]
         reps = repeats if size == "demo" else paper_repeats
-        ceiling = section_ceiling(spatial, reps, precisions)
-        print_table(
-            f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s",
-            [{"precision": p, **row} for p, row in ceiling["gflops"].items()],
-        )
-        print_table(
-            f"{size}: conv3d forward+backward GFLOP/s by channels (channels_last_3d)",
-            [
-                {"precision": p, **{str(c): v for c, v in row.items()}}
-                for p, row in ceiling["channels_last_3d_forward_backward_gflops_by_channels"].items()
-            ],
-        )
+        ceiling = section_ceiling(spatial, reps, precisions) if with_ceiling else {"best": {}}
+        if with_ceiling:
+            print_table(
+                f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s",
+                [{"precision": p, **row} for p, row in ceiling["gflops"].items()],
+            )
+            print_table(
+                f"{size}: conv3d forward+backward GFLOP/s by channels (channels_last_3d)",
+                [
+                    {"precision": p, **{str(c): v for c, v in row.items()}}
+                    for p, row in ceiling["channels_last_3d_forward_backward_gflops_by_channels"].items()
+                ],
+            )
         section = {"ceiling": ceiling}
         demo = size == "demo"
         if training:
-            section.update(section_training(size, reps, repeats, ceiling, precisions))
+            section.update(section_training(size, reps, repeats, ceiling, precisions, networks))
         if inference:
             section["inference"] = run_child(
                 "inference",
