@@ -33,11 +33,12 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from benchmarks.run import SIZES, batch, inference_bundle, print_table, synthetic_datalist, whole_case_run  # noqa: E402
 from scripts.engine.networks import ModifiedUNet  # noqa: E402
 from scripts.flags import as_bool  # noqa: E402
 from scripts.safe_files import write_atomically  # noqa: E402
 from scripts.tools.cli import run  # noqa: E402
+
+from benchmarks.run import SIZES, batch, inference_bundle, print_table, synthetic_datalist, whole_case_run  # noqa: E402
 
 PAPER_EPOCHS, PAPER_CASES = 650, 94
 NO_CUDA = "benchmarks/gpu.py measures a GPU and this machine has no CUDA device (torch.cuda.is_available() is False)"
