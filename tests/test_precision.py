@@ -51,13 +51,13 @@ def test_the_environment_variable_replaces_the_cpu_flags(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_inference_and_evaluation_default_to_bf16_only_where_the_cpu_has_it(repo_root, monkeypatch, native):
-    """The ``amp`` default and the inferer of inference.json and evaluate.json, for a CPU with and without native
-    bfloat16 (set, not read from this machine)."""
+    """The ``amp`` default and the torch inferer of inference.json and evaluate.json, for a CPU with and without
+    native bfloat16 (set, not read from this machine); which runtime ``auto`` picks: tests/test_backends.py."""
     monkeypatch.setenv(NATIVE_BF16_ENV, str(native).lower())
     for files, inferer_id in ((["inference.json"], "inferer"), (["inference.json", "evaluate.json"], "inferer")):
         parser = ConfigParser()
         parser.read_config([os.path.join(repo_root, "configs", name) for name in files])
-        parser["device"] = "cpu"
+        parser.update({"device": "cpu", "inference_backend": "torch"})
         assert parser.get_parsed_content("amp") is native, files
         inferer = parser.get_parsed_content(inferer_id)
         assert type(inferer) is (CpuAutocastInferer if native else SimpleInferer), files
