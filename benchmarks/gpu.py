@@ -121,8 +121,7 @@ def epoch(device, size, workdir, cases):
     from monai.bundle import ConfigWorkflow
 
     bs, features, spatial = SIZES[size]
-    folds = max(2, round(cases / max(1, cases - PAPER_CASES)))  # 118 cases, 5 folds: 94 to train on
-    root, path, fold = synthetic_datalist(os.path.join(workdir, "epoch"), num_cases=cases, folds=folds)
+    root, path, fold = synthetic_datalist(os.path.join(workdir, "epoch"), num_cases=cases, folds=5)  # 118: 94 to train
     wf = ConfigWorkflow(
         config_file=os.path.join(REPO_ROOT, "configs", "train.json"),
         meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"),

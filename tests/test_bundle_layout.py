@@ -147,7 +147,7 @@ DOC_PAGES = (
     "models/README.md",
     "benchmarks/README.md",
 )
-WRITTEN_BY_A_RUN = {"configs/datalist.json"}
+WRITTEN_BY_A_RUN = {"configs/datalist.json", "benchmarks/gpu_results.json"}
 SCRIPTS_NAME = re.compile(r"(?<![\w.])scripts\.((?:tools|data|dicom|engine|report)\.\w+|\w+)(?:\.(\w+))?")
 REPO_PATH = re.compile(r"(?<![\w./-])((?:scripts|configs|tests|docs|tools|benchmarks)/[\w.=/-]*[\w/])")
 

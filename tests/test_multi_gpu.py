@@ -134,7 +134,7 @@ def test_validation_is_split_and_metrics_are_gathered(ddp_run):
         seen = [p["cases"][epoch] for p in probes]
         assert sorted(map(len, seen)) == [1, 2] and set(seen[0]) | set(seen[1]) == cases[0], seen
     # each rank holds different cases, so equal metrics on both ranks are the metrics of all 3 cases
-    assert set(probes[0]["metrics"]) == {"val_mean_dice", "val_jaccard", "val_precision", "val_recall"}
+    assert set(probes[0]["metrics"]) == {"val_mean_dice", "val_jaccard", "val_precision", "val_recall", "val_lesion_f1"}
     assert probes[0]["metrics"] == probes[1]["metrics"]
 
 
