@@ -10,7 +10,7 @@ import time
 from filelock import FileLock, Timeout
 from scripts.flags import as_bool
 
-__all__ = ["hold_folder", "rank", "refuse_existing", "require_held", "write_atomically"]
+__all__ = ["hold_folder", "rank", "refuse_existing", "release_folder", "require_held", "write_atomically"]
 
 LOCK = ".in_use"  # the lock file of a folder a run writes into: the process id and command line of its holder
 
@@ -85,6 +85,11 @@ def _holder(path: str) -> str:
     return "process unknown"
 
 
+def _lock(folder: str) -> FileLock:
+    """This process's one lock object of ``folder`` (``filelock``'s singleton for its lock file)."""
+    return FileLock(os.path.join(os.path.abspath(folder), LOCK), is_singleton=True, on_acquired=_name_holder)
+
+
 def hold_folder(folder: str) -> FileLock:
     """Make this process the one run that writes into ``folder``: ``filelock``'s lock on ``folder/.in_use``, an OS
     lock that the system frees when the process ends, however it ends (kill -9 included). The lock file names the
@@ -96,25 +101,30 @@ def hold_folder(folder: str) -> FileLock:
         folder: the output folder (created if absent).
 
     Returns:
-        The held lock: keep it for the whole run (the run's config holds it as an id) and ``release()`` it at the
-        end; it is also freed when its last reference goes.
+        The held lock: keep it for the whole run (the run's config holds it as an id) and release it at the end
+        (``release_folder``); it is also freed when its last reference goes.
 
     Raises:
         FileExistsError: another process that is still running holds ``folder``.
     """
-    folder = os.path.abspath(folder)
-    lock = FileLock(os.path.join(folder, LOCK), is_singleton=True, on_acquired=_name_holder)
+    lock = _lock(folder)
     if rank() != 0:
         return lock
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.abspath(folder), exist_ok=True)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise FileExistsError(
-            f"{folder} is in use by another run ({_holder(lock.lock_file)}); wait for it to finish or stop it, or"
-            " choose another output folder"
+            f"{os.path.abspath(folder)} is in use by another run ({_holder(lock.lock_file)}); wait for it to finish"
+            " or stop it, or choose another output folder"
         ) from None
     return lock
+
+
+def release_folder(folder: str) -> None:
+    """Release this process's hold on ``folder`` (``hold_folder``), if it has one: the last step of a run (its
+    config's ``finalize``), which takes no lock of its own when the run stopped before it held the folder."""
+    _lock(folder).release()
 
 
 def require_held(folder: str, lock) -> None:
