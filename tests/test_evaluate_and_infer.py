@@ -28,10 +28,11 @@ from scripts.data.folds import build_datalist
 from scripts.data.isles18 import CHANNELS, InvalidCaseError, read_case
 from scripts.data.synthetic import generate
 from scripts.engine.inferers import FlipInferer
-from scripts.report.cases import PER_CASE, SUMMARY, THRESHOLD_CORE, table_columns
+from scripts.report.cases import PER_CASE, SUMMARY, THRESHOLD_CORE, prepare_outputs, table_columns
 from scripts.report.metrics import METRIC_NAMES
 from scripts.report.overlay import overlay_image
 from scripts.report.perfusion import perfusion_regions
+from scripts.safe_files import hold_folder, release_folder
 
 TINY = TINY_NETWORK
 COLUMNS = list(METRIC_NAMES)  # the metrics evaluation scores, in their order
@@ -554,6 +555,31 @@ def test_a_run_stopped_by_a_bad_case_is_finished_by_the_same_command(repo_root, 
     again, stray = case_outputs(out)
     assert sorted(again) == sorted(finished) and not stray
     assert (out / "notes.txt").read_text() == "mine", "--overwrite replaces what the earlier run wrote, nothing else"
+
+
+def test_an_unfinished_run_without_a_finished_case_is_replaced_and_one_with_cases_is_kept(tmp_path):
+    """prepare_outputs on a real folder: a stopped run that finished no case (a run without weights, a first case
+    that failed) is no work to keep, so a run with other settings replaces it without --overwrite; once a case is
+    finished (its row, mask and overlay), other settings are refused and the same settings keep the case."""
+    out = tmp_path / "out"
+    items = [{"image": [str(tmp_path / f"case_{n}" / f"SMIR.Brain.XX.O.CT.{n}" / "ct.nii")]} for n in (1, 2)]
+    lock = hold_folder(str(out))
+    try:
+        assert prepare_outputs(str(out), items, {"model": "a"}, lock=lock) == items
+        assert prepare_outputs(str(out), items, {"model": "b"}, lock=lock) == items
+        assert json.loads((out / "run.json").read_text()) == {"settings": {"model": "b"}, "finished": False}
+        for folder, name in (("masks", "case_1.nii.gz"), ("overlays", "case_1.png")):
+            (out / folder).mkdir(exist_ok=True)
+            (out / folder / name).write_bytes(b"whole")
+        (out / PER_CASE).write_text("case,volume_pred_ml\ncase_1,1.5\n")
+        with pytest.raises(FileExistsError, match="holds an unfinished run with other model"):
+            prepare_outputs(str(out), items, {"model": "c"}, lock=lock)
+        assert prepare_outputs(str(out), items, {"model": "b"}, lock=lock) == items[1:]
+        assert (out / "masks" / "case_1.nii.gz").read_bytes() == b"whole"
+    finally:
+        release_folder(str(out))
+    with pytest.raises(ValueError, match="hold it first"):
+        prepare_outputs(str(out), items, {"model": "b"}, lock=lock)
 
 
 KILLED_INFERENCE = """
