@@ -12,27 +12,25 @@ from __future__ import annotations
 
 import ast
 import difflib
+import inspect
 import os
 import sys
 
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.scripts import create_workflow, run
 
 __all__ = ["as_bool", "as_fraction", "refuse_unknown_overrides"]
 
-# the arguments of `monai.bundle run` itself (monai.bundle.scripts.run, create_workflow, ConfigWorkflow)
-RUN_ARGUMENTS = {
-    "run_id",
-    "init_id",
-    "final_id",
-    "meta_file",
-    "config_file",
-    "logging_file",
-    "tracking",
-    "args_file",
-    "workflow_name",
-    "workflow_type",
-    "properties_path",
-}
+
+def _run_arguments() -> set:
+    """The named parameters of ``monai.bundle run`` itself (``monai.bundle.scripts.run``, ``create_workflow`` and
+    ``ConfigWorkflow``, which it hands them to): every other ``--ID`` of its command line is a config override."""
+    return {
+        name
+        for function in (run, create_workflow, ConfigWorkflow.__init__)
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is not parameter.VAR_KEYWORD and name != "self"
+    }
 
 
 def as_bool(value, name):
@@ -87,14 +85,14 @@ def as_fraction(value, name) -> float:
 
 def _command_line_overrides(argv):
     """The config files and the ``--ID`` overrides of a ``python -m monai.bundle run ...`` command line."""
-    overrides, config_file, args = [], None, argv[2:]
+    overrides, config_file, args, own = [], None, argv[2:], _run_arguments()
     for i, arg in enumerate(args):
         if not arg.startswith("--"):
             continue
         key, _, value = arg[2:].partition("=")
         if key == "config_file":
             config_file = value or (args[i + 1] if i + 1 < len(args) else None)
-        elif key not in RUN_ARGUMENTS:
+        elif key not in own:
             overrides.append(key)
     if isinstance(config_file, str) and config_file.strip().startswith("["):
         config_file = ast.literal_eval(config_file)

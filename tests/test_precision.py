@@ -120,7 +120,7 @@ def test_bf16_masks_of_the_trained_demo_model_are_the_float32_ones(repo_root, de
     """The demo's synthetic TESTING cases (256 x 256 slabs): per case Dice >= 0.99 and volumes within 1 %."""
     for amp in (True, False):
         demo_workflow(repo_root, demo_run, ["inference.json"], "infer", amp, tmp_path / str(amp))
-    volumes = {amp: read_rows(tmp_path / str(amp) / "predictions" / "volumes.csv") for amp in (True, False)}
+    volumes = {amp: read_rows(tmp_path / str(amp) / "predictions" / "per_case.csv") for amp in (True, False)}
     assert len(volumes[False]) == 4 and volumes[True].keys() == volumes[False].keys()
     lesions = 0
     for case in volumes[False]:
@@ -140,7 +140,7 @@ def test_bf16_masks_of_the_trained_demo_model_are_the_float32_ones(repo_root, de
 def test_bf16_evaluation_metrics_are_the_float32_ones(repo_root, demo_run, tmp_path):
     for amp in (True, False):
         demo_workflow(repo_root, demo_run, ["inference.json", "evaluate.json"], "infer", amp, tmp_path / str(amp))
-    rows = {amp: read_rows(tmp_path / str(amp) / "eval" / "metrics_per_case.csv") for amp in (True, False)}
+    rows = {amp: read_rows(tmp_path / str(amp) / "eval" / "per_case.csv") for amp in (True, False)}
     assert rows[True].keys() == rows[False].keys() and rows[False]
     for case, fp32 in rows[False].items():
         assert float(rows[True][case]["dice"]) == pytest.approx(float(fp32["dice"]), abs=0.005), case

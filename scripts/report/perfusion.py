@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = {"tmax_s": 6.0, "tmax_severe_s": 10.0, "rcbf": 0.3}
 TMAX_MEDIAN_LIMIT_S = 5.0  # the median Tmax of the brain's measured voxels, in seconds, is below this
-# the columns perfusion_figures adds to a case's row of volumes.csv
+# the columns perfusion_figures adds to a case's row of per_case.csv
 COLUMNS = (
     "hypoperfusion_ml",
     "core_rcbf_ml",
