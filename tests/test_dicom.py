@@ -22,8 +22,8 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, JPEGLosslessSV1, JPEGLSLossless, generate_uid
 from pydicom.valuerep import format_number_as_ds
-from scripts.data.folds import build_datalist
-from scripts.data.isles18 import InvalidCaseError
+from scripts.data.datalist import build_datalist
+from scripts.data.readers import InvalidCaseError
 from scripts.data.synthetic import generate
 from scripts.dicom.results import FIGURES
 from scripts.dicom.series import DicomSeriesReader, case_of, find_studies, volume_arrays, volume_as_nifti

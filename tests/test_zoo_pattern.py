@@ -6,7 +6,7 @@ import json
 import os
 
 from monai.bundle import ConfigWorkflow
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist
 from scripts.data.synthetic import generate
 from scripts.safe_files import write_atomically
 

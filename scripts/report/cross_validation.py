@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 from monai.data import load_decathlon_datalist
 from PIL import Image, ImageDraw
 from scripts import BUNDLE_ROOT
-from scripts.data.isles18 import CHANNELS
+from scripts.data.channels import CHANNELS
 from scripts.report.metrics import METRIC_NAMES
 from scripts.report.tables import print_table, read_csv, write_csv
 from scripts.safe_files import write_atomically

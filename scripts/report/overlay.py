@@ -9,7 +9,6 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
-from scripts.data.isles18 import case_name
 
 __all__ = ["batch_cases", "overlay_image", "report_line"]
 
@@ -18,9 +17,9 @@ OUTLINE = (255, 0, 0)
 
 
 def batch_cases(batch):
-    """``batch_transform`` for ``MetricsSaver``: each case's name (``case_name``), as its mask is named, for the
-    ``filename`` column."""
-    return [{"filename_or_obj": case_name(item["image"].meta["filename_or_obj"])} for item in batch]
+    """``batch_transform`` for ``MetricsSaver``: each case's name, as its mask is named, for the ``filename``
+    column."""
+    return [{"filename_or_obj": item["case"]} for item in batch]
 
 
 def overlay_image(case, ct, cbf, mask, affine, ct_window=(0, 100), report=None, max_slices=4) -> Image.Image:

@@ -1,0 +1,131 @@
+"""The model's inputs, each declared once: where each release and a PACS keep it, how it is normalised, whether every
+case has it. The ISLES 2018 and 2024 readers, the datalist, the DICOM series rules, the pre-processing, make_studies
+and the synthetic generator all take their channels from ``SPEC``; adding an input is one entry here and a profile
+whose ``channels`` lists it (docs/architecture.md, "Where to change what").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["CHANNELS", "NCCT", "OPTIONAL_CHANNELS", "SPEC", "Channel", "check_channels", "series_rules"]
+
+# The tests of a map's default DICOM rule besides its description: a map, not a thresholded region or mask.
+MAP_MODALITIES = ("CT", "MR", "OT")
+MAP_EXCLUDE = "<|%|thresh|mask"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One input of the model.
+
+    Attributes:
+        name: its name in ``channels``, in datalists and in messages.
+        isles18: the modality tokens of its ISLES 2018 folders (``SMIR.Brain.XX.O.<token>.<id>``, any case); the first
+            is what the generator writes; empty where ISLES 2018 has none.
+        isles24: where ISLES 2024 keeps it, ``<tree>/[<folder>/]<ending>``: the tree (``raw`` or ``derivatives``), the
+            folder inside the session folder, and the end of the file name after ``<subject>_<session>_``; empty
+            where ISLES 2024 has none.
+        series_rule: its default DICOM rule (docs/dicom.md): ``modality``, ``description`` and ``exclude`` (regular
+            expressions on the SeriesDescription), optional ``image_type``; a site changes it in its own config.
+        normalisation: ``"window"`` (``ct_window`` in HU to [0, 1], clipped) or ``"zscore"`` (within the non-zero
+            voxels).
+        required: every case has it; the required inputs are the model's first, in ``SPEC``'s order, and a profile
+            adds optional ones after them.
+        synthetic: how the synthetic generator draws it from a case's arrays (name -> array, in the release's
+            units); None for the required ones, which the generator draws itself; by default a float32 copy of CBF.
+    """
+
+    name: str
+    isles18: tuple = ()
+    isles24: str = ""
+    series_rule: dict = field(default_factory=dict)
+    normalisation: str = "zscore"
+    required: bool = False
+    synthetic: Callable | None = lambda arrays: np.asarray(arrays["CBF"], dtype=np.float32)
+
+
+def _map_rule(description, exclude=MAP_EXCLUDE):
+    return {"modality": list(MAP_MODALITIES), "description": description, "exclude": exclude}
+
+
+def _cta(arrays):
+    """A CT angiography on the NCCT grid: the NCCT enhanced where the blood volume is (15 HU per mL/100 g), int16."""
+    return np.rint(arrays["CT"].astype(np.float32) + 15.0 * arrays["CBV"]).astype(np.int16)
+
+
+PERFUSION_MAPS = "derivatives/perfusion-maps/space-ncct_"
+SPEC = (
+    Channel(
+        "CT",  # the non-contrast CT: the grid the other inputs lie on, which the results are drawn on
+        ("CT",),
+        "raw/ncct",
+        {
+            "modality": ["CT"],
+            "description": "ncct|non.?contrast|w/?o|plain|nect|native|head|brain|cerebr|schaedel|skull|ct",
+            "exclude": "cbf|cbv|mtt|t.?max|ttp|flow|volume|transit|perf|ctp|cta|angio|mip|dynamic|4d|bone|lung|scout"
+            "|topo|\\+c\\b|post|contrast enh",
+        },
+        "window",
+        True,
+        None,
+    ),
+    Channel("CBF", ("CT_CBF",), PERFUSION_MAPS + "cbf", _map_rule("\\br?cbf\\b|blood.?flow"), required=True, synthetic=None),
+    Channel("CBV", ("CT_CBV",), PERFUSION_MAPS + "cbv", _map_rule("\\br?cbv\\b|blood.?vol"), required=True, synthetic=None),
+    # one early ISLES 2018 release named some training maps MR_MTT / MR_Tmax
+    Channel(
+        "MTT", ("CT_MTT", "MR_MTT"), PERFUSION_MAPS + "mtt", _map_rule("\\bmtt\\b|mean.?transit"), required=True, synthetic=None
+    ),
+    Channel(
+        "Tmax",
+        ("CT_Tmax", "MR_Tmax"),
+        PERFUSION_MAPS + "tmax",
+        _map_rule("t.?max|time.?to.?max", "<|>|%|thresh|mask"),
+        required=True,
+        synthetic=None,
+    ),
+    # ISLES 2024's CT angiography registered to the NCCT (configs/isles24_cta.json)
+    Channel(
+        "CTA",
+        (),
+        "derivatives/space-ncct_cta",
+        {"modality": ["CT"], "description": "\\bcta\\b|angio", "exclude": "mip|perf|ctp|4d|dynamic|cbf|cbv|mtt|t.?max"},
+        synthetic=_cta,
+    ),
+)
+
+CHANNELS = tuple(c.name for c in SPEC if c.required)  # the model's inputs, in the order of metadata.json's channel_def
+NCCT = CHANNELS[0]
+OPTIONAL_CHANNELS = tuple(c.name for c in SPEC if not c.required)
+
+
+def channel(name) -> Channel:
+    """The ``SPEC`` entry of ``name``."""
+    return next(c for c in SPEC if c.name == name)
+
+
+def check_channels(channels):
+    """Refuse a ``channels`` setting other than the required inputs in order, then some optional ones once each."""
+    extra = tuple(channels[len(CHANNELS) :])
+    if tuple(channels[: len(CHANNELS)]) != CHANNELS or len(set(extra)) < len(extra) or set(extra) - set(OPTIONAL_CHANNELS):
+        raise ValueError(
+            f"channels {list(channels)}: the model's inputs are {', '.join(CHANNELS)}, in that order, then optionally"
+            f" {', '.join(OPTIONAL_CHANNELS)}"
+        )
+
+
+def series_rules(channels=CHANNELS, site_rules=None) -> dict:
+    """The DICOM rule of each of ``channels``: its ``SPEC`` default with the tests that ``site_rules[channel]`` gives
+    replaced (configs/dicom.json's ``site_series_rules``).
+
+    Raises:
+        ValueError: for a site rule of a channel that ``SPEC`` does not declare.
+    """
+    site_rules = dict(site_rules or {})
+    unknown = sorted(set(site_rules) - {c.name for c in SPEC})
+    if unknown:
+        raise ValueError(f"site_series_rules: no input named {', '.join(unknown)}; the inputs are {[c.name for c in SPEC]}")
+    return {name: {**channel(name).series_rule, **site_rules.get(name, {})} for name in channels}
