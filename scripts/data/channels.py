@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["CHANNELS", "NCCT", "OPTIONAL_CHANNELS", "SPEC", "Channel", "check_channels", "series_rules"]
+__all__ = ["CHANNELS", "NCCT", "SPEC", "Channel", "channel", "check_channels", "series_rules"]
 
 # The tests of a map's default DICOM rule besides its description: a map, not a thresholded region or mask.
 MAP_MODALITIES = ("CT", "MR", "OT")
@@ -73,11 +73,20 @@ SPEC = (
         True,
         None,
     ),
-    Channel("CBF", ("CT_CBF",), PERFUSION_MAPS + "cbf", _map_rule("\\br?cbf\\b|blood.?flow"), required=True, synthetic=None),
-    Channel("CBV", ("CT_CBV",), PERFUSION_MAPS + "cbv", _map_rule("\\br?cbv\\b|blood.?vol"), required=True, synthetic=None),
+    Channel(
+        "CBF", ("CT_CBF",), PERFUSION_MAPS + "cbf", _map_rule("\\br?cbf\\b|blood.?flow"), required=True, synthetic=None
+    ),
+    Channel(
+        "CBV", ("CT_CBV",), PERFUSION_MAPS + "cbv", _map_rule("\\br?cbv\\b|blood.?vol"), required=True, synthetic=None
+    ),
     # one early ISLES 2018 release named some training maps MR_MTT / MR_Tmax
     Channel(
-        "MTT", ("CT_MTT", "MR_MTT"), PERFUSION_MAPS + "mtt", _map_rule("\\bmtt\\b|mean.?transit"), required=True, synthetic=None
+        "MTT",
+        ("CT_MTT", "MR_MTT"),
+        PERFUSION_MAPS + "mtt",
+        _map_rule("\\bmtt\\b|mean.?transit"),
+        required=True,
+        synthetic=None,
     ),
     Channel(
         "Tmax",
@@ -99,21 +108,29 @@ SPEC = (
 
 CHANNELS = tuple(c.name for c in SPEC if c.required)  # the model's inputs, in the order of metadata.json's channel_def
 NCCT = CHANNELS[0]
-OPTIONAL_CHANNELS = tuple(c.name for c in SPEC if not c.required)
+# What reads SPEC reads it when called (``channel``, ``SPEC`` through this module), never a copy made at import: a test
+# may add an entry (tests/test_channels.py).
 
 
 def channel(name) -> Channel:
-    """The ``SPEC`` entry of ``name``."""
-    return next(c for c in SPEC if c.name == name)
+    """The ``SPEC`` entry of ``name``.
+
+    Raises:
+        ValueError: naming the inputs ``SPEC`` declares, for another name.
+    """
+    found = [c for c in SPEC if c.name == name]
+    if not found:
+        raise ValueError(f"no input named {name}; scripts/data/channels.py declares {[c.name for c in SPEC]}")
+    return found[0]
 
 
 def check_channels(channels):
     """Refuse a ``channels`` setting other than the required inputs in order, then some optional ones once each."""
-    extra = tuple(channels[len(CHANNELS) :])
-    if tuple(channels[: len(CHANNELS)]) != CHANNELS or len(set(extra)) < len(extra) or set(extra) - set(OPTIONAL_CHANNELS):
+    extra, optional = tuple(channels[len(CHANNELS) :]), [c.name for c in SPEC if not c.required]
+    if tuple(channels[: len(CHANNELS)]) != CHANNELS or len(set(extra)) < len(extra) or set(extra) - set(optional):
         raise ValueError(
             f"channels {list(channels)}: the model's inputs are {', '.join(CHANNELS)}, in that order, then optionally"
-            f" {', '.join(OPTIONAL_CHANNELS)}"
+            f" {', '.join(optional)}"
         )
 
 
@@ -125,7 +142,6 @@ def series_rules(channels=CHANNELS, site_rules=None) -> dict:
         ValueError: for a site rule of a channel that ``SPEC`` does not declare.
     """
     site_rules = dict(site_rules or {})
-    unknown = sorted(set(site_rules) - {c.name for c in SPEC})
-    if unknown:
-        raise ValueError(f"site_series_rules: no input named {', '.join(unknown)}; the inputs are {[c.name for c in SPEC]}")
+    for name in site_rules:
+        channel(name)
     return {name: {**channel(name).series_rule, **site_rules.get(name, {})} for name in channels}

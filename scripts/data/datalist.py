@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
 from monai.utils import ensure_tuple
+from scripts.data import channels as spec
 from scripts.data import isles18, isles24
 from scripts.data.channels import CHANNELS, check_channels
 from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError, LoadCased, _stem, check_case
@@ -264,7 +265,7 @@ def _named_channel(path):
     smir = isles18.SMIR_NAME.match(stem) or isles18.SMIR_NAME.match(os.path.basename(os.path.dirname(path)))
     if smir:
         return isles18.key_of_token(smir.group("mod"))
-    endings = {name: "_" + location.rsplit("/", 1)[-1] for name, location in isles24.LOCATIONS.items()}
+    endings = {c.name: "_" + c.isles24.rsplit("/", 1)[-1] for c in spec.SPEC if c.isles24}
     return next((name for name, ending in endings.items() if stem.lower().endswith(ending)), None)
 
 

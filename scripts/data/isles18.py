@@ -9,13 +9,13 @@ import logging
 import os
 import re
 
-from scripts.data.channels import CHANNELS, SPEC
+from scripts.data import channels as spec
+from scripts.data.channels import CHANNELS
 from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError
 
 logger = logging.getLogger(__name__)
 
 LABEL = "OT"
-MODALITY_TOKENS = {c.name: c.isles18 for c in SPEC if c.isles18} | {LABEL: (LABEL,)}
 IGNORED_TOKENS = ("CT_4DPWI", "MR_4DPWI")  # the raw 4D perfusion series: in the release, not read
 TRAINING_DIR = "TRAINING"
 TESTING_DIR = "TESTING"
@@ -28,9 +28,14 @@ def smir_name(token: str, smir_id: int) -> str:
     return f"SMIR.Brain.XX.O.{token}.{smir_id}"
 
 
+def modality_tokens() -> dict:
+    """The modality tokens of each input that ISLES 2018 has (``scripts.data.channels``), and of ``OT``."""
+    return {c.name: c.isles18 for c in spec.SPEC if c.isles18} | {LABEL: (LABEL,)}
+
+
 def key_of_token(token: str):
     """Channel name (or ``OT``) of a folder's modality token, ``None`` for ignored or unknown tokens."""
-    return next((key for key, tokens in MODALITY_TOKENS.items() if token.lower() in map(str.lower, tokens)), None)
+    return next((key for key, tokens in modality_tokens().items() if token.lower() in map(str.lower, tokens)), None)
 
 
 def find_dir(parent, name):
@@ -79,7 +84,7 @@ def read_case(case, case_dir, with_label, channels=CHANNELS):
         InvalidCaseError: naming the case and the folder, for a dangling link, no map folders, two folders of one
             channel, a channel missing, or an input that ISLES 2018 does not have.
     """
-    absent = [c for c in channels if c not in MODALITY_TOKENS]
+    absent = [c for c in channels if c not in modality_tokens()]
     if absent:
         raise InvalidCaseError(
             f"{case}: ISLES 2018 has no {', '.join(absent)} (read from ISLES 2024 trees or 4D files)"

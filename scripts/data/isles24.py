@@ -17,7 +17,8 @@ import glob
 import os
 import re
 
-from scripts.data.channels import CHANNELS, SPEC
+from scripts.data import channels as spec
+from scripts.data.channels import CHANNELS
 from scripts.data.isles18 import TESTING_DIR, TRAINING_DIR, find_dir
 from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError
 
@@ -26,7 +27,6 @@ __all__ = ["EXPECTED", "find_root", "find_subjects", "read_subject", "subject_of
 RAW_DIRS = ("rawdata", "raw_data")
 DERIVATIVES_DIR = "derivatives"
 SUBJECT_PREFIX = "sub-"
-LOCATIONS = {c.name: c.isles24 for c in SPEC if c.isles24}  # scripts.data.channels.Channel.isles24
 MASK_SUFFIX = "lesion-msk"
 MASK_LIKE = re.compile(r"msk|mask|lesion|label|seg")  # in the name of a file that is not read as a mask
 EXPECTED = (
@@ -117,9 +117,9 @@ def read_subject(subject: str, raw_dir: str, derivatives_dir: str, channels=CHAN
     trees = {"raw": raw_dir, "derivatives": derivatives_dir}
     image = []
     for name in channels:
-        if name not in LOCATIONS:
+        if not spec.channel(name).isles24:
             raise InvalidCaseError(f"{subject}: ISLES 2024 has no {name}")
-        tree, *folder, ending = LOCATIONS[name].split("/")
+        tree, *folder, ending = spec.channel(name).isles24.split("/")
         pattern = os.path.join(trees[tree], subject, "ses-*", *folder, f"{subject}_ses-*_{ending}")
         image.append(_one(subject, pattern + "*", "NCCT" if name == CHANNELS[0] else f"{name} map"))
     sessions = os.path.join(derivatives_dir, subject, "ses-*", f"{subject}_ses-*_")
