@@ -13,7 +13,7 @@ from monai.data import correct_nifti_header_if_necessary
 from monai.transforms import LoadImaged
 from scripts.data.channels import CHANNELS
 from scripts.data.isles18 import find_cases, read_case
-from scripts.data.readers import CheckedNiftiReader, InvalidCaseError
+from scripts.data.readers import InvalidCaseError, ThreadSafeNibabelReader
 from scripts.tools.make_studies import convert
 
 # The header fields that place a NIfTI in the world; the study and the label must carry the CT's.
@@ -129,7 +129,7 @@ def test_the_study_and_label_carry_the_cts_geometry_as_the_bundle_reads_it(
     assert study.shape == ct.shape + (5,) and study.get_data_dtype() == np.float32
     assert label.shape == ct.shape and label.get_data_dtype() == np.uint8
 
-    load = LoadImaged("image", reader=CheckedNiftiReader(), ensure_channel_first=True, image_only=True)
+    load = LoadImaged("image", reader=ThreadSafeNibabelReader(), ensure_channel_first=True, image_only=True)
     maps, from_study = load({"image": item["image"]})["image"], load({"image": study.get_filename()})["image"]
     assert from_study.shape == maps.shape and np.array_equal(from_study.numpy(), maps.numpy())
     assert np.array_equal(from_study.affine.numpy(), maps.affine.numpy())

@@ -19,7 +19,7 @@ from monai.data import load_decathlon_datalist
 from scripts.data.channels import CHANNELS
 from scripts.data.datalist import build_datalist, find_inputs, load_fold, load_section, refuse_empty_fold
 from scripts.data.isles18 import read_case
-from scripts.data.readers import InvalidCaseError, check_case
+from scripts.data.readers import InvalidCaseError, LoadCased
 
 # The token each channel's folder carries in the synthetic tree (the real release's CT_ names).
 TOKENS = {"CT": ".CT.", "CBF": ".CT_CBF.", "CBV": ".CT_CBV.", "MTT": ".CT_MTT.", "Tmax": ".CT_Tmax.", "OT": ".OT."}
@@ -403,7 +403,7 @@ def test_check_refuses_exactly_the_affines_monai_cannot_stack(tree, offset):
         assert "affine matrix of all images should be the same" in str(err)
         loads = False
     try:
-        check_case(item)
+        LoadCased(("image", "label"))(item)
         checked = True
     except InvalidCaseError as err:
         assert str(err).startswith("case_4:") and os.path.basename(path) in str(err)

@@ -12,7 +12,7 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset
 from scripts.data.datalist import build_datalist, load_fold
-from scripts.data.readers import CheckedNiftiReader
+from scripts.data.readers import ThreadSafeNibabelReader
 from scripts.data.synthetic import generate
 
 
@@ -35,7 +35,7 @@ def test_names_of_a_read_stay_with_the_thread_that_read(mixed_tree):
     """The interleaving that broke MONAI's reader: thread A reads 5 maps, thread B a label, then A gets its data."""
     root, datalist = mixed_tree
     item = load_fold(datalist, root, 0)["train"][0]
-    reader = CheckedNiftiReader()
+    reader = ThreadSafeNibabelReader()
     images = reader.read(item["image"])
     other = threading.Thread(target=reader.read, args=(item["label"],))
     other.start()
@@ -64,7 +64,7 @@ def test_cache_built_by_four_threads_has_every_channel_and_the_right_case(repo_r
 
 def test_reader_survives_deepcopy_and_pickle():
     """Spawned DataLoader workers pickle the transforms, MONAI deep-copies them; a thread-local cannot be either."""
-    reader = CheckedNiftiReader(as_closest_canonical=True)
+    reader = ThreadSafeNibabelReader(as_closest_canonical=True)
     reader.filenames = ("a.nii",)
     for clone in (copy.deepcopy(reader), pickle.loads(pickle.dumps(reader))):
         assert clone.as_closest_canonical

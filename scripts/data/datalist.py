@@ -24,20 +24,8 @@ from monai.utils import ensure_tuple
 from scripts.data import channels as spec
 from scripts.data import isles18, isles24
 from scripts.data.channels import CHANNELS, check_channels
-from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError, LoadCased, _stem, check_case
+from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError, LoadCased, _stem
 from scripts.flags import as_bool
-
-__all__ = [
-    "assign_folds",
-    "build_datalist",
-    "case_name",
-    "find_inputs",
-    "load_fold",
-    "load_section",
-    "median_spacing",
-    "read_patients_csv",
-    "refuse_empty_fold",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +106,8 @@ def assign_folds(cases, patients, folds, seed):
 
 def read_valid_cases(reads, check=False, skip_invalid=False, channels=CHANNELS):
     """Read each case (``reads``: a callable per case giving its datalist item) and, with ``check``, load it with
-    every check (``scripts.data.readers.check_case``; a training case's blank maps refused); the one loop of every
-    tool that reads an ISLES tree.
+    every check (``scripts.data.readers.LoadCased``; a training case's blank maps refused); the one loop of every tool
+    that reads an ISLES tree.
 
     Returns:
         The items of the valid cases, in order, and the error messages of the cases left out (``skip_invalid``).
@@ -127,15 +115,13 @@ def read_valid_cases(reads, check=False, skip_invalid=False, channels=CHANNELS):
     Raises:
         InvalidCaseError: naming the case and the file, for the first invalid case unless ``skip_invalid``.
     """
-    items, skipped, loaders = [], [], {}
+    items, skipped = [], []
+    load = {labelled: LoadCased(("image", "label"), channels, refuse_blank=labelled) for labelled in (False, True)}
     for read in reads:
         try:
             item = read()
             if check:
-                labelled = "label" in item  # a training case
-                keys = ("image", "label") if labelled else ("image",)
-                loader = loaders.setdefault(keys, LoadCased(keys, channels, refuse_blank=labelled))
-                check_case(item, channels, loader=loader)
+                load["label" in item](item)
         except InvalidCaseError as err:
             if not skip_invalid:
                 raise
@@ -316,10 +302,9 @@ def _check_all(items, check, channels):
     """With ``check``, every item loaded with its checks before any work: inference and evaluation read their cases
     one at a time, so a bad case would otherwise stop the run part-way."""
     if as_bool(check, "check_inputs"):
-        loaders = {}
+        load = LoadCased(("image", "label"), channels)
         for item in items:
-            keys = ("image", "label") if "label" in item else ("image",)
-            check_case(item, channels, loader=loaders.setdefault(keys, LoadCased(keys, channels)))
+            load(item)
 
 
 def load_fold(data_list_file_path, dataset_dir, fold, channels=CHANNELS):

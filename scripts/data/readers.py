@@ -2,18 +2,19 @@
 
 ``LoadCased`` is MONAI's ``LoadImaged`` for one datalist item (``image``: the channels' files in order, or one 4D file;
 ``label``; ``case``): for each key it picks, as ``LoadImage`` does, the first of its readers whose ``verify_suffix``
-takes the key's value (the reader registry, as nnU-Net's ``imageio``): ``CheckedNiftiReader`` for NIfTI files, and
+takes the key's value (the reader registry, as nnU-Net's ``imageio``): ``ThreadSafeNibabelReader`` for NIfTI files, and
 the readers a profile adds (configs/dicom.json: ``scripts.dicom.series.DicomSeriesReader`` for DICOM series). With
 ``check`` every file is checked as it is read (a ``.gz`` stream against its CRC, a map's dimensions, one grid for
 all the files of a case, values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, a binary label, and in
 training no blank perfusion map), and a problem stops the run with one ``InvalidCaseError`` naming the case and the
-file. ``check_case`` runs the same load outside a pipeline (``prepare_datalist --check``, and before inference).
+file. ``scripts.data.datalist`` runs the same load outside a pipeline (``prepare_datalist --check``, and before
+inference and evaluation).
 
 The reader race (MONAI 1.6.1): ``NibabelReader.read()`` stores the file names of the call on the reader
 (``self.filenames``) and ``get_data()`` zips the loaded images with them. ``CacheDataset`` fills its cache from a thread
 pool that shares one ``LoadImaged``, so when another thread reads a case's one-file label between this thread's
 ``read()`` of the five maps and its ``get_data()``, the five images are zipped with one name and the image comes back
-with one channel. ``CheckedNiftiReader`` keeps the names per thread.
+with one channel. ``ThreadSafeNibabelReader`` keeps the names per thread.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from monai.transforms import LoadImage, LoadImaged, MapTransform
 from monai.utils import ensure_tuple
 from scripts.data.channels import CHANNELS, NCCT
 
-__all__ = ["MAX_ABS_VALUE", "CheckedNiftiReader", "InvalidCaseError", "LoadCased", "check_case"]
+__all__ = ["MAX_ABS_VALUE", "ThreadSafeNibabelReader", "InvalidCaseError", "LoadCased"]
 
 # Largest magnitude accepted in a map or label, after the header's scaling. No CT (HU), perfusion map or label value
 # comes near it; beyond it lie "no value" markers such as FLT_MAX (3.4e38), and a float32 z-score over a slab with such
@@ -97,7 +98,7 @@ def _values_problem(data):
     return None
 
 
-class CheckedNiftiReader(NibabelReader):
+class ThreadSafeNibabelReader(NibabelReader):
     """MONAI's ``NibabelReader`` with each file read once whole (``_read_nifti``), checked as it is read where
     ``check``, and the file names of the current ``read()`` kept per thread (the reader race, module docstring).
 
@@ -192,14 +193,8 @@ class _LoadWithGivenReader(LoadImage):
     each build that nvImageCodec is not installed. Its attributes are those ``LoadImage.__call__`` reads."""
 
     def __init__(self):  # noqa: D107 (not LoadImage's: it would build the default readers)
-        self.readers, self.auto_select, self.expanduser, self.dtype = [], False, False, np.float32
-        self.image_only, self.ensure_channel_first, self.simple_keys, self.pattern, self.sep = (
-            True,
-            True,
-            False,
-            None,
-            ".",
-        )
+        attributes = dict(readers=[], auto_select=False, expanduser=False, dtype=np.float32, image_only=True)
+        vars(self).update(attributes, ensure_channel_first=True, simple_keys=False, pattern=None, sep=".")
 
 
 class LoadCased(LoadImaged):
@@ -216,13 +211,13 @@ class LoadCased(LoadImaged):
         channels: the inputs ``image`` lists, in order.
         check: check the files and the case; a problem raises ``InvalidCaseError`` naming the case and the file.
         refuse_blank: refuse a blank perfusion map (training: it teaches the network nothing true).
-        reader: a reader (or several) besides ``CheckedNiftiReader``, tried first (configs/dicom.json's).
+        reader: a reader (or several) besides ``ThreadSafeNibabelReader``, tried first (configs/dicom.json's).
     """
 
     def __init__(self, keys, channels=CHANNELS, check=True, refuse_blank=False, reader=None):
         MapTransform.__init__(self, keys, allow_missing_keys=True)
         self._loader = _LoadWithGivenReader()
-        self.readers = [r for r in ensure_tuple(reader) if r is not None] + [CheckedNiftiReader(check=check)]
+        self.readers = [r for r in ensure_tuple(reader) if r is not None] + [ThreadSafeNibabelReader(check=check)]
         self.channels, self.check, self.refuse_blank = list(channels), check, refuse_blank
 
     def __call__(self, data):
@@ -295,21 +290,3 @@ def _stem(path) -> str:
     """A file's name without ``.nii``/``.nii.gz``."""
     name = os.path.basename(str(path))
     return next((name[: -len(s)] for s in (".nii.gz", ".nii") if name.lower().endswith(s)), name)
-
-
-def check_case(item, channels=CHANNELS, refuse_blank=False, loader=None):
-    """Load a datalist item (absolute paths) as the pipeline does, with every check (``LoadCased``), and return the
-    lesion voxels of its label (None without one).
-
-    Args:
-        item: ``{"image", "case"}`` and maybe ``"label"``.
-        channels: the inputs ``image`` lists.
-        refuse_blank: refuse a blank perfusion map (a training case).
-        loader: a ``LoadCased`` to reuse (one per loop, not one per case).
-
-    Raises:
-        InvalidCaseError: naming the case and the file.
-    """
-    keys = ["image", "label"] if "label" in item else ["image"]
-    loaded = (loader or LoadCased(keys, channels, refuse_blank=refuse_blank))(item)
-    return loaded["label"].meta["lesion_voxels"] if "label" in item else None

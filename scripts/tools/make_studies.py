@@ -52,20 +52,8 @@ STUDY_SUFFIX = ".nii.gz"
 LABELS_SUBDIR = os.path.join("labels", "final")  # MONAI Label's LocalDatastore: labels of tag "final"
 DESCRIPTION = "ISLES CTP channels: " + ",".join(CHANNELS)
 # Header fields that define the CT's voxel-to-world mapping, copied verbatim so that the study's affine is the CT's.
-_GEOMETRY_FIELDS = (
-    "qform_code",
-    "sform_code",
-    "quatern_b",
-    "quatern_c",
-    "quatern_d",
-    "qoffset_x",
-    "qoffset_y",
-    "qoffset_z",
-    "srow_x",
-    "srow_y",
-    "srow_z",
-    "xyzt_units",
-)
+_GEOMETRY_FIELDS = ("qform_code", "sform_code", "xyzt_units", "srow_x", "srow_y", "srow_z")
+_GEOMETRY_FIELDS += tuple(f"quatern_{a}" for a in "bcd") + tuple(f"qoffset_{a}" for a in "xyz")
 
 
 def _image(data, meta, dtype):
@@ -147,12 +135,12 @@ def convert(
     # every case read and checked before the first study is written
     items, skipped = read_valid_cases([partial(read_case, *job[:3]) for job in jobs], check, skip_invalid)
     by_case = {item["case"]: item for item in items}
-    written, loaders = {}, {keys: LoadCased(keys) for keys in (("image",), ("image", "label"))}
-    for case, case_dir, with_label, study, study_path, label_path in jobs:
+    written, load = {}, LoadCased(("image", "label"))
+    for case, case_dir, _, study, study_path, label_path in jobs:
         if case not in by_case:
             continue
         try:  # loaded again, checked again: with --check false this is the only check
-            image, label = stack_case(loaders[("image", "label") if with_label else ("image",)](by_case[case]))
+            image, label = stack_case(load(by_case[case]))
         except InvalidCaseError as err:
             if not skip_invalid:
                 raise
