@@ -310,13 +310,7 @@ def _write_case(case_dir, arrays, affine, smir_ids):
     """Write each array as SMIR.Brain.XX.O.<TOKEN>.<id>/SMIR.Brain.XX.O.<TOKEN>.<id>.nii under `case_dir`."""
     for key, data in arrays.items():
         name = smir_name(modality_tokens()[key][0], next(smir_ids))
-        folder = case_dir / name
-        folder.mkdir(parents=True)
-        image = nib.Nifti1Image(data, affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        image.header.set_xyzt_units("mm", "sec")
-        nib.save(image, folder / f"{name}.nii")
+        _save_nifti(case_dir / name / f"{name}.nii", data, affine)
 
 
 def _with_dicom_values(arrays):
