@@ -48,8 +48,13 @@ class Channel:
     synthetic: Callable | None = lambda arrays: np.asarray(arrays["CBF"], dtype=np.float32)
 
 
-def _map_rule(description, exclude=MAP_EXCLUDE):
-    return {"modality": list(MAP_MODALITIES), "description": description, "exclude": exclude}
+def _perfusion_map(name, isles18, description, exclude=MAP_EXCLUDE):
+    """A required perfusion map: ISLES 2024 keeps it in ``perfusion-maps``, its DICOM rule takes maps of any modality
+    named by ``description`` and not thresholded regions or masks."""
+    rule = {"modality": list(MAP_MODALITIES), "description": description, "exclude": exclude}
+    return Channel(
+        name, isles18, f"derivatives/perfusion-maps/space-ncct_{name.lower()}", rule, required=True, synthetic=None
+    )
 
 
 def _cta(arrays):
@@ -57,51 +62,28 @@ def _cta(arrays):
     return np.rint(arrays["CT"].astype(np.float32) + 15.0 * arrays["CBV"]).astype(np.int16)
 
 
-PERFUSION_MAPS = "derivatives/perfusion-maps/space-ncct_"
+NCCT_RULE = {
+    "modality": ["CT"],
+    "description": "ncct|non.?contrast|w/?o|plain|nect|native|head|brain|cerebr|schaedel|skull|ct",
+    "exclude": "cbf|cbv|mtt|t.?max|ttp|flow|volume|transit|perf|ctp|cta|angio|mip|dynamic|4d|bone|lung|scout|topo"
+    "|\\+c\\b|post|contrast enh",
+}
 SPEC = (
-    Channel(
-        "CT",  # the non-contrast CT: the grid the other inputs lie on, which the results are drawn on
-        ("CT",),
-        "raw/ncct",
-        {
-            "modality": ["CT"],
-            "description": "ncct|non.?contrast|w/?o|plain|nect|native|head|brain|cerebr|schaedel|skull|ct",
-            "exclude": "cbf|cbv|mtt|t.?max|ttp|flow|volume|transit|perf|ctp|cta|angio|mip|dynamic|4d|bone|lung|scout"
-            "|topo|\\+c\\b|post|contrast enh",
-        },
-        "window",
-        True,
-        None,
-    ),
-    Channel(
-        "CBF", ("CT_CBF",), PERFUSION_MAPS + "cbf", _map_rule("\\br?cbf\\b|blood.?flow"), required=True, synthetic=None
-    ),
-    Channel(
-        "CBV", ("CT_CBV",), PERFUSION_MAPS + "cbv", _map_rule("\\br?cbv\\b|blood.?vol"), required=True, synthetic=None
-    ),
-    # one early ISLES 2018 release named some training maps MR_MTT / MR_Tmax
-    Channel(
-        "MTT",
-        ("CT_MTT", "MR_MTT"),
-        PERFUSION_MAPS + "mtt",
-        _map_rule("\\bmtt\\b|mean.?transit"),
-        required=True,
-        synthetic=None,
-    ),
-    Channel(
-        "Tmax",
-        ("CT_Tmax", "MR_Tmax"),
-        PERFUSION_MAPS + "tmax",
-        _map_rule("t.?max|time.?to.?max", "<|>|%|thresh|mask"),
-        required=True,
-        synthetic=None,
-    ),
+    # the non-contrast CT: the grid the other inputs lie on, which the results are drawn on
+    Channel("CT", ("CT",), "raw/ncct", NCCT_RULE, "window", required=True, synthetic=None),
+    _perfusion_map("CBF", ("CT_CBF",), "\\br?cbf\\b|blood.?flow"),
+    _perfusion_map("CBV", ("CT_CBV",), "\\br?cbv\\b|blood.?vol"),
+    _perfusion_map("MTT", ("CT_MTT", "MR_MTT"), "\\bmtt\\b|mean.?transit"),  # MR_: an early ISLES 2018 release's
+    _perfusion_map("Tmax", ("CT_Tmax", "MR_Tmax"), "t.?max|time.?to.?max", "<|>|%|thresh|mask"),
     # ISLES 2024's CT angiography registered to the NCCT (configs/isles24_cta.json)
     Channel(
         "CTA",
-        (),
-        "derivatives/space-ncct_cta",
-        {"modality": ["CT"], "description": "\\bcta\\b|angio", "exclude": "mip|perf|ctp|4d|dynamic|cbf|cbv|mtt|t.?max"},
+        isles24="derivatives/space-ncct_cta",
+        series_rule={
+            "modality": ["CT"],
+            "description": "\\bcta\\b|angio",
+            "exclude": "mip|perf|ctp|4d|dynamic|cbf|cbv|mtt|t.?max",
+        },
         synthetic=_cta,
     ),
 )

@@ -24,7 +24,7 @@ from monai.utils import ensure_tuple
 from scripts.data import channels as spec
 from scripts.data import isles18, isles24
 from scripts.data.channels import CHANNELS, check_channels
-from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError, LoadCased, _stem
+from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError, LoadCased, file_stem
 from scripts.flags import as_bool
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def case_name(image) -> str:
     """The name of a case that its datalist item does not give, from its ``image`` (one file or a list of files):
     the ISLES 2018 case folder, the ISLES 2024 subject, else the (first) file's name without ``.nii``/``.nii.gz``."""
     first = image if isinstance(image, str) else image[0]
-    return isles18.case_of(first) or isles24.subject_of(first) or _stem(first)
+    return isles18.case_of(first) or isles24.subject_of(first) or file_stem(first)
 
 
 def _isles24_tree(data_root, channels):
@@ -58,7 +58,9 @@ def _nifti_inputs(source, channels):
     """One case per NIfTI file of ``source``: 4D files with the channels last."""
     names = sorted(f for f in os.listdir(source) if f.lower().endswith(NIFTI_SUFFIXES))
     return [
-        {"image": os.path.join(source, f), "case": _stem(f)} for f in names if os.path.isfile(os.path.join(source, f))
+        {"image": os.path.join(source, f), "case": file_stem(f)}
+        for f in names
+        if os.path.isfile(os.path.join(source, f))
     ]
 
 
@@ -247,7 +249,7 @@ def _read_section(path, key, base_dir=None, is_segmentation=True, channels=CHANN
 def _named_channel(path):
     """The input a file's name says it holds (ISLES 2018 ``SMIR.Brain.XX.O.<MOD>.<id>``, ISLES 2024
     ``..._space-ncct_<map>``), None when the name says nothing."""
-    stem = _stem(path)
+    stem = file_stem(path)
     smir = isles18.SMIR_NAME.match(stem) or isles18.SMIR_NAME.match(os.path.basename(os.path.dirname(path)))
     if smir:
         return isles18.key_of_token(smir.group("mod"))

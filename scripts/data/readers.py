@@ -224,7 +224,7 @@ class LoadCased(LoadImaged):
         d = dict(data)
         image_key, *label_keys = self.keys
         files = ensure_tuple(d[image_key])
-        d.setdefault("case", _stem(files[0]))
+        d.setdefault("case", file_stem(files[0]))
         names = dict(zip(map(str, files), self.channels if len(files) > 1 else ["image"]))
         names.update({str(d[key]): LABEL for key in label_keys if key in d})
         for key in self.key_iterator(d):
@@ -286,7 +286,7 @@ class LoadCased(LoadImaged):
             )
 
 
-def _stem(path) -> str:
+def file_stem(path) -> str:
     """A file's name without ``.nii``/``.nii.gz``."""
     name = os.path.basename(str(path))
     return next((name[: -len(s)] for s in (".nii.gz", ".nii") if name.lower().endswith(s)), name)
