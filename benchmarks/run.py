@@ -715,7 +715,7 @@ def section_pacs(cases, repeats):
     An untrained network of the demo's features on full-size synthetic ISLES 2018 cases."""
     sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
     from orthanc import orthanc_available, start_orthanc, upload
-    from scripts.data.isles18 import NCCT
+    from scripts.data.channels import NCCT
     from scripts.dicom.dicomweb import ListenerState, Pacs
     from scripts.dicom.series import find_studies
     from scripts.tools.pacs import StudySegmenter, config_files, listen

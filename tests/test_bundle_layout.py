@@ -7,7 +7,7 @@ import re
 
 import monai
 from monai.bundle import ConfigParser
-from scripts.data.isles18 import CHANNELS
+from scripts.data.channels import CHANNELS
 
 
 def load(repo_root, *parts):

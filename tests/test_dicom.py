@@ -22,8 +22,8 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, JPEGLosslessSV1, JPEGLSLossless, generate_uid
 from pydicom.valuerep import format_number_as_ds
-from scripts.data.folds import build_datalist
-from scripts.data.isles18 import InvalidCaseError
+from scripts.data.datalist import build_datalist
+from scripts.data.readers import InvalidCaseError
 from scripts.data.synthetic import generate
 from scripts.dicom.results import FIGURES
 from scripts.dicom.series import DicomSeriesReader, case_of, find_studies, volume_arrays, volume_as_nifti
@@ -32,8 +32,10 @@ DICOM_CONFIGS = "['configs/inference.json','configs/dicom.json']"
 
 
 def rules(repo_root):
-    with open(os.path.join(repo_root, "configs", "dicom.json")) as f:
-        return json.load(f)["series_rules"]
+    """configs/dicom.json's ``series_rules``: the spec's default rule of each input (scripts.data.channels)."""
+    parser = ConfigParser()
+    parser.read_config([os.path.join(repo_root, "configs", name) for name in ("inference.json", "dicom.json")])
+    return parser.get_parsed_content("series_rules")
 
 
 def run_bundle(repo_root, configs, bundle_root, dataset_dir, output_dir, *extra):
@@ -376,11 +378,13 @@ def test_a_sites_own_series_names_are_set_in_a_config_file_after_dicom_json(repo
     with pytest.raises(InvalidCaseError, match="no series for CBF"):
         find_studies(str(folder), rules(repo_root))
     site = tmp_path / "site.json"
-    site.write_text(json.dumps({"series_rules#CBF#description": "^PERF FLOW$"}))
+    site.write_text(json.dumps({"site_series_rules#CBF": {"description": "^PERF FLOW$"}}))
     parser = ConfigParser()
     parser.read_config([os.path.join(repo_root, "configs", name) for name in ("inference.json", "dicom.json")] + [site])
-    (study,) = find_studies(str(folder), parser.get_parsed_content("series_rules"))
+    rules_read = parser.get_parsed_content("series_rules")
+    (study,) = find_studies(str(folder), rules_read)
     assert study.series["CBF"].description == "PERF FLOW"
+    assert rules_read["CBF"]["exclude"] == rules(repo_root)["CBF"]["exclude"], "the tests the site gives no value keep"
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian's dicom3tools) is not installed")
@@ -436,8 +440,8 @@ def test_a_map_on_another_grid_of_the_frame_of_reference_is_resampled_onto_the_n
 
     def image_of():
         (study,) = find_studies(str(folder), rules(repo_root))
-        reader = DicomSeriesReader([study], str(folder))
-        return reader.get_data(reader.read(study.item(str(folder))["image"]))
+        reader = DicomSeriesReader()
+        return reader.get_data(reader.read(study.item()["image"]))
 
     image, meta = image_of()
 

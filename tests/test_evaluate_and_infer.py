@@ -23,9 +23,10 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 from PIL import Image
 from scipy import ndimage
-from scripts.data.datalist import find_inputs, load_section
-from scripts.data.folds import build_datalist
-from scripts.data.isles18 import CHANNELS, InvalidCaseError, read_case
+from scripts.data.channels import CHANNELS
+from scripts.data.datalist import build_datalist, find_inputs, load_section
+from scripts.data.isles18 import read_case
+from scripts.data.readers import InvalidCaseError
 from scripts.data.synthetic import generate
 from scripts.engine.inferers import FlipInferer
 from scripts.report.cases import PER_CASE, SUMMARY, THRESHOLD_CORE, prepare_outputs, table_columns

@@ -16,7 +16,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist
 from scripts.engine.networks import ModifiedUNet
 from scripts.report.cases import PER_CASE, SUMMARY
 

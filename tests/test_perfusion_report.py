@@ -9,7 +9,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.data import MetaTensor
-from scripts.data.isles18 import CHANNELS
+from scripts.data.channels import CHANNELS
 from scripts.report.cases import PER_CASE, THRESHOLD_CORE, CaseOutputsWriter, PerfusionReportd
 from scripts.report.perfusion import perfusion_figures, perfusion_regions
 

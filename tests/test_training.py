@@ -17,7 +17,7 @@ from helpers import initialize_and_run, raised_messages
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from PIL import Image
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist
 
 # Small enough for this CPU: 5 levels still need every spatial size divisible by 16.
 TINY = {

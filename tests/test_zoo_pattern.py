@@ -13,7 +13,7 @@ import shutil
 import monai.bundle
 import pytest
 from monai.bundle import ConfigWorkflow
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist
 from scripts.flags import refuse_unknown_overrides
 from scripts.report.cases import PER_CASE, SUMMARY
 

@@ -6,7 +6,7 @@ import json
 import os
 
 from scripts import BUNDLE_ROOT
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist
 from scripts.data.synthetic import generate
 from scripts.safe_files import write_atomically
 

@@ -25,7 +25,6 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import string_list_all_gather
-from scripts.data.isles18 import case_name
 from scripts.flags import as_bool
 from scripts.report.metrics import METRIC_NAMES, score_case, volume_ml
 from scripts.report.overlay import overlay_image, report_line
@@ -117,7 +116,7 @@ def prepare_outputs(folder, items, settings, overwrite=False, lock=None) -> list
     require_held(folder, lock)
     settings = json.loads(json.dumps(settings))  # tuples as lists, as the manifest reads back
     manifest = os.path.join(folder, MANIFEST)
-    cases = [case_name(item["image"]) for item in items]
+    cases = [item["case"] for item in items]
     kept, earlier_cases = [], set()
     if os.path.isfile(manifest):
         with open(manifest) as f:
@@ -196,7 +195,7 @@ class PerfusionReportd(MapTransform):
         _, cbf, tmax = (d[k][0].detach().cpu().numpy() for k in self.map_keys)
         regions, note = perfusion_regions(cbf, tmax, self.thresholds)
         if note:
-            logger.warning("%s: no perfusion figures: %s", case_name(pred.meta["filename_or_obj"]), note)
+            logger.warning("%s: no perfusion figures: %s", d.get("case", "?"), note)
         baseline = pred.clone()
         baseline[0] = torch.as_tensor(regions["core"] if regions is not None else 0, dtype=baseline.dtype)
         d[self.baseline_key] = baseline
@@ -286,7 +285,7 @@ class CaseOutputsWriter:
 
     def _write_case(self, case_data):
         pred = case_data[self.pred_key]
-        case = case_name(pred.meta["filename_or_obj"])
+        case = case_data["case"]
         mask = pred[0].detach().cpu().numpy() > 0
         ct, cbf = (case_data[k][0].detach().cpu().numpy() for k in self.map_keys[:2])
         affine = np.asarray(pred.affine, dtype=np.float64)

@@ -13,7 +13,7 @@ from monai.data import load_decathlon_datalist
 from PIL import Image, ImageDraw
 from scipy.stats import bootstrap, wilcoxon
 from scripts import BUNDLE_ROOT
-from scripts.data.isles18 import CHANNELS
+from scripts.data.channels import CHANNELS
 from scripts.report.cases import PER_CASE
 from scripts.report.metrics import METRIC_NAMES
 from scripts.report.tables import print_table, read_csv, write_csv

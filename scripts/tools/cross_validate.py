@@ -35,7 +35,7 @@ import traceback
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts import BUNDLE_ROOT
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist
 from scripts.engine.checkpoints import latest_training_state
 from scripts.flags import as_bool
 from scripts.report.cross_validation import TESTING_FILE, write_outputs
