@@ -75,6 +75,7 @@ DEFINED_OTHERWISE_FOR_INFERENCE = {
     "spatial_keys",
     "resize_modes",
     "datalist",
+    "refuse_blank_maps",  # training refuses a case with a blank map; inference segments it and says so
     "preprocessing_transforms",
     "postprocessing",
     "initialize",

@@ -95,7 +95,7 @@ def test_the_case_report_holds_the_figures_the_threshold_core_the_mask_and_the_o
     output = {k: v for k, v in out.items() if k not in maps}
     engine = Engine(lambda engine, batch: [output])
     CaseOutputsWriter(str(tmp_path / "out"), list(maps)).attach(engine)
-    engine.run([[maps]])
+    engine.run([[{**maps, "case": "case_7"}]])  # the datalist item's case name travels in the batch
     with open(tmp_path / "out" / PER_CASE) as f:
         (row,) = csv.DictReader(f)
     assert row["case"] == "case_7" and float(row["volume_pred_ml"]) == pytest.approx(ml(core), abs=1e-4)

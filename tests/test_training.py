@@ -18,6 +18,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 from scripts.data.datalist import build_datalist
+from scripts.safe_files import release_folder
 
 # Small enough for this CPU: 5 levels still need every spatial size divisible by 16.
 TINY = {
@@ -256,6 +257,7 @@ def killed_after(repo_root, bundle_root, synthetic_tree, datalist_file, epoch, *
         Events.EPOCH_COMPLETED(once=epoch), lambda engine: engine.terminate()
     )
     wf.run()
+    release_folder(wf.parser.get_parsed_content("ckpt_dir"))  # a killed process's OS lock is freed with it
     return wf
 
 

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 from monai.metrics import (
+    CumulativeIterationMetric,
     compute_average_surface_distance,
     compute_confusion_matrix_metric,
     compute_dice,
@@ -35,7 +36,7 @@ from panoptica import (
     disable_citation_reminder,
 )
 
-__all__ = ["LESION_MATCHING_IOU", "METRIC_NAMES", "score_case", "volume_ml"]
+__all__ = ["LESION_MATCHING_IOU", "METRIC_NAMES", "LesionF1Metric", "lesion_figures", "score_case", "volume_ml"]
 
 disable_citation_reminder()  # else panoptica prints a banner in every process that imports it
 # IoU from which a predicted lesion matches a reference lesion: the ISLES 2024 scoring code's
@@ -104,12 +105,42 @@ def score_case(pred, label, spacing, matching_iou=LESION_MATCHING_IOU) -> dict:
         values.update(dict.fromkeys(("hd95_mm", "assd_mm"), 0.0 if not (pred.any() or label.any()) else np.nan))
     true_ml, pred_ml = volume_ml(label, spacing), volume_ml(pred, spacing)
     values.update(volume_true_ml=true_ml, volume_pred_ml=pred_ml, volume_abs_diff_ml=abs(pred_ml - true_ml))
+    values["lesion_f1"], values["lesion_count_diff"] = lesion_figures(pred, label, matching_iou)
+    return {name: values[name] for name in METRIC_NAMES}
+
+
+def lesion_figures(pred, label, matching_iou=LESION_MATCHING_IOU) -> tuple:
+    """``(lesion_f1, lesion_count_diff)`` of two boolean masks from one panoptica matching: lesions are connected
+    components, matched one to one where their IoU is at least ``matching_iou``; F1 is panoptica's recognition
+    quality tp / (tp + (fp + fn) / 2), 1 when both masks are empty."""
     lesions = Panoptica_Evaluator(
         expected_input=InputType.SEMANTIC,
         instance_approximator=ConnectedComponentsInstanceApproximator(),
         instance_matcher=NaiveThresholdMatching(matching_threshold=matching_iou),
-    ).evaluate(pred.numpy().astype(np.int32), label.numpy().astype(np.int32), verbose=False)["ungrouped"]
+    ).evaluate(np.asarray(pred).astype(np.int32), np.asarray(label).astype(np.int32), verbose=False)["ungrouped"]
     both_empty = lesions.n_ref_instances == 0 and lesions.n_pred_instances == 0
-    values["lesion_f1"] = 1.0 if both_empty else float(lesions.rq)  # panoptica's recognition quality: tp/(tp+(fp+fn)/2)
-    values["lesion_count_diff"] = float(abs(lesions.n_ref_instances - lesions.n_pred_instances))
-    return {name: values[name] for name in METRIC_NAMES}
+    return (1.0 if both_empty else float(lesions.rq)), float(abs(lesions.n_ref_instances - lesions.n_pred_instances))
+
+
+class LesionF1Metric(CumulativeIterationMetric):
+    """The lesion-wise F1 of ``lesion_figures`` as a MONAI metric, for the validation of training
+    (``IgniteMetricHandler``): one value per case and channel of one-hot ``y_pred`` and ``y``, their mean.
+
+    Args:
+        matching_iou: the IoU from which a predicted lesion matches a reference lesion.
+    """
+
+    def __init__(self, matching_iou=LESION_MATCHING_IOU):
+        super().__init__()
+        self.matching_iou = matching_iou
+
+    def _compute_tensor(self, y_pred, y=None):
+        values = [
+            [lesion_figures(p.cpu().numpy() > 0, t.cpu().numpy() > 0, self.matching_iou)[0] for p, t in zip(pc, tc)]
+            for pc, tc in zip(y_pred, y)
+        ]
+        return torch.tensor(values, dtype=torch.float32, device=y_pred.device)
+
+    def aggregate(self):
+        """The mean over every case and channel seen since the last ``reset``."""
+        return self.get_buffer().float().mean()
