@@ -8,11 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers import challenge_scoring
-
-from benchmarks.peers import NNUNET_CHANNEL_NAMES, nnunet_raw_dataset, score_case
 from scripts.data.folds import build_datalist
 from scripts.data.isles18 import CHANNELS, OPTIONAL_CHANNELS, case_name
 from scripts.data.synthetic import generate_isles24
+
+from benchmarks.peers import NNUNET_CHANNEL_NAMES, nnunet_raw_dataset, score_case
 
 
 def _voxels(path):
