@@ -2,8 +2,9 @@
 
     bash benchmarks/peers-env    # once: nnU-Net's own environment (.venv-nnunet), never the bundle's
     python benchmarks/peers.py --dataset_dir D --output_dir OUT [--fold 0] [--profile demo|isles24|isles24_native]
-        [--datalist FILE] [--seed 0] [--nnunet_configuration 2d] [--nnunet_batch_size 4] [--nnunet_iterations 20]
-        [--nnunet_val_iterations 2] [--budget_factors "[1]"] [--overwrite true] [--ID VALUE ...]
+        [--datalist FILE] [--seed 0] [--threads N] [--nnunet_configuration 2d] [--nnunet_batch_size 4]
+        [--nnunet_iterations 20] [--nnunet_val_iterations 2] [--nnunet_data_processes 1] [--budget_factors "[1]"]
+        [--data_label TEXT] [--overwrite true] [--ID VALUE ...]
 
 One fold of the datalist (built from ``D`` with 5 folds by patient, as the demo and scripts.tools.prepare_datalist
 build it, or ``--datalist``), and in ``OUT``:
@@ -21,6 +22,9 @@ all scored with scripts.report.metrics.METRICS on each case's own grid: ``per_ca
 the cases), ``results.json``. nnU-Net's masks are scored here (``score_case``); the bundle's rows are its evaluation's
 own figures, and ``score_case`` is checked against them on the masks that evaluation wrote.
 
+``--threads N`` runs every process with N OpenMP/MKL threads (and nnU-Net's planning with N processes): on a machine
+that other work shares, 2-thread kernels wait on each other's time slices. ``--nnunet_data_processes``: nnU-Net's
+background processes for data augmentation (0: in its training process, as the demo's ``num_workers`` 0).
 Each step leaves a marker file; a rerun with the same settings skips the steps done, one with other settings (or of a
 finished run) needs ``--overwrite true``, which removes ``OUT`` first (only a folder that this script wrote).
 Not part of the tests: no timing is asserted anywhere.
@@ -171,7 +175,14 @@ def score_case(prediction_path, label_path) -> dict:
     return values
 
 
-def _timed(cmd, log_path, env=None):
+def _child_env(threads, **variables):
+    """The environment of every process this script starts: its own, with ``variables``, and with ``threads`` (when
+    set) as the OpenMP and MKL thread counts, which torch's CPU kernels take."""
+    limits = {} if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return {**os.environ, **limits, **variables}
+
+
+def _timed(cmd, log_path, env):
     """Run ``cmd`` from the repository root, its output appended to ``log_path``; returns its wall-clock seconds."""
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
@@ -188,7 +199,7 @@ def _as_text(value):
     return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
 
 
-def _bundle_run(run_id, files, overrides, log_path):
+def _bundle_run(run_id, files, overrides, log_path, env):
     """``python -m monai.bundle run RUN_ID`` of the config ``files`` with the ``overrides`` they define; seconds."""
     parser = ConfigParser()
     parser.read_config(files)
@@ -220,15 +231,17 @@ def network_name(network, profile) -> str:
 
 
 def _step(marker, work):
-    """``work()``'s result, stored in ``marker``; an earlier run's stored result when ``marker`` exists."""
+    """``work()``'s result, stored in ``marker`` with the machine's 1-minute load average before and after it; an
+    earlier run's stored result when ``marker`` exists."""
     if os.path.isfile(marker):
         return _read_json(marker)
-    result = work()
+    before = os.getloadavg()[0]
+    result = {**work(), "load_average": [before, os.getloadavg()[0]]}
     _write_json(marker, result)
     return result
 
 
-def _bundle_network(out, network, profile, common, heldout_path):
+def _bundle_network(out, network, profile, common, heldout_path, env):
     """Train, evaluate and run inference of one of the bundle's networks; their stored results."""
     folder = os.path.join(out, "bundle", network)
     os.makedirs(folder, exist_ok=True)
@@ -240,31 +253,38 @@ def _bundle_network(out, network, profile, common, heldout_path):
     }
     trained = _step(
         os.path.join(folder, "trained.json"),
-        lambda: {"seconds": _bundle_run("training", _config_files(TRAIN, network, profile), {**common, **paths}, log)},
+        lambda: {
+            "seconds": _bundle_run("training", _config_files(TRAIN, network, profile), {**common, **paths}, log, env)
+        },
     )
     evaluation = {**common, **paths, "prediction_dir": os.path.join(folder, "eval"), "eval_section": "validation"}
     _step(
         os.path.join(folder, "evaluated.json"),
-        lambda: {"seconds": _bundle_run("evaluating", _config_files(EVALUATE, network, profile), evaluation, log)},
+        lambda: {"seconds": _bundle_run("evaluating", _config_files(EVALUATE, network, profile), evaluation, log, env)},
     )
     inference = {**common, **paths, "dataset_dir": heldout_path, "prediction_dir": os.path.join(folder, "predictions")}
     inferred = _step(
         os.path.join(folder, "inferred.json"),
-        lambda: {"seconds": _bundle_run(None, _config_files(EVALUATE[:1], network, profile), inference, log)},
+        lambda: {"seconds": _bundle_run(None, _config_files(EVALUATE[:1], network, profile), inference, log, env)},
     )
-    return {"folder": folder, "train_seconds": trained["seconds"], "inference_seconds": inferred["seconds"]}
+    return {
+        "folder": folder,
+        "train_seconds": trained["seconds"],
+        "train_load_average": trained.get("load_average"),
+        "inference_seconds": inferred["seconds"],
+    }
 
 
 def _nnunet(out, settings, datalist_path, budgets, heldout):
     """nnU-Net's raw dataset, planning and preprocessing, then one training and prediction per budget."""
     folder = os.path.join(out, "nnunet")
-    env = {
-        **os.environ,
-        "nnUNet_raw": os.path.join(folder, "raw"),
-        "nnUNet_preprocessed": os.path.join(folder, "preprocessed"),
-        "nnUNet_results": os.path.join(folder, "results"),
-        "nnUNet_n_proc_DA": str(settings["nnunet_data_processes"]),
-    }
+    env = _child_env(
+        settings["threads"],
+        nnUNet_raw=os.path.join(folder, "raw"),
+        nnUNet_preprocessed=os.path.join(folder, "preprocessed"),
+        nnUNet_results=os.path.join(folder, "results"),
+        nnUNet_n_proc_DA=str(settings["nnunet_data_processes"]),
+    )
     os.makedirs(folder, exist_ok=True)
     log = os.path.join(folder, "log.txt")
     python, configuration = settings["nnunet_python"], settings["nnunet_configuration"]
@@ -282,7 +302,11 @@ def _nnunet(out, settings, datalist_path, budgets, heldout):
 
     planned = _step(
         os.path.join(folder, "planned.json"),
-        lambda: driver("plan", "--dataset_id", DATASET_ID, "--configuration", configuration),
+        lambda: driver(
+            "plan",
+            *("--dataset_id", DATASET_ID, "--configuration", configuration),
+            *("--processes", settings["threads"] or os.cpu_count()),
+        ),
     )
     runs = []
     for factor, budget in budgets:
@@ -361,6 +385,7 @@ def peers(
     datalist=None,
     seed=0,
     data_label=None,
+    threads=None,
     nnunet_python=".venv-nnunet/bin/python",
     nnunet_configuration="2d",
     nnunet_batch_size=4,
@@ -383,6 +408,8 @@ def peers(
     if nnunet_configuration not in ("2d", "3d_fullres", "3d_lowres"):
         raise ValueError(f"--nnunet_configuration must be 2d, 3d_fullres or 3d_lowres, got {nnunet_configuration!r}")
     factors = [float(f) for f in ([budget_factors] if isinstance(budget_factors, (int, float)) else budget_factors)]
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"--threads must be a positive integer, got {threads!r}")
     if not factors or min(factors) <= 0:
         raise ValueError(f"--budget_factors must be positive numbers, got {budget_factors!r}")
     check_overrides(overrides, list(NETWORKS), profile)
@@ -395,6 +422,7 @@ def peers(
         "datalist": os.path.abspath(datalist) if datalist else None,
         "seed": seed,
         "data_label": data_label or ("synthetic data" if synthetic else dataset_dir),
+        "threads": threads,
         "nnunet_python": nnunet_python,
         "nnunet_configuration": nnunet_configuration,
         "nnunet_batch_size": nnunet_batch_size,
@@ -426,7 +454,8 @@ def peers(
         "seed": seed,
         "prepare_data": "[]",
     }
-    bundle = {net: _bundle_network(output_dir, net, profile, common, heldout_path) for net in NETWORKS}
+    env = _child_env(threads)
+    bundle = {net: _bundle_network(output_dir, net, profile, common, heldout_path, env) for net in NETWORKS}
     budget_s = bundle["modified"]["train_seconds"]
     nnunet = _nnunet(output_dir, settings, datalist_path, [(f, f * budget_s) for f in factors], heldout)
     return _write_tables(output_dir, settings, bundle, nnunet, heldout, labels)
@@ -434,7 +463,7 @@ def peers(
 
 def _write_tables(out, settings, bundle, nnunet, heldout, labels):
     """per_case.csv, results.json and table.md (written last: it marks the run finished)."""
-    per_case, rows, checks = [], [], {}
+    per_case, rows, checks, loads = [], [], {}, {}
     names = {net: network_name(net, settings["profile"]) for net in bundle}
     for net, result in bundle.items():
         evaluated = read_csv(os.path.join(result["folder"], "eval", "metrics_per_case.csv"))
@@ -448,6 +477,7 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
             for m in TABLE_METRICS
         )
         rows.append((names[net], evaluated, result["train_seconds"], result["inference_seconds"] / len(heldout)))
+        loads[names[net]] = result.get("train_load_average")
     baseline = read_csv(os.path.join(bundle["modified"]["folder"], "eval", "baseline_per_case.csv"))
     version = _nnunet_version(settings["nnunet_python"])
     for item in nnunet["runs"]:
@@ -463,6 +493,7 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
         ]
         per_case += [{"method": name, **r} for r in scored]
         rows.append((name, scored, train["command_seconds"], item["predict"]["command_seconds"] / len(heldout)))
+        loads[f"nnU-Net ({item['factor']:g} x)"] = train.get("load_average")
     per_case += [{"method": THRESHOLD_CORE, **r} for r in baseline]
     rows.append((THRESHOLD_CORE, baseline, None, None))
     write_csv(os.path.join(out, "per_case.csv"), ["method", "case", *METRICS], per_case)
@@ -493,7 +524,16 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
         f" ({', '.join(heldout)}), each scored on its own grid by scripts.report.metrics.METRICS. Training: the"
         f" whole command's wall-clock (nnU-Net: its training process; planning and preprocessing took"
         f" {nnunet['plan_seconds']:.0f} s more); inference: the whole command's wall-clock (start-up and model loading"
-        f" included) divided by the cases.\n\n" + _markdown(header, table)
+        f" included) divided by the cases. nnU-Net predicts as its predictor does by default (sliding window,"
+        f" Gaussian weighting, test-time mirroring), from the final checkpoint; the bundle's networks with"
+        f" their configs' settings, from the best validation checkpoint.\n\n"
+        + _markdown(header, table)
+        + "\nThe machine's 1-minute load average at the start and end of each training: "
+        + "; ".join(f"{k} {v[0]:.1f} -> {v[1]:.1f}" for k, v in loads.items() if v)
+        + ". score_case (which scores nnU-Net's masks) against the bundle's own evaluation, on the masks that"
+        + " evaluation wrote: largest difference "
+        + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
+        + ".\n"
     )
     write_atomically(os.path.join(out, FINISHED_FILE), lambda f: f.write(text.encode()))
     print(text)
@@ -508,6 +548,7 @@ def main(
     datalist: str | None = None,
     seed: int = 0,
     data_label: str | None = None,
+    threads: int | None = None,
     nnunet_python: str = ".venv-nnunet/bin/python",
     nnunet_configuration: str = "2d",
     nnunet_batch_size: int = 4,
