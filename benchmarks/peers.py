@@ -4,7 +4,7 @@
     python benchmarks/peers.py --dataset_dir D --output_dir OUT [--fold 0] [--profile demo|isles24|isles24_native]
         [--datalist FILE] [--seed 0] [--threads N] [--nnunet_configuration 2d] [--nnunet_batch_size 4]
         [--nnunet_iterations 20] [--nnunet_val_iterations 2] [--nnunet_data_processes 1] [--budget_factors "[1]"]
-        [--data_label TEXT] [--overwrite true] [--ID VALUE ...]
+        [--budget_clock wall|cpu] [--data_label TEXT] [--overwrite true] [--ID VALUE ...]
 
 One fold of the datalist (built from ``D`` with 5 folds by patient, as the demo and scripts.tools.prepare_datalist
 build it, or ``--datalist``), and in ``OUT``:
@@ -22,6 +22,9 @@ all scored with scripts.report.metrics.METRICS on each case's own grid: ``per_ca
 the cases), ``results.json``. nnU-Net's masks are scored here (``score_case``); the bundle's rows are its evaluation's
 own figures, and ``score_case`` is checked against them on the masks that evaluation wrote.
 
+``--budget_clock cpu`` gives nnU-Net's training the CPU seconds (user + system, of every process of the command) that
+the modified network's training took instead of its wall-clock time: on a machine that other work shares, each
+process gets a share of the cores that changes from minute to minute, so equal wall-clock is not equal work.
 ``--threads N`` runs every process with N OpenMP/MKL threads (and nnU-Net's planning with N processes): on a machine
 that other work shares, 2-thread kernels wait on each other's time slices. ``--nnunet_data_processes``: nnU-Net's
 background processes for data augmentation (0: in its training process, as the demo's ``num_workers`` 0).
@@ -36,6 +39,7 @@ import gzip
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -183,16 +187,22 @@ def _child_env(threads, **variables):
 
 
 def _timed(cmd, log_path, env):
-    """Run ``cmd`` from the repository root, its output appended to ``log_path``; returns its wall-clock seconds."""
+    """Run ``cmd`` from the repository root, its output appended to ``log_path``; returns its wall-clock seconds and
+    the CPU seconds (user + system) of it and the processes it waited for."""
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), _children_cpu_seconds()
         result = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-        seconds = time.monotonic() - started
+        timing = {"seconds": time.monotonic() - started, "cpu_seconds": _children_cpu_seconds() - cpu_started}
     if result.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd[:6])} ...` failed (exit {result.returncode}); see {log_path}")
-    return seconds
+    return timing
+
+
+def _children_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _as_text(value):
@@ -200,23 +210,12 @@ def _as_text(value):
 
 
 def _bundle_run(run_id, files, overrides, log_path, env):
-    """``python -m monai.bundle run RUN_ID`` of the config ``files`` with the ``overrides`` they define; seconds."""
+    """``python -m monai.bundle run RUN_ID`` of the config ``files`` with the ``overrides`` they define, timed."""
     parser = ConfigParser()
     parser.read_config(files)
     args = [x for key, value in overrides.items() if key in parser for x in (f"--{key}", _as_text(value))]
-    return _timed(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            *([run_id] if run_id else []),
-            "--config_file",
-            repr(files),
-            *args,
-        ],
-        log_path,
-    )
+    command = [sys.executable, "-m", "monai.bundle", "run", *([run_id] if run_id else [])]
+    return _timed([*command, "--config_file", repr(files), *args], log_path, env)
 
 
 def _config_files(base, network, profile):
@@ -253,25 +252,23 @@ def _bundle_network(out, network, profile, common, heldout_path, env):
     }
     trained = _step(
         os.path.join(folder, "trained.json"),
-        lambda: {
-            "seconds": _bundle_run("training", _config_files(TRAIN, network, profile), {**common, **paths}, log, env)
-        },
+        lambda: _bundle_run("training", _config_files(TRAIN, network, profile), {**common, **paths}, log, env),
     )
     evaluation = {**common, **paths, "prediction_dir": os.path.join(folder, "eval"), "eval_section": "validation"}
     _step(
         os.path.join(folder, "evaluated.json"),
-        lambda: {"seconds": _bundle_run("evaluating", _config_files(EVALUATE, network, profile), evaluation, log, env)},
+        lambda: _bundle_run("evaluating", _config_files(EVALUATE, network, profile), evaluation, log, env),
     )
     inference = {**common, **paths, "dataset_dir": heldout_path, "prediction_dir": os.path.join(folder, "predictions")}
     inferred = _step(
         os.path.join(folder, "inferred.json"),
-        lambda: {"seconds": _bundle_run(None, _config_files(EVALUATE[:1], network, profile), inference, log, env)},
+        lambda: _bundle_run(None, _config_files(EVALUATE[:1], network, profile), inference, log, env),
     )
     return {
         "folder": folder,
-        "train_seconds": trained["seconds"],
-        "train_load_average": trained.get("load_average"),
-        "inference_seconds": inferred["seconds"],
+        "train": [trained["seconds"], trained["cpu_seconds"]],
+        "train_load_average": trained["load_average"],
+        "inference": [inferred["seconds"], inferred["cpu_seconds"]],
     }
 
 
@@ -287,7 +284,7 @@ def _nnunet(out, settings, datalist_path, budgets, heldout):
     )
     os.makedirs(folder, exist_ok=True)
     log = os.path.join(folder, "log.txt")
-    python, configuration = settings["nnunet_python"], settings["nnunet_configuration"]
+    python, configuration, clock = settings["nnunet_python"], settings["nnunet_configuration"], settings["budget_clock"]
     raw_dir = os.path.join(env["nnUNet_raw"], DATASET_NAME)
     description = f"{settings['dataset_dir']} ({settings['data_label']}), fold {settings['fold']} held out"
     converted = _step(
@@ -297,8 +294,8 @@ def _nnunet(out, settings, datalist_path, budgets, heldout):
 
     def driver(step, *args):
         result = os.path.join(folder, f".{step}-result.json")
-        seconds = _timed([python, DRIVER, step, *map(str, args), "--result", result], log, env)
-        return {"command_seconds": seconds, **_read_json(result)}
+        timing = _timed([python, DRIVER, step, *map(str, args), "--result", result], log, env)
+        return {"command": [timing["seconds"], timing["cpu_seconds"]], **_read_json(result)}
 
     planned = _step(
         os.path.join(folder, "planned.json"),
@@ -317,7 +314,8 @@ def _nnunet(out, settings, datalist_path, budgets, heldout):
             lambda: driver(
                 "train",
                 *("--dataset_id", DATASET_ID, "--configuration", configuration, "--fold", settings["fold"]),
-                *("--deadline", time.time() + budget, "--iterations", settings["nnunet_iterations"]),
+                *(("--deadline", time.time() + budget) if clock == "wall" else ("--cpu_budget", budget)),
+                *("--iterations", settings["nnunet_iterations"]),
                 *("--val_iterations", settings["nnunet_val_iterations"], "--batch_size", settings["nnunet_batch_size"]),
             ),
         )
@@ -339,7 +337,7 @@ def _nnunet(out, settings, datalist_path, budgets, heldout):
             lambda: driver("predict", "--model_dir", model_dir, "--fold", settings["fold"], "--cases", cases_file),
         )
         runs.append({"factor": factor, "budget_s": budget, "train": trained, "predict": predicted, "folder": run_dir})
-    return {"plan_seconds": planned["command_seconds"], "runs": runs}
+    return {"plan": planned["command"], "runs": runs}
 
 
 def _nnunet_version(python):
@@ -393,6 +391,7 @@ def peers(
     nnunet_val_iterations=2,
     nnunet_data_processes=1,
     budget_factors=(1,),
+    budget_clock="wall",
     overwrite=False,
     **overrides,
 ):
@@ -410,6 +409,8 @@ def peers(
     factors = [float(f) for f in ([budget_factors] if isinstance(budget_factors, (int, float)) else budget_factors)]
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"--threads must be a positive integer, got {threads!r}")
+    if budget_clock not in ("wall", "cpu"):
+        raise ValueError(f"--budget_clock must be wall or cpu, got {budget_clock!r}")
     if not factors or min(factors) <= 0:
         raise ValueError(f"--budget_factors must be positive numbers, got {budget_factors!r}")
     check_overrides(overrides, list(NETWORKS), profile)
@@ -430,6 +431,7 @@ def peers(
         "nnunet_val_iterations": nnunet_val_iterations,
         "nnunet_data_processes": nnunet_data_processes,
         "budget_factors": factors,
+        "budget_clock": budget_clock,
         "overrides": overrides,
     }
     _prepare_output(output_dir, settings, as_bool(overwrite, "overwrite"))
@@ -456,7 +458,7 @@ def peers(
     }
     env = _child_env(threads)
     bundle = {net: _bundle_network(output_dir, net, profile, common, heldout_path, env) for net in NETWORKS}
-    budget_s = bundle["modified"]["train_seconds"]
+    budget_s = bundle["modified"]["train"][0 if budget_clock == "wall" else 1]
     nnunet = _nnunet(output_dir, settings, datalist_path, [(f, f * budget_s) for f in factors], heldout)
     return _write_tables(output_dir, settings, bundle, nnunet, heldout, labels)
 
@@ -464,6 +466,7 @@ def peers(
 def _write_tables(out, settings, bundle, nnunet, heldout, labels):
     """per_case.csv, results.json and table.md (written last: it marks the run finished)."""
     per_case, rows, checks, loads = [], [], {}, {}
+    clock = {"wall": "wall-clock", "cpu": "CPU"}[settings["budget_clock"]]
     names = {net: network_name(net, settings["profile"]) for net in bundle}
     for net, result in bundle.items():
         evaluated = read_csv(os.path.join(result["folder"], "eval", "metrics_per_case.csv"))
@@ -476,8 +479,8 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
             for c in heldout
             for m in TABLE_METRICS
         )
-        rows.append((names[net], evaluated, result["train_seconds"], result["inference_seconds"] / len(heldout)))
-        loads[names[net]] = result.get("train_load_average")
+        rows.append((names[net], evaluated, result["train"], [t / len(heldout) for t in result["inference"]]))
+        loads[names[net]] = result["train_load_average"]
     baseline = read_csv(os.path.join(bundle["modified"]["folder"], "eval", "baseline_per_case.csv"))
     version = _nnunet_version(settings["nnunet_python"])
     for item in nnunet["runs"]:
@@ -485,25 +488,25 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
         name = (
             f"nnU-Net v2 {version} {settings['nnunet_configuration']}, {train['trainer']} ({train['epochs']} epochs"
             f" x {train['iterations_per_epoch']} iterations, batch {train['batch_size']};"
-            f" budget {item['budget_s']:.0f} s = {item['factor']:g} x the modified network's training)"
+            f" budget {item['budget_s']:.0f} {clock} s = {item['factor']:g} x the modified network's training)"
         )
         scored = [
             {"case": c, **score_case(os.path.join(item["folder"], "predictions", f"{c}.nii.gz"), labels[c])}
             for c in heldout
         ]
         per_case += [{"method": name, **r} for r in scored]
-        rows.append((name, scored, train["command_seconds"], item["predict"]["command_seconds"] / len(heldout)))
-        loads[f"nnU-Net ({item['factor']:g} x)"] = train.get("load_average")
+        rows.append((name, scored, train["command"], [t / len(heldout) for t in item["predict"]["command"]]))
+        loads[f"nnU-Net ({item['factor']:g} x)"] = train["load_average"]
     per_case += [{"method": THRESHOLD_CORE, **r} for r in baseline]
     rows.append((THRESHOLD_CORE, baseline, None, None))
     write_csv(os.path.join(out, "per_case.csv"), ["method", "case", *METRICS], per_case)
-    header = ["method", *TABLE_METRICS.values(), "training (s)", "inference per case (s)", "cases"]
+    header = ["method", *TABLE_METRICS.values(), "training, wall (CPU) s", "inference per case, wall (CPU) s", "cases"]
     table = [
         [
             name,
             *(f"{_mean(scored, m):.3f}" for m in TABLE_METRICS),
-            "-" if train is None else f"{train:.0f}",
-            "-" if infer is None else f"{infer:.1f}",
+            "-" if train is None else f"{train[0]:.0f} ({train[1]:.0f})",
+            "-" if infer is None else f"{infer[0]:.1f} ({infer[1]:.1f})",
             len(scored),
         ]
         for name, scored, train, infer in rows
@@ -522,9 +525,11 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
         f"# Peers on fold {settings['fold']} of `{settings['dataset_dir']}` ({settings['data_label']}), profile"
         f" {settings['profile']}\n\nMeans of per-case values over the same {len(heldout)} held-out cases"
         f" ({', '.join(heldout)}), each scored on its own grid by scripts.report.metrics.METRICS. Training: the"
-        f" whole command's wall-clock (nnU-Net: its training process; planning and preprocessing took"
-        f" {nnunet['plan_seconds']:.0f} s more); inference: the whole command's wall-clock (start-up and model loading"
-        f" included) divided by the cases. nnU-Net predicts as its predictor does by default (sliding window,"
+        f" whole command, wall-clock and (in brackets) the CPU seconds of its processes (nnU-Net: its training"
+        f" process, its budget on the {clock} clock; planning and preprocessing took {nnunet['plan'][0]:.0f}"
+        f" ({nnunet['plan'][1]:.0f}) s more); inference: the whole command (start-up and model loading included)"
+        f" divided by the cases. Threads per process: {settings['threads'] or 'the libraries default'}."
+        f" nnU-Net predicts as its predictor does by default (sliding window,"
         f" Gaussian weighting, test-time mirroring), from the final checkpoint; the bundle's networks with"
         f" their configs' settings, from the best validation checkpoint.\n\n"
         + _markdown(header, table)
@@ -556,6 +561,7 @@ def main(
     nnunet_val_iterations: int = 2,
     nnunet_data_processes: int = 1,
     budget_factors: list | tuple | float = (1,),
+    budget_clock: str = "wall",
     overwrite: bool = False,
     **overrides,
 ):

@@ -3,6 +3,7 @@ benchmarks/peers-env) as a subprocess, never imported by the bundle's environmen
 
     python benchmarks/peers_nnunet.py plan --dataset_id 501 --configuration 2d
     python benchmarks/peers_nnunet.py train --dataset_id 501 --configuration 2d --fold 0 --deadline T --result R.json
+        (or --cpu_budget S: seconds of this process's CPU time)
     python benchmarks/peers_nnunet.py predict --model_dir DIR --fold 0 --cases C.json --result R.json
 
 ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` come from the environment, as nnU-Net reads them.
@@ -34,20 +35,25 @@ MAX_EPOCHS = 1000  # nnU-Net's own; the wall-clock budget decides how many run
 
 class nnUNetTrainerWallClock(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trainers)
     """nnU-Net's default trainer (network, loss, augmentation, sampling, optimiser and poly learning-rate schedule
-    as planned) with a short epoch, a set batch size and a wall-clock deadline: after each epoch the number of epochs
-    is set to what fits before the deadline at the mean epoch time so far (the poly schedule decays over that number),
-    and training ends at the first epoch that would not fit, or at ``MAX_EPOCHS``. Set the class attributes
+    as planned) with a short epoch, a set batch size and a time budget: a wall-clock ``deadline`` (``time.time()``)
+    or a ``cpu_budget`` (seconds of this process's CPU time, ``time.process_time()``). After each epoch the number of
+    epochs is set to what fits in the time left at the mean epoch time so far (the poly schedule decays over that
+    number), and training ends at the first epoch that would not fit, or at ``MAX_EPOCHS``. Set the class attributes
     (``configure``) before building one: nnU-Net saves and restores a trainer by its constructor's arguments."""
 
-    deadline = 0.0
+    deadline = None
+    cpu_budget = None
     iterations_per_epoch = 20
     val_iterations_per_epoch = 2
     batch_size_setting = 4
 
     @classmethod
-    def configure(cls, deadline, iterations_per_epoch, val_iterations_per_epoch, batch_size):
-        """Set the deadline (``time.time()``), the training and validation iterations per epoch and the batch size."""
-        cls.deadline, cls.iterations_per_epoch = float(deadline), int(iterations_per_epoch)
+    def configure(cls, deadline, cpu_budget, iterations_per_epoch, val_iterations_per_epoch, batch_size):
+        """Set the budget (one of ``deadline`` and ``cpu_budget``), the training and validation iterations per epoch
+        and the batch size."""
+        if (deadline is None) == (cpu_budget is None):
+            raise ValueError("give one of a deadline and a CPU budget")
+        cls.deadline, cls.cpu_budget, cls.iterations_per_epoch = deadline, cpu_budget, int(iterations_per_epoch)
         cls.val_iterations_per_epoch, cls.batch_size_setting = int(val_iterations_per_epoch), int(batch_size)
 
     def __init__(self, plans, configuration, fold, dataset_json, device=CPU):
@@ -61,18 +67,21 @@ class nnUNetTrainerWallClock(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of 
         super()._set_batch_size_and_oversample()
         self.batch_size = self.batch_size_setting
 
-    def _fit_epochs_to_deadline(self):
-        """The number of epochs that fit before the deadline at the mean epoch time so far (at least the ones run)."""
-        left = self.deadline - time.time()
+    def _clock(self):
+        return time.time() if self.cpu_budget is None else time.process_time()
+
+    def _fit_epochs_to_budget(self):
+        """The number of epochs that fit in the time left at the mean epoch time so far (at least the ones run)."""
+        left = (self.deadline if self.cpu_budget is None else self.cpu_budget) - self._clock()
         mean = sum(self.epoch_seconds) / len(self.epoch_seconds)
         self.num_epochs = min(MAX_EPOCHS, self.current_epoch + max(0, int(left // mean)))
         self.lr_scheduler.max_steps = max(self.num_epochs, 1)
 
     def run_training(self):
-        """nnU-Net's ``run_training`` loop, with the number of epochs fitted to the deadline after each epoch."""
+        """nnU-Net's ``run_training`` loop, with the number of epochs fitted to the budget after each epoch."""
         self.on_train_start()
         while self.current_epoch < self.num_epochs:
-            epoch_started = time.monotonic()
+            epoch_started = self._clock()
             self.on_epoch_start()
             self.on_train_epoch_start()
             outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
@@ -84,8 +93,8 @@ class nnUNetTrainerWallClock(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of 
                 ]
                 self.on_validation_epoch_end(outputs)
             self.on_epoch_end()
-            self.epoch_seconds.append(time.monotonic() - epoch_started)
-            self._fit_epochs_to_deadline()
+            self.epoch_seconds.append(self._clock() - epoch_started)
+            self._fit_epochs_to_budget()
         self.on_train_end()
 
 
@@ -116,16 +125,20 @@ def train(args):
     with open(os.path.join(folder, "dataset.json")) as f:
         dataset_json = json.load(f)
     plans["continue_training"] = False  # as nnU-Net's own run_training passes it: a new training
-    nnUNetTrainerWallClock.configure(args.deadline, args.iterations, args.val_iterations, args.batch_size)
+    nnUNetTrainerWallClock.configure(
+        args.deadline, args.cpu_budget, args.iterations, args.val_iterations, args.batch_size
+    )
     trainer = nnUNetTrainerWallClock(plans, args.configuration, args.fold, dataset_json, CPU)
     started = time.monotonic()
     trainer.run_training()
-    seconds = time.monotonic() - started
+    seconds, cpu_seconds = time.monotonic() - started, time.process_time()
     config = trainer.configuration_manager
     _write_result(
         args.result,
         {
             "seconds": seconds,
+            "process_cpu_seconds": cpu_seconds,
+            "clock": "wall" if args.cpu_budget is None else "cpu",
             "trainer": type(trainer).__name__,
             "epochs": trainer.current_epoch,
             "epoch_seconds": trainer.epoch_seconds,
@@ -199,7 +212,9 @@ def main():
     step.add_argument("--dataset_id", type=int, required=True)
     step.add_argument("--configuration", required=True)
     step.add_argument("--fold", type=int, required=True)
-    step.add_argument("--deadline", type=float, required=True, help="time.time() by which training ends")
+    budget = step.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--deadline", type=float, help="time.time() by which training ends")
+    budget.add_argument("--cpu_budget", type=float, help="seconds of this process's CPU time")
     step.add_argument("--iterations", type=int, default=20)
     step.add_argument("--val_iterations", type=int, default=2)
     step.add_argument("--batch_size", type=int, default=4)
