@@ -466,7 +466,7 @@ def peers(
 def _write_tables(out, settings, bundle, nnunet, heldout, labels):
     """per_case.csv, results.json and table.md (written last: it marks the run finished)."""
     per_case, rows, checks, loads = [], [], {}, {}
-    clock = {"wall": "wall-clock", "cpu": "CPU"}[settings["budget_clock"]]
+    clock = {"wall": "wall-clock", "cpu": "CPU"}[settings["budget_clock"]]  # what the budget counts
     names = {net: network_name(net, settings["profile"]) for net in bundle}
     for net, result in bundle.items():
         evaluated = read_csv(os.path.join(result["folder"], "eval", "metrics_per_case.csv"))
@@ -526,7 +526,7 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
         f" {settings['profile']}\n\nMeans of per-case values over the same {len(heldout)} held-out cases"
         f" ({', '.join(heldout)}), each scored on its own grid by scripts.report.metrics.METRICS. Training: the"
         f" whole command, wall-clock and (in brackets) the CPU seconds of its processes (nnU-Net: its training"
-        f" process, its budget on the {clock} clock; planning and preprocessing took {nnunet['plan'][0]:.0f}"
+        f" process, its budget in {clock} seconds; planning and preprocessing took {nnunet['plan'][0]:.0f}"
         f" ({nnunet['plan'][1]:.0f}) s more); inference: the whole command (start-up and model loading included)"
         f" divided by the cases. Threads per process: {settings['threads'] or 'the libraries default'}."
         f" nnU-Net predicts as its predictor does by default (sliding window,"
