@@ -18,7 +18,7 @@ build it, or ``--datalist``), and in ``OUT``:
   took (times each of ``--budget_factors``), then predicting the fold's held-out cases; all in nnU-Net's own
   environment (``--nnunet_python``), as subprocesses;
 - the threshold core (rCBF < 30 %), which the bundle's evaluation scores as ``baseline``;
-all scored with scripts.report.metrics.METRICS on each case's own grid: ``per_case.csv``, ``table.md`` (means over
+all scored with scripts.report.metrics.score_case on each case's own grid: ``per_case.csv``, ``table.md`` (means over
 the cases), ``results.json``. nnU-Net's masks are scored here (``score_case``); the bundle's rows are its evaluation's
 own figures, and ``score_case`` is checked against them on the masks that evaluation wrote.
 
@@ -54,11 +54,10 @@ sys.path.insert(0, REPO_ROOT)
 
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.data.utils import affine_to_spacing  # noqa: E402
-from scripts.data.datalist import load_fold, load_section  # noqa: E402
-from scripts.data.folds import build_datalist  # noqa: E402
-from scripts.data.isles18 import case_name  # noqa: E402
+from scripts.data.datalist import build_datalist, case_name, load_fold, load_section  # noqa: E402
 from scripts.flags import as_bool  # noqa: E402
-from scripts.report.metrics import METRICS  # noqa: E402
+from scripts.report.cases import MASKS, PER_CASE, THRESHOLD_CORE  # noqa: E402
+from scripts.report import metrics  # noqa: E402
 from scripts.report.tables import read_csv, write_csv  # noqa: E402
 from scripts.safe_files import LOCK, hold_folder, write_atomically  # noqa: E402
 from scripts.tools.cli import run  # noqa: E402
@@ -77,7 +76,7 @@ TABLE_METRICS = {
     "volume_abs_diff_ml": "volume difference (mL)",
 }
 SETTINGS_FILE, FINISHED_FILE = "peers.json", "table.md"
-THRESHOLD_CORE = "threshold core (rCBF < 30 %)"
+THRESHOLD_CORE_NAME = "threshold core (rCBF < 30 %)"
 
 
 def _write_json(path, content):
@@ -154,7 +153,7 @@ def nnunet_raw_dataset(datalist_path, dataset_dir, raw_dir, description) -> dict
 
 
 def score_case(prediction_path, label_path) -> dict:
-    """Every metric of scripts.report.metrics.METRICS for one predicted mask against its label, on the label's grid
+    """Every metric of scripts.report.metrics.score_case for one predicted mask against its label, on the label's grid
     (the scan's own), as configs/evaluate.json computes them: lesion wherever a voxel is positive, the voxel spacing
     from the affine.
 
@@ -167,16 +166,8 @@ def score_case(prediction_path, label_path) -> dict:
             f"{prediction_path}: shape {prediction.shape}, affine {prediction.affine.tolist()} is not the grid of"
             f" {label_path} (shape {label.shape}, affine {label.affine.tolist()})"
         )
-    y_pred, y = (
-        torch.as_tensor(np.asanyarray(i.dataobj) > 0, dtype=torch.float32)[None, None] for i in (prediction, label)
-    )
     spacing = [float(s) for s in affine_to_spacing(torch.as_tensor(label.affine), r=3)]
-    values = {}
-    for name, (make, in_mm) in METRICS.items():
-        metric = make()
-        metric(y_pred, y, **({"spacing": spacing} if in_mm else {}))
-        values[name] = float(metric.aggregate())
-    return values
+    return metrics.score_case(*(np.asanyarray(i.dataobj) > 0 for i in (prediction, label)), spacing)
 
 
 def _child_env(threads, **variables):
@@ -442,7 +433,7 @@ def peers(
         else:
             _write_json(datalist_path, built)
     channels = _read_json(datalist_path).get("channels")
-    heldout_items = load_fold(datalist_path, dataset_dir, fold, check=True, channels=channels)["validation"]
+    heldout_items = load_fold(datalist_path, dataset_dir, fold, channels=channels)["validation"]
     heldout = [case_name(item["image"]) for item in heldout_items]
     labels = {case_name(item["image"]): item["label"] for item in heldout_items}
     heldout_path = os.path.join(output_dir, "heldout.json")
@@ -469,11 +460,12 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
     clock = {"wall": "wall-clock", "cpu": "CPU"}[settings["budget_clock"]]  # what the budget counts
     names = {net: network_name(net, settings["profile"]) for net in bundle}
     for net, result in bundle.items():
-        evaluated = read_csv(os.path.join(result["folder"], "eval", "metrics_per_case.csv"))
+        report = read_csv(os.path.join(result["folder"], "eval", PER_CASE))
+        evaluated = [{"case": r["case"], **{m: r[m] for m in metrics.METRIC_NAMES}} for r in report]
         per_case += [{"method": names[net], **r} for r in evaluated]
         # score_case against the evaluation's own figures, on the masks that evaluation wrote
         own = {r["case"]: r for r in evaluated}
-        masks = os.path.join(result["folder"], "eval", "masks")
+        masks = os.path.join(result["folder"], "eval", MASKS)
         checks[names[net]] = max(
             abs(score_case(os.path.join(masks, f"{c}.nii.gz"), labels[c])[m] - float(own[c][m]))
             for c in heldout
@@ -481,7 +473,8 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
         )
         rows.append((names[net], evaluated, result["train"], [t / len(heldout) for t in result["inference"]]))
         loads[names[net]] = result["train_load_average"]
-    baseline = read_csv(os.path.join(bundle["modified"]["folder"], "eval", "baseline_per_case.csv"))
+    report = read_csv(os.path.join(bundle["modified"]["folder"], "eval", PER_CASE))
+    baseline = [{"case": r["case"], **{m: r[f"{THRESHOLD_CORE}_{m}"] for m in metrics.METRIC_NAMES}} for r in report]
     version = _nnunet_version(settings["nnunet_python"])
     for item in nnunet["runs"]:
         train = item["train"]
@@ -497,9 +490,9 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
         per_case += [{"method": name, **r} for r in scored]
         rows.append((name, scored, train["command"], [t / len(heldout) for t in item["predict"]["command"]]))
         loads[f"nnU-Net ({item['factor']:g} x)"] = train["load_average"]
-    per_case += [{"method": THRESHOLD_CORE, **r} for r in baseline]
-    rows.append((THRESHOLD_CORE, baseline, None, None))
-    write_csv(os.path.join(out, "per_case.csv"), ["method", "case", *METRICS], per_case)
+    per_case += [{"method": THRESHOLD_CORE_NAME, **r} for r in baseline]
+    rows.append((THRESHOLD_CORE_NAME, baseline, None, None))
+    write_csv(os.path.join(out, "per_case.csv"), ["method", "case", *metrics.METRIC_NAMES], per_case)
     header = ["method", *TABLE_METRICS.values(), "training, wall (CPU) s", "inference per case, wall (CPU) s", "cases"]
     table = [
         [
@@ -524,7 +517,7 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
     text = (
         f"# Peers on fold {settings['fold']} of `{settings['dataset_dir']}` ({settings['data_label']}), profile"
         f" {settings['profile']}\n\nMeans of per-case values over the same {len(heldout)} held-out cases"
-        f" ({', '.join(heldout)}), each scored on its own grid by scripts.report.metrics.METRICS. Training: the"
+        f" ({', '.join(heldout)}), each scored on its own grid by scripts.report.metrics.score_case. Training: the"
         f" whole command, wall-clock and (in brackets) the CPU seconds of its processes (nnU-Net: its training"
         f" process, its budget in {clock} seconds; planning and preprocessing took {nnunet['plan'][0]:.0f}"
         f" ({nnunet['plan'][1]:.0f}) s more); inference: the whole command (start-up and model loading included)"

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers import challenge_scoring
-from scripts.data.folds import build_datalist
-from scripts.data.isles18 import CHANNELS, OPTIONAL_CHANNELS, case_name
+from scripts.data.channels import CHANNELS
+from scripts.data.datalist import build_datalist, case_name
 from scripts.data.synthetic import generate_isles24
 
 from benchmarks.peers import NNUNET_CHANNEL_NAMES, nnunet_raw_dataset, score_case
@@ -77,7 +77,7 @@ def test_an_isles18_tree_becomes_nnunet_raw_dataset(tmp_path, synthetic_tree):
 def test_an_isles24_tree_with_cta_becomes_nnunet_raw_dataset(tmp_path):
     tree = str(tmp_path / "isles24")
     generate_isles24(tree, num_train=5, num_test=0, seed=1, in_plane=24, slices=8)
-    channels = CHANNELS + OPTIONAL_CHANNELS
+    channels = CHANNELS + ("CTA",)
     datalist, raw_dir, _ = _convert(tmp_path, tree, channels)
     _check_raw_dataset(tree, datalist, raw_dir, channels)
     # nnU-Net's CT normalisation for the NCCT and the CTA, a z-score for the maps
