@@ -56,8 +56,8 @@ from monai.bundle import ConfigParser  # noqa: E402
 from monai.data.utils import affine_to_spacing  # noqa: E402
 from scripts.data.datalist import build_datalist, case_name, load_fold, load_section  # noqa: E402
 from scripts.flags import as_bool  # noqa: E402
-from scripts.report.cases import MASKS, PER_CASE, THRESHOLD_CORE  # noqa: E402
 from scripts.report import metrics  # noqa: E402
+from scripts.report.cases import MASKS, PER_CASE, THRESHOLD_CORE  # noqa: E402
 from scripts.report.tables import read_csv, write_csv  # noqa: E402
 from scripts.safe_files import LOCK, hold_folder, write_atomically  # noqa: E402
 from scripts.tools.cli import run  # noqa: E402
