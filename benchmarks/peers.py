@@ -17,7 +17,9 @@ build it, or ``--datalist``), and in ``OUT``:
   by ``nnUNetTrainerWallClock`` (benchmarks/peers_nnunet.py) for the wall-clock time the modified network's training
   took (times each of ``--budget_factors``), then predicting the fold's held-out cases; all in nnU-Net's own
   environment (``--nnunet_python``), as subprocesses;
-- the threshold core (rCBF < 30 %), which the bundle's evaluation scores as ``baseline``;
+- the per-voxel classifier of benchmarks/voxel_classifier.py, fitted on the fold's training cases (its fit and
+  prediction timed in-process: wall-clock for both columns);
+- the threshold core (rCBF < 30 %), which the bundle's evaluation scores as a baseline;
 all scored with scripts.report.metrics.score_case on each case's own grid: ``per_case.csv``, ``table.md`` (means over
 the cases), ``results.json``. nnU-Net's masks are scored here (``score_case``); the bundle's rows are its evaluation's
 own figures, and ``score_case`` is checked against them on the masks that evaluation wrote.
@@ -62,6 +64,8 @@ from scripts.report.tables import read_csv, write_csv  # noqa: E402
 from scripts.safe_files import LOCK, hold_folder, write_atomically  # noqa: E402
 from scripts.tools.cli import run  # noqa: E402
 from scripts.tools.cross_validate import EVALUATE, NETWORKS, PROFILES, TRAIN, check_overrides  # noqa: E402
+
+from benchmarks import voxel_classifier  # noqa: E402
 
 DATASET_ID = 501
 DATASET_NAME = f"Dataset{DATASET_ID}_Peers"
@@ -451,10 +455,11 @@ def peers(
     bundle = {net: _bundle_network(output_dir, net, profile, common, heldout_path, env) for net in NETWORKS}
     budget_s = bundle["modified"]["train"][0 if budget_clock == "wall" else 1]
     nnunet = _nnunet(output_dir, settings, datalist_path, [(f, f * budget_s) for f in factors], heldout)
-    return _write_tables(output_dir, settings, bundle, nnunet, heldout, labels)
+    voxel = voxel_classifier.evaluate(datalist_path, dataset_dir, fold, channels)
+    return _write_tables(output_dir, settings, bundle, nnunet, voxel, heldout, labels)
 
 
-def _write_tables(out, settings, bundle, nnunet, heldout, labels):
+def _write_tables(out, settings, bundle, nnunet, voxel, heldout, labels):
     """per_case.csv, results.json and table.md (written last: it marks the run finished)."""
     per_case, rows, checks, loads = [], [], {}, {}
     clock = {"wall": "wall-clock", "cpu": "CPU"}[settings["budget_clock"]]  # what the budget counts
@@ -490,6 +495,9 @@ def _write_tables(out, settings, bundle, nnunet, heldout, labels):
         per_case += [{"method": name, **r} for r in scored]
         rows.append((name, scored, train["command"], [t / len(heldout) for t in item["predict"]["command"]]))
         loads[f"nnU-Net ({item['factor']:g} x)"] = train["load_average"]
+    per_case += [{"method": voxel_classifier.NAME, **r} for r in voxel["rows"]]
+    fit_s, predict_s = voxel["fit_s"], voxel["predict_s_per_case"]
+    rows.append((voxel_classifier.NAME, voxel["rows"], (fit_s, fit_s), (predict_s, predict_s)))
     per_case += [{"method": THRESHOLD_CORE_NAME, **r} for r in baseline]
     rows.append((THRESHOLD_CORE_NAME, baseline, None, None))
     write_csv(os.path.join(out, "per_case.csv"), ["method", "case", *metrics.METRIC_NAMES], per_case)
