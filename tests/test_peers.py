@@ -109,3 +109,24 @@ def test_score_case_gives_the_challenge_figures_on_the_label_grid(tmp_path):
     nib.save(nib.Nifti1Image(prediction[:, :, :5], affine), tmp_path / "cropped.nii.gz")
     with pytest.raises(ValueError, match="cropped.nii.gz.*is not the grid of .*label.nii.gz"):
         score_case(str(tmp_path / "cropped.nii.gz"), str(tmp_path / "label.nii.gz"))
+
+
+def test_the_per_voxel_classifier_learns_the_lesions_of_held_out_cases(tmp_path, synthetic_tree):
+    """benchmarks/voxel_classifier.py fitted on a fold's training cases: on the held-out cases it finds lesion
+    (Dice well above an all-lesion mask's), each row holds every metric of the bundle's evaluation, and the masks it
+    writes are on each case's own grid."""
+    from benchmarks import voxel_classifier
+
+    datalist = build_datalist(synthetic_tree, folds=2, seed=0, check=True)
+    datalist_path = tmp_path / "datalist.json"
+    datalist_path.write_text(json.dumps(datalist))
+    result = voxel_classifier.evaluate(str(datalist_path), synthetic_tree, 0, output_dir=str(tmp_path / "masks"))
+    held_out = [item for item in datalist["training"] if item["fold"] == 0]
+    assert [row["case"] for row in result["rows"]] == [case_name(item["image"]) for item in held_out]
+    everything = []
+    for item, row in zip(held_out, result["rows"]):
+        label, image = _voxels(os.path.join(synthetic_tree, item["label"]))
+        mask, written = _voxels(tmp_path / "masks" / f"{row['case']}.nii.gz")
+        assert mask.shape == label.shape and np.allclose(written.affine, image.affine)
+        everything.append(2 * label.sum() / (label.size + label.sum()))  # Dice of an all-lesion mask
+    assert np.mean([row["dice"] for row in result["rows"]]) > max(0.3, 2 * np.mean(everything))
