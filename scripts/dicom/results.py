@@ -22,7 +22,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
-from scripts.data.isles18 import NCCT
+from scripts.data.channels import NCCT
 from scripts.flags import as_bool
 from scripts.report.cases import file_stamps
 from scripts.safe_files import write_atomically

@@ -29,7 +29,7 @@ import time
 
 import requests
 from monai.bundle import ConfigParser, ConfigWorkflow
-from scripts.data.isles18 import InvalidCaseError
+from scripts.data.readers import InvalidCaseError
 from scripts.dicom.dicomweb import ListenerState, Pacs, fingerprint, read_credentials
 from scripts.dicom.series import case_of, matches_description, studies_in_memory
 from scripts.flags import as_bool
