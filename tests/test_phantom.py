@@ -11,7 +11,6 @@ import numpy as np
 import pydicom
 import pytest
 from scripts.data import perfusion_maps as pm
-from scripts.dicom.synthetic import dicom_representable
 from scripts.data.isles18 import TRAINING_DIR, find_cases, read_case
 from scripts.data.isles24 import find_root, read_subject
 from scripts.data.phantom import (
@@ -25,6 +24,7 @@ from scripts.data.phantom import (
     write_dicom_series,
     write_isles18_series,
 )
+from scripts.dicom.synthetic import dicom_representable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"in_plane": 64, "slices": 4}
@@ -191,4 +191,6 @@ def test_an_isles24_tree_of_phantoms_keeps_the_raw_ctp_where_the_release_does(tm
     assert np.allclose(nib.load(item["image"][0]).affine, series.affine)  # on the NCCT's (oblique) grid
     tmax = np.asanyarray(nib.load(item["image"][4]).dataobj)
     assert np.allclose(tmax, pm.compute_maps(series)["Tmax"], atol=1e-6)
-    assert np.array_equal(np.asanyarray(nib.load(item["label"]).dataobj) > 0, load_truth(ctp.parent / TRUTH_DIR)["core"] > 0)
+    assert np.array_equal(
+        np.asanyarray(nib.load(item["label"]).dataobj) > 0, load_truth(ctp.parent / TRUTH_DIR)["core"] > 0
+    )
