@@ -4,7 +4,7 @@ Synthetic: every figure is on phantoms, none on patients.
 
     python benchmarks/perfusion_maps.py                      # 6 phantoms, 64 x 64 x 8, 40 frames
     python benchmarks/perfusion_maps.py --seeds 12 --in_plane 128
-    python benchmarks/perfusion_maps.py --speed true         # also one 512 x 512 x 20 x 40-frame series
+    python benchmarks/perfusion_maps.py --seeds 0 --speed true   # one 512 x 512 x 20 x 40-frame series only
 
 Tables (markdown, printed):
 - per tissue class (healthy, benign oligaemia, penumbra, core) and map: the bias of the mean (CBF, CBV, MTT relative
@@ -21,6 +21,7 @@ import os
 import resource
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 
@@ -105,46 +106,53 @@ def volume_table(volumes):
     lines = ["| seed | " + " | ".join(f"{k} (mL)" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for row in volumes:
         lines.append(f"| {row['seed']} | " + " | ".join(f"{row[k]:.1f}" for k in keys) + " |")
-    mean_abs = {k: np.mean([abs(r[k] - r["true " + k.split(" ")[1]]) for r in volumes]) for k in keys if "true" not in k}
+    mean_abs = {
+        k: np.mean([abs(r[k] - r["true " + k.split(" ")[1]]) for r in volumes]) for k in keys if "true" not in k
+    }
     lines.append(
-        "| mean abs. difference | "
-        + " | ".join("" if "true" in k else f"{mean_abs[k]:.1f}" for k in keys)
-        + " |"
+        "| mean abs. difference | " + " | ".join("" if "true" in k else f"{mean_abs[k]:.1f}" for k in keys) + " |"
     )
     return "\n".join(lines)
 
 
 def speed(in_plane=512, slices=20, frames=40):
+    """Seconds and memory of ``compute_maps`` on one phantom series; its own peak of allocations (numpy's reported to
+    ``tracemalloc``) on top of the series, and the process' peak RSS (which drawing the phantom may have set)."""
     started = time.perf_counter()
     phantom = draw_phantom(0, in_plane=in_plane, slices=slices, frames=frames)
     drawn = time.perf_counter() - started
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tracemalloc.start()
     started = time.perf_counter()
     maps = pm.compute_maps(phantom.series)
     total = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shape = "x".join(str(s) for s in phantom.series.frames.shape)
+    series_mib = phantom.series.frames.nbytes / 2**20
     return (
-        "| series | phantom drawn (s) | compute_maps (s) | of which deconvolution (s) | peak RSS (MiB) | RSS before (MiB) |\n"
-        "|---|---|---|---|---|---|\n"
-        f"| {shape} | {drawn:.1f} | {total:.1f} | {maps['info']['deconvolution_s']:.1f} | {peak:.0f} | {before:.0f} |"
+        "| series | its size (MiB, int16) | phantom drawn (s) | compute_maps (s) | of which deconvolution (s) |"
+        " compute_maps peak allocations (MiB) | process peak RSS (MiB) |\n"
+        "|---|---|---|---|---|---|---|\n"
+        f"| {shape} | {series_mib:.0f} | {drawn:.1f} | {total:.1f} | {maps['info']['deconvolution_s']:.1f} |"
+        f" {peak:.0f} | {rss:.0f} |"
     )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=6, help="phantoms 1..N")
+    parser.add_argument("--seeds", type=int, default=6, help="phantoms 1..N (0: none, e.g. with --speed)")
     parser.add_argument("--in_plane", type=int, default=64)
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--speed", default="false", choices=("true", "false"))
     args = parser.parse_args()
-    pooled, errors, volumes = evaluate(range(1, args.seeds + 1), args.in_plane, args.slices)
-    print(f"Synthetic: {args.seeds} phantoms, {args.in_plane} x {args.in_plane} x {args.slices}, 40 frames\n")
-    print(class_table(pooled), end="\n\n")
-    print(error_table(errors), end="\n\n")
-    print(volume_table(volumes))
+    if args.seeds > 0:
+        pooled, errors, volumes = evaluate(range(1, args.seeds + 1), args.in_plane, args.slices)
+        print(f"Synthetic: {args.seeds} phantoms, {args.in_plane} x {args.in_plane} x {args.slices}, 40 frames\n")
+        print(class_table(pooled), end="\n\n")
+        print(error_table(errors), end="\n\n")
+        print(volume_table(volumes), end="\n\n")
     if args.speed == "true":
-        print()
         print(speed())
 
 
