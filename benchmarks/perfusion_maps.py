@@ -5,6 +5,7 @@ Synthetic: every figure is on phantoms, none on patients.
     python benchmarks/perfusion_maps.py                      # 6 phantoms, 64 x 64 x 8, 40 frames
     python benchmarks/perfusion_maps.py --seeds 12 --in_plane 128
     python benchmarks/perfusion_maps.py --seeds 0 --speed true   # one 512 x 512 x 20 x 40-frame series only
+    python benchmarks/perfusion_maps.py --seeds 0 --tree DIR     # the threshold core's Dice on an ISLES 2018 tree
 
 Tables (markdown, printed):
 - per tissue class (healthy, benign oligaemia, penumbra, core) and map: the bias of the mean (CBF, CBV, MTT relative
@@ -139,13 +140,36 @@ def speed(in_plane=512, slices=20, frames=40):
     )
 
 
+def threshold_dice(root):
+    """Per training case of an ISLES 2018 tree: Dice of the threshold core (``perfusion_regions``' ``core``, the
+    evaluation's baseline) against the label, and their mean."""
+    import nibabel as nib
+    from scripts.data.isles18 import TRAINING_DIR, find_cases, read_case
+    from scripts.report.perfusion import perfusion_regions
+
+    lines, dices = ["| case | label voxels | core voxels | Dice |", "|---|---|---|---|"], []
+    for name, path in find_cases(root, TRAINING_DIR):
+        item = read_case(name, path, True)
+        cbf, tmax = (np.asarray(nib.load(item["image"][i]).dataobj, dtype=np.float32) for i in (1, 4))
+        label = np.asarray(nib.load(item["label"]).dataobj) > 0
+        regions, _ = perfusion_regions(cbf, tmax)
+        core = regions["core"] if regions else np.zeros_like(label)
+        dices.append(2 * (core & label).sum() / max(1, core.sum() + label.sum()))
+        lines.append(f"| {name} | {label.sum()} | {core.sum()} | {dices[-1]:.3f} |")
+    lines.append(f"| mean of {len(dices)} | | | {np.mean(dices):.3f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=6, help="phantoms 1..N (0: none, e.g. with --speed)")
     parser.add_argument("--in_plane", type=int, default=64)
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--speed", default="false", choices=("true", "false"))
+    parser.add_argument("--tree", default=None, help="an ISLES 2018 tree: the threshold core's Dice per case")
     args = parser.parse_args()
+    if args.tree:
+        print(threshold_dice(args.tree), end="\n\n")
     if args.seeds > 0:
         pooled, errors, volumes = evaluate(range(1, args.seeds + 1), args.in_plane, args.slices)
         print(f"Synthetic: {args.seeds} phantoms, {args.in_plane} x {args.in_plane} x {args.slices}, 40 frames\n")
