@@ -172,7 +172,7 @@ def segmentation(
     algorithm_name,
     manufacturer=MANUFACTURER,
     series_number=SEG_SERIES_NUMBER,
-    series_description=SEG_DESCRIPTION.format(""),
+    series_description=None,
     predicted=True,
     content_description=None,
 ) -> hd.seg.Segmentation:
@@ -188,7 +188,7 @@ def segmentation(
         algorithm_name: the network that made the mask (the config's ``network_name``), or the maker of a manual one.
         manufacturer: who made it: the bundle (a prediction); a ground truth's maker otherwise.
         series_number: the SEG's series number.
-        series_description: the SEG's series description.
+        series_description: the SEG's series description (``SEG_DESCRIPTION`` by default).
         predicted: the bundle's automatic segment (the model named); else a manual one (a ground truth).
         content_description: what the SEG covers, where it is not the whole NCCT.
     """
@@ -198,7 +198,9 @@ def segmentation(
         coordinate_system="PATIENT",
         frame_of_reference_uid=ct_headers[0].FrameOfReferenceUID,
         from_reference_convention="RAS",
-    ).permute_spatial_axes([2, 1, 0])  # the slices on axis 0, as SEG frames
+    ).permute_spatial_axes(
+        [2, 1, 0]
+    )  # the slices on axis 0, as SEG frames
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=SEGMENT_LABEL,
@@ -229,7 +231,7 @@ def segmentation(
         manufacturer_model_name=algorithm_name,
         software_versions=software_version,
         device_serial_number="0",
-        series_description=series_description,
+        series_description=series_description or SEG_DESCRIPTION.format(""),
         content_description=content_description,
         omit_empty_frames=False,
     )

@@ -134,9 +134,11 @@ def _read_headers(dataset_dir):
             path = os.path.join(folder, name)
             try:
                 header = pydicom.dcmread(path, defer_size=DEFER_BYTES)  # large values not read, their length known
-            except pydicom.errors.InvalidDicomError:
+            except pydicom.errors.InvalidDicomError as err:
                 if _has_dicom_prefix(path):
-                    raise InvalidCaseError(f"{path}: a DICOM file (DICM prefix) that cannot be read: cut short or damaged")
+                    raise InvalidCaseError(
+                        f"{path}: a DICOM file (DICM prefix) that cannot be read: cut short or damaged"
+                    ) from err
                 continue
             except Exception as err:  # a damaged file: refused, naming it
                 raise InvalidCaseError(f"{path}: not a readable DICOM file, cut short or damaged ({err})") from err
@@ -174,10 +176,10 @@ def _check_file_end(path, header):
         raise InvalidCaseError(f"{where} is cut short: its data need {tell + length} bytes, the file has {size}")
 
 
-def _where(source, header):
-    """How a message names one instance: its study's case name where known, then its file, or (held in memory) its
-    instance number and series."""
-    case = f"{case_of(header.StudyInstanceUID)}: " if header.get("StudyInstanceUID") else ""
+def _where(source, header, with_case=True):
+    """How a message names one instance: its study's case name where known (``with_case``), then its file, or (held
+    in memory) its instance number and series."""
+    case = f"{case_of(header.StudyInstanceUID)}: " if with_case and header.get("StudyInstanceUID") else ""
     if not isinstance(source, pydicom.Dataset):
         return f"{case}{source}"
     series = uid_name(header.get("SeriesInstanceUID", ""))
@@ -260,7 +262,8 @@ def _pick(case, series_of_study, rules, channels):
         if not candidates:
             present = "; ".join(s.name for s in series_of_study.values()) or "none"
             raise InvalidCaseError(
-                f"{case}: no series for {channel} (rule {rules[channel]}); the study's image series: {present}"
+                f"{case}: no series for {channel} (rule {rules[channel]}); the study's image series: {present}. If"
+                " one of them is it, set series_rules for your site's names (docs/dicom.md)"
             )
         if len(candidates) > 1:
             raise InvalidCaseError(
@@ -470,7 +473,9 @@ def _coverage(case, picked):
     if len(covered) == len(order):
         return picked, None
     if not covered:
-        raise InvalidCaseError(f"{case}: no slice of the NCCT {ct_series.name} ({_z_range(ct)}) lies within the maps ({listed})")
+        raise InvalidCaseError(
+            f"{case}: no slice of the NCCT {ct_series.name} ({_z_range(ct)}) lies within the maps ({listed})"
+        )
     if len(ct_series.headers) != len(order):
         raise InvalidCaseError(
             f"{case}: the perfusion maps cover part of the multi-frame NCCT {ct_series.name} ({_z_range(ct)};"
@@ -500,10 +505,10 @@ def _check_unique_instances(case, picked):
             uid = header.SOPInstanceUID
             if uid in seen:
                 raise InvalidCaseError(
-                    f"{case}: {seen[uid]} and {_where(source, header)} share one SOPInstanceUID ({uid_name(uid)}):"
+                    f"{case}: {seen[uid]} and {_where(source, header, False)} share one SOPInstanceUID ({uid_name(uid)}):"
                     " each instance needs its own; the study must be sent again as it was made"
                 )
-            seen[uid] = _where(source, header)
+            seen[uid] = _where(source, header, False)
 
 
 def _check_decodable(case, channel, series):
@@ -602,7 +607,10 @@ def _studies(found, where, rules, channels, labels):
         picked = _pick(case, series_of_study, rules, channels)
         frames = {s.headers[0].get("FrameOfReferenceUID") for s in picked.values()}
         if len(frames) > 1 or None in frames:
-            listed = "; ".join(f"{c} {s.name}: {s.headers[0].get('FrameOfReferenceUID')}" for c, s in picked.items())
+            listed = "; ".join(
+                f"{c} {s.name}: {uid_name(s.headers[0].get('FrameOfReferenceUID') or 'none')}"
+                for c, s in picked.items()
+            )
             raise InvalidCaseError(f"{case}: the series are not in one frame of reference ({listed})")
         for channel, series in picked.items():
             _check_geometry(case, channel, series)
@@ -670,7 +678,7 @@ def _geometry(headers):
     else:
         spacing, positions = get_series_volume_positions(headers)
     if spacing is None:
-        raise ValueError(f"series {headers[0].SeriesInstanceUID} is not a regularly spaced volume")
+        raise ValueError(f"series {uid_name(headers[0].SeriesInstanceUID)} is not a regularly spaced volume")
     order = [positions.index(k) for k in range(len(headers))]
     first = headers[order[0]]
     geometry = hd.VolumeGeometry.from_attributes(
