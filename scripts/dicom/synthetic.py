@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from highdicom.spatial import convert_affine_to_convention
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
-from highdicom.spatial import convert_affine_to_convention
 from scripts.dicom.results import derived_uid, segmentation
 
 __all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_label", "write_study"]
