@@ -1,27 +1,33 @@
 """Speed and memory of training and inference on this machine, against the hardware's practical ceiling.
 
     python benchmarks/run.py --repeats 3 --output benchmarks/results.json   # demo and paper size, ~30 min on 2 cores
-    python benchmarks/run.py --sizes "['demo']"                             # demo size only, ~3 min
+    python benchmarks/run.py --sizes "['demo']"                             # demo size only, ~6 min
+    python benchmarks/run.py --sizes "['paper']" --training false --scaling false --fidelity false  # runtimes only
 
 Each section prints a table and everything lands in one JSON file. ``precision`` is ``fp32`` or ``bf16``:
 bfloat16 as the bundle runs it on a CPU (``amp``: ``torch.autocast("cpu", torch.bfloat16)`` around the forward,
 scripts/engine/inferers.py), each figure against the ceiling of its own precision.
-- ``machine``: CPU, torch, whether the CPU has native bfloat16, and the oneDNN kernels (ISA) a float32 and a
-  bfloat16 conv3d run on (from ``ONEDNN_VERBOSE``);
+- ``machine``: CPU, its AMX / AVX512-BF16 / AVX512 / AVX2 flags, torch, OpenVINO, whether the CPU has native
+  bfloat16, and the oneDNN kernels (ISA) a float32 and a bfloat16 conv3d run on (from ``ONEDNN_VERBOSE``);
 - ``ceiling``: GFLOP/s of one large ``conv3d`` forward (the practical ceiling of the convolution kernels), float32,
   bfloat16 under autocast and with bfloat16 weights, both memory formats;
 - ``networks``: one training step (forward, Jaccard loss, backward, Adam) of the modified UNet, the classic
   baseline (BasicUNet) and MONAI's UNet on tensors already in memory, FLOPs counted with torch's
   ``FlopCounterMode``, as GFLOP/s and as a ratio to the ceiling, in both memory formats and both precisions;
+- ``training_precision`` (where bfloat16 is timed): the modified UNet's step in float32 and bfloat16, alternating;
 - ``compile`` (demo size): the modified UNet's step under ``torch.compile``, with the time the first step took;
 - ``pipeline``: the time per batch of the real CacheDataset + random transforms of configs/train.json through
   DataLoader (num_workers 0, 1, 2) and ThreadDataLoader, alone and (demo size) feeding the training step, and the
   share the data pipeline adds to the step on in-memory tensors (at the paper size, where one step takes half a
   minute here, the share is estimated as loader time / step time);
-- ``inference``: whole-case inference through configs/inference.json (load 5 maps, preprocess, predict, invert,
-  save the NIfTI mask) per case once the workflow runs, and the whole ``run`` per case including start-up, CSV and
-  PNG overlays, against the bare forward of the same network at ``spatial_size``, with ``--amp`` false and true;
-- ``fidelity``: masks and lesion volumes of bfloat16 against float32 inference on synthetic testing cases: at the
+- ``inference``: the runtimes a user could pick, alternating in one run: the bare forward of the network in torch
+  float32 and bfloat16, and of its ONNX export (``torch.onnx.export``) in ONNX Runtime and OpenVINO (float32, and
+  bfloat16 where native); and whole-case inference through configs/inference.json (load 5 maps, pre-process,
+  predict, invert, save mask, overlay and row) per case once the workflow runs and per run with its start-up, in each
+  ``inference_backend`` and precision and as the bundle runs by default, against the fastest peer's bare forward,
+  with every variant's masks against torch float32's (Dice, volume);
+- ``fidelity``: masks and lesion volumes of bfloat16 inference as the bundle runs it by default (OpenVINO where
+  installed) against torch float32 on synthetic testing cases: at the
   demo size with the demo model trained here (and the best validation Dice of a float32 and a bfloat16 training
   run of the demo, same seed), at the paper size with an untrained network (no trained weights exist at that size);
 - ``scaling``: step time and peak memory against batch size and spatial size, demo and paper features;
@@ -57,7 +63,8 @@ sys.path.insert(0, REPO_ROOT)
 from scripts.data.datalist import load_fold  # noqa: E402
 from scripts.data.demo import network_settings  # noqa: E402
 from scripts.data.synthetic import generate, generate_isles24  # noqa: E402
-from scripts.engine.inferers import cpu_has_native_bf16  # noqa: E402
+from scripts.engine.backends import OPENVINO_PRECISIONS, choose_backend, openvino_version  # noqa: E402
+from scripts.engine.inferers import amp_default, cpu_has_native_bf16  # noqa: E402
 from scripts.engine.networks import ModifiedUNet  # noqa: E402
 from scripts.flags import as_bool  # noqa: E402
 from scripts.safe_files import write_atomically  # noqa: E402
@@ -65,9 +72,10 @@ from scripts.tools.cli import run  # noqa: E402
 from scripts.tools.prepare_datalist import main as write_datalist  # noqa: E402
 
 DEMO = network_settings()
-SIZES = {  # name: (batch, features, spatial_size)
+SIZES = {  # name: (batch, features, spatial_size); "tiny": the CPU check of benchmarks/gpu.py (tests/test_backends.py)
     "demo": (2, DEMO["features"], DEMO["spatial_size"]),
     "paper": (2, [64, 128, 256, 512, 1024], [128, 128, 32]),
+    "tiny": (2, [2, 4, 8, 16, 32], [32, 32, 16]),
 }
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 PRECISIONS = ("fp32", "bf16")
@@ -217,7 +225,9 @@ def onednn_kernels():
         kernels[precision] = sorted({fields[fields.index("convolution") + 1] for fields in lines})
     return {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_flags(),
         "native_bf16": cpu_has_native_bf16(),
+        "openvino": openvino_version(),
         "onednn_conv3d_kernels": kernels,
     }
 
@@ -248,6 +258,28 @@ def section_networks(size, repeats, ceiling):
     return rows
 
 
+def section_training_precision(size, rounds):
+    """The modified UNet's training step (channels_last_3d, as configs/train.json runs it) in float32 and in bfloat16
+    (autocast, ``--amp true``), rounds alternating between the two after a warm-up round."""
+    bs, features, spatial = SIZES[size]
+    image, label = batch(bs, spatial)
+    net = ModifiedUNet(features=features)
+    steps = {precision: make_step(net, torch.channels_last_3d, precision) for precision in PRECISIONS}
+    timings = alternating({p: lambda step=step: step(image, label) for p, step in steps.items()}, rounds)
+    return {p: {"step_s": fastest, "median_s": median} for p, (fastest, median) in timings.items()}
+
+
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The flags of the matrix and vector units that decide the fastest precision: AMX, AVX512-BF16, AVX512, AVX2."""
+    wanted = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")
+    try:
+        with open(cpuinfo) as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split()}
+    except OSError:
+        return {}
+    return {flag: flag in flags for flag in wanted}
+
+
 def section_compile(size, repeats, ceiling):
     """The modified UNet's step with the network under ``torch.compile`` (inductor), channels_last_3d."""
     bs, features, spatial = SIZES[size]
@@ -270,11 +302,11 @@ def section_compile(size, repeats, ceiling):
     }
 
 
-def synthetic_datalist(workdir, num_cases):
+def synthetic_datalist(workdir, num_cases, folds=2):
     root = os.path.join(workdir, "isles")
     generate(root, num_train=num_cases, num_test=2, seed=0)
     path = os.path.join(workdir, "datalist.json")
-    write_datalist(root, path, folds=2, seed=0)
+    write_datalist(root, path, folds=folds, seed=0)
     return root, path, load_fold(path, root, 0)
 
 
@@ -383,52 +415,157 @@ def inference_workflow(size, bundle_root, dataset_dir, workdir, **override):
     )
 
 
-def section_inference(size, repeats, workdir, num_workers, ceiling):
-    """Per-case whole inference through configs/inference.json vs the bare forward of its network, ``--amp`` false
-    (float32) and true (bfloat16 autocast on a CPU); the bare forward also as a share of its precision's ceiling."""
+def onnx_file(net, x, workdir):
+    """``net`` exported to ONNX by ``torch.onnx.export``, as a user who takes the model to another runtime does."""
+    path = os.path.join(workdir, "model.onnx")
+    torch.onnx.export(net, (x,), path, input_names=["image"], output_names=["pred"], dynamo=True, verbose=False)
+    return path
+
+
+def peer_runtimes(net, x, precisions, workdir):
+    """The bare forward of ``net`` on ``x`` in each runtime a user could pick, as callables: torch float32 and
+    bfloat16 (autocast, the bundle's torch path), and the ONNX export in ONNX Runtime (float32: its CPU provider has
+    no bfloat16 convolution) and in OpenVINO (float32, and bfloat16 where native); a runtime not installed is left
+    out (benchmarks/requirements.txt installs them)."""
+    peers = {}
+    for precision in precisions:
+        peers[f"torch {precision}"] = lambda precision=precision: forward_in(net, x, precision)
+    path = onnx_file(net, x, workdir)
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        peers["onnxruntime fp32"] = lambda: session.run(None, {"image": x.numpy()})
+    except ImportError:
+        pass
+    if openvino_version() is not None:
+        import openvino
+
+        for precision in precisions:
+            compiled = openvino.Core().compile_model(
+                path, "CPU", {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision == "bf16"]}
+            )
+            peers[f"openvino {precision}"] = lambda compiled=compiled: compiled({0: x.numpy()})
+    return peers
+
+
+def forward_in(net, x, precision):
+    with torch.no_grad(), autocast(precision):
+        return net(x.to(memory_format=torch.channels_last_3d))
+
+
+def alternating(calls, rounds):
+    """Each of ``calls`` (name: callable) timed once per round, rounds alternating between them after one warm-up
+    round, so that a slow spell of a shared machine hits them alike; the fastest and the median of each."""
+    times = {name: [] for name in calls}
+    for round_ in range(rounds + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: (min(t), float(np.median(t))) for name, t in times.items()}
+
+
+# whole-case inference variants: (backend, amp); ``auto`` with the ``amp`` default is what a user gets
+WHOLE_CASE = {
+    "bundle default": ("auto", None),
+    "torch fp32": ("torch", False),
+    "torch bf16": ("torch", True),
+    "openvino fp32": ("openvino", False),
+    "openvino bf16": ("openvino", True),
+}
+
+
+def whole_case_run(size, bundle_root, root, workdir, backend, amp, cases, **override):
+    """One configs/inference.json run on ``cases`` testing cases: seconds per case from the second case to the last
+    (the workflow running), and for the whole run with its start-up; its masks and their voxel volumes. ``amp`` None:
+    the config's default."""
     from ignite.engine import Events
 
-    _, _, spatial = SIZES[size]
-    cases = 6
+    override = {"inference_backend": backend, **override, **({} if amp is None else {"amp": amp})}
+    start = time.perf_counter()
+    wf = inference_workflow(size, bundle_root, root, workdir, **override)
+    wf.initialize()
+    done = []
+    wf.parser.get_parsed_content("evaluator").add_event_handler(
+        Events.ITERATION_COMPLETED, lambda: done.append(time.perf_counter())
+    )
+    wf.run()
+    wf.finalize()
+    run_s = (time.perf_counter() - start) / cases
+    masks = read_masks(os.path.join(wf.parser.get_parsed_content("prediction_dir"), "masks"))
+    return (done[-1] - done[0]) / (len(done) - 1), run_s, masks
+
+
+def section_inference(size, repeats, workdir, precisions, ceiling, cases=6):
+    """The bare forward of the network in each peer runtime (``peer_runtimes``), and whole-case inference through
+    configs/inference.json (load 5 maps, pre-process, predict, ``Invertd``, save mask, overlay and row) in each
+    ``backend`` and precision and as the bundle runs by default, per case and per run; each against the fastest
+    peer's bare forward, and masks against torch float32's. Rounds alternate between the variants."""
+    _, features, spatial = SIZES[size]
     root, bundle_root = inference_bundle(size, workdir, cases)
-    rows = []
-    for precision in ceiling:
-        for workers in num_workers:
-            wf = inference_workflow(size, bundle_root, root, workdir, num_workers=workers, amp=precision == "bf16")
-            start = time.perf_counter()
-            wf.initialize()
-            done = []
-            wf.parser.get_parsed_content("evaluator").add_event_handler(
-                Events.ITERATION_COMPLETED, lambda: done.append(time.perf_counter())
-            )
-            wf.run()
-            wf.finalize()
-            run_s = (time.perf_counter() - start) / cases
-            net = wf.parser.get_parsed_content("network").eval()  # checkpoint loaded, configured memory format
-            x = torch.randn(1, 5, *spatial)
-            with torch.no_grad(), autocast(precision):
-                forward = timed(lambda: net(x), repeats)
-            per_case = (done[-1] - done[0]) / (len(done) - 1)  # steady state: case 2 to the last
-            rows.append(
-                {
-                    "precision": precision,
-                    "num_workers": workers,
-                    "per_case_s": per_case,
-                    "bare_forward_s": forward,
-                    "forward_of_ceiling": forward_flops(net, x) / forward / 1e9 / ceiling[precision],
-                    "ratio": per_case / forward,
-                    "run_per_case_s": run_s,
-                    "run_ratio": run_s / forward,
-                }
-            )
-    fp32 = {row["num_workers"]: row["per_case_s"] for row in rows if row["precision"] == "fp32"}
-    for row in rows:
-        row["speedup_vs_fp32"] = fp32[row["num_workers"]] / row["per_case_s"]
-    return rows
+    torch.manual_seed(1)
+    net = ModifiedUNet(features=features)
+    net.load_state_dict(torch.load(os.path.join(bundle_root, "models", "model.pt")))
+    net = net.eval().to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 5, *spatial)
+    peers = alternating(peer_runtimes(net, x, precisions, workdir), repeats)
+    flops = forward_flops(net, x)
+    rows = [
+        {
+            "kind": "bare forward",
+            "runtime": name,
+            "per_case_s": fastest,
+            "median_s": median,
+            "of_ceiling": flops / fastest / 1e9 / ceiling[name.split()[-1]] if ceiling else None,
+        }
+        for name, (fastest, median) in peers.items()
+    ]
+    best_peer = min(peers, key=lambda name: peers[name][0])
+    amp = amp_default()
+    default_runtime = f"{choose_backend('auto', amp, 'cpu', cpu_has_native_bf16())[0]} {'bf16' if amp else 'fp32'}"
+    variants = {
+        name: (backend, amp)
+        for name, (backend, amp) in WHOLE_CASE.items()
+        if (amp is not True or "bf16" in precisions) and (backend != "openvino" or openvino_version() is not None)
+    }
+    if default_runtime in variants:  # the default is one of the variants: the same run, timed once
+        del variants["bundle default"]
+    runs = {name: [] for name in variants}
+    masks = {}
+    for _ in range(repeats):
+        for name, (backend, amp) in variants.items():
+            per_case, run_s, masks[name] = whole_case_run(size, bundle_root, root, workdir, backend, amp, cases)
+            runs[name].append((per_case, run_s))
+    reference, voxel_ml = masks["torch fp32"]
+    for name, timings in runs.items():
+        per_case, run_s = min(t[0] for t in timings), min(t[1] for t in timings)
+        agreement = mask_agreement(reference, masks[name][0], voxel_ml)
+        own = peers.get(default_runtime if name == "bundle default" else name, (None,))[0]
+        rows.append(
+            {
+                "kind": "whole case",
+                "runtime": name if name != "bundle default" else f"bundle default ({default_runtime})",
+                "per_case_s": per_case,
+                "median_s": float(np.median([t[0] for t in timings])),
+                "of_own_forward": per_case / own if own else None,
+                "of_fastest_peer": per_case / peers[best_peer][0],
+                "run_per_case_s": run_s,
+                "run_of_fastest_peer": run_s / peers[best_peer][0],
+                "min_dice_vs_torch_fp32": min(row["dice"] for row in agreement),
+                "max_volume_diff_vs_torch_fp32": max(row["volume_rel_diff"] for row in agreement),
+            }
+        )
+    if "bundle default" not in variants:
+        rows.append({**next(r for r in rows if r["runtime"] == default_runtime and r["kind"] == "whole case")})
+        rows[-1]["runtime"] = f"bundle default ({default_runtime})"
+    return {"rows": rows, "fastest_peer": best_peer, "default_runtime": default_runtime, "cases": cases}
 
 
 def mask_agreement(masks_a, masks_b, spacing_ml):
-    """Per case: Dice between two masks (1 when both are empty) and the relative lesion-volume difference."""
+    """Per case: Dice between two masks (1 when both are empty) and the relative lesion-volume difference of
+    ``masks_b`` from ``masks_a`` (the float32 ones)."""
     rows = []
     for case in sorted(masks_a):
         a, b = masks_a[case], masks_b[case]
@@ -446,18 +583,22 @@ def mask_agreement(masks_a, masks_b, spacing_ml):
     return rows
 
 
-def predicted_masks(size, bundle_root, dataset_dir, workdir, amp, **override):
+def read_masks(mask_dir):
+    """The masks a run wrote in ``mask_dir`` (as booleans) and each one's voxel volume in mL, by file name."""
     import nibabel as nib
 
-    wf = inference_workflow(size, bundle_root, dataset_dir, workdir, amp=amp, num_workers=0, **override)
-    wf.initialize()
-    wf.run()
-    mask_dir = os.path.join(wf.parser.get_parsed_content("prediction_dir"), "masks")
     masks, voxel_ml = {}, {}
     for name in sorted(os.listdir(mask_dir)):
         img = nib.load(os.path.join(mask_dir, name))
         masks[name], voxel_ml[name] = np.asanyarray(img.dataobj) > 0, float(np.prod(img.header.get_zooms()[:3])) / 1000
     return masks, voxel_ml
+
+
+def predicted_masks(size, bundle_root, dataset_dir, workdir, amp, **override):
+    wf = inference_workflow(size, bundle_root, dataset_dir, workdir, amp=amp, num_workers=0, **override)
+    wf.initialize()
+    wf.run()
+    return read_masks(os.path.join(wf.parser.get_parsed_content("prediction_dir"), "masks"))
 
 
 def demo_training(workdir, amp):
@@ -480,7 +621,8 @@ def demo_training(workdir, amp):
 
 
 def section_fidelity(size, workdir):
-    """bfloat16 against float32 inference: masks and volumes per synthetic testing case. At the demo size with the
+    """bfloat16 inference as the bundle runs it (``backend`` ``auto``: OpenVINO where installed) against torch
+    float32: masks and volumes per synthetic testing case. At the demo size with the
     demo model trained here in float32 (and the demo trained in bfloat16 too, same seed: both best validation Dice),
     at the paper size with an untrained network."""
     out = {}
@@ -498,8 +640,10 @@ def section_fidelity(size, workdir):
         dataset_dir, fp32_root = inference_bundle(size, workdir, cases=4, seed=2)
         settings = {}
         out["model"] = "untrained network (no trained weights exist at this size)"
-    fp32, spacing = predicted_masks(size, fp32_root, dataset_dir, workdir, amp=False, **settings)
-    bf16, _ = predicted_masks(size, fp32_root, dataset_dir, workdir, amp=True, **settings)
+    fp32, spacing = predicted_masks(
+        size, fp32_root, dataset_dir, workdir, amp=False, inference_backend="torch", **settings
+    )
+    bf16, _ = predicted_masks(size, fp32_root, dataset_dir, workdir, amp=True, inference_backend="auto", **settings)
     out["cases"] = mask_agreement(fp32, bf16, spacing)
     return out
 
@@ -574,7 +718,7 @@ def section_pacs(cases, repeats):
     ISLES 2018 cases."""
     sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
     from orthanc import orthanc_available, start_orthanc, upload
-    from scripts.data.isles18 import NCCT
+    from scripts.data.channels import NCCT
     from scripts.dicom.dicomweb import ListenerState, Pacs
     from scripts.dicom.series import find_studies
     from scripts.tools.pacs import StudySegmenter, config_files, listen
@@ -679,14 +823,14 @@ def child(section, kwargs_json):
         return isles24_inference(kwargs["config"], kwargs["dataset_dir"], kwargs["cases"])
     with tempfile.TemporaryDirectory() as workdir:
         if section == "pipeline":
-            result = section_pipeline(kwargs["size"], kwargs["repeats"], workdir, kwargs["with_steps"])
+            result = {"rows": section_pipeline(kwargs["size"], kwargs["repeats"], workdir, kwargs["with_steps"])}
         elif section == "fidelity":
             return section_fidelity(kwargs["size"], workdir)
         else:
             result = section_inference(
-                kwargs["size"], kwargs["repeats"], workdir, kwargs["num_workers"], kwargs["ceiling"]
+                kwargs["size"], kwargs["repeats"], workdir, kwargs["precisions"], kwargs["ceiling"], kwargs["cases"]
             )
-    return {"rows": result, "peak_rss_mib": peak_rss_mib()}
+    return {**result, "peak_rss_mib": peak_rss_mib()}
 
 
 def print_table(title, rows):
@@ -698,31 +842,61 @@ def print_table(title, rows):
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
 
 
+def section_training(size, reps, repeats, ceiling, precisions, with_networks=True):
+    """The training sections of one size: ``training_precision`` (where bfloat16 is timed) and, ``with_networks``,
+    ``networks``, ``compile`` (demo size) and ``pipeline``; each printed as it ends."""
+    bs, features, spatial = SIZES[size]
+    section = {}
+    if "bf16" in precisions:
+        section["training_precision"] = section_training_precision(size, max(2, reps))
+        print_table(
+            f"{size}: modified UNet training step, fp32 and bf16 alternating",
+            [{"precision": p, **row} for p, row in section["training_precision"].items()],
+        )
+    if not with_networks:
+        return section
+    nets = section_networks(size, reps, ceiling["best"])
+    print_table(f"{size}: training step, batch {bs}, features {features}, input {spatial}", nets)
+    section["networks"] = nets
+    demo = size == "demo"
+    if demo:  # compiling the paper-size network takes too long on a CPU to be worth a row
+        section["compile"] = section_compile(size, reps, ceiling["best"])
+        print_table(f"{size}: training step with torch.compile", section["compile"])
+    section["pipeline"] = run_child("pipeline", {"size": size, "repeats": repeats, "with_steps": demo})
+    if not demo:  # one step here takes tens of seconds: the share is the loader's time over the step's
+        step = next(
+            r["step_s"]
+            for r in nets
+            if r["network"] == "modified" and r["memory_format"] == "channels_last_3d" and r["precision"] == "fp32"
+        )
+        for row in section["pipeline"]["rows"]:
+            row["pipeline_share_estimate"] = row["loader_s"] / step
+    print_table(
+        f"{size}: data pipeline per batch (peak RSS {section['pipeline']['peak_rss_mib']:.0f} MiB)",
+        section["pipeline"]["rows"],
+    )
+    return section
+
+
 def targets(results):
-    """The figures the bfloat16 targets are stated in, per size: the modified UNet's channels_last_3d training step
-    and whole-case inference (num_workers 4), bfloat16 against float32 and each against its own ceiling."""
+    """The figures the targets are stated in, per size: the modified UNet's channels_last_3d training step in
+    bfloat16 against float32 (``training_precision``), and whole-case inference as the bundle runs by default against
+    torch float32 and against the fastest peer's bare forward, per case and per run."""
     out = {}
     for size in SIZES:
-        if size not in results:
-            continue
-        section = results[size]
-        step = {
-            r["precision"]: r
-            for r in section["networks"]
-            if r["network"] == "modified" and r["memory_format"] == "channels_last_3d"
-        }
-        if "bf16" not in step:
-            continue
-        row = {
-            "train_step_speedup": step["fp32"]["step_s"] / step["bf16"]["step_s"],
-            "train_step_fp32_of_ceiling": step["fp32"]["of_ceiling"],
-            "train_step_bf16_of_ceiling": step["bf16"]["of_ceiling"],
-        }
+        section = results.get(size, {})
+        row = {}
+        if "training_precision" in section:
+            step = section["training_precision"]
+            row["train_step_bf16_speedup"] = step["fp32"]["step_s"] / step["bf16"]["step_s"]
         if "inference" in section:
-            infer = {r["precision"]: r for r in section["inference"]["rows"] if r["num_workers"] == 4}
-            row["inference_speedup"] = infer["bf16"]["speedup_vs_fp32"]
-            row["forward_bf16_of_ceiling"] = infer["bf16"]["forward_of_ceiling"]
-        out[size] = row
+            whole = {r["runtime"].split(" (")[0]: r for r in section["inference"]["rows"] if r["kind"] == "whole case"}
+            default = whole["bundle default"]
+            row["inference_speedup_vs_torch_fp32"] = whole["torch fp32"]["per_case_s"] / default["per_case_s"]
+            row["per_case_of_fastest_peer_forward"] = default["of_fastest_peer"]
+            row["run_per_case_of_fastest_peer_forward"] = default["run_of_fastest_peer"]
+        if row:
+            out[size] = row
     return out
 
 
@@ -734,6 +908,10 @@ def main(
     scaling: bool = True,
     inference: bool = True,
     fidelity: bool = True,
+    training: bool = True,
+    inference_cases: int = 6,
+    with_ceiling: bool = True,
+    networks: bool = True,
     bf16: str = "auto",
     isles24: bool = False,
     isles24_cases: int = 3,
@@ -746,7 +924,11 @@ def main(
     network takes tens of seconds on a CPU. ``bf16``: ``auto`` times bfloat16 beside float32 only on a CPU with
     native bfloat16 (``measured_precisions``), ``true`` or ``false`` decide. ``isles24``: add the ``isles24``
     section, on ``isles24_cases`` full-size synthetic cases. ``pacs``: add the ``pacs`` section (a real Orthanc), on
-    ``pacs_cases`` studies.
+    ``pacs_cases`` studies. ``training false`` leaves out the training sections (``networks``,
+    ``training_precision``, ``compile``, ``pipeline``); ``inference_cases``: the testing cases of each whole-case run
+    of ``inference`` (its rounds are ``repeats``, at least 2). ``with_ceiling false`` leaves out the conv3d ceiling
+    (and the ``of_ceiling`` figures), which ``networks`` needs; ``networks false`` leaves out ``networks``, ``compile``
+    and ``pipeline`` (``training_precision`` stays).
     """
     precisions = measured_precisions(bf16)
     results = {
@@ -769,45 +951,37 @@ def main(
     for size in sizes:
         bs, features, spatial = SIZES[size]
         reps = repeats if size == "demo" else paper_repeats
-        ceiling = section_ceiling(spatial, reps, precisions)
-        print_table(
-            f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s",
-            [{"precision": p, **row} for p, row in ceiling["gflops"].items()],
-        )
-        print_table(
-            f"{size}: conv3d forward+backward GFLOP/s by channels (channels_last_3d)",
-            [
-                {"precision": p, **{str(c): v for c, v in row.items()}}
-                for p, row in ceiling["channels_last_3d_forward_backward_gflops_by_channels"].items()
-            ],
-        )
-        nets = section_networks(size, reps, ceiling["best"])
-        print_table(f"{size}: training step, batch {bs}, features {features}, input {spatial}", nets)
-        section = {"ceiling": ceiling, "networks": nets}
-        demo = size == "demo"
-        if demo:  # compiling the paper-size network takes too long on a CPU to be worth a row
-            section["compile"] = section_compile(size, reps, ceiling["best"])
-            print_table(f"{size}: training step with torch.compile", section["compile"])
-        section["pipeline"] = run_child("pipeline", {"size": size, "repeats": repeats, "with_steps": demo})
-        if not demo:  # one step here takes tens of seconds: the share is the loader's time over the step's
-            step = next(
-                r["step_s"]
-                for r in nets
-                if r["network"] == "modified" and r["memory_format"] == "channels_last_3d" and r["precision"] == "fp32"
+        ceiling = section_ceiling(spatial, reps, precisions) if with_ceiling else {"best": {}}
+        if with_ceiling:
+            print_table(
+                f"{size}: conv3d ceiling [2, 64, {spatial}] GFLOP/s",
+                [{"precision": p, **row} for p, row in ceiling["gflops"].items()],
             )
-            for row in section["pipeline"]["rows"]:
-                row["pipeline_share_estimate"] = row["loader_s"] / step
-        print_table(
-            f"{size}: data pipeline per batch (peak RSS {section['pipeline']['peak_rss_mib']:.0f} MiB)",
-            section["pipeline"]["rows"],
-        )
+            print_table(
+                f"{size}: conv3d forward+backward GFLOP/s by channels (channels_last_3d)",
+                [
+                    {"precision": p, **{str(c): v for c, v in row.items()}}
+                    for p, row in ceiling["channels_last_3d_forward_backward_gflops_by_channels"].items()
+                ],
+            )
+        section = {"ceiling": ceiling}
+        demo = size == "demo"
+        if training:
+            section.update(section_training(size, reps, repeats, ceiling, precisions, networks))
         if inference:
             section["inference"] = run_child(
                 "inference",
-                {"size": size, "repeats": reps, "num_workers": [0, 4] if demo else [4], "ceiling": ceiling["best"]},
+                {
+                    "size": size,
+                    "repeats": max(2, reps),
+                    "precisions": list(precisions),
+                    "ceiling": ceiling["best"],
+                    "cases": inference_cases,
+                },
             )
             print_table(
-                f"{size}: whole-case inference (peak RSS {section['inference']['peak_rss_mib']:.0f} MiB)",
+                f"{size}: runtimes, bare forward and whole case (fastest peer: {section['inference']['fastest_peer']};"
+                f" peak RSS {section['inference']['peak_rss_mib']:.0f} MiB)",
                 section["inference"]["rows"],
             )
         if fidelity and "bf16" in precisions:

@@ -12,27 +12,25 @@ from __future__ import annotations
 
 import ast
 import difflib
+import inspect
 import os
 import sys
 
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.scripts import create_workflow, run
 
-__all__ = ["as_bool", "refuse_unknown_overrides"]
+__all__ = ["as_bool", "as_fraction", "refuse_unknown_overrides"]
 
-# the arguments of `monai.bundle run` itself (monai.bundle.scripts.run, create_workflow, ConfigWorkflow)
-RUN_ARGUMENTS = {
-    "run_id",
-    "init_id",
-    "final_id",
-    "meta_file",
-    "config_file",
-    "logging_file",
-    "tracking",
-    "args_file",
-    "workflow_name",
-    "workflow_type",
-    "properties_path",
-}
+
+def _run_arguments() -> set:
+    """The named parameters of ``monai.bundle run`` itself (``monai.bundle.scripts.run``, ``create_workflow`` and
+    ``ConfigWorkflow``, which it hands them to): every other ``--ID`` of its command line is a config override."""
+    return {
+        name
+        for function in (run, create_workflow, ConfigWorkflow.__init__)
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is not parameter.VAR_KEYWORD and name != "self"
+    }
 
 
 def as_bool(value, name):
@@ -62,16 +60,39 @@ def as_bool(value, name):
     raise ValueError(f"--{name} must be true or false, got {value!r}")
 
 
+def as_fraction(value, name) -> float:
+    """A threshold on a probability or a ratio as a float strictly between 0 and 1: at 0 or below every voxel passes
+    it (a full mask), at 1 or above none does (an empty one), so such settings are refused before any work.
+
+    Args:
+        value: the value given (from a config id or the command line).
+        name: the setting's name, for the message.
+
+    Raises:
+        ValueError: ``--name must lie strictly between 0 and 1 ...``.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name} must be a number strictly between 0 and 1, got {value!r}") from None
+    if not 0.0 < number < 1.0:
+        raise ValueError(
+            f"--{name} must lie strictly between 0 and 1, got {value!r}: at or below 0 every mask is full, at or"
+            " above 1 every mask is empty"
+        )
+    return number
+
+
 def _command_line_overrides(argv):
     """The config files and the ``--ID`` overrides of a ``python -m monai.bundle run ...`` command line."""
-    overrides, config_file, args = [], None, argv[2:]
+    overrides, config_file, args, own = [], None, argv[2:], _run_arguments()
     for i, arg in enumerate(args):
         if not arg.startswith("--"):
             continue
         key, _, value = arg[2:].partition("=")
         if key == "config_file":
             config_file = value or (args[i + 1] if i + 1 < len(args) else None)
-        elif key not in RUN_ARGUMENTS:
+        elif key not in own:
             overrides.append(key)
     if isinstance(config_file, str) and config_file.strip().startswith("["):
         config_file = ast.literal_eval(config_file)

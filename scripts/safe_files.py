@@ -3,16 +3,16 @@ atomic write and the one folder lock of every CLI and config of the bundle."""
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
+import time
 
+from filelock import FileLock, Timeout
 from scripts.flags import as_bool
 
-__all__ = ["hold_folder", "refuse_existing", "write_atomically"]
+__all__ = ["hold_folder", "rank", "refuse_existing", "release_folder", "require_held", "write_atomically"]
 
-LOCK = ".in_use"  # the lock file of a folder a run writes into: the process id and command line of that run
-_held = set()
+LOCK = ".in_use"  # the lock file of a folder a run writes into: the process id and command line of its holder
 
 
 def refuse_existing(paths, overwrite=False) -> None:
@@ -62,81 +62,74 @@ def write_atomically(path: str, write) -> None:
         os.close(directory)
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+def rank() -> int:
+    """This process's rank among the processes of one ``torchrun`` (the ``RANK`` it sets), 0 outside one. The one
+    reading of the rank in the bundle: it holds before the process group is set up, when a run checks its folders."""
+    return int(os.environ.get("RANK", "0"))
 
 
-def _command_line_run() -> bool:
-    """Whether this process is a command-line run of the bundle (``python -m monai.bundle ...`` or
-    ``python -m scripts.tools.<tool>``), which exits when its run ends, rather than a Python session that builds
-    runs."""
-    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    tool = os.path.dirname(script).endswith(os.path.join("scripts", "tools"))
-    return tool or script.endswith(os.path.join("monai", "bundle", "__main__.py"))
+def _name_holder(fd: int) -> None:
+    """Write this process's id and command line into the lock file it has just locked, for another run's message."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()}: {' '.join(sys.argv)[:200]}".encode(), 0)
 
 
-def hold_folder(folder: str) -> None:
-    """Make this process the one run that writes into ``folder`` until it exits: a lock file there names its
-    process. Another live process's lock is refused, naming it; the lock of a process that is gone (killed) is taken
-    over. Under ``torchrun`` only rank 0 takes it (the ranks of one run write together). A process may hold several
-    folders, and the same one again. A Python session that builds runs itself (``ConfigWorkflow``, a notebook, the
-    tests) is checked against other runs' locks but takes none: it outlives its runs, and its lock would bar the
-    folder to every later command.
+def _holder(path: str) -> str:
+    """The process named in the lock file ``path`` (it may be a moment before a new holder has written it)."""
+    for _ in range(20):
+        with open(path, errors="replace") as f:
+            text = f.read().strip()
+        if text:
+            return text
+        time.sleep(0.05)
+    return "process unknown"
+
+
+def _lock(folder: str) -> FileLock:
+    """This process's one lock object of ``folder`` (``filelock``'s singleton for its lock file)."""
+    return FileLock(os.path.join(os.path.abspath(folder), LOCK), is_singleton=True, on_acquired=_name_holder)
+
+
+def hold_folder(folder: str) -> FileLock:
+    """Make this process the one run that writes into ``folder``: ``filelock``'s lock on ``folder/.in_use``, an OS
+    lock that the system frees when the process ends, however it ends (kill -9 included). The lock file names the
+    process for another run's message; it stays when the lock is freed. In one process the lock of a folder is one
+    object (held again by a later run of the same Python session). Under ``torchrun`` only rank 0 takes it (the ranks
+    of one run write together): other ranks get the lock unheld.
 
     Args:
         folder: the output folder (created if absent).
 
+    Returns:
+        The held lock: keep it for the whole run (the run's config holds it as an id) and release it at the end
+        (``release_folder``); it is also freed when its last reference goes.
+
     Raises:
-        FileExistsError: another process that is still running writes into ``folder``.
+        FileExistsError: another process that is still running holds ``folder``.
     """
-    folder = os.path.abspath(folder)
-    if folder in _held or int(os.environ.get("RANK", "0")) != 0:
-        return
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOCK)
-    mine = f"{os.getpid()}\n{' '.join(sys.argv)}\n"
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    pid, _, command = f.read().partition("\n")
-                pid = int(pid)
-            except (OSError, ValueError):  # removed meanwhile, or half-written by a process killed at that moment
-                pid, command = None, ""
-            if pid is not None and pid != os.getpid() and _running(pid):
-                raise FileExistsError(
-                    f"{folder} is in use by another run (process {pid}: {command.strip()[:200]}); wait for it to"
-                    f" finish or stop it, or choose another output folder"
-                ) from None
-            try:
-                os.remove(path)  # the run that held it is gone
-            except FileNotFoundError:
-                pass
-            continue
-        if not _command_line_run():
-            os.close(fd)
-            os.remove(path)
-            return
-        with os.fdopen(fd, "w") as f:
-            f.write(mine)
-        _held.add(folder)
-        atexit.register(_release, path, mine)
-        return
-    raise FileExistsError(f"{folder}: could not take its lock {path}")
-
-
-def _release(path, mine):
+    lock = _lock(folder)
+    if rank() != 0:
+        return lock
+    os.makedirs(os.path.abspath(folder), exist_ok=True)
     try:
-        with open(path) as f:
-            if f.read() == mine:
-                os.remove(path)
-    except OSError:
-        pass
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FileExistsError(
+            f"{os.path.abspath(folder)} is in use by another run ({_holder(lock.lock_file)}); wait for it to finish"
+            " or stop it, or choose another output folder"
+        ) from None
+    return lock
+
+
+def release_folder(folder: str) -> None:
+    """Release this process's hold on ``folder`` (``hold_folder``), if it has one: the last step of a run (its
+    config's ``finalize``), which takes no lock of its own when the run stopped before it held the folder."""
+    _lock(folder).release()
+
+
+def require_held(folder: str, lock) -> None:
+    """Raise ``ValueError`` unless ``lock`` is this process's held ``hold_folder`` lock of ``folder`` (on rank 0: the
+    other ranks of a ``torchrun`` hold none): a run checks and clears its folder only while holding it."""
+    held = lock is not None and lock.is_locked and lock.lock_file == os.path.join(os.path.abspath(folder), LOCK)
+    if rank() == 0 and not held:
+        raise ValueError(f"{folder}: hold it first (scripts.safe_files.hold_folder), for the whole run")

@@ -74,7 +74,7 @@ TINY_NETWORK = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "nu
 def tiny_model(synthetic_tree, tmp_path_factory):
     """A bundle root whose models/model.pt is a tiny network trained for one epoch on the session's synthetic tree."""
     from monai.bundle import ConfigWorkflow
-    from scripts.data.folds import build_datalist
+    from scripts.data.datalist import build_datalist
 
     root = tmp_path_factory.mktemp("tiny_bundle")
     datalist = root / "datalist.json"

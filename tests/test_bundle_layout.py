@@ -7,7 +7,7 @@ import re
 
 import monai
 from monai.bundle import ConfigParser
-from scripts.data.isles18 import CHANNELS
+from scripts.data.channels import CHANNELS
 
 
 def load(repo_root, *parts):
@@ -64,29 +64,32 @@ def test_ci_runs_the_readme_test_command(repo_root):
     assert "pip install --quiet torch==2.13.0" in ci and "requirements-dev.txt" in ci
 
 
-# What inference.json repeats of train.json: MONAI Label reads each of the two alone, from its own working folder, so
-# neither can take these from the other (a `%configs/...` macro is resolved against the working folder).
-COPIED_FROM_TRAIN = (
-    "network_def",
-    "network",
+# The ids inference.json defines otherwise than train.json, by design. Every other id both define is a copy: MONAI
+# Label reads each of the two alone, from its own working folder, so neither can take them from the other (a
+# `%configs/...` macro is resolved against the working folder). train.json is the source; the test below checks
+# inference.json's copies against it, whatever ids the two come to share.
+DEFINED_OTHERWISE_FOR_INFERENCE = {
+    "imports",
+    "amp",
+    "load_keys",
+    "spatial_keys",
+    "resize_modes",
+    "datalist",
+    "refuse_blank_maps",  # training refuses a case with a blank map; inference segments it and says so
     "preprocessing_transforms",
-    "spatial_size",
-    "features",
-    "channels",
-    "ct_window",
-    "lesion_threshold",
-    "image_key",
-    "label_key",
-    "device",
-    "amp_kwargs",
-    "channels_last",
-)
+    "postprocessing",
+    "initialize",
+    "run",
+    "finalize",
+}
 
 
-def test_inference_json_stands_alone_and_repeats_train_jsons_network_and_preprocessing(repo_root):
+def test_inference_json_stands_alone_and_copies_train_jsons_network_and_preprocessing(repo_root):
     train, infer = load(repo_root, "configs", "train.json"), load(repo_root, "configs", "inference.json")
-    for key in COPIED_FROM_TRAIN:
-        assert infer[key] == train[key] or key == "preprocessing_transforms", key
+    shared = train.keys() & infer.keys()
+    assert {"network_def", "features", "channels", "spatial_size", "ct_window", "lesion_threshold"} <= shared
+    copies = shared - DEFINED_OTHERWISE_FOR_INFERENCE
+    assert [key for key in sorted(copies) if infer[key] != train[key]] == [], "inference.json's copies of train.json"
     # one pre-processing, built from each config's own ids; inference keeps the maps the per-case report reads, and
     # its reader is the place configs/dicom.json sets the DICOM one
     expected = {**train["preprocessing_transforms"], "input_map_keys": "@input_map_keys", "reader": None}
@@ -108,7 +111,8 @@ def targets(config):
 
 def test_evaluation_adds_only_what_needs_labels_to_the_prediction_pipeline(repo_root):
     """evaluate.json is an override of inference.json: it defines none of its components again (no transform,
-    handler or evaluator of inference.json's), only the labelled datalist, the metrics and their reports."""
+    handler or evaluator of inference.json's), only the labelled datalist, the reference key and the baselines to
+    score."""
     evaluate, infer = load(repo_root, "configs", "evaluate.json"), load(repo_root, "configs", "inference.json")
     assert not targets(evaluate) & targets(infer), targets(evaluate) & targets(infer)
     pipeline = {"preprocessing", "preprocessing_transforms", "postprocessing", "inferer", "evaluator", "networks"}
@@ -118,10 +122,14 @@ def test_evaluation_adds_only_what_needs_labels_to_the_prediction_pipeline(repo_
         assert '"%' not in open(os.path.join(repo_root, "configs", name)).read(), f"{name}: no macros"
 
 
-def test_multi_gpu_evaluation_repeats_the_training_overrides(repo_root):
+def test_multi_gpu_evaluation_copies_the_training_overrides(repo_root):
+    """The distributed set-up both multi-GPU files need (backend, device, ranks, amp dtype, process group): each is
+    an override of another config (train.json; inference.json + evaluate.json), so neither can take it from the
+    other. multi_gpu_train.json is the source; every key both define is checked against it."""
     train, evaluate = (load(repo_root, "configs", f"multi_gpu_{name}.json") for name in ("train", "evaluate"))
-    for key in ("+imports", "backend", "device", "is_rank0", "write_logs", "amp_kwargs", "dist_initialize"):
-        assert evaluate[key] == train[key], key
+    shared = train.keys() & evaluate.keys()
+    assert {"backend", "device", "is_rank0", "amp_kwargs", "dist_initialize", "dist_finalize"} <= shared
+    assert [key for key in sorted(shared) if evaluate[key] != train[key]] == []
     assert evaluate["dataloader#sampler"] == dict(train["validation_sampler"], dataset="@dataset")
 
 
@@ -147,7 +155,7 @@ DOC_PAGES = (
     "models/README.md",
     "benchmarks/README.md",
 )
-WRITTEN_BY_A_RUN = {"configs/datalist.json"}
+WRITTEN_BY_A_RUN = {"configs/datalist.json", "benchmarks/gpu_results.json"}
 SCRIPTS_NAME = re.compile(r"(?<![\w.])scripts\.((?:tools|data|dicom|engine|report)\.\w+|\w+)(?:\.(\w+))?")
 REPO_PATH = re.compile(r"(?<![\w./-])((?:scripts|configs|tests|docs|tools|benchmarks)/[\w.=/-]*[\w/])")
 

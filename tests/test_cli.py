@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-DATALIST_FLAGS = "--data_root, --output, --folds, --seed, --patients_csv, --check, --skip_invalid, --overwrite, --cta"
+DATALIST_FLAGS = (
+    "--data_root, --output, --folds, --seed, --patients_csv, --check, --skip_invalid, --overwrite, --channels"
+)
 STUDIES_FLAGS = "--source, --output_dir, --sections, --labels, --overwrite, --check, --skip_invalid"
 APP_FLAGS = "--app_dir, --model, --name, --features, --spatial_size, --settings, --sample_app, --overwrite"
 

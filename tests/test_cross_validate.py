@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 from scripts.data.datalist import find_inputs
+from scripts.report.cases import PER_CASE, THRESHOLD_CORE
+from scripts.report.metrics import METRIC_NAMES
 from scripts.report.tables import read_csv
 
 TINY = ["--features", "[2,4,8,16,32]", "--spatial_size", "[32,32,16]", "--num_workers", "0", "--val_interval", "1"]
@@ -52,11 +54,28 @@ def test_every_case_is_scored_out_of_fold_once_by_a_model_that_never_saw_its_pat
     assert "[4/4] classic fold 1: done" in result.stdout and "left" in result.stdout
 
 
+def test_the_per_case_table_is_the_evaluations_rows(finished):
+    """Each row of the cross-validation's per-case table is a row of the per_case.csv its evaluation wrote: the
+    network's metrics, and the threshold core's (its <baseline>_<metric> columns) on the held-out cases."""
+    out, _, _ = finished
+    rows = read_csv(out / "per_case.csv")
+    scored = [("classic", "classic", "train", ""), ("modified", "modified", "test", "")]
+    scored.append((THRESHOLD_CORE, "modified", "test", f"{THRESHOLD_CORE}_"))
+    for name, network, split, prefix in scored:
+        for fold in (0, 1):
+            written = read_csv(out / network / f"fold{fold}" / f"eval_{split}" / PER_CASE)
+            ours = [r for r in rows if (r["network"], r["split"], r["fold"]) == (name, split, str(fold))]
+            assert [r["case"] for r in ours] == [r["case"] for r in written] and ours
+            for mine, theirs in zip(ours, written):
+                for metric in METRIC_NAMES:
+                    assert float(mine[metric]) == pytest.approx(float(theirs[prefix + metric]), nan_ok=True)
+
+
 def test_the_table_is_the_mean_of_the_per_case_values(finished):
     out, _, _ = finished
     rows = read_csv(out / "per_case.csv")
     table = [r for r in read_csv(out / "table.csv") if r["source"] == "this run"]
-    assert len(table) == 5 and table[-1]["network"] == "threshold (rCBF<30%)" and table[-1]["cases"] == "10"
+    assert len(table) == 5 and table[-1]["network"] == THRESHOLD_CORE and table[-1]["cases"] == "10"
     for entry in table:
         cases = [r for r in rows if r["network"] == entry["network"] and r["split"] == entry["split"]]
         assert int(entry["cases"]) == len(cases)
@@ -143,7 +162,7 @@ def test_a_killed_run_resumes_where_it_stopped(repo_root, synthetic_tree, tmp_pa
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[1/2] modified fold 0: already done" in result.stdout
     assert (out / "modified" / "fold0" / "log.txt").read_text() == (tmp_path / "fold0_log_before.txt").read_text()
-    assert "--resume True" in (fold1 / "log.txt").read_text(), "fold 1 continued from its checkpoint"
+    assert "'resume': True" in (fold1 / "log.txt").read_text(), "fold 1 continued from its checkpoint"
     state = torch.load(fold1 / "models" / "checkpoint_epoch=30.pt", map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 30 * state["trainer"]["epoch_length"]
     assert len([r for r in read_csv(out / "per_case.csv") if r["split"] == "test" and r["network"] == "modified"]) == 10

@@ -23,16 +23,21 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 from PIL import Image
 from scipy import ndimage
-from scripts.data.datalist import find_inputs, load_section
-from scripts.data.folds import build_datalist
-from scripts.data.isles18 import CHANNELS, InvalidCaseError, read_case
+from scripts.data.channels import CHANNELS
+from scripts.data.datalist import build_datalist, find_inputs, load_section
+from scripts.data.isles18 import read_case
+from scripts.data.readers import InvalidCaseError
 from scripts.data.synthetic import generate
 from scripts.engine.inferers import FlipInferer
+from scripts.report.cases import PER_CASE, SUMMARY, THRESHOLD_CORE, prepare_outputs, table_columns
 from scripts.report.metrics import METRIC_NAMES
 from scripts.report.overlay import overlay_image
+from scripts.report.perfusion import perfusion_regions
+from scripts.safe_files import hold_folder, release_folder
 
 TINY = TINY_NETWORK
-COLUMNS = list(METRIC_NAMES)  # the metrics evaluate.json must define, in its order
+COLUMNS = list(METRIC_NAMES)  # the metrics evaluation scores, in their order
+MAPS = ("CBF", "Tmax")  # the maps of the threshold core
 EVALUATE = ("inference.json", "evaluate.json")
 
 
@@ -146,25 +151,43 @@ def evaluated(repo_root, trained):
 
 
 def test_evaluation_csv_matches_metrics_recomputed_from_the_written_masks(trained, evaluated):
+    """Each case's row: the metrics of its written mask and of the threshold core (recomputed here from the map
+    files), against the label file, by numpy and scipy; the summary's statistics from those rows."""
     (_, settings), (eval_dir, stdout) = trained, evaluated
     with open(settings["data_list_file_path"]) as f:
         datalist = json.load(f)
     validation = {item["case"]: item for item in datalist["training"] if item["fold"] == 0}
-    rows = read_csv(eval_dir / "metrics_per_case.csv")
-    assert list(rows[0]) == ["case", *COLUMNS]
+    rows = read_csv(eval_dir / PER_CASE)
+    assert list(rows[0]) == table_columns(scored=True, baselines=[THRESHOLD_CORE])
     assert sorted(row["case"] for row in rows) == sorted(validation)
     for row in rows:
-        label, label_affine = load(os.path.join(settings["dataset_dir"], validation[row["case"]]["label"]))
+        item = validation[row["case"]]
+        label, label_affine = load(os.path.join(settings["dataset_dir"], item["label"]))
         mask_img = nib.load(eval_dir / "masks" / f"{row['case']}.nii.gz")
         mask = np.asanyarray(mask_img.dataobj)
         assert mask.shape == label.shape and np.array_equal(mask_img.affine, label_affine), row["case"]
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
-        expected = reference_metrics(mask > 0, label > 0, mask_img.header.get_zooms()[:3])
+        spacing = mask_img.header.get_zooms()[:3]
+        expected = reference_metrics(mask > 0, label > 0, spacing)
+        cbf, tmax = (load(os.path.join(settings["dataset_dir"], item["image"][CHANNELS.index(c)]))[0] for c in MAPS)
+        regions, _ = perfusion_regions(cbf, tmax)
+        core = regions["core"] if regions is not None else np.zeros(label.shape, bool)
+        expected_core = reference_metrics(core, label > 0, spacing)
         for name in COLUMNS:
             assert close(row[name], expected[name]), (row["case"], name, row[name], expected[name])
-    summary = {row["metric"]: row for row in read_csv(eval_dir / "metrics_summary.csv")}
-    assert list(summary) == COLUMNS and {"mean", "std", "median", "notnans"} <= set(summary["dice"])
-    assert "metrics_summary.csv" in stdout and "median" in stdout
+            baseline = row[f"{THRESHOLD_CORE}_{name}"]
+            assert close(baseline, expected_core[name]), (row["case"], name, baseline, expected_core[name])
+    summary = read_csv(eval_dir / SUMMARY)
+    assert [(r["mask"], r["metric"]) for r in summary] == [
+        (m, n) for m in ("ModifiedUNet", THRESHOLD_CORE) for n in COLUMNS
+    ]
+    for entry in summary:
+        prefix = "" if entry["mask"] == "ModifiedUNet" else f"{THRESHOLD_CORE}_"
+        values = [float(row[prefix + entry["metric"]]) for row in rows]
+        defined = [v for v in values if not math.isnan(v)]
+        assert int(entry["notnans"]) == len(defined) and close(entry["mean"], np.mean(defined) if defined else math.nan)
+        assert close(entry["median"], np.median(defined) if defined else math.nan), entry
+    assert f"{eval_dir / SUMMARY}: {len(rows)} cases" in stdout and "median" in stdout
 
 
 def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root, trained, evaluated, tmp_path):
@@ -185,11 +208,11 @@ def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root,
         )
     )
     assert twice.parser.get_parsed_content("pred_keys") == ["pred_0", "pred_1"]
-    for row in read_csv(eval_dir / "metrics_per_case.csv"):
+    for row in read_csv(eval_dir / PER_CASE):
         name = f"{row['case']}.nii.gz"
         assert np.array_equal(load(tmp_path / "eval" / "masks" / name)[0], load(eval_dir / "masks" / name)[0])
 
-    before = os.path.getmtime(eval_dir / "metrics_per_case.csv")
+    before = os.path.getmtime(eval_dir / PER_CASE)
     tta = run_all(
         workflow(
             repo_root,
@@ -204,9 +227,9 @@ def test_evaluation_refuses_to_overwrite_and_scores_tta_and_ensembles(repo_root,
     )
     # the suite runs as on a CPU without native bfloat16 (tests/conftest.py): float32, no autocast wrapper
     assert isinstance(tta.parser.get_parsed_content("evaluator").inferer, FlipInferer)
-    rows = read_csv(eval_dir / "metrics_per_case.csv")
+    rows = read_csv(eval_dir / PER_CASE)
     assert (
-        os.path.getmtime(eval_dir / "metrics_per_case.csv") > before
+        os.path.getmtime(eval_dir / PER_CASE) > before
         and len(rows) == len(os.listdir(eval_dir / "masks"))
         and all(row[name] != "" for row in rows for name in COLUMNS)
     )
@@ -265,7 +288,7 @@ def test_inference_masks_lie_exactly_on_the_source_scans(repo_root, trained, new
     wf.run()
     wf.finalize()
     out = tmp_path / "predictions"
-    volumes = {row["case"]: float(row["volume_pred_ml"]) for row in read_csv(out / "volumes.csv")}
+    volumes = {row["case"]: float(row["volume_pred_ml"]) for row in read_csv(out / PER_CASE)}
     assert sorted(volumes) == sorted(item["case"] for item in items)
     masks = {}
     for item in items:
@@ -318,13 +341,13 @@ def test_inference_command_on_an_isles_root(repo_root, trained, synthetic_tree):
     )
     out = root / "runs" / "predictions"
     testing = find_inputs(synthetic_tree)
-    assert [row["case"] for row in read_csv(out / "volumes.csv")] == [item["case"] for item in testing]
+    assert [row["case"] for row in read_csv(out / PER_CASE)] == [item["case"] for item in testing]
     for item in testing:
         shape, affine = source_grid(item["image"])
         img = nib.load(out / "masks" / f"{item['case']}.nii.gz")
         assert img.shape == shape and np.array_equal(img.affine, affine)
         assert (out / "overlays" / f"{item['case']}.png").is_file()
-    assert "volumes.csv" in stdout
+    assert PER_CASE in stdout
     raises_file_exists(
         workflow(
             repo_root,
@@ -411,7 +434,7 @@ def infer_expecting_error(repo_root, root, settings, dataset_dir, out, **overrid
     with pytest.raises(Exception) as excinfo:
         initialize_and_run(wf)
     assert not glob.glob(str(out / "predictions" / "masks" / "*")), "no mask is written"
-    assert not (out / "predictions" / "volumes.csv").exists(), "no volume is reported"
+    assert not (out / "predictions" / PER_CASE).exists(), "no volume is reported"
     return raised_messages(excinfo)
 
 
@@ -480,9 +503,9 @@ def six_scans(tmp_path_factory):
 
 
 def case_outputs(out):
-    """Per case in ``out``: (mask bytes, overlay bytes, row), for the cases with a row in volumes.csv; and the cases
+    """Per case in ``out``: (mask bytes, overlay bytes, row), for the cases with a row in per_case.csv; and the cases
     with a mask or overlay but no row."""
-    rows = {row["case"]: row for row in read_csv(out / "volumes.csv")} if (out / "volumes.csv").exists() else {}
+    rows = {row["case"]: row for row in read_csv(out / PER_CASE)} if (out / PER_CASE).exists() else {}
     files = {
         p.name.split(".")[0]
         for folder in ("masks", "overlays")
@@ -533,6 +556,31 @@ def test_a_run_stopped_by_a_bad_case_is_finished_by_the_same_command(repo_root, 
     again, stray = case_outputs(out)
     assert sorted(again) == sorted(finished) and not stray
     assert (out / "notes.txt").read_text() == "mine", "--overwrite replaces what the earlier run wrote, nothing else"
+
+
+def test_an_unfinished_run_without_a_finished_case_is_replaced_and_one_with_cases_is_kept(tmp_path):
+    """prepare_outputs on a real folder: a stopped run that finished no case (a run without weights, a first case
+    that failed) is no work to keep, so a run with other settings replaces it without --overwrite; once a case is
+    finished (its row, mask and overlay), other settings are refused and the same settings keep the case."""
+    out = tmp_path / "out"
+    items = [{"image": [str(tmp_path / f"case_{n}" / f"SMIR.Brain.XX.O.CT.{n}" / "ct.nii")]} for n in (1, 2)]
+    lock = hold_folder(str(out))
+    try:
+        assert prepare_outputs(str(out), items, {"model": "a"}, lock=lock) == items
+        assert prepare_outputs(str(out), items, {"model": "b"}, lock=lock) == items
+        assert json.loads((out / "run.json").read_text()) == {"settings": {"model": "b"}, "finished": False}
+        for folder, name in (("masks", "case_1.nii.gz"), ("overlays", "case_1.png")):
+            (out / folder).mkdir(exist_ok=True)
+            (out / folder / name).write_bytes(b"whole")
+        (out / PER_CASE).write_text("case,volume_pred_ml\ncase_1,1.5\n")
+        with pytest.raises(FileExistsError, match="holds an unfinished run with other model"):
+            prepare_outputs(str(out), items, {"model": "c"}, lock=lock)
+        assert prepare_outputs(str(out), items, {"model": "b"}, lock=lock) == items[1:]
+        assert (out / "masks" / "case_1.nii.gz").read_bytes() == b"whole"
+    finally:
+        release_folder(str(out))
+    with pytest.raises(ValueError, match="hold it first"):
+        prepare_outputs(str(out), items, {"model": "b"}, lock=lock)
 
 
 KILLED_INFERENCE = """
@@ -629,22 +677,32 @@ def test_scans_monais_writer_cannot_write_get_their_masks_and_a_2d_map_is_refuse
     assert f"case_3: CT file {ct} has shape (32, 32); a map must be a 3-D grid" in raised_messages(excinfo)
 
 
+HOLDER = """
+import sys, time
+from scripts.safe_files import hold_folder
+lock = hold_folder(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
 def test_inference_refuses_a_prediction_dir_another_live_run_holds(repo_root, trained, six_scans, tmp_path):
-    """The lock of a live process (here a stand-in that holds it) refuses the run, naming the process; a dead
-    process's lock is taken over."""
+    """The lock of a live process (a stand-in that holds it) refuses the run, naming the folder and the process;
+    once that process is killed (-9), the system has freed its lock and the run goes ahead."""
     root, settings = trained
     out = tmp_path / "runs" / "predictions"
-    out.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], cwd=repo_root, stdout=subprocess.PIPE, text=True
+    )
     try:
-        (out / ".in_use").write_text(f"{holder.pid}\npython -m monai.bundle run ...\n")
+        assert holder.stdout.readline().strip() == "held"
         common = dict(bundle_root=str(root), dataset_dir=str(six_scans), output_dir=str(tmp_path / "runs"))
         common.update({k: settings[k] for k in TINY})
         with pytest.raises(Exception) as excinfo:
             workflow(repo_root, ("inference.json",), "infer", **common).initialize()
-        assert f"{out} is in use by another run (process {holder.pid}" in raised_messages(excinfo)
+        assert f"{out} is in use by another run (process {holder.pid}: -c {out})" in raised_messages(excinfo)
     finally:
         holder.kill()
         holder.wait()
     run_all(workflow(repo_root, ("inference.json",), "infer", **common))
-    assert len(read_csv(out / "volumes.csv")) == 6
+    assert len(read_csv(out / PER_CASE)) == 6

@@ -1,4 +1,5 @@
-"""The metrics of configs/evaluate.json on hand-made masks with known answers, and the flip test-time inferer."""
+"""The metrics of evaluation (scripts.report.metrics.score_case) on hand-made masks with known answers, the case report
+of inference.json + evaluate.json over them on a bare engine, and the flip test-time inferer."""
 
 import csv
 import math
@@ -11,16 +12,16 @@ from helpers import challenge_scoring
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.handlers import MetricsSaver
 from panoptica import Panoptica_Evaluator
 from scripts.engine.inferers import FlipInferer
-from scripts.report.metrics import METRIC_NAMES, METRICS, ConfusionRatioMetric
-from scripts.report.tables import write_report
+from scripts.report.cases import PER_CASE, SUMMARY, THRESHOLD_CORE, CaseOutputsWriter
+from scripts.report.metrics import METRIC_NAMES, score_case
+from scripts.report.perfusion import perfusion_figures
 
 SPACING = (0.5, 0.5, 5.0)  # mm: anisotropic, as ISLES slabs are
 VOXEL_ML = 0.5 * 0.5 * 5.0 / 1000
 NAN = math.nan
-COLUMNS = list(METRIC_NAMES)  # the metrics evaluate.json must define, in its order
+COLUMNS = list(METRIC_NAMES)
 
 
 def box(z0, z1):
@@ -57,80 +58,70 @@ def on_grid(mask):
 
 
 def same(value, expected):
+    value = float(value)
     return math.isnan(expected) and math.isnan(value) or math.isclose(value, expected, rel_tol=1e-5, abs_tol=1e-6)
 
 
+def test_every_metric_on_hand_made_masks():
+    for case, (pred, label, expected) in CASES.items():
+        values = score_case(pred, label, SPACING)
+        assert list(values) == COLUMNS
+        for name, want in zip(COLUMNS, expected):
+            assert same(values[name], want), (case, name, values[name], want)
+
+
 @pytest.fixture
-def evaluated(repo_root, tmp_path):
-    """The metric handlers and MetricsSaver of inference.json + evaluate.json run over CASES on a bare engine (the
-    model's masks as ``pred``, and the same masks again as the threshold baseline's)."""
+def reported(repo_root, tmp_path):
+    """The case report of inference.json + evaluate.json (its CaseOutputsWriter, as the configs build it) run over
+    CASES on a bare engine: the model's masks as ``pred`` and the same masks again as the threshold core's."""
     parser = ConfigParser()
     parser.read_config([os.path.join(repo_root, "configs", name) for name in ("inference.json", "evaluate.json")])
     parser["output_dir"] = str(tmp_path)
-    metrics = {**parser.get_parsed_content("key_metric"), **parser.get_parsed_content("additional_metrics")}
-    assert list(metrics) == COLUMNS + [f"baseline_{name}" for name in COLUMNS]
-    assert parser.get_parsed_content("metric_names") == COLUMNS
+    (writer,) = [h for h in parser.get_parsed_content("handlers") if isinstance(h, CaseOutputsWriter)]
+    assert writer.reference_key == "label" and writer.baseline_keys == [THRESHOLD_CORE]
     engine = Engine(lambda engine, batch: batch)
-    for name, handler in metrics.items():
-        handler.attach(engine, name)
-    (saver,) = [h for h in parser.get_parsed_content("handlers") if isinstance(h, MetricsSaver)]
-    saver.attach(engine)
-    batches = [
-        [
-            {
-                "image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/data/{case}.nii.gz"}),
-                "pred": on_grid(pred),
-                "baseline": on_grid(pred),
-                "label": on_grid(label),
-            }
-        ]
-        for case, (pred, label, _) in CASES.items()
-    ]
+    writer.attach(engine)
+    maps = {key: MetaTensor(torch.rand(1, 8, 8, 4) * 50) for key in parser.get_parsed_content("input_map_keys")}
+    batches = []
+    for case, (pred, label, _) in CASES.items():
+        mask = on_grid(pred)
+        mask.meta["filename_or_obj"] = f"/data/{case}.nii.gz"
+        figures = perfusion_figures(None, "no maps here", VOXEL_ML)
+        batches.append([{**maps, "pred": mask, THRESHOLD_CORE: on_grid(pred), "label": label, "perfusion": figures}])
     engine.run(batches)
-    return engine, os.path.join(str(tmp_path), "eval")
+    return os.path.join(str(tmp_path), "eval")
 
 
-def test_every_metric_on_hand_made_masks(evaluated):
-    """The model and the baseline are scored by the same metric definitions (scripts.report.metrics.METRICS)."""
-    engine, _ = evaluated
-    for column, name in enumerate(COLUMNS):
-        for scored in (name, f"baseline_{name}"):
-            values = engine.state.metric_details[scored].flatten().tolist()
-            for value, (case, (_, _, expected)) in zip(values, CASES.items()):
-                assert same(value, expected[column]), (scored, case, value, expected[column])
+def read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
-def test_per_case_csv_and_summary_leave_nans_out(evaluated, capsys):
-    _, eval_dir = evaluated
-    rows = write_report(
-        os.path.join(eval_dir, "details"),
-        COLUMNS,
-        os.path.join(eval_dir, "per_case.csv"),
-        os.path.join(eval_dir, "summary.csv"),
-    )
-    with open(os.path.join(eval_dir, "per_case.csv")) as f:
-        assert list(csv.DictReader(f)) == rows
+def test_the_report_scores_the_model_and_each_baseline_by_the_same_metrics(reported):
+    rows = read(os.path.join(reported, PER_CASE))
     assert [row["case"] for row in rows] == list(CASES)
-    for row, (_, _, expected) in zip(rows, CASES.values()):
-        assert all(same(float(row[name]), value) for name, value in zip(COLUMNS, expected)), row
-    with open(os.path.join(eval_dir, "summary.csv")) as f:
-        summary = {row["metric"]: row for row in csv.DictReader(f)}
-    assert list(summary) == COLUMNS
-    for column, name in enumerate(COLUMNS):
+    for row, (case, (_, _, expected)) in zip(rows, CASES.items()):
+        for name, want in zip(COLUMNS, expected):
+            assert same(row[name], want) and same(row[f"{THRESHOLD_CORE}_{name}"], want), (case, name)
+    assert sorted(os.listdir(os.path.join(reported, "masks"))) == sorted(f"{case}.nii.gz" for case in CASES)
+
+
+def test_the_summary_leaves_nans_out(capsys, reported):
+    summary = read(os.path.join(reported, SUMMARY))
+    assert [(r["mask"], r["metric"]) for r in summary] == [
+        (m, n) for m in ("ModifiedUNet", THRESHOLD_CORE) for n in COLUMNS
+    ]
+    for entry in summary:
+        column = COLUMNS.index(entry["metric"])
         defined = [expected[column] for _, _, expected in CASES.values() if not math.isnan(expected[column])]
-        assert float(summary[name]["notnans"]) == len(defined)
-        assert math.isclose(float(summary[name]["mean"]), sum(defined) / len(defined), abs_tol=1e-4), name
-        assert {"std", "median"} <= set(summary[name])
+        assert int(entry["notnans"]) == len(defined), entry
+        assert math.isclose(float(entry["mean"]), np.mean(defined), abs_tol=1e-6), entry
+        assert math.isclose(float(entry["90percentile"]), np.percentile(defined, 90), abs_tol=1e-6), entry
+        assert {"std", "median", "min", "max"} <= set(entry)
+    hd95 = next(r for r in summary if r["metric"] == "hd95_mm")
+    assert float(hd95["mean"]) == pytest.approx((5.0 + 10.0 + 0.0) / 3), "undefined values are left out, not zero"
     printed = capsys.readouterr().out
-    assert "hd95_mm" in printed and "median" in printed
-
-
-def test_means_of_undefined_values_are_nan_not_zero(evaluated):
-    engine, _ = evaluated
-    assert engine.state.metrics["hd95_mm"] == pytest.approx((5.0 + 10.0 + 0.0) / 3)
-    recall = ConfusionRatioMetric("recall")
-    recall(torch.ones(2, 1, 4, 4, 2), torch.zeros(2, 1, 4, 4, 2))  # two cases without a lesion: recall undefined
-    assert math.isnan(recall.aggregate())
+    assert f"{SUMMARY}: 5 cases" in printed and "hd95_mm" in printed and "median" in printed
 
 
 def test_flip_inferer_averages_probabilities_of_the_mirror_images():
@@ -161,7 +152,7 @@ def blobs(rng, shape, count):
 
 
 def test_the_challenge_figures_are_panopticas_on_several_lesions_and_empty_masks():
-    """lesion_f1, lesion_count_diff, dice and volume_abs_diff_ml of METRICS against the challenge's own scoring."""
+    """lesion_f1, lesion_count_diff, dice and volume_abs_diff_ml of score_case against the challenge's own scoring."""
     rng = np.random.default_rng(0)
     shape = (40, 40, 12)
     pairs = []
@@ -173,23 +164,17 @@ def test_the_challenge_figures_are_panopticas_on_several_lesions_and_empty_masks
         pairs.append((kept | blobs(rng, shape, int(rng.integers(0, 3))), label))
     empty = np.zeros(shape, bool)
     pairs += [(empty, empty), (empty, pairs[0][1]), (pairs[0][0], empty), (pairs[1][1], pairs[1][1])]
-    metrics = {name: METRICS[name][0]() for name in ("lesion_f1", "lesion_count_diff", "dice", "volume_abs_diff_ml")}
     for pred, label in pairs:
         expected = challenge_scoring(pred, label, VOXEL_ML)
-        y_pred, y = (on_grid(torch.from_numpy(m[None].astype(np.float32)))[None] for m in (pred, label))
-        ours = [
-            metrics["lesion_f1"](y_pred, y),
-            metrics["lesion_count_diff"](y_pred, y),
-            metrics["dice"](y_pred, y),
-            metrics["volume_abs_diff_ml"](y_pred, y, spacing=SPACING),
-        ]
-        assert all(same(float(value), float(want)) for value, want in zip(ours, expected)), (ours, expected)
+        values = score_case(pred, label, SPACING)
+        ours = [values[name] for name in ("lesion_f1", "lesion_count_diff", "dice", "volume_abs_diff_ml")]
+        assert all(same(value, float(want)) for value, want in zip(ours, expected)), (ours, expected)
     assert {round(float(challenge_scoring(p, l, 1)[0]), 3) for p, l in pairs[:12]} - {0.0, 1.0}, "partial matches"
 
 
 def test_one_matching_per_pair_of_masks_for_both_lesion_figures(monkeypatch):
-    """lesion_f1 and lesion_count_diff of one pair run panoptica once; a pair that differs by one voxel, or only in
-    its shape, is matched anew."""
+    """lesion_f1 and lesion_count_diff of one pair come from one panoptica matching; nothing is kept between pairs
+    (the same pair again is matched again, a pair that differs by one voxel gets its own figures)."""
     label = blobs(np.random.default_rng(3), (30, 30, 8), 4)
     pred = np.roll(label, 1, axis=0)
     changed = pred.copy()
@@ -200,14 +185,11 @@ def test_one_matching_per_pair_of_masks_for_both_lesion_figures(monkeypatch):
     monkeypatch.setattr(
         Panoptica_Evaluator, "evaluate", lambda self, *a, **k: calls.append(1) or evaluate(self, *a, **k)
     )
-    f1, count = METRICS["lesion_f1"][0](), METRICS["lesion_count_diff"][0]()
 
     def both(p, l):
-        y_pred, y = (on_grid(torch.from_numpy(m[None].astype(np.float32)))[None] for m in (p, l))
-        return float(f1(y_pred, y)), float(count(y_pred, y))
+        values = score_case(p, l, SPACING)
+        return values["lesion_f1"], values["lesion_count_diff"]
 
     assert both(pred, label) == pytest.approx(expected[0]) and len(calls) == 1
     assert both(changed, label) == pytest.approx(expected[1]) and len(calls) == 2
-    assert both(pred, label) == pytest.approx(expected[0]) and len(calls) == 2  # still kept
-    both(pred.reshape(30, 8, 30), label.reshape(30, 8, 30))  # the same voxels on another grid
-    assert len(calls) == 3
+    assert both(pred, label) == pytest.approx(expected[0]) and len(calls) == 3

@@ -13,9 +13,9 @@ import pytest
 from helpers import raised_messages
 from monai.bundle import ConfigWorkflow
 from monai.inferers import SlidingWindowInferer
-from scripts.data.datalist import find_inputs
-from scripts.data.folds import build_datalist
-from scripts.data.isles18 import CHANNELS, InvalidCaseError
+from scripts.data.channels import CHANNELS
+from scripts.data.datalist import build_datalist, find_inputs
+from scripts.data.readers import InvalidCaseError
 from scripts.data.synthetic import generate_isles24
 
 SMALL = {"num_train": 4, "num_test": 1, "seed": 2, "in_plane": 48, "slices": 20}

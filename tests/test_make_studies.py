@@ -11,8 +11,9 @@ import pytest
 import torch
 from monai.data import correct_nifti_header_if_necessary
 from monai.transforms import LoadImaged
-from scripts.data.isles18 import CHANNELS, InvalidCaseError, find_cases, read_case
-from scripts.data.readers import ThreadSafeNibabelReader
+from scripts.data.channels import CHANNELS
+from scripts.data.isles18 import find_cases, read_case
+from scripts.data.readers import InvalidCaseError, ThreadSafeNibabelReader
 from scripts.tools.make_studies import convert
 
 # The header fields that place a NIfTI in the world; the study and the label must carry the CT's.

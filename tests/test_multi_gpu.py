@@ -16,8 +16,9 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist
 from scripts.engine.networks import ModifiedUNet
+from scripts.report.cases import PER_CASE, SUMMARY
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 TRAIN = {"batch_size": 1, "epochs": 2, "val_interval": 1}
@@ -134,7 +135,7 @@ def test_validation_is_split_and_metrics_are_gathered(ddp_run):
         seen = [p["cases"][epoch] for p in probes]
         assert sorted(map(len, seen)) == [1, 2] and set(seen[0]) | set(seen[1]) == cases[0], seen
     # each rank holds different cases, so equal metrics on both ranks are the metrics of all 3 cases
-    assert set(probes[0]["metrics"]) == {"val_mean_dice", "val_jaccard", "val_precision", "val_recall"}
+    assert set(probes[0]["metrics"]) == {"val_mean_dice", "val_jaccard", "val_precision", "val_recall", "val_lesion_f1"}
     assert probes[0]["metrics"] == probes[1]["metrics"]
 
 
@@ -177,24 +178,16 @@ def test_amp_dtype_reaches_both_engines(ddp_run):
         assert load_probe(root, engine, 0)["amp_kwargs"] == {"dtype": expected}
 
 
-@pytest.mark.parametrize(
-    "configs, handler_ids",
-    [
-        (("train.json", "multi_gpu_train.json"), ("train#handlers", "validate#handlers")),
-        (("inference.json", "evaluate.json", "multi_gpu_evaluate.json"), ("handlers",)),
-    ],
-    ids=["train", "evaluate"],
-)
-def test_only_log_writers_are_left_out_on_other_ranks(repo_root, configs, handler_ids):
-    """The multi-GPU overrides set `write_logs` (rank 0 only), which leaves out exactly the log writers: no handler
-    is named by its list position."""
+def test_only_log_writers_are_left_out_on_other_ranks(repo_root):
+    """multi_gpu_train.json sets `write_logs` (rank 0 only), which leaves out exactly the log writers: no handler is
+    named by its list position. Evaluation has no log writer: rank 0 alone prints its summary (tested below)."""
     parser = ConfigParser()
-    parser.read_config([os.path.join(repo_root, "configs", name) for name in configs])
+    parser.read_config([os.path.join(repo_root, "configs", name) for name in ("train.json", "multi_gpu_train.json")])
     assert parser["write_logs"] == "@is_rank0"
     parser.parse()  # `%file#id` macros copied in
     ids = [
         f"{list_id}#{i}" if isinstance(h, dict) else h[1:]
-        for list_id in handler_ids
+        for list_id in ("train#handlers", "validate#handlers")
         for i, h in enumerate(parser[list_id])
     ]
     for write_logs in (True, False):
@@ -207,6 +200,9 @@ def test_only_log_writers_are_left_out_on_other_ranks(repo_root, configs, handle
         }
         assert left_out == (set() if write_logs else {parser[i]["_target_"] for i in ids} & ON_RANK0_ONLY)
     assert {parser[i]["_target_"] for i in ids} & ON_RANK0_ONLY
+    evaluation = ConfigParser()
+    evaluation.read_config([os.path.join(repo_root, "configs", name) for name in ("inference.json", "evaluate.json")])
+    assert not {h.get("_target_") for h in evaluation["handlers"] if isinstance(h, dict)} & ON_RANK0_ONLY
 
 
 def read_csv(path):
@@ -216,7 +212,8 @@ def read_csv(path):
 
 def same_values(a, b):
     return a.keys() == b.keys() and all(
-        x == y or math.isclose(float(x), float(y), rel_tol=1e-6) for x, y in zip(a.values(), b.values())
+        x == y or math.isclose(float(x), float(y), rel_tol=1e-6) or math.isnan(float(x)) and math.isnan(float(y))
+        for x, y in zip(a.values(), b.values())
     )
 
 
@@ -257,10 +254,10 @@ def test_evaluation_splits_cases_and_rank0_writes_the_same_report(ddp_eval):
     assert set(os.listdir(ranks[1])) == {
         "masks",
         "overlays",
-    }, "rank 1 writes its cases' masks and overlays, no CSV and no run.json"
+    }, "rank 1 writes its cases' masks and overlays, no CSV, no run.json and no lock"
     assert sorted(os.listdir(ranks[1] / "overlays")) == [m.replace(".nii.gz", ".png") for m in masks[1]]
-    for name in ("metrics_per_case.csv", "metrics_summary.csv", "volumes.csv", "baseline_per_case.csv"):
+    for name in (PER_CASE, SUMMARY):
         ddp, ref = read_csv(ranks[0] / name), read_csv(single / name)
         assert len(ddp) == len(ref) and all(same_values(a, b) for a, b in zip(ddp, ref)), name
-    assert len(read_csv(ranks[0] / "metrics_per_case.csv")) == 3
-    assert result.stdout.count("3 cases, per-case values in") == 2, "the model's and the baseline's tables, on rank 0"
+    assert len(read_csv(ranks[0] / PER_CASE)) == 3
+    assert result.stdout.count("3 cases, per-case values in") == 1, "the summary of the model and baseline, on rank 0"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.data import MetaTensor
-from scripts.data.isles18 import CHANNELS
-from scripts.report.cases import CaseOutputsWriter, PerfusionReportd
+from scripts.data.channels import CHANNELS
+from scripts.report.cases import PER_CASE, THRESHOLD_CORE, CaseOutputsWriter, PerfusionReportd
 from scripts.report.perfusion import perfusion_figures, perfusion_regions
 
 SPACING = (0.8, 0.9, 5.0)  # mm: one voxel is 3.6 mm^3
@@ -88,15 +88,15 @@ def test_the_case_report_holds_the_figures_the_threshold_core_the_mask_and_the_o
     pred = MetaTensor(torch.as_tensor(core[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     pred.meta["filename_or_obj"] = "/data/case_7.nii.gz"
     out = PerfusionReportd("pred", list(maps))({"pred": pred, **maps})
-    assert torch.equal(out["baseline"], pred) and torch.equal(out["baseline"].affine, pred.affine)
+    assert torch.equal(out[THRESHOLD_CORE], pred) and torch.equal(out[THRESHOLD_CORE].affine, pred.affine)
     assert out["perfusion"]["core_rcbf_ml"] == pytest.approx(ml(core), abs=1e-3)
 
     # as MONAI's evaluators leave it: the mask and the figures in the output, the kept maps in the batch
     output = {k: v for k, v in out.items() if k not in maps}
     engine = Engine(lambda engine, batch: [output])
     CaseOutputsWriter(str(tmp_path / "out"), list(maps)).attach(engine)
-    engine.run([[maps]])
-    with open(tmp_path / "out" / "volumes.csv") as f:
+    engine.run([[{**maps, "case": "case_7"}]])  # the datalist item's case name travels in the batch
+    with open(tmp_path / "out" / PER_CASE) as f:
         (row,) = csv.DictReader(f)
     assert row["case"] == "case_7" and float(row["volume_pred_ml"]) == pytest.approx(ml(core), abs=1e-4)
     assert float(row["core_rcbf_ml"]) == pytest.approx(ml(core), abs=1e-3) and row["perfusion_note"] == ""

@@ -51,13 +51,13 @@ def test_the_environment_variable_replaces_the_cpu_flags(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_inference_and_evaluation_default_to_bf16_only_where_the_cpu_has_it(repo_root, monkeypatch, native):
-    """The ``amp`` default and the inferer of inference.json and evaluate.json, for a CPU with and without native
-    bfloat16 (set, not read from this machine)."""
+    """The ``amp`` default and the torch inferer of inference.json and evaluate.json, for a CPU with and without
+    native bfloat16 (set, not read from this machine); which runtime ``auto`` picks: tests/test_backends.py."""
     monkeypatch.setenv(NATIVE_BF16_ENV, str(native).lower())
     for files, inferer_id in ((["inference.json"], "inferer"), (["inference.json", "evaluate.json"], "inferer")):
         parser = ConfigParser()
         parser.read_config([os.path.join(repo_root, "configs", name) for name in files])
-        parser["device"] = "cpu"
+        parser.update({"device": "cpu", "inference_backend": "torch"})
         assert parser.get_parsed_content("amp") is native, files
         inferer = parser.get_parsed_content(inferer_id)
         assert type(inferer) is (CpuAutocastInferer if native else SimpleInferer), files
@@ -120,7 +120,7 @@ def test_bf16_masks_of_the_trained_demo_model_are_the_float32_ones(repo_root, de
     """The demo's synthetic TESTING cases (256 x 256 slabs): per case Dice >= 0.99 and volumes within 1 %."""
     for amp in (True, False):
         demo_workflow(repo_root, demo_run, ["inference.json"], "infer", amp, tmp_path / str(amp))
-    volumes = {amp: read_rows(tmp_path / str(amp) / "predictions" / "volumes.csv") for amp in (True, False)}
+    volumes = {amp: read_rows(tmp_path / str(amp) / "predictions" / "per_case.csv") for amp in (True, False)}
     assert len(volumes[False]) == 4 and volumes[True].keys() == volumes[False].keys()
     lesions = 0
     for case in volumes[False]:
@@ -140,7 +140,7 @@ def test_bf16_masks_of_the_trained_demo_model_are_the_float32_ones(repo_root, de
 def test_bf16_evaluation_metrics_are_the_float32_ones(repo_root, demo_run, tmp_path):
     for amp in (True, False):
         demo_workflow(repo_root, demo_run, ["inference.json", "evaluate.json"], "infer", amp, tmp_path / str(amp))
-    rows = {amp: read_rows(tmp_path / str(amp) / "eval" / "metrics_per_case.csv") for amp in (True, False)}
+    rows = {amp: read_rows(tmp_path / str(amp) / "eval" / "per_case.csv") for amp in (True, False)}
     assert rows[True].keys() == rows[False].keys() and rows[False]
     for case, fp32 in rows[False].items():
         assert float(rows[True][case]["dice"]) == pytest.approx(float(fp32["dice"]), abs=0.005), case

@@ -13,10 +13,13 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import raised_messages
+from monai.bundle import ConfigWorkflow
 from monai.data import load_decathlon_datalist
-from scripts.data.datalist import find_inputs, load_fold, load_section
-from scripts.data.folds import build_datalist
-from scripts.data.isles18 import CHANNELS, InvalidCaseError, check_case, read_case
+from scripts.data.channels import CHANNELS
+from scripts.data.datalist import build_datalist, find_inputs, load_fold, load_section, refuse_empty_fold
+from scripts.data.isles18 import read_case
+from scripts.data.readers import InvalidCaseError, LoadCased
 
 # The token each channel's folder carries in the synthetic tree (the real release's CT_ names).
 TOKENS = {"CT": ".CT.", "CBF": ".CT_CBF.", "CBV": ".CT_CBV.", "MTT": ".CT_MTT.", "Tmax": ".CT_Tmax.", "OT": ".OT."}
@@ -368,7 +371,7 @@ def test_load_fold_splits_and_reports_bad_values(synthetic_tree, tmp_path):
     out = tmp_path / "datalist.json"
     with open(out, "w") as f:
         json.dump(build_datalist(synthetic_tree, folds=3, seed=0), f)
-    split = load_fold(str(out), synthetic_tree, fold=1, check=True)
+    split = load_fold(str(out), synthetic_tree, fold=1)
     assert split["validation"] and split["train"]
     assert {i["fold"] for i in split["validation"]} == {1} and 1 not in {i["fold"] for i in split["train"]}
     assert len(split["train"]) + len(split["validation"]) == 10
@@ -400,7 +403,7 @@ def test_check_refuses_exactly_the_affines_monai_cannot_stack(tree, offset):
         assert "affine matrix of all images should be the same" in str(err)
         loads = False
     try:
-        check_case(item)
+        LoadCased(("image", "label"))(item)
         checked = True
     except InvalidCaseError as err:
         assert str(err).startswith("case_4:") and os.path.basename(path) in str(err)
@@ -446,15 +449,31 @@ def test_malformed_datalist_entries_are_named_before_training(tree, tmp_path, ch
         load_fold(str(path), tree, fold=0)
 
 
-def test_a_fold_whose_training_labels_are_all_empty_is_refused(tree, tmp_path):
+def test_a_fold_whose_training_labels_are_all_empty_is_refused(repo_root, tree, tmp_path):
+    """As training starts: the labels counted as CacheDataset loaded them (each file read once), before any epoch."""
     for label in glob.glob(os.path.join(tree, "TRAINING", "*", "*.OT.*", "*.nii*")):
         rewrite(label, lambda d, a: (np.zeros_like(d), a))
     path = tmp_path / "datalist.json"
     with open(path, "w") as f:
         json.dump(build_datalist(tree, folds=3, seed=0), f)
-    load_fold(str(path), tree, fold=0)  # without the check nothing is read
-    with pytest.raises(InvalidCaseError, match="the labels of all [0-9]+ training cases of fold 0 are empty"):
-        load_fold(str(path), tree, fold=0, check=True)
+    settings = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0, "epochs": 1}
+    workflow = ConfigWorkflow(
+        config_file=os.path.join(repo_root, "configs", "train.json"),
+        meta_file=os.path.join(repo_root, "configs", "metadata.json"),
+        workflow_type="train",
+        bundle_root=str(tmp_path),
+        dataset_dir=tree,
+        data_list_file_path=str(path),
+        **settings,
+    )
+    workflow.initialize()
+    refuse_empty_fold(workflow.parser.get_parsed_content("train#dataset"), 0, check=False)  # without the check
+    with pytest.raises(Exception) as excinfo:
+        workflow.run()
+    assert re.search(
+        "InvalidCaseError: the labels of all [0-9]+ training cases of fold 0 are empty", raised_messages(excinfo)
+    )
+    assert not glob.glob(str(tmp_path / "models" / "*.pt")), "no epoch ran"
 
 
 @pytest.mark.parametrize("content", ["", "{bad", "training: []\n"], ids=["empty", "truncated", "yaml"])

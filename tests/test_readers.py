@@ -11,8 +11,7 @@ import nibabel as nib
 import pytest
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset
-from scripts.data.datalist import load_fold
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist, load_fold
 from scripts.data.readers import ThreadSafeNibabelReader
 from scripts.data.synthetic import generate
 

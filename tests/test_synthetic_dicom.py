@@ -13,7 +13,8 @@ import pytest
 from helpers import canonical
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
-from scripts.data.isles18 import CHANNELS, SMIR_NAME, key_of_token
+from scripts.data.channels import CHANNELS
+from scripts.data.isles18 import SMIR_NAME, key_of_token
 from scripts.data.synthetic import generate, generate_isles24
 from scripts.dicom.series import volume_as_nifti
 from scripts.dicom.synthetic import SERIES_DESCRIPTIONS, dicom_representable, write_study

@@ -8,7 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scripts.data.isles18 import CHANNELS, LABEL, SMIR_NAME, TESTING_DIR, TRAINING_DIR, key_of_token
+from scripts.data.channels import CHANNELS
+from scripts.data.isles18 import LABEL, SMIR_NAME, TESTING_DIR, TRAINING_DIR, key_of_token
 from scripts.data.synthetic import generate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
 """configs/train.json (and its classic-UNet and demo overrides) run through MONAI's ConfigWorkflow on tiny data."""
 
+import csv
 import glob
 import json
 import os
@@ -15,7 +16,9 @@ import torch
 from helpers import initialize_and_run, raised_messages
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-from scripts.data.folds import build_datalist
+from PIL import Image
+from scripts.data.datalist import build_datalist
+from scripts.safe_files import release_folder
 
 # Small enough for this CPU: 5 levels still need every spatial size divisible by 16.
 TINY = {
@@ -68,8 +71,13 @@ def test_training_writes_checkpoints_and_metrics(repo_root, synthetic_tree, data
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 2
     metrics = wf.parser.get_parsed_content("validate#evaluator").state.metrics
-    assert set(metrics) == {"val_mean_dice", "val_jaccard", "val_precision", "val_recall"}
+    assert set(metrics) == {"val_mean_dice", "val_jaccard", "val_precision", "val_recall", "val_lesion_f1"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    curves = list(csv.DictReader(open(tmp_path / "models" / "curves.csv")))
+    assert [int(row["epoch"]) for row in curves] == [1, 2] and all(float(row["train_loss"]) > 0 for row in curves)
+    assert float(curves[-1]["val_mean_dice"]) == pytest.approx(metrics["val_mean_dice"], abs=1e-6)
+    assert float(curves[-1]["val_lesion_f1"]) == pytest.approx(metrics["val_lesion_f1"], abs=1e-6)
+    assert Image.open(tmp_path / "models" / "curves.png").size[0] > 0
     best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
     net = wf.parser.get_parsed_content("network_def")
     net.load_state_dict(best)  # strict: the best checkpoint is exactly the network's state_dict
@@ -82,16 +90,48 @@ def test_training_writes_checkpoints_and_metrics(repo_root, synthetic_tree, data
     assert glob.glob(str(tmp_path / "runs" / "events.out.tfevents.*"))
 
 
-def test_classic_config_is_the_classic_unet(repo_root, tmp_path):
-    wf = workflow(repo_root, tmp_path, ("train.json", "classic_unet.json"), features=[2, 4, 8, 16, 32])
-    wf.initialize()
-    net = wf.parser.get_parsed_content("network_def")
-    kinds = {type(m).__name__ for m in net.modules()}
-    assert {"ReLU", "BatchNorm3d"} <= kinds and not kinds & {"LeakyReLU", "InstanceNorm3d", "GroupNorm", "Dropout3d"}
-    assert all(m.p == 0 for m in net.modules() if isinstance(m, torch.nn.Dropout))
-    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
-    assert len(convs) == 23 and all(max(c.dilation) == 1 for c in convs)
-    assert wf.parser.get_parsed_content("epochs") == 200  # the paper trained the classic UNet for 200 epochs
+def _layers(net):
+    """Each layer of a network as (type name, its shape-defining attributes), in module order."""
+    layers = []
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            layers.append(
+                ("conv", type(m).__name__, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.dilation)
+            )
+        elif isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU)):
+            layers.append(("act", type(m).__name__))
+        elif isinstance(m, (torch.nn.BatchNorm3d, torch.nn.GroupNorm, torch.nn.InstanceNorm3d)):
+            layers.append(("norm", type(m).__name__))
+        elif isinstance(m, torch.nn.Dropout3d):
+            layers.append(("dropout", m.p))
+        elif isinstance(m, torch.nn.MaxPool3d):
+            layers.append(("pool", m.kernel_size))
+    return layers
+
+
+def test_classic_unet_is_the_modified_one_with_the_papers_modifications_off(repo_root, tmp_path):
+    """The ablation: same class, levels, up-path and head; only activation, norm, dilation and dropout differ."""
+    features = dict(features=[2, 4, 8, 16, 32])
+    modified = workflow(repo_root, tmp_path / "m", ("train.json",), **features)
+    classic = workflow(repo_root, tmp_path / "c", ("train.json", "classic_unet.json"), **features)
+    nets = [wf.parser.get_parsed_content("network_def") for wf in (modified, classic)]
+    assert [type(n) for n in nets] == [type(nets[0])] * 2
+    assert classic.parser.get_parsed_content("network_name") == "ClassicUNet"
+    assert modified.parser.get_parsed_content("network_name") == "ModifiedUNet"
+    layers = [[layer for layer in _layers(n) if layer[0] != "dropout"] for n in nets]
+    assert len(layers[0]) == len(layers[1])
+    for a, b in zip(*layers):
+        if a[0] == "conv":  # same convolutions but for the dilation, which the classic network has nowhere
+            assert a[:-1] == b[:-1] and max(b[-1]) == 1
+        else:
+            assert a[0] == b[0]
+    convs = [layer for layer in layers[1] if layer[0] == "conv"]
+    assert len(convs) == 23 and any(max(layer[-1]) > 1 for layer in layers[0] if layer[0] == "conv")
+    assert {layer[1] for layer in layers[1] if layer[0] in ("act", "norm")} == {"ReLU", "BatchNorm3d"}
+    assert {layer[1] for layer in layers[0] if layer[0] in ("act", "norm")} == {"LeakyReLU", "GroupNorm"}
+    assert not [layer for layer in _layers(nets[1]) if layer[0] == "dropout"]
+    assert [layer for layer in _layers(nets[0]) if layer[0] == "dropout"]
+    assert sum(p.numel() for p in nets[0].parameters()) == sum(p.numel() for p in nets[1].parameters())
 
 
 def test_augmentation_rotates_in_plane_and_hands_plain_tensors_to_the_network(repo_root, tmp_path):
@@ -138,6 +178,11 @@ def test_resume_continues_a_killed_run_at_the_next_epoch(repo_root, synthetic_tr
     assert resumed["lr_scheduler"]["last_epoch"] == saved["lr_scheduler"]["last_epoch"] + 1
     assert resumed["optimizer"]["state"][0]["step"] == saved["optimizer"]["state"][0]["step"] + len(trainer.data_loader)
     assert not all(torch.equal(saved["model"][k], v) for k, v in resumed["model"].items())
+    curves = list(csv.DictReader(open(tmp_path / "models" / "curves.csv")))
+    assert [int(row["epoch"]) for row in curves] == [1, 2, 3], "the resumed run continues the killed run's curves"
+    assert [float(row["train_loss"]) for row in curves[:2]] == pytest.approx(
+        [row["train_loss"] for row in saved["curves"]["rows"]]
+    )
 
 
 def test_resume_without_checkpoint_says_so(repo_root, synthetic_tree, datalist_file, tmp_path):
@@ -174,8 +219,10 @@ def test_same_seed_gives_identical_runs(repo_root, synthetic_tree, datalist_file
         ({"fold": 7}, ValueError, "fold 7 is not in"),
         ({"data_list_file_path": "/nonexistent/datalist.json"}, FileNotFoundError, "prepare_datalist"),
         ({"spatial_size": [32, 32, 30]}, ValueError, "divisible by 16"),
+        ({"lesion_threshold": 1.01}, ValueError, "at or above 1 every mask is empty"),
+        ({"lesion_threshold": 0}, ValueError, "at or below 0 every mask is full"),
     ],
-    ids=["unknown_fold", "missing_datalist", "spatial_size"],
+    ids=["unknown_fold", "missing_datalist", "spatial_size", "threshold_above_1", "threshold_0"],
 )
 def test_bad_config_values_fail_clearly(repo_root, synthetic_tree, datalist_file, tmp_path, override, error, message):
     wf = workflow(repo_root, tmp_path, **tiny(synthetic_tree, datalist_file, **override))
@@ -210,6 +257,7 @@ def killed_after(repo_root, bundle_root, synthetic_tree, datalist_file, epoch, *
         Events.EPOCH_COMPLETED(once=epoch), lambda engine: engine.terminate()
     )
     wf.run()
+    release_folder(wf.parser.get_parsed_content("ckpt_dir"))  # a killed process's OS lock is freed with it
     return wf
 
 

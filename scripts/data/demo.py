@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 
-from scripts.data.folds import build_datalist
+from scripts import BUNDLE_ROOT
+from scripts.data.datalist import build_datalist
 from scripts.data.synthetic import generate
 from scripts.safe_files import write_atomically
 
 __all__ = ["network_settings", "prepare_demo_data"]
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.json")
+DEMO_CONFIG = os.path.join(BUNDLE_ROOT, "configs", "demo.json")
 
 
 def network_settings() -> dict:

@@ -17,30 +17,16 @@ import glob
 import os
 import re
 
-from scripts.data.isles18 import (
-    CHANNELS,
-    NIFTI_SUFFIXES,
-    OPTIONAL_CHANNELS,
-    TESTING_DIR,
-    TRAINING_DIR,
-    InvalidCaseError,
-    find_dir,
-)
+from scripts.data import channels as spec
+from scripts.data.channels import CHANNELS
+from scripts.data.isles18 import TESTING_DIR, TRAINING_DIR, find_dir
+from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError
 
-__all__ = ["EXPECTED", "find_root", "find_subjects", "read_subject"]
+__all__ = ["EXPECTED", "find_root", "find_subjects", "read_subject", "subject_of"]
 
 RAW_DIRS = ("rawdata", "raw_data")
 DERIVATIVES_DIR = "derivatives"
 SUBJECT_PREFIX = "sub-"
-# file-name endings of each input (after `<subject>_<session>_`), in the model's channel order
-INPUT_SUFFIXES = {
-    "CT": "ncct",
-    "CBF": "space-ncct_cbf",
-    "CBV": "space-ncct_cbv",
-    "MTT": "space-ncct_mtt",
-    "Tmax": "space-ncct_tmax",
-    "CTA": "space-ncct_cta",  # optional (OPTIONAL_CHANNELS), in the derivatives session folder beside perfusion-maps
-}
 MASK_SUFFIX = "lesion-msk"
 MASK_LIKE = re.compile(r"msk|mask|lesion|label|seg")  # in the name of a file that is not read as a mask
 EXPECTED = (
@@ -48,7 +34,14 @@ EXPECTED = (
     " <raw>/sub-*/ses-*/sub-*_ses-*_ncct.nii.gz, derivatives/sub-*/ses-*/perfusion-maps/"
     "sub-*_ses-*_space-ncct_{cbf,cbv,mtt,tmax}.nii.gz, derivatives/sub-*/ses-*/sub-*_ses-*[_space-ncct]_lesion-msk.nii.gz"
 )
-assert tuple(INPUT_SUFFIXES) == CHANNELS + OPTIONAL_CHANNELS
+# an ISLES 2024 NCCT file, sub-<label>_ses-<label>_ncct.nii[.gz]: its subject names the case
+NCCT_FILE = re.compile(r"^(?P<subject>sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+_ncct\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def subject_of(path):
+    """The subject (``sub-...``) of an ISLES 2024 NCCT file's name, else None."""
+    match = NCCT_FILE.match(os.path.basename(path))
+    return match.group("subject") if match else None
 
 
 def find_root(data_root: str) -> tuple[str, str] | None:
@@ -114,28 +107,23 @@ def _refuse_misnamed_mask(subject, derivatives_dir):
 
 
 def read_subject(subject: str, raw_dir: str, derivatives_dir: str, channels=CHANNELS) -> dict:
-    """The datalist item of one subject: ``{"image": [NCCT, CBF, CBV, MTT, Tmax], "case": subject}`` with absolute
-    paths, and ``"label"`` when the subject has a lesion mask. ``channels`` may add ``"CTA"`` after the five: the
-    CT angiography registered to the NCCT, ``derivatives/sub-*/ses-*/sub-*_ses-*_space-ncct_cta.nii.gz``.
+    """The datalist item of one subject: ``{"image": [a file per channel], "case": subject}`` with absolute paths, and
+    ``"label"`` when the subject has a lesion mask; each channel's file where ``scripts.data.channels`` says ISLES
+    2024 keeps it (the NCCT in the raw tree, the maps in ``perfusion-maps``, the CTA registered to the NCCT beside it).
 
     Raises:
         InvalidCaseError: naming the subject and the file pattern that matched nothing (or more than one file).
     """
-    sessions = os.path.join("ses-*", f"{subject}_ses-*_")
-    image = [_one(subject, os.path.join(raw_dir, subject, sessions + INPUT_SUFFIXES["CT"]) + "*", "NCCT")]
-    maps = os.path.join(derivatives_dir, subject, "ses-*", "perfusion-maps", f"{subject}_ses-*_")
-    image += [_one(subject, maps + INPUT_SUFFIXES[c] + "*", f"{c} map") for c in CHANNELS[1:]]
-    derived = os.path.join(derivatives_dir, subject, sessions)
-    image += [_one(subject, derived + INPUT_SUFFIXES[c] + "*", c) for c in channels[len(CHANNELS) :]]
-    mask = _one(
-        subject,
-        os.path.join(derivatives_dir, subject, sessions + "*" + MASK_SUFFIX) + "*",
-        "lesion mask",
-        required=False,
-    )
+    trees = {"raw": raw_dir, "derivatives": derivatives_dir}
+    image = []
+    for name in channels:
+        if not spec.channel(name).isles24:
+            raise InvalidCaseError(f"{subject}: ISLES 2024 has no {name}")
+        tree, *folder, ending = spec.channel(name).isles24.split("/")
+        pattern = os.path.join(trees[tree], subject, "ses-*", *folder, f"{subject}_ses-*_{ending}")
+        image.append(_one(subject, pattern + "*", "NCCT" if name == CHANNELS[0] else f"{name} map"))
+    sessions = os.path.join(derivatives_dir, subject, "ses-*", f"{subject}_ses-*_")
+    mask = _one(subject, sessions + "*" + MASK_SUFFIX + "*", "lesion mask", required=False)
     if mask is None:
         _refuse_misnamed_mask(subject, derivatives_dir)
-    item = {"image": image, "case": subject}
-    if mask:
-        item["label"] = mask
-    return item
+    return {"image": image, "case": subject, **({"label": mask} if mask else {})}

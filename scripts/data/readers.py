@@ -1,32 +1,119 @@
-"""A NIfTI reader that several threads can share, for ``LoadImaged`` under ``CacheDataset(num_workers > 1)``.
+"""Loading a case, and checking it as it is loaded, so that each file is read once per run.
 
-MONAI 1.6.1's ``NibabelReader.read()`` stores the file names of the call on the reader (``self.filenames``) and
-``get_data()`` zips the loaded images with them. ``CacheDataset`` fills its cache from a thread pool that shares one
-``LoadImaged``, so when another thread reads a case's one-file label between this thread's ``read()`` of the five
-maps and its ``get_data()``, the five images are zipped with one name and the image comes back with one channel.
-``LoadImage`` takes ``filename_or_obj`` from its own argument, not from the reader, so the race loses channels but
-never renames a case.
+``LoadCased`` is MONAI's ``LoadImaged`` for one datalist item (``image``: the channels' files in order, or one 4D file;
+``label``; ``case``): for each key it picks, as ``LoadImage`` does, the first of its readers whose ``verify_suffix``
+takes the key's value (the reader registry, as nnU-Net's ``imageio``): ``ThreadSafeNibabelReader`` for NIfTI files, and
+the readers a profile adds (configs/dicom.json: ``scripts.dicom.series.DicomSeriesReader`` for DICOM series). With
+``check`` every file is checked as it is read (a ``.gz`` stream against its CRC, a map's dimensions, one grid for
+all the files of a case, values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, a binary label, and in
+training no blank perfusion map), and a problem stops the run with one ``InvalidCaseError`` naming the case and the
+file. ``scripts.data.datalist`` runs the same load outside a pipeline (``prepare_datalist --check``, and before
+inference and evaluation).
+
+The reader race (MONAI 1.6.1): ``NibabelReader.read()`` stores the file names of the call on the reader
+(``self.filenames``) and ``get_data()`` zips the loaded images with them. ``CacheDataset`` fills its cache from a thread
+pool that shares one ``LoadImaged``, so when another thread reads a case's one-file label between this thread's
+``read()`` of the five maps and its ``get_data()``, the five images are zipped with one name and the image comes back
+with one channel. ``ThreadSafeNibabelReader`` keeps the names per thread.
 """
 
 from __future__ import annotations
 
+import gzip
+import os
 import threading
+import zlib
 
+import nibabel as nib
+import numpy as np
+import torch
 from monai.data import NibabelReader
+from monai.data.utils import correct_nifti_header_if_necessary
+from monai.transforms import LoadImage, LoadImaged, MapTransform
+from monai.utils import ensure_tuple
+from scripts.data.channels import CHANNELS, NCCT
 
-__all__ = ["ThreadSafeNibabelReader"]
+__all__ = ["MAX_ABS_VALUE", "ThreadSafeNibabelReader", "InvalidCaseError", "LoadCased"]
+
+# Largest magnitude accepted in a map or label, after the header's scaling. No CT (HU), perfusion map or label value
+# comes near it; beyond it lie "no value" markers such as FLT_MAX (3.4e38), and a float32 z-score over a slab with such
+# a value loses the rest of the map (beyond about 1e19 its sum of squares overflows to Inf, and the input to NaN).
+MAX_ABS_VALUE = 1e6
+LABEL = "OT"  # how messages name a case's label (ISLES's name for it)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class InvalidCaseError(ValueError):
+    """A case that cannot be used; the message names the case and the file."""
+
+
+class FileProblem(ValueError):
+    """What is wrong with one file, raised by a reader; ``LoadCased`` names the case and the channel."""
+
+    def __init__(self, path, problem, unreadable=False):
+        super().__init__(path, problem, unreadable)
+        self.path, self.problem, self.unreadable = str(path), problem, unreadable
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+    def for_case(self, case, name) -> InvalidCaseError:
+        """The error to raise: ``<case>: <name> file <path> <problem>``."""
+        if self.unreadable:
+            return InvalidCaseError(f"{case}: cannot read {name} file {self.path}: {self.problem}")
+        return InvalidCaseError(f"{case}: {name} file {self.path} {self.problem}")
+
+
+def _read_nifti(path):
+    """The NIfTI image of ``path``, its file read once. A ``.gz`` file is decompressed whole in memory first, which
+    checks its stream against the trailer's CRC and length: nibabel reads only the bytes the header asks for, so a
+    corrupt stream could give wrong values without an error."""
+    if not str(path).lower().endswith(".gz"):
+        return nib.load(path)
+    try:
+        with gzip.open(path) as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise FileProblem(
+            path, f"has a compressed stream that is not whole ({err}): the file is corrupt; copy it again"
+        ) from err
+    image_class = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(raw) else nib.Nifti1Image
+    return image_class.from_bytes(raw)
+
+
+def _values_problem(data):
+    """What is wrong with a file's values as the pipeline reads them (float32 after the header's scaling), or None."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = data.astype(np.float32, copy=False)
+    finite = np.isfinite(values)
+    if not finite.all():
+        where = "" if np.isfinite(data).all() else " (NaN/Inf in the file)"
+        return f"{int((~finite).sum())} values that are NaN/Inf as float32{where}, e.g. {data[~finite].flat[0]:.4g}"
+    largest = float(np.abs(values).max(initial=0))
+    if largest > MAX_ABS_VALUE:
+        return (
+            f"{int((np.abs(values) > MAX_ABS_VALUE).sum())} values beyond +-{MAX_ABS_VALUE:g} (largest {largest:.4g}),"
+            " e.g. a 'no value' marker; set them to 0 (or to a value the map can hold) before use"
+        )
+    return None
 
 
 class ThreadSafeNibabelReader(NibabelReader):
-    """MONAI's ``NibabelReader`` with the file names of the current ``read()`` kept per thread.
+    """MONAI's ``NibabelReader`` with each file read once whole (``_read_nifti``), checked as it is read where
+    ``check``, and the file names of the current ``read()`` kept per thread (the reader race, module docstring).
 
-    Same arguments and results as ``NibabelReader``; only where ``read()`` leaves the names for ``get_data()``
-    changes, from the shared reader to the calling thread.
+    Args:
+        check: check every file (``FileProblem`` naming it): a ``.gz`` stream that is not whole, a file that cannot be
+            read, a channel file that is not a 3-D grid or not on the first's (the NCCT's) grid by the rule MONAI
+            stacks by (``np.allclose`` of the affines), values that are NaN/Inf as float32 or beyond
+            ``MAX_ABS_VALUE``.
+        kwargs: ``NibabelReader``'s.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, check=True, **kwargs):
         self._per_thread = threading.local()
-        super().__init__(*args, **kwargs)
+        self.check = check
+        super().__init__(**kwargs)
 
     @property
     def filenames(self):
@@ -46,3 +133,160 @@ class ThreadSafeNibabelReader(NibabelReader):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._per_thread = threading.local()
+
+    def verify_suffix(self, filename) -> bool:
+        return all(isinstance(name, (str, os.PathLike)) for name in ensure_tuple(filename)) and super().verify_suffix(
+            filename
+        )
+
+    def read(self, data, **kwargs):
+        self.filenames = ensure_tuple(data)
+        images = []
+        for name in self.filenames:
+            try:
+                images.append(correct_nifti_header_if_necessary(_read_nifti(name)))
+            except FileProblem:
+                raise
+            except Exception as err:  # nibabel raises several types for missing, truncated and foreign files
+                raise FileProblem(name, err, unreadable=True) from err
+        return images if len(images) > 1 else images[0]
+
+    def get_data(self, img):
+        images = ensure_tuple(img)
+        if self.check and len(images) > 1:
+            for image, name in zip(images, self.filenames):
+                self._check_grid(image, name, images[0])
+        return super().get_data(img)
+
+    def _check_grid(self, image, name, first):
+        shape = image.shape
+        if len(shape) < 3 or shape[3:] != (1,) * (len(shape) - 3):
+            raise FileProblem(name, f"has shape {shape}; a map must be a 3-D grid (x, y, z), a 2-D slice as (x, y, 1)")
+        if shape[:3] != first.shape[:3]:
+            raise FileProblem(name, f"has shape {shape[:3]}, {NCCT} has {first.shape[:3]}")
+        affine, reference = self._get_affine(image), self._get_affine(first)
+        if not np.allclose(affine, reference):
+            raise FileProblem(name, _affine_problem(affine, reference))
+
+    def _get_array_data(self, img, filename):
+        try:
+            data = super()._get_array_data(img, filename)
+        except Exception as err:  # a file that ends before its data do
+            raise FileProblem(filename, err, unreadable=True) from err
+        problem = _values_problem(data) if self.check else None
+        if problem:
+            raise FileProblem(filename, f"has {problem}")
+        return data
+
+
+def _affine_problem(affine, reference):
+    return (
+        f"has an affine that differs from the {NCCT}'s (by up to {np.abs(affine - reference).max():.2g}; MONAI stacks"
+        f" maps only when np.allclose holds)\n{np.array2string(affine, precision=6)}\nvs {NCCT}\n"
+        f"{np.array2string(reference, precision=6)}"
+    )
+
+
+class _LoadWithGivenReader(LoadImage):
+    """MONAI's ``LoadImage`` for calls that pass their reader (``LoadCased``'s choice): built without MONAI's default
+    readers, which ``LoadImage.__init__`` builds for every instance, and whose ``NvImgCodecPydicomReader`` warns on
+    each build that nvImageCodec is not installed. Its attributes are those ``LoadImage.__call__`` reads."""
+
+    def __init__(self):  # noqa: D107 (not LoadImage's: it would build the default readers)
+        attributes = dict(readers=[], auto_select=False, expanduser=False, dtype=np.float32, image_only=True)
+        vars(self).update(attributes, ensure_channel_first=True, simple_keys=False, pattern=None, sep=".")
+
+
+class LoadCased(LoadImaged):
+    """``LoadImaged`` of one case (its ``image`` and, where listed, ``label``), each key read by the first of
+    ``readers`` that takes it, with the checks of the readers and of the case as a whole where ``check``.
+
+    The case checks: a one-file ``image`` holds the channels last, (x, y, z, C); the label is one 3-D grid on the
+    image's, 0 and one positive value (after the header's scaling); with ``refuse_blank`` (training) no perfusion map
+    has one value everywhere. Each loaded label's meta records its ``lesion_voxels``; the item gets its ``case``
+    (the file's name, without ``.nii``/``.nii.gz``, where the item has none).
+
+    Args:
+        keys: the image's key, then the label's where there is one.
+        channels: the inputs ``image`` lists, in order.
+        check: check the files and the case; a problem raises ``InvalidCaseError`` naming the case and the file.
+        refuse_blank: refuse a blank perfusion map (training: it teaches the network nothing true).
+        reader: a reader (or several) besides ``ThreadSafeNibabelReader``, tried first (configs/dicom.json's).
+    """
+
+    def __init__(self, keys, channels=CHANNELS, check=True, refuse_blank=False, reader=None):
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        self._loader = _LoadWithGivenReader()
+        self.readers = [r for r in ensure_tuple(reader) if r is not None] + [ThreadSafeNibabelReader(check=check)]
+        self.channels, self.check, self.refuse_blank = list(channels), check, refuse_blank
+
+    def __call__(self, data):
+        d = dict(data)
+        image_key, *label_keys = self.keys
+        files = ensure_tuple(d[image_key])
+        d.setdefault("case", file_stem(files[0]))
+        names = dict(zip(map(str, files), self.channels if len(files) > 1 else ["image"]))
+        names.update({str(d[key]): LABEL for key in label_keys if key in d})
+        for key in self.key_iterator(d):
+            reader = next((r for r in self.readers if r.verify_suffix(d[key])), None)
+            if reader is None:
+                raise InvalidCaseError(f"{d['case']}: no reader takes {d[key]} ({', '.join(NIFTI_SUFFIXES)} files)")
+            try:
+                d[key] = self._loader(d[key], reader)
+            except FileProblem as err:
+                raise err.for_case(d["case"], names.get(err.path, "a")) from err
+        for key in label_keys:
+            if key in d:
+                d[key].meta["lesion_voxels"] = int(torch.count_nonzero(d[key]))
+        if self.check:
+            self._check_case(d, files, image_key, [key for key in label_keys if key in d])
+        return d
+
+    def _check_case(self, d, files, image_key, label_keys):
+        image, case = d[image_key], d["case"]
+        if len(files) == 1 and (image.shape[0] != len(self.channels) or image.ndim != 4):
+            raise InvalidCaseError(
+                f"{case}: image file {files[0]} holds {image.shape[0]} channel(s) of shape {tuple(image.shape[1:])};"
+                f" a single-file input must be (x, y, z, {len(self.channels)}) with the channels"
+                f" {', '.join(self.channels)} last"
+            )
+        for index, name in enumerate(self.channels):
+            values = image[index]
+            if self.refuse_blank and name in CHANNELS[1:] and values.numel() and values.min() == values.max():
+                raise InvalidCaseError(
+                    f"{case}: {name} file {files[min(index, len(files) - 1)]} has the same value ({float(values.min()):.4g})"
+                    " in every voxel: a blank map (the perfusion software produced none) teaches the network nothing"
+                    " true; leave the case out"
+                )
+        for key in label_keys:
+            self._check_label(case, d[key], image)
+
+    @staticmethod
+    def _check_label(case, label, image):
+        path = label.meta["filename_or_obj"]
+        shape = tuple(int(s) for s in label.meta["spatial_shape"])
+        if label.shape[0] != 1 or len(shape) != 3:
+            channels = f" x {label.shape[0]} channels" if label.shape[0] > 1 else ""
+            raise InvalidCaseError(
+                f"{case}: {LABEL} file {path} has shape {shape}{channels}; a map must be a 3-D grid (x, y, z), a 2-D"
+                " slice as (x, y, 1)"
+            )
+        reference = tuple(int(s) for s in image.meta["spatial_shape"])
+        if shape != reference:
+            raise InvalidCaseError(f"{case}: {LABEL} file {path} has shape {shape}, {NCCT} has {reference}")
+        affine, reference_affine = (np.asarray(x.meta["original_affine"], dtype=np.float64) for x in (label, image))
+        if not np.allclose(affine, reference_affine):
+            raise InvalidCaseError(f"{case}: {LABEL} file {path} {_affine_problem(affine, reference_affine)}")
+        values = label.numpy()
+        top = values.max(initial=0)
+        if values.min(initial=0) < 0 or np.any((values != 0) & (values != top)):
+            raise InvalidCaseError(
+                f"{case}: label file {path} is not a binary mask: values {np.unique(values)[:10].tolist()} (after the"
+                " header's scaling); a mask is 0 and one positive value, read as lesion where > 0"
+            )
+
+
+def file_stem(path) -> str:
+    """A file's name without ``.nii``/``.nii.gz``."""
+    name = os.path.basename(str(path))
+    return next((name[: -len(s)] for s in (".nii.gz", ".nii") if name.lower().endswith(s)), name)

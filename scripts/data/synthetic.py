@@ -29,7 +29,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scripts.data.isles18 import CHANNELS, LABEL, MODALITY_TOKENS, TESTING_DIR, TRAINING_DIR, smir_name
+from scripts.data import channels as spec
+from scripts.data.channels import CHANNELS
+from scripts.data.isles18 import LABEL, TESTING_DIR, TRAINING_DIR, modality_tokens, smir_name
 from scripts.dicom.synthetic import dicom_representable, write_label, write_study
 from scripts.safe_files import refuse_existing
 
@@ -60,7 +62,6 @@ WHOLE_BRAIN_MM = 200.0  # axial extent of an ISLES 2024 NCCT-space volume (about
 # ISLES 2024: stored dtypes (NCCT in HU; maps in float32, CBV in mL/100 g; the mask as uint16 0/65535 scaled to 0/1)
 DTYPES_2024 = {"CT": np.int16, "CBF": np.float32, "CBV": np.float32, "MTT": np.float32, "Tmax": np.float32}
 MASK_RAW = 65535
-CTA_ENHANCEMENT_HU = 15.0  # synthetic CTA: HU added per mL/100 g of blood volume
 LAYOUTS_2024 = {  # layout: (root folder, raw folder, subject prefix, session of the inputs, of the mask, mask infix)
     "isles24": ("", "rawdata", "sub-strokecase", "ses-0001", "ses-0002", ""),
     "isles24_archive": ("train", "raw_data", "sub-stroke", "ses-01", "ses-02", "space-ncct_"),
@@ -294,17 +295,22 @@ class _Patient:
         return {key: np.asarray(a, dtype=DTYPES[key]) for key, a in arrays.items()}, affine
 
 
+def _isles18_inputs():
+    """The inputs an ISLES 2018 tree holds (``scripts.data.channels``)."""
+    return tuple(key for key in modality_tokens() if key != LABEL)
+
+
+def _with_optional(arrays, names):
+    """``arrays`` and each optional input of ``names``, drawn from them by its ``synthetic`` recipe
+    (``scripts.data.channels``)."""
+    return arrays | {c.name: c.synthetic(arrays) for c in spec.SPEC if c.name in names and c.name not in arrays}
+
+
 def _write_case(case_dir, arrays, affine, smir_ids):
     """Write each array as SMIR.Brain.XX.O.<TOKEN>.<id>/SMIR.Brain.XX.O.<TOKEN>.<id>.nii under `case_dir`."""
     for key, data in arrays.items():
-        name = smir_name(MODALITY_TOKENS[key][0], next(smir_ids))
-        folder = case_dir / name
-        folder.mkdir(parents=True)
-        image = nib.Nifti1Image(data, affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        image.header.set_xyzt_units("mm", "sec")
-        nib.save(image, folder / f"{name}.nii")
+        name = smir_name(modality_tokens()[key][0], next(smir_ids))
+        _save_nifti(case_dir / name / f"{name}.nii", data, affine)
 
 
 def _with_dicom_values(arrays):
@@ -335,6 +341,7 @@ def _write_split(
                 study = write_study(dicom_dir / case, maps, affine, name, seed, f"{split}-patient_{patient_index}")
                 if LABEL in keys:
                     write_label(study, arrays[LABEL], affine, name, seed)
+            arrays = _with_optional(arrays, keys)
             _write_case(split_dir / case, {key: arrays[key] for key in keys}, affine, smir_ids)
             rows.append((case, f"patient_{patient_index}"))
 
@@ -379,7 +386,7 @@ def generate(
     common = {"seed": int(seed), "in_plane": int(in_plane), "slices": slices, "smir_ids": smir_ids}
     rows = _write_split(
         train_dir,
-        CHANNELS + (LABEL,),
+        _isles18_inputs() + (LABEL,),
         num_train,
         split_index=0,
         two_slab_fraction=two_slab_fraction,
@@ -388,7 +395,7 @@ def generate(
     )
     test_rows = _write_split(
         test_dir,
-        CHANNELS,
+        _isles18_inputs(),
         num_test,
         split_index=1,
         two_slab_fraction=0.0,
@@ -443,17 +450,17 @@ def _save_scaled_mask(path, mask, affine):
 
 
 def _write_isles24_subject(root, layout, index, arrays, affine, with_mask):
-    """One subject in an ISLES 2024 layout: NCCT in the raw tree, the 4 maps and (training) the mask in derivatives."""
+    """One subject in an ISLES 2024 layout: each input where ``scripts.data.channels`` says ISLES 2024 keeps it (the
+    NCCT in the raw tree, the 4 maps and the CTA in derivatives), and (training) the mask in derivatives."""
     top, raw_dir, prefix, ses_in, ses_mask, mask_infix = LAYOUTS_2024[layout]
     subject = f"{prefix}{index:04d}"
     base = root / top if top else root
-    _save_nifti(base / raw_dir / subject / ses_in / f"{subject}_{ses_in}_ncct.nii.gz", arrays["CT"], affine)
-    maps = base / "derivatives" / subject / ses_in / "perfusion-maps"
-    for key in CHANNELS[1:]:
-        _save_nifti(maps / f"{subject}_{ses_in}_space-ncct_{key.lower()}.nii.gz", arrays[key], affine)
-    # the CTA registered to the NCCT: contrast-enhanced where the blood volume is (CBV in mL/100 g), int16 HU
-    cta = (arrays["CT"].astype(np.float32) + CTA_ENHANCEMENT_HU * arrays["CBV"]).round().astype(np.int16)
-    _save_nifti(base / "derivatives" / subject / ses_in / f"{subject}_{ses_in}_space-ncct_cta.nii.gz", cta, affine)
+    trees = {"raw": raw_dir, "derivatives": "derivatives"}
+    for channel in spec.SPEC:
+        if channel.isles24:
+            tree, *folder, ending = channel.isles24.split("/")
+            path = base.joinpath(trees[tree], subject, ses_in, *folder, f"{subject}_{ses_in}_{ending}.nii.gz")
+            _save_nifti(path, arrays[channel.name], affine)
     if with_mask:
         mask = base / "derivatives" / subject / ses_mask / f"{subject}_{ses_mask}_{mask_infix}lesion-msk.nii.gz"
         _save_scaled_mask(mask, arrays[LABEL], affine)
@@ -503,6 +510,7 @@ def generate_isles24(
         affine = _oblique(affine, rng)
         if dicom:
             arrays = _with_dicom_values(arrays)
+        arrays = _with_optional(arrays, [c.name for c in spec.SPEC if c.isles24])
         subjects.append(_write_isles24_subject(output_dir, layout, index, arrays, affine, index <= num_train))
         if dicom:
             study_dir = base / SOURCEDATA_DIR / subjects[-1] / LAYOUTS_2024[layout][3]

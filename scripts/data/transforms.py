@@ -15,7 +15,6 @@ from monai.transforms import (
     DeleteItemsd,
     EnsureTyped,
     Lambdad,
-    LoadImaged,
     MaskIntensityd,
     NormalizeIntensityd,
     Orientationd,
@@ -25,8 +24,8 @@ from monai.transforms import (
     SpatialPadd,
     SplitDimd,
 )
-from scripts.data.isles18 import CHANNELS
-from scripts.data.readers import ThreadSafeNibabelReader
+from scripts.data.channels import CHANNELS, channel
+from scripts.data.readers import LoadCased
 from scripts.engine.finite import RequireFinited
 from scripts.flags import as_bool
 
@@ -57,9 +56,12 @@ def case_preprocessing(
     target_spacing=None,
     brain_mask=False,
     reader=None,
+    check=False,
+    refuse_blank=False,
 ) -> list:
-    """Load a case's maps as the channels of ``image_key``, window the CT to [0, 1] and z-score each perfusion map
-    within the brain (non-zero voxels), refuse NaN/Inf, bring it to RAS and resize it to ``spatial_size`` (the
+    """Load a case's maps as the channels of ``image_key`` (``scripts.data.readers.LoadCased``), window the CT to
+    [0, 1] and z-score each perfusion map within the brain (non-zero voxels; ``scripts.data.channels`` says which
+    input is which), refuse NaN/Inf, bring it to RAS and resize it to ``spatial_size`` (the
     paper's recipe), or resample it to ``target_spacing`` and pad it to at least ``spatial_size`` (patches).
 
     Args:
@@ -77,32 +79,27 @@ def case_preprocessing(
             ``MaskIntensityd``: the CT and optional inputs; the maps are 0 there already) and cropped to its bounding
             box (``CropForegroundd``) before the resize or the resampling, so the loss covers the brain's box only;
             ``Invertd`` pads the prediction back.
-        reader: the ``LoadImaged`` reader; None reads NIfTI (``ThreadSafeNibabelReader``), configs/dicom.json gives
-            ``scripts.dicom.series.DicomSeriesReader``.
+        reader: a reader besides the NIfTI one (``scripts.data.readers.ThreadSafeNibabelReader``), or None; configs/dicom.json
+            gives ``scripts.dicom.series.DicomSeriesReader``.
+        check: check each file and case as it is loaded (the ``check_inputs`` id; ``LoadCased``).
+        refuse_blank: with ``check``, refuse a blank perfusion map (training).
 
     Returns:
         The transforms, in order.
     """
     image_key, label_keys = load_keys[0], list(load_keys[1:])
     channel_keys = [f"{image_key}_{c}" for c in channels]
+    windowed = [key for c, key in zip(channels, channel_keys) if channel(c).normalisation == "window"]
     transforms = [
-        LoadImaged(
-            keys=load_keys,
-            reader=reader or ThreadSafeNibabelReader(),
-            ensure_channel_first=True,
-            image_only=True,
-            allow_missing_keys=True,
-        ),
+        LoadCased(load_keys, channels, as_bool(check, "check_inputs"), as_bool(refuse_blank, "refuse_blank"), reader),
         *([Lambdad(keys=label_keys, func=lesion_mask)] if label_keys else []),
         SplitDimd(keys=image_key, output_postfixes=channels, dim=0, keepdim=True),
     ]
     if input_map_keys:
         transforms.append(CopyItemsd(keys=[f"{image_key}_{c}" for c in REPORT_MAPS], names=input_map_keys))
     return transforms + [
-        ScaleIntensityRanged(
-            keys=channel_keys[0], a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True
-        ),
-        NormalizeIntensityd(keys=channel_keys[1:], nonzero=True),
+        ScaleIntensityRanged(keys=windowed, a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True),
+        NormalizeIntensityd(keys=[key for key in channel_keys if key not in windowed], nonzero=True),
         ConcatItemsd(keys=channel_keys, name=image_key, dim=0),
         DeleteItemsd(keys=channel_keys),
         RequireFinited(keys=image_key, channel_names=channels),

@@ -31,10 +31,10 @@ import torch
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
-from scripts.data.isles18 import NCCT
+from scripts.data.channels import NCCT
 from scripts.dicom.series import MANUFACTURER
 from scripts.flags import as_bool
-from scripts.report.cases import VOLUMES, file_stamps
+from scripts.report.cases import PER_CASE, file_stamps
 from scripts.report.perfusion import DEFAULT_THRESHOLDS
 from scripts.report.tables import read_csv
 from scripts.safe_files import write_atomically
@@ -346,7 +346,7 @@ DICOM_FOLDER = "dicom"  # <prediction_dir>/dicom/<case>/
 
 
 def remove_stale_objects(prediction_dir) -> None:
-    """Remove ``<prediction_dir>/dicom/<case>/`` of every case without a row in ``volumes.csv``: what an earlier run
+    """Remove ``<prediction_dir>/dicom/<case>/`` of every case without a row in ``per_case.csv``: what an earlier run
     wrote for a case that this run does again, or that is no longer in it (``--overwrite true``), is never sent to a
     PACS with this run's objects. Run after ``scripts.report.cases.prepare_outputs`` (configs/dicom.json's
     ``+initialize``), which keeps the rows of the cases that stay; on rank 0 only."""
@@ -355,7 +355,7 @@ def remove_stale_objects(prediction_dir) -> None:
     folder = os.path.join(prediction_dir, DICOM_FOLDER)
     if not os.path.isdir(folder):
         return
-    table = os.path.join(prediction_dir, VOLUMES)
+    table = os.path.join(prediction_dir, PER_CASE)
     finished = {row["case"] for row in read_csv(table)} if os.path.isfile(table) else set()
     for case in sorted(set(os.listdir(folder)) - finished):
         shutil.rmtree(os.path.join(folder, case))

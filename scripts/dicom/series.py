@@ -10,11 +10,11 @@ series, or Tmax in milliseconds is refused with one error naming the series (des
 segmented. A case's name is ``study-`` and a hash of its StudyInstanceUID: no patient name or ID reaches a file
 name or a log.
 
-``DicomSeriesReader`` is a MONAI ``ImageReader``: each case's ``image`` is the five series' keys
-(``<dataset_dir>/<case>/<channel>.dcm-series``, see ``scripts.data.isles18.case_name``), and the reader turns them into one
-(5, x, y, z) float32 array with the NCCT's affine (RAS, as ``NibabelReader`` gives a NIfTI's) on highdicom's grid
-(``volume_arrays``), the rescale slope and intercept applied, and a map on another grid of the same frame of
-reference resampled (trilinear) onto the NCCT's, as the ISLES 2024 maps are.
+``Study.item`` is a case's datalist item: its ``image`` is the picked ``Series`` objects themselves, its ``label`` the
+``GroundTruth`` SEG, and ``DicomSeriesReader``, the MONAI ``ImageReader`` that ``scripts.data.readers.LoadCased`` picks
+for them, turns them into one (5, x, y, z) float32 array with the NCCT's affine (RAS, as ``NibabelReader`` gives a
+NIfTI's) on highdicom's grid (``volume_arrays``), the rescale slope and intercept applied, and a map on another grid of
+the same frame of reference resampled (trilinear) onto the NCCT's, as the ISLES 2024 maps are.
 """
 
 from __future__ import annotations
@@ -32,18 +32,20 @@ import torch
 from highdicom.spatial import convert_affine_to_convention, get_series_volume_positions
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import SpatialResample
+from monai.utils import ensure_tuple
 from pydicom.pixels import apply_modality_lut, get_decoder
-from scripts.data.isles18 import CHANNELS, DICOM_SERIES_SUFFIX, NCCT, InvalidCaseError
+from scripts.data.channels import CHANNELS, NCCT
+from scripts.data.readers import InvalidCaseError
 
 __all__ = [
     "MANUFACTURER",
     "DicomSeriesReader",
+    "GroundTruth",
     "Series",
     "Study",
     "case_of",
     "find_studies",
     "matches_description",
-    "series_key",
     "studies_in_memory",
     "volume_arrays",
     "volume_as_nifti",
@@ -57,19 +59,12 @@ AXIAL_LIMIT_DEG = 45.0  # the slice normal within this angle of the head-foot ax
 SPACING_TOLERANCE = 0.01  # relative: slice gaps that differ by more are an irregular series
 TMAX_MS_MEDIAN = 100.0  # a median Tmax in the brain above this (seconds) can only be milliseconds
 _MS_UNIT = re.compile(r"(?i)\b(ms|msec|millisec\w*)\b")
-LABEL = "label"  # the series key name of a study's ground-truth SEG
 PIXEL_DATA = 0x7FE00010
 DEFER_BYTES = 4096
 UNDEFINED_LENGTH = 0xFFFFFFFF
 SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) of length 0, little endian
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: an index of files, not an instance
 NON_IMAGE_MODALITIES = ("SR", "PR", "KO")
-
-
-def series_key(dataset_dir, case, channel) -> str:
-    """The key ``DicomSeriesReader`` reads a case's ``channel`` from: ``<dataset_dir>/<case>/<channel>.dcm-series``
-    (no such file: the key names the case, see ``scripts.data.isles18.case_name``)."""
-    return os.path.join(os.path.abspath(dataset_dir), case, channel + DICOM_SERIES_SUFFIX)
 
 
 @dataclass
@@ -88,6 +83,20 @@ class Series:
         number = self.headers[0].get("SeriesNumber", "") if self.headers else ""
         return f'"{self.description}" (series {number}, {uid_name(self.uid)})'
 
+    def __str__(self) -> str:
+        return self.name  # as the loaded image's meta (``filename_or_obj``) names it
+
+
+@dataclass
+class GroundTruth:
+    """A study's ground-truth SEG (``seg``), read on the grid of its NCCT series (``ct``): a case's ``label``."""
+
+    seg: Series
+    ct: Series = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.seg.name
+
 
 @dataclass
 class Study:
@@ -101,12 +110,10 @@ class Study:
     label: Series | None = None
     coverage: dict | None = None
 
-    def item(self, dataset_dir) -> dict:
-        """The datalist item: the channels' series keys as ``image``, the ground truth's as ``label``."""
-        item = {"image": [series_key(dataset_dir, self.case, channel) for channel in self.series]}
-        if self.label is not None:
-            item["label"] = series_key(dataset_dir, self.case, LABEL)
-        return item
+    def item(self) -> dict:
+        """The datalist item: the channels' series as ``image``, the ground truth as ``label`` (``GroundTruth``)."""
+        label = {"label": GroundTruth(self.label, self.series[NCCT])} if self.label is not None else {}
+        return {"image": list(self.series.values()), "case": self.case, **label}
 
 
 def _digits(uid) -> str:
@@ -706,50 +713,29 @@ def _onto_grid(array, affine, shape, target_affine):
 
 
 class DicomSeriesReader(ImageReader):
-    """MONAI ``ImageReader`` of the series ``find_studies`` picked, by their keys (``series_key``).
+    """MONAI ``ImageReader`` of the ``Series`` (a case's ``image``) and ``GroundTruth`` (its ``label``) that
+    ``find_studies`` picked: ``Study.item``'s objects, not paths.
 
-    ``read`` of a case's keys gives its series as (array, affine) pairs; ``get_data`` stacks them as channels, each
-    map on another grid than the first (the NCCT) resampled onto it. A ground-truth SEG (a ``label`` key) is read on
-    its NCCT's grid (highdicom's ``match_geometry``: padded with 0 where it has no frames). Stateless between calls,
-    so threads and DataLoader workers can share it.
-
-    Args:
-        studies: the ``find_studies`` result.
-        dataset_dir: the folder the keys were made with.
+    ``read`` of a case's series gives them as (array, affine) pairs; ``get_data`` stacks them as channels, each map on
+    another grid than the first (the NCCT) resampled onto it. A ground-truth SEG is read on its NCCT's grid
+    (highdicom's ``match_geometry``: padded with 0 where it has no frames). Stateless, so threads and DataLoader
+    workers can share it.
     """
 
-    def __init__(self, studies, dataset_dir):
-        super().__init__()
-        self.files = {
-            series_key(dataset_dir, study.case, channel): series.sources
-            for study in studies
-            for channel, series in study.series.items()
-        }
-        self.labels = {
-            series_key(dataset_dir, study.case, LABEL): (
-                study.label.sources[0],
-                _geometry(study.series[NCCT].headers)[0],
-            )
-            for study in studies
-            if study.label is not None
-        }
-
     def verify_suffix(self, filename) -> bool:
-        names = [filename] if isinstance(filename, (str, os.PathLike)) else filename
-        return all(str(name) in self.files or str(name) in self.labels for name in names)
+        return all(isinstance(item, (Series, GroundTruth)) for item in ensure_tuple(filename))
 
     def read(self, data, **kwargs):
-        keys = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(key) for key in data]
-        return [self._read_label(key) if key in self.labels else self._read_series(key) for key in keys]
+        return [
+            self._read_label(item) if isinstance(item, GroundTruth) else volume_arrays(list(map(_load, item.sources)))
+            for item in ensure_tuple(data)
+        ]
 
-    def _read_series(self, key):
-        return volume_arrays([_load(source) for source in self.files[key]])
-
-    def _read_label(self, key):
-        source, grid = self.labels[key]
-        seg = hd.seg.Segmentation.from_dataset(_load(source), copy=False)
+    @staticmethod
+    def _read_label(truth):
+        seg = hd.seg.Segmentation.from_dataset(_load(truth.seg.sources[0]), copy=False)
         volume = seg.get_volume(combine_segments=True, dtype=np.float32)
-        return volume_as_nifti(volume.match_geometry(grid))
+        return volume_as_nifti(volume.match_geometry(_geometry(truth.ct.headers)[0]))
 
     def get_data(self, img):
         (reference, affine), others = img[0], img[1:]

@@ -23,7 +23,7 @@ from scripts.dicom.results import derived_uid, segmentation
 
 __all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_label", "write_study"]
 
-# Series description of each channel (the keys in the order of scripts.data.isles18.CHANNELS), as a vendor names them.
+# Series description of each channel (the keys in the order of scripts.data.channels.CHANNELS), as a vendor names them.
 SERIES_DESCRIPTIONS = {
     "CT": "NCCT Head 5mm",
     "CBF": "RAPID CBF",

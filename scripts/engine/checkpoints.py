@@ -15,17 +15,15 @@ import os
 import re
 import sys
 
-import ignite.distributed as idist
 import torch
 from ignite.engine import Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 from scripts.flags import as_bool
-from scripts.safe_files import hold_folder, write_atomically
+from scripts.safe_files import rank, require_held, write_atomically
 
 __all__ = [
-    "BestValidation",
-    "ValidationAtIntervalAndEnd",
+    "BestMetricRecord",
     "EnsembleCheckpointLoader",
     "NamedCheckpointLoader",
     "SafeCheckpointSaver",
@@ -33,6 +31,7 @@ __all__ = [
     "prepare_ckpt_dir",
     "refuse_outdated",
     "resume_checkpoint",
+    "ValidationAtIntervalAndEnd",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class _KeepPreviousDiskSaver(BaseSaveHandler):
         self._replaced: list[str] = []
 
     def __call__(self, checkpoint, filename, metadata=None):
-        if idist.get_rank() != self.save_on_rank:
+        if rank() != self.save_on_rank:
             return
         name = self.filename or filename
         write_atomically(os.path.join(self.dirname, name), lambda f: torch.save(checkpoint, f))
@@ -133,9 +132,10 @@ class EnsembleCheckpointLoader:
             loader.attach(engine)
 
 
-class BestValidation:
-    """The best validation so far, as one entry of the training checkpoint: the evaluator's best metric and its epoch
-    and the best-model saver's record of it, so that a resumed run compares new validations with the real best.
+class BestMetricRecord:
+    """The record of the best validation so far, as one entry of the training checkpoint: the evaluator's best metric
+    and its epoch and the best-model saver's record of it, so that a resumed run compares new validations with the
+    real best.
 
     Args:
         evaluator: the validation engine (MONAI ``Evaluator``), whose ``state.best_metric(_epoch)`` are kept.
@@ -246,7 +246,7 @@ def resume_checkpoint(ckpt_dir: str, epochs: int, resume=True) -> str | None:
     return path
 
 
-def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = False) -> None:
+def prepare_ckpt_dir(ckpt_dir: str, resume=False, overwrite=False, lock=None) -> None:
     """Make sure a training run may write into ``ckpt_dir``, before any work is done.
 
     A new run (neither ``resume`` nor ``overwrite``) refuses a folder that holds a trained model or checkpoints.
@@ -259,9 +259,11 @@ def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = Fals
         ckpt_dir: the checkpoint folder (created if absent).
         resume: this run continues the run in ``ckpt_dir`` (a bool, or true/false as typed on the command line).
         overwrite: this run replaces the run in ``ckpt_dir`` (likewise).
+        lock: this run's hold on ``ckpt_dir`` (``scripts.safe_files.hold_folder``), taken first and kept until the
+            run ends, so that no other run writes there meanwhile.
 
     Raises:
-        ValueError: both ``resume`` and ``overwrite``.
+        ValueError: both ``resume`` and ``overwrite``; ``ckpt_dir`` not held.
         FileExistsError: naming the file found, and the two ways on.
     """
     resume, overwrite = as_bool(resume, "resume"), as_bool(overwrite, "overwrite")
@@ -270,8 +272,7 @@ def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = Fals
             "--resume true continues the run in the checkpoint folder and --overwrite true replaces it;"
             " pass one of them"
         )
-    os.makedirs(ckpt_dir, exist_ok=True)
-    hold_folder(ckpt_dir)  # one run per checkpoint folder at a time
+    require_held(ckpt_dir, lock)
     if resume:
         return
     latest = sorted(glob.glob(os.path.join(ckpt_dir, LATEST_PATTERN)), key=_epoch_of)
@@ -283,7 +284,7 @@ def prepare_ckpt_dir(ckpt_dir: str, resume: bool = False, overwrite: bool = Fals
             f" continue it, or --overwrite true to start a new run that replaces it (or choose"
             f" another --ckpt_dir)"
         )
-    if int(os.environ.get("RANK", "0")) != 0:  # the ranks of one torchrun: rank 0 replaces the earlier run's files
+    if rank() != 0:  # the ranks of one torchrun: rank 0 replaces the earlier run's files
         return
     if overwrite and existing and os.path.exists(os.path.join(ckpt_dir, BEST_MODEL)):
         command = " ".join(sys.argv)

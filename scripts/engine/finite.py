@@ -13,7 +13,6 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.handlers import from_engine
 from monai.transforms import MapTransform
-from scripts.data.isles18 import case_name
 
 __all__ = ["RequireFinited", "StopOnNonFinite"]
 
@@ -42,7 +41,7 @@ class RequireFinited(MapTransform):
                 names = [self.channel_names[c] if self.channel_names else str(c) for c in bad]
                 source = getattr(values, "meta", {}).get("filename_or_obj", "?")
                 raise ValueError(
-                    f"{case_name(source)}: the {self.what} '{key}' holds NaN or Inf in channel(s)"
+                    f"{data.get('case', '?')}: the {self.what} '{key}' holds NaN or Inf in channel(s)"
                     f" {', '.join(names)} (from {source}); nothing was written for this case"
                 )
         return data

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import math
 import os
 import warnings
 
 import torch
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
+from scripts.engine.backends import OPENVINO_PRECISIONS, OpenVinoInferer, choose_backend
 from scripts.flags import as_bool
 
 __all__ = ["CpuAutocastInferer", "FlipInferer", "amp_default", "cpu_has_native_bf16", "engine_amp", "make_inferer"]
@@ -24,6 +26,8 @@ __all__ = ["CpuAutocastInferer", "FlipInferer", "amp_default", "cpu_has_native_b
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 # Set to true/false, this environment variable replaces the CPU-flag detection (tests, or a CPU Linux misreports)
 NATIVE_BF16_ENV = "ISLES_CPU_NATIVE_BF16"
+
+logger = logging.getLogger(__name__)
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -56,17 +60,19 @@ def engine_amp(amp, device) -> bool:
     return as_bool(amp, "amp") and torch.device(device).type == "cuda"
 
 
-def make_inferer(tta_flips=False, amp=False, device="cpu", sliding_window_size=None) -> Inferer:
+def make_inferer(tta_flips=False, amp=False, device="cpu", sliding_window_size=None, backend="torch") -> Inferer:
     """The inferer of training, evaluation and inference.
 
     Args:
         tta_flips: average over the 8 mirror images (``FlipInferer``), else one pass.
-        amp: mixed precision; on a CPU ``device`` the network then runs under ``CpuAutocastInferer`` (on CUDA,
-            MONAI's engines autocast themselves).
+        amp: mixed precision; on a CPU ``device`` the network then runs in bfloat16: in OpenVINO (``backend``), or
+            under ``CpuAutocastInferer`` (on CUDA, MONAI's engines autocast themselves).
         device: the ``device`` id.
         sliding_window_size: None: the network sees the whole (resized) volume (MONAI's ``SimpleInferer``); a size:
             MONAI's ``SlidingWindowInferer`` over windows of that size, half overlapping, blended with Gaussian
             weights (as nnU-Net), for volumes kept at their resolution (``target_spacing``).
+        backend: the runtime of the network's forward: ``torch``, ``openvino`` (``OpenVinoInferer``) or ``auto``
+            (the faster one on this CPU, ``scripts.engine.backends.choose_backend``); the choice is logged.
 
     Returns:
         The inferer.
@@ -77,9 +83,17 @@ def make_inferer(tta_flips=False, amp=False, device="cpu", sliding_window_size=N
         else SlidingWindowInferer(roi_size=list(sliding_window_size), sw_batch_size=1, overlap=0.5, mode="gaussian")
     )
     inferer = FlipInferer(inferer=one_pass) if as_bool(tta_flips, "tta_flips") else one_pass
-    if as_bool(amp, "amp") and torch.device(device).type == "cpu":
-        if not cpu_has_native_bf16():
-            warn_emulated_bf16()
+    amp = as_bool(amp, "amp")
+    cpu = torch.device(device).type == "cpu"
+    native = cpu_has_native_bf16() if cpu else False
+    runtime, reason = choose_backend(backend, amp, device, native)
+    if backend != "torch":
+        logger.info("inference runs in %s: %s", runtime, reason)
+    if amp and cpu and not native:
+        warn_emulated_bf16()
+    if runtime == "openvino":
+        return OpenVinoInferer(inferer, OPENVINO_PRECISIONS[amp])
+    if amp and cpu:
         inferer = CpuAutocastInferer(inferer)
     return inferer
 
@@ -114,11 +128,14 @@ class CpuAutocastInferer(Inferer):
 
 
 class FlipInferer(Inferer):
-    """Mean of the softmax probabilities over the input and its mirror images along every combination of
-    ``spatial_axes`` (0, 1, 2: x, y, z; 8 passes for all three), each prediction flipped back before averaging.
+    """Test-time mirroring: logits of the mean softmax probability over the input and its mirror images along every
+    combination of ``spatial_axes`` (0, 1, 2: x, y, z; 8 passes for all three), each prediction flipped back first.
 
-    Returns the log of that mean, so that the usual postprocessing (``Activationsd(softmax=True)``) turns it into
-    exactly the mean probability, and ensembles (mean of probabilities) compose with it.
+    It returns logits, as the network does, so that everything after the inferer stays as it is for one pass: the
+    returned logits are ``log(mean probability)``, whose softmax (``Activationsd(softmax=True)`` of the
+    post-processing, the losses' ``softmax=True``) is exactly the mean probability, as nnU-Net averages its mirror
+    images; an ensemble then averages those probabilities (``MeanEnsembled``). (Averaging the logits instead would
+    weigh a confident pass more than a mean of probabilities does.)
 
     Args:
         spatial_axes: spatial axes to mirror along (the training augmentation flips all three).
@@ -132,9 +149,10 @@ class FlipInferer(Inferer):
         self.inferer = SimpleInferer() if inferer is None else inferer
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
-        log_probs = []
+        log_probabilities = []
         for axes in self.flips:
             dims = [a + 2 for a in axes]  # inputs are (batch, channel, x, y, z)
             logits = self.inferer(torch.flip(inputs, dims), network, *args, **kwargs)
-            log_probs.append(torch.log_softmax(torch.flip(logits, dims), dim=1))
-        return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.flips))
+            log_probabilities.append(torch.log_softmax(torch.flip(logits, dims).float(), dim=1))
+        # log of the mean probability, as logits: log(sum_i p_i / n) = logsumexp_i(log p_i) - log n
+        return torch.logsumexp(torch.stack(log_probabilities), dim=0) - math.log(len(self.flips))

@@ -11,8 +11,10 @@ import numpy as np
 from monai.bundle import ConfigParser
 from monai.data import load_decathlon_datalist
 from PIL import Image, ImageDraw
+from scipy.stats import bootstrap, wilcoxon
 from scripts import BUNDLE_ROOT
-from scripts.data.isles18 import CHANNELS
+from scripts.data.channels import CHANNELS
+from scripts.report.cases import PER_CASE
 from scripts.report.metrics import METRIC_NAMES
 from scripts.report.tables import print_table, read_csv, write_csv
 from scripts.safe_files import write_atomically
@@ -20,7 +22,6 @@ from scripts.safe_files import write_atomically
 __all__ = ["PAPER_TABLE", "paired_comparison", "summary_table", "write_outputs"]
 
 
-METRICS = METRIC_NAMES
 TABLE_COLUMNS = (
     "dice",
     "precision",
@@ -40,35 +41,42 @@ PAPER_TABLE = [
 ]
 SPLITS = ("test", "train")
 TESTING_FILE = "testing.json"  # the datalist's testing cases, which the fold-ensemble overrides segment
-BASELINE = "threshold (rCBF<30%)"  # the non-learned core of scripts/report/perfusion.py, scored by every evaluation
 
 
-def _row(network, fold, split, case, patient, scores):
-    return {
-        "network": network,
-        "fold": fold,
-        "split": split,
-        "case": case,
-        "patient": patient[case],
-        **{m: float(scores.get(m) or "nan") for m in METRICS},
-    }
+def _baselines(header):
+    """The baselines an evaluation's per_case.csv scored: those with a ``<baseline>_<metric>`` column of each
+    metric."""
+    first, rest = METRIC_NAMES[0], METRIC_NAMES[1:]
+    keys = [column[: -len(first) - 1] for column in header if column.endswith(f"_{first}")]
+    return [key for key in keys if all(f"{key}_{name}" in header for name in rest)]
 
 
 def collect_per_case(output_dir, networks, folds, datalist_path):
-    """Every scored case: network, fold, split ("test" = out-of-fold, "train" = the fold's own training cases),
-    case, patient and every metric of ``run evaluating``; and the threshold baseline's held-out scores (it learns
-    nothing: those of the first network's folds)."""
+    """Every scored case, from the per_case.csv each evaluation wrote: network, fold, split ("test" = out-of-fold,
+    "train" = the fold's own training cases), case, patient and every metric; and each baseline's held-out scores
+    (the baselines learn nothing: those of the first network's folds), under the baseline's name."""
     with open(datalist_path) as f:
         patient = {item["case"]: item.get("patient", item["case"]) for item in json.load(f)["training"]}
     rows = []
     for network in networks:
         for fold in folds:
             for split in SPLITS:
-                path = os.path.join(output_dir, network, f"fold{fold}", f"eval_{split}", "metrics_per_case.csv")
-                rows += [_row(network, fold, split, r["case"], patient, r) for r in read_csv(path)]
-    for fold in folds:
-        path = os.path.join(output_dir, networks[0], f"fold{fold}", "eval_test", "baseline_per_case.csv")
-        rows += [_row(BASELINE, fold, "test", r["case"], patient, r) for r in read_csv(path)]
+                table = read_csv(os.path.join(output_dir, network, f"fold{fold}", f"eval_{split}", PER_CASE))
+                scored = [(network, "")]
+                if network == networks[0] and split == "test":
+                    scored += [(key, f"{key}_") for key in _baselines(list(table[0]) if table else [])]
+                for name, prefix in scored:
+                    rows += [
+                        {
+                            "network": name,
+                            "fold": fold,
+                            "split": split,
+                            "case": r["case"],
+                            "patient": patient[r["case"]],
+                            **{m: float(r[prefix + m]) for m in METRIC_NAMES},
+                        }
+                        for r in table
+                    ]
     return rows
 
 
@@ -78,11 +86,12 @@ def _mean(values):
 
 
 def summary_table(per_case, networks):
-    """One row per network and split, and the threshold baseline's held-out row: the mean of the per-case values of
-    each metric (NaNs left out: precision of an empty prediction), with the number of cases; the paper's rows
-    beside them."""
+    """One row per network and split, and each baseline's held-out row: the mean of the per-case values of each
+    metric (NaNs left out: precision of an empty prediction), with the number of cases; the paper's rows beside
+    them."""
+    baselines = sorted({r["network"] for r in per_case} - set(networks))
     rows = []
-    for network, split in [(n, s) for n in networks for s in SPLITS] + [(BASELINE, "test")]:
+    for network, split in [(n, s) for n in networks for s in SPLITS] + [(b, "test") for b in baselines]:
         cases = [r for r in per_case if r["network"] == network and r["split"] == split]
         rows.append(
             {
@@ -102,16 +111,17 @@ def summary_table(per_case, networks):
 
 
 def paired_comparison(per_case, metric="dice", a="modified", b="classic", resamples=10000, seed=0):
-    """``a`` against ``b`` on the same out-of-fold cases: the mean per-case difference of ``metric``, its bootstrap
-    95 % interval (cases resampled with replacement) and the Wilcoxon signed-rank p-value (scipy)."""
-    from scipy.stats import wilcoxon
-
+    """``a`` against ``b`` on the same out-of-fold cases: the mean per-case difference of ``metric``, its 95 %
+    percentile bootstrap interval (cases resampled with replacement, ``scipy.stats.bootstrap``) and the Wilcoxon
+    signed-rank p-value (``scipy.stats.wilcoxon``)."""
     values = {
         net: {r["case"]: r[metric] for r in per_case if r["network"] == net and r["split"] == "test"} for net in (a, b)
     }
     cases = sorted(set(values[a]) & set(values[b]))
     diff = np.array([values[a][c] - values[b][c] for c in cases])
-    means = np.random.default_rng(seed).choice(diff, size=(resamples, len(diff)), replace=True).mean(axis=1)
+    interval = bootstrap(
+        (diff,), np.mean, n_resamples=resamples, method="percentile", rng=np.random.default_rng(seed)
+    ).confidence_interval
     p_value = 1.0 if not np.any(diff) else float(wilcoxon(diff).pvalue)
     return {
         "metric": metric,
@@ -121,8 +131,8 @@ def paired_comparison(per_case, metric="dice", a="modified", b="classic", resamp
         "mean_a": float(np.mean([values[a][c] for c in cases])),
         "mean_b": float(np.mean([values[b][c] for c in cases])),
         "mean_difference": float(diff.mean()),
-        "ci95_low": float(np.percentile(means, 2.5)),
-        "ci95_high": float(np.percentile(means, 97.5)),
+        "ci95_low": float(interval.low),
+        "ci95_high": float(interval.high),
         "wilcoxon_p": p_value,
     }
 
@@ -218,7 +228,7 @@ def write_outputs(output_dir, networks, folds, datalist_path, dataset_dir, profi
     """
     per_case = collect_per_case(output_dir, networks, folds, datalist_path)
     out = {name: os.path.join(output_dir, name) for name in ("per_case.csv", "table.csv", "dice.png", "table.md")}
-    write_csv(out["per_case.csv"], ["network", "fold", "split", "case", "patient", *METRICS], per_case)
+    write_csv(out["per_case.csv"], ["network", "fold", "split", "case", "patient", *METRIC_NAMES], per_case)
     table = summary_table(per_case, networks)
     columns = ["source", "network", "split", "cases", *TABLE_COLUMNS]
     write_csv(out["table.csv"], columns, table)

@@ -1,26 +1,16 @@
-"""Naming and eyeballing what evaluation and inference write.
-
-MONAI's ``MetricsSaver`` names its rows after the input file, and MONAI has no overlay image of a whole case
-(``monai.visualize`` makes TensorBoard images and matplotlib figures, and matplotlib is not a dependency here).
-"""
+"""Eyeballing what evaluation and inference write: MONAI has no overlay image of a whole case (``monai.visualize``
+makes TensorBoard images and matplotlib figures, and matplotlib is not a dependency here)."""
 
 from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
-from scripts.data.isles18 import case_name
 
-__all__ = ["batch_cases", "overlay_image", "report_line"]
+__all__ = ["overlay_image", "report_line"]
 
 PANEL = 256  # pixels on the longer side of one slice
 OUTLINE = (255, 0, 0)
-
-
-def batch_cases(batch):
-    """``batch_transform`` for ``MetricsSaver``: each case's name (``case_name``), as its mask is named, for the
-    ``filename`` column."""
-    return [{"filename_or_obj": case_name(item["image"].meta["filename_or_obj"])} for item in batch]
 
 
 def overlay_image(case, ct, cbf, mask, affine, ct_window=(0, 100), report=None, max_slices=4) -> Image.Image:
@@ -59,7 +49,7 @@ def overlay_image(case, ct, cbf, mask, affine, ct_window=(0, 100), report=None, 
 
 
 def report_line(row):
-    """The predicted volume and the perfusion figures of a volumes.csv row, in one line (research use)."""
+    """The predicted volume and the perfusion figures of a per_case.csv row, in one line (research use)."""
     if row["hypoperfusion_ml"] == "":
         return f"predicted {row['volume_pred_ml']:.1f} mL; no perfusion figures: {row['perfusion_note']}"
     line = (

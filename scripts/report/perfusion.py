@@ -25,14 +25,15 @@ import logging
 
 import numpy as np
 from scipy import ndimage
+from scripts.flags import as_fraction
 
-__all__ = ["COLUMNS", "DEFAULT_THRESHOLDS", "perfusion_regions", "perfusion_figures"]
+__all__ = ["COLUMNS", "DEFAULT_THRESHOLDS", "check_thresholds", "perfusion_regions", "perfusion_figures"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = {"tmax_s": 6.0, "tmax_severe_s": 10.0, "rcbf": 0.3}
 TMAX_MEDIAN_LIMIT_S = 5.0  # the median Tmax of the brain's measured voxels, in seconds, is below this
-# the columns perfusion_figures adds to a case's row of volumes.csv
+# the columns perfusion_figures adds to a case's row of per_case.csv
 COLUMNS = (
     "hypoperfusion_ml",
     "core_rcbf_ml",
@@ -41,6 +42,27 @@ COLUMNS = (
     "hypoperfusion_intensity_ratio",
     "perfusion_note",
 )
+
+
+def check_thresholds(thresholds) -> dict:
+    """``DEFAULT_THRESHOLDS`` with ``thresholds`` applied, refused before any work when a key is unknown or a value
+    would make every region empty or full: ``rcbf`` strictly between 0 and 1, ``tmax_s`` above 0, ``tmax_severe_s``
+    above ``tmax_s``.
+
+    Raises:
+        ValueError: naming the setting and the value.
+    """
+    unknown = sorted(set(thresholds or {}) - set(DEFAULT_THRESHOLDS))
+    if unknown:
+        raise ValueError(f"perfusion_thresholds: unknown {', '.join(unknown)} (known: {', '.join(DEFAULT_THRESHOLDS)})")
+    t = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    as_fraction(t["rcbf"], "perfusion_thresholds#rcbf")
+    if not 0 < float(t["tmax_s"]) < float(t["tmax_severe_s"]):
+        raise ValueError(
+            f"perfusion_thresholds: need 0 < tmax_s < tmax_severe_s (seconds), got tmax_s {t['tmax_s']!r} and"
+            f" tmax_severe_s {t['tmax_severe_s']!r}"
+        )
+    return t
 
 
 def perfusion_regions(cbf, tmax, thresholds=None):

@@ -1,15 +1,17 @@
-"""What a run prints and the tables it leaves: MONAI's ``MetricsSaver`` writes one file per metric, a reader wants one
-row per case; and a training run ends with where its best model and logs are."""
+"""What a run prints and the tables it leaves: CSV files written whole, their summary statistics, aligned columns on
+the terminal; and a training run ends with where its best model and logs are."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 
+import numpy as np
 from scripts.safe_files import write_atomically
 
-__all__ = ["print_table", "print_training_summary", "read_csv", "write_csv", "write_report"]
+__all__ = ["print_table", "print_training_summary", "read_csv", "summarize", "write_csv"]
 
 
 def print_training_summary(evaluator, ckpt_dir, log_dir) -> None:
@@ -38,31 +40,33 @@ def print_training_summary(evaluator, ckpt_dir, log_dir) -> None:
         )
 
 
-def write_report(details_dir, metrics, per_case_csv, summary_csv=None, prefix="", title=None):
-    """Join the per-metric files ``MetricsSaver`` wrote to ``details_dir`` (``<prefix><metric>_raw.csv``, and with
-    summary_ops ``<prefix><metric>_summary.csv``) into ``per_case_csv`` (``case`` plus one column per metric, values as
-    MetricsSaver wrote them) and ``summary_csv`` (one row per metric: the summary columns); print the summary (under
-    ``title``), or without one the per-case table. Returns the per-case rows."""
-    columns = {m: read_csv(os.path.join(details_dir, f"{prefix}{m}_raw.csv")) for m in metrics}
-    cases = [row["filename"] for row in columns[metrics[0]]]
-    for metric, rows in columns.items():
-        if [row["filename"] for row in rows] != cases:
-            raise ValueError(f"{details_dir}: {prefix}{metric}_raw.csv lists other cases than {metrics[0]}_raw.csv")
-    table = [{"case": case, **{m: columns[m][i]["class0"] for m in metrics}} for i, case in enumerate(cases)]
-    write_csv(per_case_csv, ["case", *metrics], table)
-    if summary_csv is None:
-        print_table(f"{per_case_csv}:", ["case", *metrics], table)
-        return table
+# the statistics of the summary table, as MONAI's MetricsSaver names them, over the cases where a metric is defined
+SUMMARY_STATISTICS = {
+    "mean": np.mean,
+    "median": np.median,
+    "max": np.max,
+    "min": np.min,
+    "90percentile": lambda values: np.percentile(values, 90),
+    "std": np.std,
+}
+
+
+def summarize(rows, columns) -> list:
+    """One row per column of ``rows`` (dicts of numbers, or of their text as read from a CSV): its ``mean``,
+    ``median``, ``max``, ``min``, ``90percentile`` and ``std`` over the defined values (NaN left out; all NaN when
+    none is) and ``notnans``, how many they are.
+
+    Args:
+        rows: the per-case rows.
+        columns: which of their columns to summarize, in order.
+    """
     summary = []
-    for metric in metrics:
-        path = os.path.join(details_dir, f"{prefix}{metric}_summary.csv")
-        (row,) = [r for r in read_csv(path) if r["class"] == "class0"]
-        summary.append({"metric": metric, **{k: v for k, v in row.items() if k != "class"}})
-    header = ["metric", *(k for k in summary[0] if k != "metric")]
-    write_csv(summary_csv, header, summary)
-    where = f"{len(cases)} cases, per-case values in {per_case_csv}, summary in {summary_csv}:"
-    print_table(f"{title}, {where}" if title else where, header, summary)
-    return table
+    for column in columns:
+        values = np.array([float(row[column]) for row in rows], dtype=np.float64)
+        defined = values[~np.isnan(values)]
+        stats = {name: float(f(defined)) if defined.size else math.nan for name, f in SUMMARY_STATISTICS.items()}
+        summary.append({"metric": column, **stats, "notnans": int(defined.size)})
+    return summary
 
 
 def read_csv(path):

@@ -1,42 +1,45 @@
 """The paper's Tab. 1 in one command: patient-grouped cross-validation of the modified and the classic 3D UNet.
 
     python -m scripts.tools.cross_validate --dataset_dir DIR --output_dir OUT [--networks "['modified','classic']"]
-        [--folds 5] [--seed 0] [--config demo|isles24] [--overwrite true] [--ID VALUE ...]
+        [--folds 5] [--seed 0] [--config demo|isles24|isles24_native] [--overwrite true] [--ID VALUE ...]
 
-For every network and fold: `monai.bundle run training` (configs/train.json, + configs/classic_unet.json for the
-classic UNet, + configs/demo.json with ``--config demo``, configs/isles24.json with ``--config isles24``) into
-``OUT/<network>/fold<k>/``, then `run evaluating` (configs/inference.json + configs/evaluate.json, the same overrides
-after them) of that fold's model on the fold it held out ("test") and on the cases it trained on ("train"), each on
-the scans' own grids. Folds keep every slab of a patient together (the datalist builder's folds,
-``OUT/datalist.json``, or ``--datalist``). Any other ``--ID VALUE`` is passed to every run as a config override, as
-``monai.bundle run`` takes it (``--epochs 2 --features "[4,8,16,32,64]"``); an ID that none of the configs has, or
-one close to this command's own flags, is refused. Every setting (the datalist and its folds included) is checked
+For every network and fold, in this process (MONAI's ``ConfigWorkflow``, as ``monai.bundle run`` runs it): ``run
+training`` (configs/train.json, + configs/classic_unet.json for the classic UNet, + the profile of ``--config``:
+configs/demo.json, configs/isles24.json or configs/isles24_native.json) into ``OUT/<network>/fold<k>/``, then ``run
+evaluating`` (configs/inference.json + configs/evaluate.json, the same profile and overrides after them) of that
+fold's model on the fold it held out ("test") and on the cases it trained on ("train"), each on the scans' own
+grids; each run's output goes to ``OUT/<network>/fold<k>/log.txt``. Folds keep every slab of a patient together
+(the datalist builder's folds, ``OUT/datalist.json``, or ``--datalist``). Any other ``--ID VALUE`` is passed to every
+run as a config override (``--epochs 2 --features "[4,8,16,32,64]"``); an ID that none of the configs has, or one
+close to this command's own flags, is refused. Every setting (the datalist and its folds included) is checked
 before anything is written. A rerun with the same settings skips the steps already done and resumes an interrupted
 training from its checkpoint; a finished ``OUT`` is replaced only with ``--overwrite true``, which removes only what
-a cross-validation wrote there (a folder holding other files is refused). Outputs (scripts/report/cross_validation.py):
-``per_case.csv``, ``table.md``/``table.csv`` beside the paper's Tab. 1, ``comparison.md`` (paired, modified against
-classic), ``dice.png``, and ``ensemble.json``: an override of configs/inference.json with the fold models as
-``ensemble_checkpoints``, for the testing cases.
+a cross-validation wrote there (a folder holding other files is refused). Outputs (scripts/report/cross_validation.py,
+from each evaluation's per_case.csv): ``per_case.csv``, ``table.md``/``table.csv`` beside the paper's Tab. 1,
+``comparison.md`` (paired, modified against classic), ``dice.png``, and ``ensemble.json``: an override of
+configs/inference.json with the fold models as ``ensemble_checkpoints``, for the testing cases.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
 import inspect
 import json
+import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
+import traceback
 
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts import BUNDLE_ROOT
-from scripts.data.folds import build_datalist
+from scripts.data.datalist import build_datalist
 from scripts.engine.checkpoints import latest_training_state
 from scripts.flags import as_bool
 from scripts.report.cross_validation import TESTING_FILE, write_outputs
-from scripts.safe_files import LOCK, hold_folder, write_atomically
+from scripts.safe_files import LOCK, hold_folder, release_folder, require_held, write_atomically
 from scripts.tools.cli import run
 
 __all__ = ["NETWORKS", "cross_validate", "main"]
@@ -94,22 +97,36 @@ def check_overrides(overrides, networks, profile):
 
 
 def _bundle_run(run_id, configs, overrides, log_path):
-    """``python -m monai.bundle run RUN_ID`` with the ``overrides`` its configs define as ``--ID VALUE`` (training
-    settings are no evaluation's, and a run refuses an id its configs lack), its output appended to ``log_path``."""
+    """Run ``run_id`` of the bundle ``configs`` in this process (MONAI's ``ConfigWorkflow``, as ``monai.bundle run``
+    does) with the ``overrides`` its configs define (training settings are no evaluation's), its output appended to
+    ``log_path``."""
     parser = ConfigParser()
     parser.read_config(configs)
-    args = [x for key, value in overrides.items() if key in parser for x in (f"--{key}", _as_text(value))]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs), *args]
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        result = subprocess.run(cmd, cwd=BUNDLE_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"`monai.bundle run {run_id}` failed (exit {result.returncode}); see {log_path}")
-
-
-def _as_text(value):
-    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    settings = {key: value for key, value in overrides.items() if key in parser}
+    workflow_type = "train" if run_id == "training" else "infer"
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        print(f"\n$ run {run_id} of {[os.path.relpath(c, BUNDLE_ROOT) for c in configs]}: {settings}", flush=True)
+        try:  # the workflow's logging (configs/logging.conf) writes to sys.stdout, here the log
+            workflow = ConfigWorkflow(
+                config_file=configs,
+                meta_file=os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
+                logging_file=os.path.join(BUNDLE_ROOT, "configs", "logging.conf"),
+                workflow_type=workflow_type,
+                run_id=run_id,
+                **settings,
+            )
+            workflow.initialize()
+            workflow.run()
+            workflow.finalize()
+        except Exception as err:
+            traceback.print_exc()
+            raise RuntimeError(f"`run {run_id}` failed ({type(err).__name__}: {err}); see {log_path}") from err
+        finally:
+            for handler in logging.root.handlers[:]:  # nothing logs into the log once it is closed
+                if getattr(handler, "stream", None) is log:
+                    logging.root.removeHandler(handler)
+            workflow = None
+            gc.collect()  # the run's datasets and networks, before the next run builds its own
 
 
 def _train_fold(fold_dir, network, profile, common, log_path):
@@ -143,11 +160,12 @@ def _outputs_of_a_run(output_dir):
     return {name for name in os.listdir(output_dir) if name in names or name.startswith("ensemble")}
 
 
-def _prepare_output(output_dir, settings, overwrite):
-    """Check ``output_dir`` (reused for the same settings, a finished one only with ``overwrite``), then create it.
-    ``overwrite`` removes only what a cross-validation wrote there and refuses a folder that holds anything else."""
+def _prepare_output(output_dir, settings, overwrite, lock):
+    """Check ``output_dir`` (reused for the same settings, a finished one only with ``overwrite``), held by ``lock``
+    (``hold_folder``). ``overwrite`` removes only what a cross-validation wrote there and refuses a folder that holds
+    anything else."""
+    require_held(output_dir, lock)
     path = os.path.join(output_dir, SETTINGS_FILE)
-    hold_folder(output_dir)  # one cross-validation per folder at a time
     if set(os.listdir(output_dir)) - {LOCK}:
         earlier = None
         if os.path.isfile(path):
@@ -222,7 +240,18 @@ def cross_validate(
         "config": config,
         "overrides": overrides,
     }
-    _prepare_output(output_dir, settings, as_bool(overwrite, "overwrite"))
+    lock = hold_folder(output_dir)  # one cross-validation per folder at a time
+    try:
+        return _run_folds(output_dir, settings, as_bool(overwrite, "overwrite"), lock, datalist_path, built)
+    finally:
+        release_folder(output_dir)
+
+
+def _run_folds(output_dir, settings, overwrite, lock, datalist_path, built):
+    """Check ``output_dir`` and run each step of each fold not done yet, then write the outputs."""
+    _prepare_output(output_dir, settings, overwrite, lock)
+    networks, config, overrides = settings["networks"], settings["config"], settings["overrides"]
+    dataset_dir, seed = settings["dataset_dir"], settings["seed"]
     if built is not None:
         datalist_path = os.path.join(output_dir, "datalist.json")
         if not os.path.isfile(datalist_path):  # a rerun keeps the folds it started with
@@ -234,7 +263,7 @@ def cross_validate(
         "dataset_dir": dataset_dir,
         "data_list_file_path": datalist_path,
         "seed": seed,
-        "prepare_data": "[]",
+        "prepare_data": [],
     }
     jobs = [(network, fold) for network in networks for fold in fold_ids]
     started, done_times = time.monotonic(), []

@@ -2,9 +2,9 @@
 
 MONAI Label hands a bundle ONE image file per study, while an ISLES case is five files (CT, CBF, CBV, MTT, Tmax).
 This writes each case as one 4D NIfTI of shape (x, y, z, 5), float32, channels in metadata.json's channel_def order,
-with the CT's affine (sform and qform copied from the CT header as MONAI reads it, below). The bundle's
-pre-processing loads that file and the five separate maps to the same (5, x, y, z) float32 array and affine, so both
-give the same mask.
+with the CT's affine (sform and qform copied from the CT header as MONAI reads it, below): the case as the bundle loads
+it (``scripts.data.readers.LoadCased``), written as one file. The bundle's pre-processing loads that file and the five
+separate maps to the same (5, x, y, z) float32 array and affine, so both give the same mask.
 
     # one case folder -> OUT/case_7.nii.gz
     python -m scripts.tools.make_studies --source DIR/TESTING/case_7 --output_dir OUT
@@ -15,8 +15,8 @@ give the same mask.
 Existing files are never replaced without ``--overwrite`` (checked for every planned file before anything is
 written); every case is read and checked with the datalist builder's checks before the first study is written, so
 a bad case stops the run with a message naming the case and the file and nothing written, unless ``--skip_invalid``
-is given (then the other cases are written). ``--nocheck`` skips the checks; a file that cannot be stacked then
-stops the run part-way.
+is given (then the other cases are written). With ``--check false`` the checks run only as each case is loaded to be
+written, so a bad case stops the run part-way.
 
 The geometry copied is the CT's as MONAI's ``NibabelReader`` reads it: ``correct_nifti_header_if_necessary`` puts the
 qform in place of a sform whose column norms disagree with pixdim (a sheared sform; a pixdim that is the slice
@@ -35,20 +35,14 @@ or 0, or qform_code 0, gets 1 and 1, and a qform that differs from the sform is 
 import gzip
 import logging
 import os
+from functools import partial
 
 import nibabel as nib
 import numpy as np
-from monai.data import correct_nifti_header_if_necessary
-from scripts.data.isles18 import (
-    CHANNELS,
-    TESTING_DIR,
-    TRAINING_DIR,
-    InvalidCaseError,
-    find_cases,
-    find_dir,
-    log_skipped,
-    read_valid_cases,
-)
+from scripts.data.channels import CHANNELS
+from scripts.data.datalist import log_skipped, read_valid_cases
+from scripts.data.isles18 import TESTING_DIR, TRAINING_DIR, find_cases, find_dir, read_case
+from scripts.data.readers import InvalidCaseError, LoadCased
 from scripts.safe_files import refuse_existing, write_atomically
 from scripts.tools.cli import run
 
@@ -58,71 +52,29 @@ STUDY_SUFFIX = ".nii.gz"
 LABELS_SUBDIR = os.path.join("labels", "final")  # MONAI Label's LocalDatastore: labels of tag "final"
 DESCRIPTION = "ISLES CTP channels: " + ",".join(CHANNELS)
 # Header fields that define the CT's voxel-to-world mapping, copied verbatim so that the study's affine is the CT's.
-_GEOMETRY_FIELDS = (
-    "qform_code",
-    "sform_code",
-    "quatern_b",
-    "quatern_c",
-    "quatern_d",
-    "qoffset_x",
-    "qoffset_y",
-    "qoffset_z",
-    "srow_x",
-    "srow_y",
-    "srow_z",
-)
+_GEOMETRY_FIELDS = ("qform_code", "sform_code", "xyzt_units", "srow_x", "srow_y", "srow_z")
+_GEOMETRY_FIELDS += tuple(f"quatern_{a}" for a in "bcd") + tuple(f"qoffset_{a}" for a in "xyz")
 
 
-def _load(case, name, path):
-    try:
-        img = nib.load(path)
-        # what MONAI's NibabelReader reads (scaling applied), cast as LoadImaged casts (float32)
-        return img, np.asanyarray(img.dataobj).astype(np.float32)
-    except Exception as err:  # nibabel raises several types for missing, truncated and foreign files
-        raise InvalidCaseError(f"{case}: cannot read {name} file {path}: {err}") from err
-
-
-def _geometry_header(ct, dtype):
-    """A header for ``dtype`` data with the geometry of the CT image ``ct`` as MONAI reads it (module docstring)."""
-    ref_header = correct_nifti_header_if_necessary(ct).header
+def _image(data, meta, dtype):
+    """``data`` as a NIfTI image of ``dtype`` with the geometry of the header ``meta`` (a loaded CT's, as MONAI reads it:
+    module docstring)."""
     header = nib.Nifti1Header()
-    for field in _GEOMETRY_FIELDS:
-        header[field] = ref_header[field]
-    header["pixdim"][:4] = ref_header["pixdim"][:4]  # qfac and the voxel spacing
-    header.set_xyzt_units(*ref_header.get_xyzt_units())
+    for name in _GEOMETRY_FIELDS:
+        header[name] = meta[name]
+    header["pixdim"][:4] = meta["pixdim"][:4]  # qfac and the voxel spacing
     header.set_data_dtype(dtype)
-    return header
+    return nib.Nifti1Image(data.astype(dtype), None, header=header)
 
 
-def stack_case(item):
-    """The five maps of a datalist item (``{"image": [CT, CBF, CBV, MTT, Tmax], "case": ...}``) as one
-    ``(x, y, z, 5)`` float32 ``Nifti1Image`` with the CT's geometry. Shapes must agree (``check_case`` checks more)."""
-    case = item.get("case", "?")
-    if len(item["image"]) != len(CHANNELS):
-        raise InvalidCaseError(
-            f"{case}: expected {len(CHANNELS)} maps ({', '.join(CHANNELS)}), got {len(item['image'])}"
-        )
-    ct, ct_data = _load(case, CHANNELS[0], item["image"][0])
-    if ct_data.ndim != 3:
-        raise InvalidCaseError(f"{case}: CT file {item['image'][0]} is {ct_data.ndim}D, expected a 3D volume")
-    data = np.empty(ct_data.shape + (len(CHANNELS),), dtype=np.float32)
-    data[..., 0] = ct_data
-    for index, (name, path) in enumerate(zip(CHANNELS[1:], item["image"][1:]), start=1):
-        arr = _load(case, name, path)[1]
-        if arr.shape != ct_data.shape:
-            raise InvalidCaseError(f"{case}: {name} file {path} has shape {arr.shape}, CT has {ct_data.shape}")
-        data[..., index] = arr
-    header = _geometry_header(ct, np.float32)
-    header["descrip"] = DESCRIPTION.encode()
-    return nib.Nifti1Image(data, None, header=header)
-
-
-def label_image(item):
-    """The case's OT label as uint8 with the CT's geometry."""
-    case = item.get("case", "?")
-    ct = nib.load(item["image"][0])
-    data = _load(case, "OT", item["label"])[1]
-    return nib.Nifti1Image(data.astype(np.uint8), None, header=_geometry_header(ct, np.uint8))
+def stack_case(loaded):
+    """A case loaded by ``LoadCased`` as one ``(x, y, z, 5)`` float32 study with the CT's geometry, and its label (uint8,
+    same geometry) where it has one."""
+    image = loaded["image"]
+    study = _image(np.moveaxis(image.numpy(), 0, -1), image.meta, np.float32)
+    study.header["descrip"] = DESCRIPTION.encode()
+    label = _image(loaded["label"].numpy()[0], image.meta, np.uint8) if "label" in loaded else None
+    return study, label
 
 
 def _save(img, path):
@@ -181,15 +133,15 @@ def convert(
         jobs.append((case, case_dir, with_label, study, study_path, label_path))
     refuse_existing([p for job in jobs for p in job[4:] if p], overwrite)
     # every case read and checked before the first study is written
-    items, skipped = read_valid_cases([job[:3] for job in jobs], check, skip_invalid)
+    items, skipped = read_valid_cases([partial(read_case, *job[:3]) for job in jobs], check, skip_invalid)
     by_case = {item["case"]: item for item in items}
-    written = {}
-    for case, case_dir, with_label, study, study_path, label_path in jobs:
+    written, load = {}, LoadCased(("image", "label"))
+    for case, case_dir, _, study, study_path, label_path in jobs:
         if case not in by_case:
             continue
-        try:
-            image, label = stack_case(by_case[case]), label_image(by_case[case]) if with_label else None
-        except InvalidCaseError as err:  # what only stacking finds (with --check false): a map that is not 3D
+        try:  # loaded again, checked again: with --check false this is the only check
+            image, label = stack_case(load(by_case[case]))
+        except InvalidCaseError as err:
             if not skip_invalid:
                 raise
             skipped.append(str(err))

@@ -43,7 +43,7 @@ import pydicom
 import requests
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts import BUNDLE_ROOT
-from scripts.data.isles18 import InvalidCaseError
+from scripts.data.readers import InvalidCaseError
 from scripts.dicom.dicomweb import ListenerState, Pacs, Redactor, fingerprint, read_credentials
 from scripts.dicom.series import case_of, matches_description, studies_in_memory
 from scripts.flags import as_bool
@@ -129,7 +129,7 @@ class StudySegmenter:
             logging_file=os.path.join(BUNDLE_ROOT, "configs", "logging.conf"),
             workflow_type="infer",
             bundle_root=self.bundle_root,
-            dataset_dir=self.output_dir,  # the root of the series keys (scripts.dicom.series.series_key)
+            dataset_dir=self.output_dir,
             studies=studies,
             output_dir=results,
             overwrite=True,  # this study's own folder: a run stopped before its results were stored is done again

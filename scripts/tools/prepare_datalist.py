@@ -1,16 +1,18 @@
 """Build a MONAI datalist (with patient-grouped folds) from an ISLES 2018 or ISLES 2024 CT-perfusion tree, and check
-its files (``scripts.data.folds``).
+its files (``scripts.data.datalist.build_datalist``).
 
-python -m scripts.tools.prepare_datalist --data_root DIR --output datalist.json --folds 5 --seed 0 [--check] [--cta true]
+python -m scripts.tools.prepare_datalist --data_root DIR --output datalist.json --folds 5 --seed 0 [--check]
+    [--channels CT,CBF,CBV,MTT,Tmax,CTA]
 """
 
 import json
 
-from scripts.data.folds import build_datalist
-from scripts.data.isles18 import CHANNELS
-from scripts.flags import as_bool
+from scripts.data.channels import CHANNELS
+from scripts.data.datalist import build_datalist
 from scripts.safe_files import refuse_existing, write_atomically
 from scripts.tools.cli import run
+
+DEFAULT_CHANNELS = ",".join(CHANNELS)
 
 
 def main(
@@ -22,12 +24,13 @@ def main(
     check: bool = False,
     skip_invalid: bool = False,
     overwrite: bool = False,
-    cta: bool = False,
+    channels: str | tuple | list = DEFAULT_CHANNELS,
 ):
     """CLI: write the datalist of ``data_root`` to ``output``; never replaces an existing file without ``--overwrite``.
-    ``--cta true`` lists ISLES 2024's CTA as a sixth input (configs/isles24_cta.json)."""
+    ``--channels`` lists the inputs of each case, the required ones (``scripts.data.channels``) then optional ones,
+    e.g. ``CT,CBF,CBV,MTT,Tmax,CTA`` for configs/isles24_cta.json."""
     refuse_existing([output], overwrite)
-    channels = CHANNELS + (("CTA",) if as_bool(cta, "cta") else ())
+    channels = [c.strip() for c in channels.split(",") if c.strip()] if isinstance(channels, str) else list(channels)
     datalist = build_datalist(data_root, folds, seed, patients_csv, check, skip_invalid, channels)
     write_atomically(output, lambda f: f.write(json.dumps(datalist, indent=2).encode()))
     print(

@@ -1,0 +1,129 @@
+"""The model's inputs, each declared once: where each release and a PACS keep it, how it is normalised, whether every
+case has it. The ISLES 2018 and 2024 readers, the datalist, the DICOM series rules, the pre-processing, make_studies
+and the synthetic generator all take their channels from ``SPEC``; adding an input is one entry here and a profile
+whose ``channels`` lists it (docs/architecture.md, "Where to change what").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["CHANNELS", "NCCT", "SPEC", "Channel", "channel", "check_channels", "series_rules"]
+
+# The tests of a map's default DICOM rule besides its description: a map, not a thresholded region or mask.
+MAP_MODALITIES = ("CT", "MR", "OT")
+MAP_EXCLUDE = "<|%|thresh|mask"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One input of the model.
+
+    Attributes:
+        name: its name in ``channels``, in datalists and in messages.
+        isles18: the modality tokens of its ISLES 2018 folders (``SMIR.Brain.XX.O.<token>.<id>``, any case); the first
+            is what the generator writes; empty where ISLES 2018 has none.
+        isles24: where ISLES 2024 keeps it, ``<tree>/[<folder>/]<ending>``: the tree (``raw`` or ``derivatives``), the
+            folder inside the session folder, and the end of the file name after ``<subject>_<session>_``; empty
+            where ISLES 2024 has none.
+        series_rule: its default DICOM rule (docs/dicom.md): ``modality``, ``description`` and ``exclude`` (regular
+            expressions on the SeriesDescription), optional ``image_type``; a site changes it in its own config.
+        normalisation: ``"window"`` (``ct_window`` in HU to [0, 1], clipped) or ``"zscore"`` (within the non-zero
+            voxels).
+        required: every case has it; the required inputs are the model's first, in ``SPEC``'s order, and a profile
+            adds optional ones after them.
+        synthetic: how the synthetic generator draws it from a case's arrays (name -> array, in the release's
+            units); None for the required ones, which the generator draws itself; by default a float32 copy of CBF.
+    """
+
+    name: str
+    isles18: tuple = ()
+    isles24: str = ""
+    series_rule: dict = field(default_factory=dict)
+    normalisation: str = "zscore"
+    required: bool = False
+    synthetic: Callable | None = lambda arrays: np.asarray(arrays["CBF"], dtype=np.float32)
+
+
+def _perfusion_map(name, isles18, description, exclude=MAP_EXCLUDE):
+    """A required perfusion map: ISLES 2024 keeps it in ``perfusion-maps``, its DICOM rule takes maps of any modality
+    named by ``description`` and not thresholded regions or masks."""
+    rule = {"modality": list(MAP_MODALITIES), "description": description, "exclude": exclude}
+    return Channel(
+        name, isles18, f"derivatives/perfusion-maps/space-ncct_{name.lower()}", rule, required=True, synthetic=None
+    )
+
+
+def _cta(arrays):
+    """A CT angiography on the NCCT grid: the NCCT enhanced where the blood volume is (15 HU per mL/100 g), int16."""
+    return np.rint(arrays["CT"].astype(np.float32) + 15.0 * arrays["CBV"]).astype(np.int16)
+
+
+NCCT_RULE = {
+    "modality": ["CT"],
+    "description": "ncct|non.?contrast|w/?o|plain|nect|native|head|brain|cerebr|schaedel|skull|ct",
+    "exclude": "cbf|cbv|mtt|t.?max|ttp|flow|volume|transit|perf|ctp|cta|angio|mip|dynamic|4d|bone|lung|scout|topo"
+    "|\\+c\\b|post|contrast enh",
+}
+SPEC = (
+    # the non-contrast CT: the grid the other inputs lie on, which the results are drawn on
+    Channel("CT", ("CT",), "raw/ncct", NCCT_RULE, "window", required=True, synthetic=None),
+    _perfusion_map("CBF", ("CT_CBF",), "\\br?cbf\\b|blood.?flow"),
+    _perfusion_map("CBV", ("CT_CBV",), "\\br?cbv\\b|blood.?vol"),
+    _perfusion_map("MTT", ("CT_MTT", "MR_MTT"), "\\bmtt\\b|mean.?transit"),  # MR_: an early ISLES 2018 release's
+    _perfusion_map("Tmax", ("CT_Tmax", "MR_Tmax"), "t.?max|time.?to.?max", "<|>|%|thresh|mask"),
+    # ISLES 2024's CT angiography registered to the NCCT (configs/isles24_cta.json)
+    Channel(
+        "CTA",
+        isles24="derivatives/space-ncct_cta",
+        series_rule={
+            "modality": ["CT"],
+            "description": "\\bcta\\b|angio",
+            "exclude": "mip|perf|ctp|4d|dynamic|cbf|cbv|mtt|t.?max",
+        },
+        synthetic=_cta,
+    ),
+)
+
+CHANNELS = tuple(c.name for c in SPEC if c.required)  # the model's inputs, in the order of metadata.json's channel_def
+NCCT = CHANNELS[0]
+# What reads SPEC reads it when called (``channel``, ``SPEC`` through this module), never a copy made at import: a test
+# may add an entry (tests/test_channels.py).
+
+
+def channel(name) -> Channel:
+    """The ``SPEC`` entry of ``name``.
+
+    Raises:
+        ValueError: naming the inputs ``SPEC`` declares, for another name.
+    """
+    found = [c for c in SPEC if c.name == name]
+    if not found:
+        raise ValueError(f"no input named {name}; scripts/data/channels.py declares {[c.name for c in SPEC]}")
+    return found[0]
+
+
+def check_channels(channels):
+    """Refuse a ``channels`` setting other than the required inputs in order, then some optional ones once each."""
+    extra, optional = tuple(channels[len(CHANNELS) :]), [c.name for c in SPEC if not c.required]
+    if tuple(channels[: len(CHANNELS)]) != CHANNELS or len(set(extra)) < len(extra) or set(extra) - set(optional):
+        raise ValueError(
+            f"channels {list(channels)}: the model's inputs are {', '.join(CHANNELS)}, in that order, then optionally"
+            f" {', '.join(optional)}"
+        )
+
+
+def series_rules(channels=CHANNELS, site_rules=None) -> dict:
+    """The DICOM rule of each of ``channels``: its ``SPEC`` default with the tests that ``site_rules[channel]`` gives
+    replaced (configs/dicom.json's ``site_series_rules``).
+
+    Raises:
+        ValueError: for a site rule of a channel that ``SPEC`` does not declare.
+    """
+    site_rules = dict(site_rules or {})
+    for name in site_rules:
+        channel(name)
+    return {name: {**channel(name).series_rule, **site_rules.get(name, {})} for name in channels}

@@ -1,0 +1,88 @@
+"""scripts/data/channels.py: each input declared once, and everything that knows the inputs reads them there; adding
+one is an entry in SPEC and a profile that lists it (docs/architecture.md, "Where to change what")."""
+
+import glob
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from scripts.data import channels
+from scripts.data.channels import CHANNELS, Channel, check_channels, series_rules
+from scripts.data.datalist import build_datalist, find_inputs
+from scripts.data.synthetic import generate, generate_isles24
+
+TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
+# a permeability-surface map, as some perfusion software exports it: the sixth input of these tests
+PS = Channel(
+    "PS",
+    isles18=("CT_PS",),
+    isles24="derivatives/perfusion-maps/space-ncct_ps",
+    series_rule={"modality": ["CT", "OT"], "description": "\\bps\\b|permeab", "exclude": "<|%|thresh|mask"},
+)
+
+
+def test_the_required_inputs_come_first_and_an_optional_one_after_them():
+    assert CHANNELS == ("CT", "CBF", "CBV", "MTT", "Tmax") and channels.NCCT == "CT"
+    check_channels([*CHANNELS, "CTA"])
+    for wrong in ([*CHANNELS[:4]], [*CHANNELS, "CTA", "CTA"], ["CBF", "CT", *CHANNELS[2:]], [*CHANNELS, "PS"]):
+        with pytest.raises(ValueError, match="the model's inputs are CT, CBF, CBV, MTT, Tmax, in that order"):
+            check_channels(wrong)
+
+
+def test_a_sites_series_rule_changes_only_the_tests_it_gives():
+    rules = series_rules([*CHANNELS, "CTA"], {"CBF": {"description": "^PERF FLOW$"}})
+    assert list(rules) == [*CHANNELS, "CTA"] and rules["CTA"] == channels.channel("CTA").series_rule
+    assert rules["CBF"] == {**channels.channel("CBF").series_rule, "description": "^PERF FLOW$"}
+    with pytest.raises(ValueError, match="no input named CFB; scripts/data/channels.py declares"):
+        series_rules(CHANNELS, {"CFB": {"description": "flow"}})
+
+
+def test_a_sixth_input_is_one_spec_entry_and_a_profile(repo_root, tmp_path, monkeypatch):
+    """PS added to SPEC (and nowhere else), a profile listing it: the generator writes it in both releases' layouts,
+    the datalists list it, the DICOM rules hold it, and inference.json segments with a 6-channel network."""
+    monkeypatch.setattr(channels, "SPEC", channels.SPEC + (PS,))
+    six = [*CHANNELS, "PS"]
+    isles18_root, isles24_root = tmp_path / "isles18", tmp_path / "isles24"
+    generate(str(isles18_root), num_train=4, num_test=2, seed=1, in_plane=32, slices=(4, 8))
+    generate_isles24(str(isles24_root), num_train=2, num_test=1, seed=1, in_plane=32, slices=16)
+    assert glob.glob(str(isles18_root / "TESTING" / "case_1" / "SMIR.Brain.XX.O.CT_PS.*" / "*.nii"))
+    for root in (isles18_root, isles24_root):
+        datalist = build_datalist(str(root), folds=2, seed=0, check=True, channels=six)
+        assert datalist["channels"] == six and all(len(i["image"]) == 6 for i in datalist["training"])
+    (item,) = [i for i in find_inputs(str(isles24_root), channels=six) if i["case"].endswith("0003")]
+    assert item["image"][5].endswith("_space-ncct_ps.nii.gz")
+    assert np.array_equal(nib.load(item["image"][5]).get_fdata(), nib.load(item["image"][1]).get_fdata())
+    assert series_rules(six)["PS"] == PS.series_rule
+
+    profile = tmp_path / "ps.json"
+    profile.write_text(json.dumps({"channels": six}))
+    configs = [os.path.join(repo_root, "configs", "inference.json"), str(profile)]
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update(TINY)
+    network = parser.get_parsed_content("network_def")
+    assert next(w for w in network.parameters() if w.dim() == 5).shape[1] == 6, "in_channels follows the channels"
+    (tmp_path / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(network.state_dict(), tmp_path / "models" / "model.pt")
+    infer = ConfigWorkflow(
+        config_file=configs,
+        meta_file=os.path.join(repo_root, "configs", "metadata.json"),
+        workflow_type="infer",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(isles18_root),
+        **TINY,
+    )
+    infer.initialize()
+    loaded = infer.parser.get_parsed_content("preprocessing")(infer.parser.get_parsed_content("datalist")[0])
+    assert loaded["image"].shape[0] == 6
+    infer.run()
+    infer.finalize()
+    masks = sorted(os.listdir(tmp_path / "runs" / "predictions" / "masks"))
+    assert masks == ["case_1.nii.gz", "case_2.nii.gz"]
+    ct = nib.load(find_inputs(str(isles18_root), channels=six)[0]["image"][0])
+    assert nib.load(tmp_path / "runs" / "predictions" / "masks" / "case_1.nii.gz").shape == ct.shape
