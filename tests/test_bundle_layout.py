@@ -257,3 +257,27 @@ def test_the_runtime_the_configs_call_imports_no_command_line_tool_and_no_import
     for _ in graph:  # the transitive closure
         reached = {m: r | {n for k in r for n in reached[k]} for m, r in reached.items()}
     assert not [m for m in graph if m in reached[m]], "an import cycle"
+
+
+def test_the_paper_profile_builds_the_papers_training(repo_root):
+    """configs/paper.json after train.json: the IoU loss, Adam at 2e-4 with L2 1e-3, 650 epochs and dropout 0.5 in
+    the built objects (the default recipe, train.json alone, trains with Dice + cross-entropy)."""
+    import torch
+    from monai.losses import DiceCELoss, DiceLoss
+
+    def parsed(*names):
+        parser = ConfigParser()
+        parser.read_config([os.path.join(repo_root, "configs", name) for name in names])
+        parser.update({"features": [4, 8, 16, 32, 64], "device": "cpu"})
+        return parser
+
+    paper = parsed("train.json", "paper.json")
+    loss = paper.get_parsed_content("loss")
+    assert type(loss) is DiceLoss and loss.jaccard and loss.batch and not loss.include_background
+    optimizer = paper.get_parsed_content("optimizer")
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["lr"] == 2e-4 and optimizer.defaults["weight_decay"] == 1e-3
+    assert paper.get_parsed_content("epochs") == 650
+    dropouts = [m.p for m in paper.get_parsed_content("network_def").modules() if isinstance(m, torch.nn.Dropout3d)]
+    assert dropouts and set(dropouts) == {0.5}
+    assert isinstance(parsed("train.json").get_parsed_content("loss"), DiceCELoss)
