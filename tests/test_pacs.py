@@ -502,9 +502,9 @@ def test_a_study_refused_under_the_rules_is_done_again_once_the_rules_are_fixed(
     result = pacs(repo_root, *args, secrets=tree_secrets)
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads((out / "listener.json").read_text())["studies"][case_of(study_uid)]["outcome"]
-    assert "no series for CBF in the PACS's listing" in outcome and "set series_rules" in outcome
+    assert "no series for CBF in the PACS's listing" in outcome and "set site_series_rules" in outcome
     site = tmp_path / "site.json"
-    site.write_text(json.dumps({"series_rules#CBF#description": "^PERF FLOW$"}))
+    site.write_text(json.dumps({"site_series_rules#CBF": {"description": "^PERF FLOW$"}}))
     args = listener_args(orthanc, tiny_model, tiny_settings, out)
     args[args.index("--config_file") + 1] += f",{site}"
     result = pacs(repo_root, *args, "--until_idle", "true", secrets=tree_secrets)  # restarted: no new change

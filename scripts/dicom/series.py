@@ -270,18 +270,18 @@ def _pick(case, series_of_study, rules, channels):
             present = "; ".join(s.name for s in series_of_study.values()) or "none"
             raise InvalidCaseError(
                 f"{case}: no series for {channel} (rule {rules[channel]}); the study's image series: {present}. If"
-                " one of them is it, set series_rules for your site's names (docs/dicom.md)"
+                " one of them is it, set site_series_rules for your site's names (docs/dicom.md)"
             )
         if len(candidates) > 1:
             raise InvalidCaseError(
                 f"{case}: two or more series match {channel}: {'; '.join(s.name for s in candidates)}; set"
-                " series_rules to tell them apart (docs/dicom.md)"
+                " site_series_rules to tell them apart (docs/dicom.md)"
             )
         picked[channel] = candidates[0]
     repeated = {s.uid for s in picked.values() if list(picked.values()).count(s) > 1}
     if repeated:
         names = [f"{c} {s.name}" for c, s in picked.items() if s.uid in repeated]
-        raise InvalidCaseError(f"{case}: one series matches two maps ({'; '.join(names)}); set series_rules")
+        raise InvalidCaseError(f"{case}: one series matches two maps ({'; '.join(names)}); set site_series_rules")
     return picked
 
 

@@ -57,7 +57,7 @@ STATE_FILE = "listener.json"
 STORED = "stored.json"  # in a study's results folder once its SEG and SR are in the PACS
 COMMANDS = ("segment", "listen")
 RETRY = (
-    "It is done again when its instances change, or when the listener restarts under other settings (series_rules"
+    "It is done again when its instances change, or when the listener restarts under other settings (site_series_rules"
     " fixed, say); to try it now, run `segment` on it"
 )
 
@@ -110,7 +110,7 @@ class StudySegmenter:
             listed = "; ".join(f'"{s.description}" ({s.modality})' for s in self.pacs.input_series(study_uid))
             raise InvalidCaseError(
                 f"{case}: no series for {', '.join(unmatched)} in the PACS's listing of the study (its series:"
-                f" {listed or 'none'}). If one of them is it, set series_rules for your site's names in a config file"
+                f" {listed or 'none'}). If one of them is it, set site_series_rules for your site's names in a config file"
                 " of yours (--config_file, docs/dicom.md)"
             )
         results = os.path.join(self.output_dir, "results", case)
