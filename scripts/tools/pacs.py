@@ -301,6 +301,7 @@ def start_listening(segmenter, state, poll_s, until_idle, backfill_from=None) ->
     if backfill_from is not None:
         not_before = _not_before(str(backfill_from))
         state.since = 0
+        state.save()  # killed before its first page, a restart still starts from the beginning
     elif not state.exists:
         state.since = segmenter.pacs.last_change()
         state.save()
@@ -346,7 +347,9 @@ def main(
     """
     redact = Redactor()
     redact.install()
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name each dataset it copies from
+    # their INFO lines name each dataset they copy from or each request they make (hashed, but one line per call)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
     if study_uid:
         redact.add_uid(study_uid, study=True)
     arguments = dict(locals())
