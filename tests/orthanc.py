@@ -123,8 +123,10 @@ class Orthanc:
         self.stop()
 
 
-def write_config(folder, http_port, dicom_port, password):
-    """The config of a test server: everything in ``folder``, quick to mark studies stable, no jobs kept."""
+def write_config(folder, http_port, dicom_port, password, overwrite_instances=True, stable_age=1):
+    """The config of a test server: everything in ``folder``, quick to mark studies stable (``stable_age`` seconds),
+    no jobs kept; a re-sent instance replaces the stored one (``overwrite_instances``) or is ignored (Orthanc's
+    default)."""
     config = {
         "Name": "tests",
         "StorageDirectory": os.path.join(folder, "storage"),
@@ -136,9 +138,9 @@ def write_config(folder, http_port, dicom_port, password):
         "AuthenticationEnabled": True,
         "RegisteredUsers": {USERNAME: password},
         # a study, series or patient is "stable" (a StableStudy change in /changes) 1 s after its last new instance
-        "StableAge": 1,
-        # a re-sent instance (same SOPInstanceUID) replaces the stored one rather than being ignored
-        "OverwriteInstances": True,
+        "StableAge": int(stable_age),
+        # a re-sent instance (same SOPInstanceUID) replaces the stored one, or is ignored (False, Orthanc's default)
+        "OverwriteInstances": bool(overwrite_instances),
         "ConcurrentJobs": 1,
         "SaveJobs": False,
         "HttpThreadsCount": 10,
@@ -180,12 +182,15 @@ def wait_until_up(orthanc, deadline):
         time.sleep(0.2)
 
 
-def start_orthanc(folder, timeout=START_TIMEOUT):
+def start_orthanc(folder, timeout=START_TIMEOUT, overwrite_instances=True, stable_age=1):
     """Starts Orthanc with its config, storage, index, credentials and log in ``folder``.
 
     Args:
         folder: the folder for the server's files (made if missing).
         timeout: seconds to wait for ``GET /system`` to answer.
+        overwrite_instances: Orthanc's ``OverwriteInstances``: a re-sent instance replaces the stored one (True), or
+            the first copy is kept (False, Orthanc's default).
+        stable_age: Orthanc's ``StableAge``: seconds after a study's last instance until it is stable.
 
     Returns:
         The running ``Orthanc`` (a context manager; else call its ``stop()``).
@@ -201,7 +206,7 @@ def start_orthanc(folder, timeout=START_TIMEOUT):
         http_port, dicom_port = free_port(), free_port()
         while dicom_port == http_port:
             dicom_port = free_port()
-        config = write_config(folder, http_port, dicom_port, password)
+        config = write_config(folder, http_port, dicom_port, password, overwrite_instances, stable_age)
         with open(os.path.join(folder, "orthanc.log"), "w") as log:
             process = subprocess.Popen(
                 [ORTHANC, config], cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -235,6 +240,14 @@ def upload(orthanc, paths):
             raise requests.HTTPError(f"POST /instances of {path}: {response.status_code} {response.text[:500]}")
         answers.append(response.json())
     return answers
+
+
+def delete_instance(orthanc, sop_instance_uid):
+    """Deletes the instance of that SOPInstanceUID from Orthanc (its REST API: DICOMweb has no delete)."""
+    found = orthanc.request("POST", "/tools/lookup", data=sop_instance_uid)
+    found.raise_for_status()
+    for item in (x for x in found.json() if x["Type"] == "Instance"):
+        orthanc.request("DELETE", f"/instances/{item['ID']}").raise_for_status()
 
 
 def instances_of_study(orthanc, study_instance_uid):

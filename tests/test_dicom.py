@@ -5,6 +5,7 @@ not write (pydicom's CT test file) and multi-frame series read."""
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pydicom.valuerep import format_number_as_ds
 from scripts.data.datalist import build_datalist
 from scripts.data.readers import InvalidCaseError
 from scripts.data.synthetic import generate
-from scripts.dicom.results import FIGURES
+from scripts.dicom.results import figure_concepts
 from scripts.dicom.series import DicomSeriesReader, case_of, find_studies, volume_arrays, volume_as_nifti
 
 DICOM_CONFIGS = "['configs/inference.json','configs/dicom.json']"
@@ -127,8 +128,9 @@ def test_the_seg_reads_back_as_the_mask_and_the_sr_holds_the_volumes(both_runs, 
         (volume,) = groups[0].get_measurements()
         assert volume.value == pytest.approx(float(rows[study]["volume_pred_ml"]))
         (perfusion,) = sr.content.get_image_measurement_groups()
-        figures = {m.name.value: float(m.value) for m in perfusion.get_measurements()}
-        expected = {k: float(v) for k, v in rows[study].items() if k in FIGURES and v not in ("", None)}
+        concepts = {concept.value: column for column, (concept, _) in figure_concepts().items()}
+        figures = {concepts[m.name.value]: float(m.value) for m in perfusion.get_measurements()}
+        expected = {k: float(v) for k, v in rows[study].items() if k in concepts.values() and v not in ("", None)}
         assert expected and figures == pytest.approx(expected), case
 
 
@@ -228,11 +230,105 @@ def _truncated(by_series):
     path = series_named(by_series, "CBF")[0]
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
-    return "truncated"
+    return "is cut short"
+
+
+def _cut_in_header(by_series):
+    path = series_named(by_series, "CBF")[1]
+    with open(path, "r+b") as f:
+        f.truncate(600)  # inside its data set: pydicom reads what is there without a word
+    return f"{path} is cut short: its data need"
+
+
+def _cut_pixel_data_consistently(by_series):
+    """Pixel data shorter than the rows and columns need, with a length that says so (a writer cut them)."""
+    rewrite(series_named(by_series, "CBV")[:1], lambda ds, i: setattr(ds, "PixelData", ds.PixelData[:1000]))
+    return "is cut short: its pixel data hold 1000 bytes, its header needs 2048"
+
+
+def _duplicate_instance_uid(by_series):
+    paths = series_named(by_series, "MTT")
+    uid = pydicom.dcmread(paths[0]).SOPInstanceUID
+    rewrite(paths[1:2], lambda ds, i: setattr(ds, "SOPInstanceUID", uid))
+    return "share one SOPInstanceUID"
+
+
+def ncct_in_slice_order(by_series):
+    return sorted(series_named(by_series, "NCCT"), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))
+
+
+def _odd_slices_only(by_series):
+    """NCCT slices 1, 3, 5 of 6: what a series arriving odd-first holds half-way (regular, at twice the spacing)."""
+    for path in ncct_in_slice_order(by_series)[1::2]:
+        os.remove(path)
+    return "lacks 2 slice(s): its instance numbers run 1-5 along the stack, 2, 4 missing"
+
+
+def _every_other_slice_renumbered(by_series):
+    """The same, numbered 1, 2, 3: only the spacing against SpacingBetweenSlices tells."""
+    paths = ncct_in_slice_order(by_series)
+    for path in paths[1::2]:
+        os.remove(path)
+    rewrite(paths[::2], lambda ds, i: setattr(ds, "InstanceNumber", i + 1))
+    said = float(pydicom.dcmread(paths[0]).SpacingBetweenSlices)
+    return f"lacks slices: they are {2 * said:.3g} mm apart, its SpacingBetweenSlices is {said:.3g} mm"
+
+
+def _ncct_still_arriving(by_series):
+    for path in ncct_in_slice_order(by_series)[-2:]:
+        os.remove(path)
+    return "the perfusion maps reach beyond the NCCT"
+
+
+def _maps_of_another_scan(by_series):
+    def shift(ds, i):
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 500]
+
+    for channel in ("CBF", "CBV", "MTT", "Tmax"):
+        rewrite(series_named(by_series, channel), shift)
+    return "the perfusion maps reach beyond the NCCT"
+
+
+def _one_map_short(by_series):
+    os.remove(sorted(series_named(by_series, "Tmax"), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))[-1])
+    return "the perfusion maps cover different slices"
+
+
+def _smaller_field_of_view(by_series):
+    def drop_columns(ds, index):
+        pixels = np.ascontiguousarray(ds.pixel_array[:, 3:])
+        row_direction = np.asarray(ds.ImageOrientationPatient[:3], dtype=float)
+        position = np.asarray(ds.ImagePositionPatient, dtype=float) + 3 * row_direction * float(ds.PixelSpacing[1])
+        ds.Columns, ds.PixelData = pixels.shape[1], pixels.tobytes()
+        ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in position]
+
+    rewrite(series_named(by_series, "CBF"), drop_columns)
+    return "covers a smaller field of view than the NCCT"
+
+
+NAMES_NO_SERIES = (_missing_tmax, _truncated, _cut_in_header, _cut_pixel_data_consistently, _duplicate_instance_uid)
 
 
 @pytest.mark.parametrize(
-    "breakage", [_missing_tmax, _two_cbf, _other_frame, _sagittal, _missing_slice, _tmax_ms, _truncated]
+    "breakage",
+    [
+        _missing_tmax,
+        _two_cbf,
+        _other_frame,
+        _sagittal,
+        _missing_slice,
+        _tmax_ms,
+        _truncated,
+        _cut_in_header,
+        _cut_pixel_data_consistently,
+        _duplicate_instance_uid,
+        _odd_slices_only,
+        _every_other_slice_renumbered,
+        _ncct_still_arriving,
+        _maps_of_another_scan,
+        _one_map_short,
+        _smaller_field_of_view,
+    ],
 )
 def test_a_bad_study_is_refused_naming_the_series(repo_root, study_copy, breakage):
     folder, by_series = study_copy
@@ -240,9 +336,23 @@ def test_a_bad_study_is_refused_naming_the_series(repo_root, study_copy, breakag
     with pytest.raises(InvalidCaseError) as excinfo:
         find_studies(str(folder), rules(repo_root))
     message = str(excinfo.value)
-    assert expected in message and "study-" in message
-    if breakage not in (_missing_tmax, _truncated):  # the others name the series by description and UID
-        assert '" (1.' in message or '" (2.25.' in message, message
+    assert expected in message, message
+    assert breakage is _cut_in_header or "study-" in message, message
+    if breakage not in NAMES_NO_SERIES:  # the others name the series by description and UID's hash
+        assert re.search(r'" \(series \d+, uid-[0-9a-f]{12}\)', message), message
+    assert not re.search(r"\d+(\.\d+){4,}", message), message  # no UID in clear
+
+
+def test_the_reader_imports_neither_the_writer_nor_pillow_of_its_own(repo_root):
+    """scripts.dicom.series reads studies without the results writer or the overlay (Pillow) modules (pydicom 3
+    itself imports PIL.ImageCms, so PIL is in the process anyway)."""
+    code = (
+        "import sys, scripts.dicom.series; "
+        "print([m for m in sys.modules if m in ('scripts.dicom.results', 'scripts.report.overlay',"
+        " 'scripts.report.cases') or m.startswith('scripts.tools')])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_a_bad_study_stops_the_run_before_anything_is_written(repo_root, tiny_model, study_copy, tmp_path):
@@ -387,19 +497,78 @@ def test_a_sites_own_series_names_are_set_in_a_config_file_after_dicom_json(repo
     assert rules_read["CBF"]["exclude"] == rules(repo_root)["CBF"]["exclude"], "the tests the site gives no value keep"
 
 
+def assert_dciodvfy_passes(path, empty_type_2=False):
+    """dicom3tools' IOD checker on a file the bundle sends: no error; its one warning is the bundle's private coding
+    scheme (99STROKECTP, declared in the SR's CodingSchemeIdentificationSequence), which it does not know, and (for a
+    study without them, ``empty_type_2``) that the empty Type 2 attributes could not index a DICOMDIR."""
+    if shutil.which("dciodvfy") is None:
+        return
+    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    lines = (report.stdout + report.stderr).splitlines()
+    assert not [line for line in lines if line.startswith("Error")], (path, lines)
+    warnings = [line for line in lines if line.startswith("Warning")]
+    allowed = ("99STROKECTP", "needed to build DICOMDIR") if empty_type_2 else ("99STROKECTP",)
+    assert all(any(reason in line for reason in allowed) for line in warnings), (path, warnings)
+
+
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian's dicom3tools) is not installed")
 def test_dciodvfy_finds_no_errors_in_the_seg_and_sr(both_runs):
-    """dicom3tools' IOD checker on what the bundle sends; its one warning is the bundle's private coding scheme
-    (99STROKECTP, declared in the SR's CodingSchemeIdentificationSequence), which it does not know."""
     out, cases, _ = both_runs
     for study in cases.values():
         for name in ("seg.dcm", "sr.dcm"):
-            path = out / "dicom" / "predictions" / "dicom" / study / name
-            report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-            lines = (report.stdout + report.stderr).splitlines()
-            assert not [line for line in lines if line.startswith("Error")], (name, lines)
-            warnings = [line for line in lines if line.startswith("Warning")]
-            assert all("99STROKECTP" in line for line in warnings), (name, warnings)
+            assert_dciodvfy_passes(out / "dicom" / "predictions" / "dicom" / study / name)
+
+
+def test_a_ctp_slab_a_study_without_type_2_attributes_and_overwrite(repo_root, tiny_model, dicom_tree, tmp_path):
+    """One run on two studies: maps covering NCCT slices 2-5 of 6 (a CT perfusion slab on a longer NCCT) are
+    segmented there only, and the SEG and SR say so; a study without the Type 2 patient and study attributes gets
+    them empty in its SEG and SR. Then the same folder with --overwrite true on the second study alone: the first
+    study's SEG and SR of the earlier run are gone."""
+    folder = tmp_path / "studies"
+    slab, bare = {}, {}
+    for case, by_series in (("case_1", slab), ("case_2", bare)):
+        shutil.copytree(dicom_tree / "dicom" / "TESTING" / case, folder / case)
+        for path in study_files(folder / case):
+            description = str(pydicom.dcmread(path, stop_before_pixels=True).SeriesDescription)
+            by_series.setdefault(description, []).append(path)
+    for channel in ("CBF", "CBV", "MTT", "Tmax"):
+        paths = sorted(series_named(slab, channel), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))
+        os.remove(paths[0])
+        os.remove(paths[-1])
+    missing = ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID", "AccessionNumber")
+    rewrite(study_files(folder / "case_2"), lambda ds, i: [delattr(ds, k) for k in missing if k in ds])
+    studies = {study.case: study for study in find_studies(str(folder), rules(repo_root))}
+    slab_case = case_of(pydicom.dcmread(study_files(folder / "case_1")[0]).StudyInstanceUID)
+    bare_case = case_of(pydicom.dcmread(study_files(folder / "case_2")[0]).StudyInstanceUID)
+    assert studies[slab_case].coverage == {"first": 2, "last": 5, "of": 6} and studies[bare_case].coverage is None
+    kept = {str(h.SOPInstanceUID) for h in studies[slab_case].series["CT"].headers}
+    assert len(kept) == 4
+
+    result = run_bundle(repo_root, DICOM_CONFIGS, tiny_model, folder, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{slab_case}: the perfusion maps cover NCCT slices 2-5 of 6" in result.stdout + result.stderr
+    written = tmp_path / "out" / "predictions" / "dicom"
+    seg = hd.seg.segread(written / slab_case / "seg.dcm")
+    assert seg.SeriesDescription == "Ischemic core (predicted, research use, CTP slab)"
+    assert seg.ContentDescription.startswith("NCCT slices 2-5 of 6")
+    assert {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == kept
+    mask = nib.load(tmp_path / "out" / "predictions" / "masks" / f"{slab_case}.nii.gz")
+    assert mask.shape[2] == 4
+    sr = hd.sr.srread(written / slab_case / "sr.dcm")
+    assert sr.SeriesDescription == "Stroke CTP volumes (predicted, research use, CTP slab)"
+    (group,) = sr.content.get_volumetric_roi_measurement_groups()
+    assert {m.name.value: m.value for m in group.get_measurements()}["NCCT_SLAB"] == pytest.approx(4 / 6)
+    for name in ("seg.dcm", "sr.dcm"):
+        assert_dciodvfy_passes(written / slab_case / name)
+        dataset = pydicom.dcmread(written / bare_case / name)
+        assert all(dataset[k].value in ("", None) for k in missing), name
+        assert_dciodvfy_passes(written / bare_case / name, empty_type_2=True)
+
+    shutil.rmtree(folder / "case_1")
+    again = run_bundle(repo_root, DICOM_CONFIGS, tiny_model, folder, tmp_path / "out", "--overwrite", "true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(os.listdir(written)) == [bare_case]
+    assert sorted(os.listdir(written / bare_case)) == ["seg.dcm", "sr.dcm"]
 
 
 def test_a_real_enhanced_ct_reads_frame_by_frame_at_its_positions():

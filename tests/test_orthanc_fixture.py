@@ -1,6 +1,7 @@
 """tests/orthanc.py: a real Orthanc started in a temp folder stores an uploaded instance, finds it by its study,
 refuses requests without the credentials, and ends when stopped."""
 
+import json
 import os
 import stat
 
@@ -49,3 +50,23 @@ def test_upload_find_and_stop(orthanc, tmp_path):
     assert orthanc.process.poll() is not None
     with pytest.raises(requests.ConnectionError):
         requests.get(orthanc.url + "/system", auth=orthanc.auth, timeout=5)
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_overwrite_instances_replaces_or_keeps_the_first_copy(tmp_path, overwrite):
+    ok, reason = orthanc_available()
+    if not ok:
+        pytest.skip(reason)
+    path = get_testdata_file("CT_small.dcm")
+    changed = pydicom.dcmread(path)
+    changed.SeriesDescription = "changed"
+    changed.save_as(tmp_path / "changed.dcm")
+    with start_orthanc(tmp_path / "server", overwrite_instances=overwrite, stable_age=3) as orthanc:
+        assert json.loads(open(orthanc.config_path).read())["StableAge"] == 3
+        upload(orthanc, [path])
+        upload(orthanc, [tmp_path / "changed.dcm"])
+        (instance,) = orthanc.get_json("/instances")
+        tags = orthanc.get_json(f"/instances/{instance}/simplified-tags")
+        assert tags.get("SeriesDescription", "") == (
+            "changed" if overwrite else pydicom.dcmread(path).get("SeriesDescription", "")
+        )

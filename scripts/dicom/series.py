@@ -29,17 +29,16 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import torch
-from highdicom.spatial import get_series_volume_positions
+from highdicom.spatial import convert_affine_to_convention, get_series_volume_positions
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import SpatialResample
 from monai.utils import ensure_tuple
 from pydicom.pixels import apply_modality_lut, get_decoder
 from scripts.data.channels import CHANNELS, NCCT
 from scripts.data.readers import InvalidCaseError
-from scripts.dicom.results import LPS_TO_RAS
-from scripts.dicom.results import MANUFACTURER as RESULTS_MANUFACTURER
 
 __all__ = [
+    "MANUFACTURER",
     "DicomSeriesReader",
     "GroundTruth",
     "Series",
@@ -54,12 +53,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# the Manufacturer of the bundle's own objects (scripts.dicom.results writes them): never a study's ground truth
+MANUFACTURER = "MONAI bundle ischemic_stroke_ctp_segmentation"
 AXIAL_LIMIT_DEG = 45.0  # the slice normal within this angle of the head-foot axis (oblique, gantry-tilted: fine)
 SPACING_TOLERANCE = 0.01  # relative: slice gaps that differ by more are an irregular series
 TMAX_MS_MEDIAN = 100.0  # a median Tmax in the brain above this (seconds) can only be milliseconds
 _MS_UNIT = re.compile(r"(?i)\b(ms|msec|millisec\w*)\b")
 PIXEL_DATA = 0x7FE00010
 DEFER_BYTES = 4096
+UNDEFINED_LENGTH = 0xFFFFFFFF
+SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) of length 0, little endian
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: an index of files, not an instance
+NON_IMAGE_MODALITIES = ("SR", "PR", "KO")
 
 
 @dataclass
@@ -74,8 +79,9 @@ class Series:
 
     @property
     def name(self) -> str:
-        """How messages name it: ``"RAPID CBF" (1.2.826...)``."""
-        return f'"{self.description}" ({self.uid})'
+        """How messages name it, without its UID (an identifier): ``"RAPID CBF" (series 3, uid-1a2b3c4d5e6f)``."""
+        number = self.headers[0].get("SeriesNumber", "") if self.headers else ""
+        return f'"{self.description}" (series {number}, {uid_name(self.uid)})'
 
     def __str__(self) -> str:
         return self.name  # as the loaded image's meta (``filename_or_obj``) names it
@@ -94,13 +100,15 @@ class GroundTruth:
 
 @dataclass
 class Study:
-    """One study as a case: its name, StudyInstanceUID, the series picked for each channel and its ground-truth SEG
-    (evaluation only)."""
+    """One study as a case: its name, StudyInstanceUID, the series picked for each channel, its ground-truth SEG
+    (evaluation only) and, where the perfusion maps cover part of the NCCT, which NCCT slices were kept
+    (``coverage``: ``{"first": k, "last": m, "of": n}``, 1-based in slice order; the NCCT series holds those only)."""
 
     case: str
     uid: str
     series: dict
     label: Series | None = None
+    coverage: dict | None = None
 
     def item(self) -> dict:
         """The datalist item: the channels' series as ``image``, the ground truth as ``label`` (``GroundTruth``)."""
@@ -108,14 +116,24 @@ class Study:
         return {"image": list(self.series.values()), "case": self.case, **label}
 
 
+def _digits(uid) -> str:
+    return hashlib.sha256(str(uid).encode()).hexdigest()[:12]
+
+
 def case_of(study_uid) -> str:
     """A study's case name: ``study-`` and 12 hex digits of its StudyInstanceUID's SHA-256."""
-    return "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:12]
+    return "study-" + _digits(study_uid)
+
+
+def uid_name(uid) -> str:
+    """How logs and messages name any other UID (an identifier): ``uid-`` and 12 hex digits of its SHA-256."""
+    return "uid-" + _digits(uid)
 
 
 def _read_headers(dataset_dir):
-    """Every DICOM file's header under ``dataset_dir`` (walked in sorted order), as (path, dataset) pairs; files that
-    are not DICOM and hidden files and folders are skipped, a DICOM file that cannot be read is refused."""
+    """Every DICOM file's header under ``dataset_dir`` (walked in sorted order), as (path, dataset) pairs, each
+    checked whole (``_check_instance``); files without the DICM prefix (not DICOM), a DICOMDIR and hidden files and
+    folders are skipped; a DICOM file that cannot be read, or is cut short, is refused, naming it."""
     found = []
     for folder, dirs, files in os.walk(dataset_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -123,29 +141,81 @@ def _read_headers(dataset_dir):
             path = os.path.join(folder, name)
             try:
                 header = pydicom.dcmread(path, defer_size=DEFER_BYTES)  # large values not read, their length known
-            except pydicom.errors.InvalidDicomError:
+            except pydicom.errors.InvalidDicomError as err:
+                if _has_dicom_prefix(path):
+                    raise InvalidCaseError(
+                        f"{path}: a DICOM file (DICM prefix) that cannot be read: cut short or damaged"
+                    ) from err
                 continue
             except Exception as err:  # a damaged file: refused, naming it
-                raise InvalidCaseError(f"{path}: not a readable DICOM file ({err})") from err
-            _refuse_truncated(path, header)
-            if "SeriesInstanceUID" in header and "StudyInstanceUID" in header:
-                found.append((path, header))
+                raise InvalidCaseError(f"{path}: not a readable DICOM file, cut short or damaged ({err})") from err
+            meta = getattr(header, "file_meta", None)
+            if meta is not None and meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+                continue
+            _check_file_end(path, header)
+            _check_instance(path, header)
+            header.pop(PIXEL_DATA, None)  # read again with the case, when it is segmented
+            found.append((path, header))
     return found
 
 
-def _refuse_truncated(path, header):
-    """Refuse a file whose pixel data end after its last byte (a copy or transfer cut short), then drop them from
-    the header: they are read when the case is."""
+def _has_dicom_prefix(path):
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def _check_file_end(path, header):
+    """Refuse a file whose last element ends after its last byte (a copy or transfer cut short inside a value: pydicom
+    reads what is there without a word), or whose encapsulated pixel data lack their closing delimiter."""
+    if not len(header):
+        raise InvalidCaseError(f"{path}: a DICOM file that holds no data set after its file meta: cut short")
+    last = header.get_item(max(header.keys()))
+    size, where = os.path.getsize(path), _where(path, header)
+    length, tell = getattr(last, "length", None), getattr(last, "value_tell", None)
+    if length is None or tell is None:  # read and converted already: not the file's last bytes
+        return
+    if length == UNDEFINED_LENGTH:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - len(SEQUENCE_END)))
+            if f.read() != SEQUENCE_END:
+                raise InvalidCaseError(f"{where} is cut short: its last element (of undefined length) has no end")
+    elif tell + length > size:
+        raise InvalidCaseError(f"{where} is cut short: its data need {tell + length} bytes, the file has {size}")
+
+
+def _where(source, header, with_case=True):
+    """How a message names one instance: its study's case name where known (``with_case``), then its file, or (held
+    in memory) its instance number and series."""
+    case = f"{case_of(header.StudyInstanceUID)}: " if with_case and header.get("StudyInstanceUID") else ""
+    if not isinstance(source, pydicom.Dataset):
+        return f"{case}{source}"
+    series = uid_name(header.get("SeriesInstanceUID", ""))
+    return f'{case}instance {header.get("InstanceNumber", "?")} of series "{header.get("SeriesDescription", "")}" ({series})'
+
+
+def _check_instance(source, header):
+    """Refuse an instance without the UIDs that place it (study, series, instance), or an image whose pixel data
+    are missing or shorter than its rows, columns, samples, frames and bits need (native transfer syntaxes)."""
+    where = _where(source, header)
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not header.get(k)]
+    if missing:
+        raise InvalidCaseError(f"{where}: a DICOM instance without {', '.join(missing)}: cut short or damaged")
+    if "Rows" not in header or header.get("Modality") in NON_IMAGE_MODALITIES:
+        return
     if PIXEL_DATA not in header:
+        raise InvalidCaseError(f"{where}: an image without pixel data: cut short or damaged")
+    meta = getattr(header, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed:
         return
     element = header.get_item(PIXEL_DATA)
-    length = getattr(element, "length", None)  # a deferred (raw) element; a small one is read whole already
-    size = os.path.getsize(path)
-    end = getattr(element, "value_tell", 0) + (length or 0)
-    if length not in (None, 0xFFFFFFFF) and end > size:  # encapsulated (undefined length) data are not measured
-        case = case_of(header.StudyInstanceUID) if "StudyInstanceUID" in header else "a study"
-        raise InvalidCaseError(f"{case}: {path} is truncated: its pixel data need {end} bytes, the file has {size}")
-    del header[PIXEL_DATA]
+    value = element.value
+    held = getattr(element, "length", None) if value is None else len(value)  # deferred: its declared length
+    pixels = int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1))
+    pixels *= int(header.get("NumberOfFrames", 1) or 1)
+    needed = (pixels * int(header.get("BitsAllocated", 16)) + 7) // 8
+    if held is not None and held < needed:
+        raise InvalidCaseError(f"{where} is cut short: its pixel data hold {held} bytes, its header needs {needed}")
 
 
 def _group(found):
@@ -156,7 +226,7 @@ def _group(found):
         modality = header.get("Modality")
         if modality == "SEG":
             grouped = segmentations
-        elif "Rows" in header and modality not in ("SR", "PR", "KO"):
+        elif "Rows" in header and modality not in NON_IMAGE_MODALITIES:
             grouped = images
         else:
             continue
@@ -199,18 +269,19 @@ def _pick(case, series_of_study, rules, channels):
         if not candidates:
             present = "; ".join(s.name for s in series_of_study.values()) or "none"
             raise InvalidCaseError(
-                f"{case}: no series for {channel} (rule {rules[channel]}); the study's image series: {present}"
+                f"{case}: no series for {channel} (rule {rules[channel]}); the study's image series: {present}. If"
+                " one of them is it, set site_series_rules for your site's names (docs/dicom.md)"
             )
         if len(candidates) > 1:
             raise InvalidCaseError(
                 f"{case}: two or more series match {channel}: {'; '.join(s.name for s in candidates)}; set"
-                " series_rules to tell them apart (docs/dicom.md)"
+                " site_series_rules to tell them apart (docs/dicom.md)"
             )
         picked[channel] = candidates[0]
     repeated = {s.uid for s in picked.values() if list(picked.values()).count(s) > 1}
     if repeated:
         names = [f"{c} {s.name}" for c, s in picked.items() if s.uid in repeated]
-        raise InvalidCaseError(f"{case}: one series matches two maps ({'; '.join(names)}); set series_rules")
+        raise InvalidCaseError(f"{case}: one series matches two maps ({'; '.join(names)}); set site_series_rules")
     return picked
 
 
@@ -253,8 +324,198 @@ def _check_geometry(case, channel, series):
         detail = "two slices at one position" if gaps.min() <= 1e-3 else f"gaps {gaps.min():.3g}-{gaps.max():.3g} mm"
         raise InvalidCaseError(
             f"{case}: {channel} series {series.name} has irregular slice spacing ({detail}): a missing or repeated"
-            " slice, or a time series"
+            f" slice, or a time series. {INCOMPLETE_HINT}"
         )
+    if len(gaps):
+        _check_no_slice_missing(case, channel, series, normal, float(gaps.mean()))
+
+
+INCOMPLETE_HINT = (
+    "If the series is still arriving, the study is done once it is whole (the listener does so by itself); if it was"
+    " sent in part, send it again whole"
+)
+
+
+def _check_no_slice_missing(case, channel, series, normal, gap):
+    """Refuse a regular stack that still lacks slices: instance numbers that skip values along the stack (slices
+    1, 3, 5, ... of a series that arrives odd-first), or slices twice (or more) the series' SpacingBetweenSlices
+    apart."""
+    numbers = [header.get("InstanceNumber") for header in series.headers]
+    if len(series.headers) > 1 and None not in numbers and len(set(numbers)) == len(numbers):
+        order = np.argsort([float(np.dot(_frame_positions(h)[1][0], normal)) for h in series.headers])
+        ordered = [int(numbers[i]) for i in order]
+        steps = np.diff(ordered)
+        span = abs(ordered[-1] - ordered[0]) + 1
+        if (np.all(steps > 0) or np.all(steps < 0)) and span > len(ordered):
+            missing = sorted(set(range(min(ordered), max(ordered) + 1)) - set(ordered))
+            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            raise InvalidCaseError(
+                f"{case}: {channel} series {series.name} lacks {len(missing)} slice(s): its instance numbers run"
+                f" {min(ordered)}-{max(ordered)} along the stack, {shown} missing. {INCOMPLETE_HINT}"
+            )
+    said = float(series.headers[0].get("SpacingBetweenSlices", 0) or 0)
+    if said > 0 and gap / said >= 1.5 and abs(gap / said - round(gap / said)) < 0.1:
+        raise InvalidCaseError(
+            f"{case}: {channel} series {series.name} lacks slices: they are {gap:.3g} mm apart, its"
+            f" SpacingBetweenSlices is {said:.3g} mm. {INCOMPLETE_HINT}"
+        )
+
+
+def _pixel_spacing(header):
+    """(between rows, between columns) in mm of a single-frame slice or a multi-frame instance, else ``None``."""
+    if "PixelSpacing" in header:
+        return [float(v) for v in header.PixelSpacing]
+    for groups in (header.get("PerFrameFunctionalGroupsSequence"), header.get("SharedFunctionalGroupsSequence")):
+        measures = groups[0].get("PixelMeasuresSequence") if groups else None
+        if measures and "PixelSpacing" in measures[0]:
+            return [float(v) for v in measures[0].PixelSpacing]
+    return None
+
+
+@dataclass
+class _Stack:
+    """A series' slices in patient space: orientation (row then column cosines), positions (one per frame, in the
+    order of the headers and their frames), pixel spacing and size."""
+
+    orientation: np.ndarray
+    positions: np.ndarray
+    spacing: list | None
+    rows: int
+    columns: int
+
+    @property
+    def normal(self):
+        return np.cross(self.orientation[:3], self.orientation[3:])
+
+    def corners(self):
+        """The corners of its voxels' outer edges at its first and last slice (patient coordinates, mm)."""
+        row_cosine, column_cosine = self.orientation[:3], self.orientation[3:]
+        between_rows, between_columns = self.spacing
+        found = []
+        for position in (self.positions[0], self.positions[-1]):
+            for i in (-0.5, self.columns - 0.5):
+                for j in (-0.5, self.rows - 0.5):
+                    found.append(position + i * between_columns * row_cosine + j * between_rows * column_cosine)
+        return np.asarray(found)
+
+
+def _stack(series):
+    positions = []
+    for header in series.headers:
+        orientation, frame_positions = _frame_positions(header)
+        positions.extend(frame_positions)
+    header = series.headers[0]
+    return _Stack(orientation, np.asarray(positions), _pixel_spacing(header), int(header.Rows), int(header.Columns))
+
+
+def _slice_step(header, along):
+    """The distance between a stack's slices: their mean gap, else its SpacingBetweenSlices or SliceThickness."""
+    if len(along) > 1:
+        return float(np.diff(np.sort(along)).mean())
+    return float(header.get("SpacingBetweenSlices") or header.get("SliceThickness") or 1.0)
+
+
+def _z_range(stack):
+    return f"z {stack.positions[:, 2].min():.1f} to {stack.positions[:, 2].max():.1f} mm"
+
+
+def _coverage(case, picked):
+    """Check where the perfusion maps lie against the NCCT, and keep the NCCT slices they cover.
+
+    The maps must cover one range of slices together (one incomplete or from another scan: refused), lie within the
+    NCCT's slices (the NCCT still arriving, or of another scan: refused), and cover its field of view in-plane (to
+    within one NCCT voxel). Where they cover part of the NCCT's slices (a CT perfusion slab on a whole-brain NCCT),
+    only the NCCT slices inside the slab are kept, so that nothing is predicted where a map has no value.
+
+    Returns:
+        (``picked`` with the NCCT series cut to the covered slices, the ``Study.coverage``), or (``picked``, ``None``)
+        where the maps cover every NCCT slice.
+    """
+    ct_series = picked[NCCT]
+    maps = {channel: _stack(series) for channel, series in picked.items() if channel != NCCT}
+    if not maps:
+        return picked, None
+    ct = _stack(ct_series)
+    normal = ct.normal / np.linalg.norm(ct.normal)
+    along = ct.positions @ normal
+    ct_step = _slice_step(ct_series.headers[0], along)
+    eps = 1e-3 * ct_step
+    ranges = {}
+    for channel, stack in maps.items():
+        map_along = stack.positions @ normal
+        step = _slice_step(picked[channel].headers[0], map_along)
+        ranges[channel] = (float(map_along.min()), float(map_along.max()), step)
+    listed = "; ".join(f"{channel} {picked[channel].name}: {_z_range(stack)}" for channel, stack in maps.items())
+    tolerance = 0.5 * max(step for _, _, step in ranges.values()) + eps
+    lows, highs = [low for low, _, _ in ranges.values()], [high for _, high, _ in ranges.values()]
+    if max(lows) - min(lows) > tolerance or max(highs) - min(highs) > tolerance:
+        raise InvalidCaseError(
+            f"{case}: the perfusion maps cover different slices ({listed}): one is incomplete or of another scan."
+            f" {INCOMPLETE_HINT}"
+        )
+    if min(lows) < along.min() - ct_step / 2 - eps or max(highs) > along.max() + ct_step / 2 + eps:
+        raise InvalidCaseError(
+            f"{case}: the perfusion maps reach beyond the NCCT {ct_series.name} ({_z_range(ct)}; {listed}): the NCCT"
+            f" is incomplete, or the series are of different scans. {INCOMPLETE_HINT}"
+        )
+    if ct.spacing is not None:
+        row_cosine, column_cosine = ct.orientation[:3], ct.orientation[3:]
+        ct_box = ct.corners() @ np.stack([row_cosine, column_cosine], axis=1)
+        margin = np.array([ct.spacing[1], ct.spacing[0]]) + eps
+        for channel, stack in maps.items():
+            if stack.spacing is None:
+                continue
+            box = stack.corners() @ np.stack([row_cosine, column_cosine], axis=1)
+            if np.any(box.min(axis=0) > ct_box.min(axis=0) + margin) or np.any(
+                box.max(axis=0) < ct_box.max(axis=0) - margin
+            ):
+                raise InvalidCaseError(
+                    f"{case}: the {channel} map {picked[channel].name} covers a smaller field of view than the NCCT"
+                    f" {ct_series.name} (by more than one voxel): the NCCT's edge would be segmented without it"
+                )
+    low = max(low - step / 2 for low, _, step in ranges.values()) - eps
+    high = min(high + step / 2 for _, high, step in ranges.values()) + eps
+    order = np.argsort(along)
+    covered = [k for k, index in enumerate(order) if low <= along[index] <= high]
+    if len(covered) == len(order):
+        return picked, None
+    if not covered:
+        raise InvalidCaseError(
+            f"{case}: no slice of the NCCT {ct_series.name} ({_z_range(ct)}) lies within the maps ({listed})"
+        )
+    if len(ct_series.headers) != len(order):
+        raise InvalidCaseError(
+            f"{case}: the perfusion maps cover part of the multi-frame NCCT {ct_series.name} ({_z_range(ct)};"
+            f" {listed}): not read"
+        )
+    kept = sorted(order[k] for k in covered)
+    coverage = {"first": covered[0] + 1, "last": covered[-1] + 1, "of": len(order)}
+    logger.warning(
+        "%s: the perfusion maps cover NCCT slices %d-%d of %d (%s): only those are segmented, and the SEG and SR say so",
+        case,
+        coverage["first"],
+        coverage["last"],
+        coverage["of"],
+        ", ".join(f"{channel} {_z_range(stack)}" for channel, stack in maps.items()),
+    )
+    cut = Series(
+        ct_series.uid, ct_series.description, [ct_series.headers[i] for i in kept], [ct_series.sources[i] for i in kept]
+    )
+    return {**picked, NCCT: cut}, coverage
+
+
+def _check_unique_instances(case, picked):
+    """Refuse two instances of the picked series that share one SOPInstanceUID (a frame a viewer cannot place)."""
+    seen = {}
+    for series in picked.values():
+        for source, header in zip(series.sources, series.headers):
+            uid = header.SOPInstanceUID
+            if uid in seen:
+                raise InvalidCaseError(
+                    f"{case}: {seen[uid]} and {_where(source, header, False)} share one SOPInstanceUID ({uid_name(uid)}):"
+                    " each instance needs its own; the study must be sent again as it was made"
+                )
+            seen[uid] = _where(source, header, False)
 
 
 def _check_decodable(case, channel, series):
@@ -295,12 +556,12 @@ def _check_tmax_unit(case, series):
 
 
 def _ground_truth(case, segmentations, ct):
-    """The study's one ground-truth SEG on its NCCT series: a SEG this bundle did not make (``MANUFACTURER`` of
-    ``scripts.dicom.results``) that references ``ct``; an error for none, several, or one on a multi-frame NCCT."""
+    """The study's one ground-truth SEG on its NCCT series: a SEG this bundle did not make (``MANUFACTURER``) that
+    references ``ct``; an error for none, several, or one on a multi-frame NCCT."""
     candidates = [
         s
         for s in segmentations.values()
-        if s.headers[0].get("Manufacturer") != RESULTS_MANUFACTURER
+        if s.headers[0].get("Manufacturer") != MANUFACTURER
         and any(ref.SeriesInstanceUID == ct.uid for ref in s.headers[0].get("ReferencedSeriesSequence", []))
     ]
     if len(candidates) != 1 or len(candidates[0].sources) != 1:
@@ -339,6 +600,8 @@ def find_studies(dataset_dir, rules, channels=CHANNELS, labels=False) -> list:
 def studies_in_memory(datasets, rules, channels=CHANNELS, labels=False) -> list:
     """``find_studies`` of datasets held in memory (a study retrieved from a PACS), with the same checks; each
     ``Series`` keeps its datasets as its sources, so that nothing is written to disk or read twice."""
+    for dataset in datasets:
+        _check_instance(dataset, dataset)
     return _studies([(dataset, dataset) for dataset in datasets], "the retrieved instances", rules, channels, labels)
 
 
@@ -351,15 +614,20 @@ def _studies(found, where, rules, channels, labels):
         picked = _pick(case, series_of_study, rules, channels)
         frames = {s.headers[0].get("FrameOfReferenceUID") for s in picked.values()}
         if len(frames) > 1 or None in frames:
-            listed = "; ".join(f"{c} {s.name}: {s.headers[0].get('FrameOfReferenceUID')}" for c, s in picked.items())
+            listed = "; ".join(
+                f"{c} {s.name}: {uid_name(s.headers[0].get('FrameOfReferenceUID') or 'none')}"
+                for c, s in picked.items()
+            )
             raise InvalidCaseError(f"{case}: the series are not in one frame of reference ({listed})")
         for channel, series in picked.items():
             _check_geometry(case, channel, series)
             _check_decodable(case, channel, series)
+        _check_unique_instances(case, picked)
         if "Tmax" in picked:
             _check_tmax_unit(case, picked["Tmax"])
+        picked, coverage = _coverage(case, picked)
         label = _ground_truth(case, segmentations.get(study_uid, {}), picked[NCCT]) if labels else None
-        studies.append(Study(case, study_uid, picked, label))
+        studies.append(Study(case, study_uid, picked, label, coverage))
         logger.info("%s: %s", case, ", ".join(f"{c} {len(s.sources)} instance(s)" for c, s in picked.items()))
     if not studies:
         raise InvalidCaseError(f"{where}: no DICOM study with image series found")
@@ -374,18 +642,12 @@ def _load(source):
 def volume_as_nifti(volume) -> tuple:
     """The NIfTI (x, y, z) array and RAS affine of a ``highdicom.Volume`` (of a series, a multi-frame image or a SEG).
 
-    ``highdicom.get_volume_from_series`` stacks the slices on axis 0 of ``volume.array`` (rows on axis 1, columns on
-    axis 2), ordered so that (slice, row, column) is right-handed in LPS, and ``volume.affine`` maps (slice, row,
-    column, 1) to LPS: its columns are the slice step, the step down the rows (the column cosine times the row
-    spacing), the step along a row (the row cosine times the column spacing) and the first slice's position. So
-    (column, row, slice) in that order is left-handed, and for a series written by
-    ``scripts.dicom.synthetic.write_study`` from a right-handed affine (as all of the generator's are) axis 0 runs
-    from slice z-1 to slice 0: ``volume.array[s, j, i]`` is ``array[i, j, z - 1 - s]``.
-
-    This returns the axes (column index, row index, slice index) with the slices in the order that makes the RAS
-    affine right-handed (highdicom's order reversed), read from the volume's affine alone, so it holds for any slice
-    order in the files and any row, column or slice direction; for such a series of a right-handed affine
-    it gives back that affine (up to the DS rounding, ~1e-10 mm) and the array exactly.
+    highdicom stacks the slices on axis 0 of ``volume.array`` (rows on axis 1, columns on axis 2). The NIfTI axes are
+    (column, row, slice): highdicom's ``permute_spatial_axes`` reverses them, ``ensure_handedness`` flips the slice
+    axis where that makes the axes left-handed (so the RAS affine is right-handed, whatever the slice order in the
+    files), and ``highdicom.spatial.convert_affine_to_convention`` gives the affine in NIfTI's RAS convention. For a
+    series that ``scripts.dicom.synthetic.write_study`` wrote from a right-handed affine this gives back that affine
+    (up to the DS rounding, ~1e-10 mm) and the array exactly.
 
     Args:
         volume: a ``highdicom.Volume`` with a 3-D array.
@@ -393,14 +655,9 @@ def volume_as_nifti(volume) -> tuple:
     Returns:
         (array (x, y, z) float32, a view, 4 x 4 RAS affine float64).
     """
-    array = np.asarray(volume.array, dtype=np.float32).transpose(2, 1, 0)
-    affine_lps = np.asarray(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
-    if np.linalg.det(affine_lps[:3, :3]) < 0:
-        affine_lps[:3, 3] += (array.shape[2] - 1) * affine_lps[:3, 2]
-        affine_lps[:3, 2] *= -1
-        array = array[:, :, ::-1]
-    affine = LPS_TO_RAS @ affine_lps
-    return array, affine  # a view of the volume's array: the reader stacks the channels into one copy
+    nifti = volume.permute_spatial_axes([2, 1, 0]).ensure_handedness(hd.AxisHandedness.RIGHT_HANDED, flip_axis=2)
+    affine = convert_affine_to_convention(nifti.affine, "LPS", "RAS")
+    return np.asarray(nifti.array, dtype=np.float32), affine  # a view: the reader stacks the channels into one copy
 
 
 def volume_arrays(datasets, dtype=np.float32):
@@ -428,7 +685,7 @@ def _geometry(headers):
     else:
         spacing, positions = get_series_volume_positions(headers)
     if spacing is None:
-        raise ValueError(f"series {headers[0].SeriesInstanceUID} is not a regularly spaced volume")
+        raise ValueError(f"series {uid_name(headers[0].SeriesInstanceUID)} is not a regularly spaced volume")
     order = [positions.index(k) for k in range(len(headers))]
     first = headers[order[0]]
     geometry = hd.VolumeGeometry.from_attributes(

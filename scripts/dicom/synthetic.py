@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from highdicom.spatial import convert_affine_to_convention
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
-from scripts.dicom.results import LPS_TO_RAS, derived_uid, segmentation
+from scripts.dicom.results import derived_uid, segmentation
 
 __all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_label", "write_study"]
 
@@ -120,10 +121,10 @@ def _ds(values):
 def _geometry(affine, depth):
     """ImageOrientationPatient, PixelSpacing, slice spacing, each slice's ImagePositionPatient and SliceLocation (LPS)
     of a NIfTI RAS ``affine``, for an (x, y, z) array of ``depth`` slices."""
-    affine = np.asarray(affine, dtype=np.float64)
-    row_step, column_step = LPS_TO_RAS[:3, :3] @ affine[:3, 0], LPS_TO_RAS[:3, :3] @ affine[:3, 1]
+    lps = convert_affine_to_convention(np.asarray(affine, dtype=np.float64), "RAS", "LPS")
+    row_step, column_step = lps[:3, 0], lps[:3, 1]
     row_cosine, column_cosine = row_step / np.linalg.norm(row_step), column_step / np.linalg.norm(column_step)
-    positions = [(LPS_TO_RAS @ (affine @ [0.0, 0.0, k, 1.0]))[:3] for k in range(depth)]
+    positions = [(lps @ [0.0, 0.0, k, 1.0])[:3] for k in range(depth)]
     normal = np.cross(row_cosine, column_cosine)
     return {
         "orientation": np.concatenate([row_cosine, column_cosine]),
@@ -280,6 +281,7 @@ def write_label(study, label, affine, case: str, seed: int) -> str:
         affine,
         uids,
         MODEL_NAME,
+        MANUFACTURER,
         manufacturer=MANUFACTURER,
         series_number=LABEL_SERIES_NUMBER,
         series_description=LABEL_DESCRIPTION,
