@@ -563,7 +563,10 @@ def test_an_unfinished_run_without_a_finished_case_is_replaced_and_one_with_case
     that failed) is no work to keep, so a run with other settings replaces it without --overwrite; once a case is
     finished (its row, mask and overlay), other settings are refused and the same settings keep the case."""
     out = tmp_path / "out"
-    items = [{"image": [str(tmp_path / f"case_{n}" / f"SMIR.Brain.XX.O.CT.{n}" / "ct.nii")]} for n in (1, 2)]
+    items = [
+        {"case": f"case_{n}", "image": [str(tmp_path / f"case_{n}" / f"SMIR.Brain.XX.O.CT.{n}" / "ct.nii")]}
+        for n in (1, 2)
+    ]
     lock = hold_folder(str(out))
     try:
         assert prepare_outputs(str(out), items, {"model": "a"}, lock=lock) == items

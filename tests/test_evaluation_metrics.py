@@ -87,7 +87,8 @@ def reported(repo_root, tmp_path):
         mask = on_grid(pred)
         mask.meta["filename_or_obj"] = f"/data/{case}.nii.gz"
         figures = perfusion_figures(None, "no maps here", VOXEL_ML)
-        batches.append([{**maps, "pred": mask, THRESHOLD_CORE: on_grid(pred), "label": label, "perfusion": figures}])
+        case_data = {"case": case, "pred": mask, THRESHOLD_CORE: on_grid(pred), "label": label, "perfusion": figures}
+        batches.append([{**maps, **case_data}])
     engine.run(batches)
     return os.path.join(str(tmp_path), "eval")
 
