@@ -30,7 +30,7 @@ import torch
 from monai.data import NibabelReader
 from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import LoadImage, LoadImaged, MapTransform
-from monai.utils import ensure_tuple
+from monai.utils import PostFix, ensure_tuple
 from scripts.data.channels import CHANNELS, NCCT
 
 __all__ = ["MAX_ABS_VALUE", "ThreadSafeNibabelReader", "InvalidCaseError", "LoadCased"]
@@ -232,9 +232,14 @@ class LoadCased(LoadImaged):
             if reader is None:
                 raise InvalidCaseError(f"{d['case']}: no reader takes {d[key]} ({', '.join(NIFTI_SUFFIXES)} files)")
             try:
-                d[key] = self._loader(d[key], reader)
+                loaded = self._loader(d[key], reader)
             except FileProblem as err:
                 raise err.for_case(d["case"], names.get(err.path, "a")) from err
+            if isinstance(
+                loaded, tuple
+            ):  # image_only off (MONAI Label sets it): the meta dict too, as LoadImaged keeps it
+                loaded, d[f"{key}_{PostFix.meta()}"] = loaded
+            d[key] = loaded
         for key in label_keys:
             if key in d:
                 d[key].meta["lesion_voxels"] = int(torch.count_nonzero(d[key]))
