@@ -380,11 +380,12 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_loadable_files(
     repo_root, synthetic_tree, datalist_file, tmp_path, kill_at
 ):
     """Per validated epoch the run saves model.pt (when the metric improves), then checkpoint_epoch=N.pt; the kill
-    lands in one of them. Every file left loads; a resume continues from the latest checkpoint or, before the first
-    one, says there is none, and a new run then replaces the killed one."""
+    lands in one of them (5 epochs: at least 6 saves, whatever the metric does). Every file left loads; a resume
+    continues from the latest checkpoint or, before the first one, says there is none, and a new run then replaces
+    the killed one."""
     script = tmp_path / "dying_save.py"
     script.write_text(DYING_SAVE)
-    override = {**tiny(synthetic_tree, datalist_file, epochs=3), "bundle_root": str(tmp_path)}
+    override = {**tiny(synthetic_tree, datalist_file, epochs=5), "bundle_root": str(tmp_path)}
 
     def run(kill_at, **extra):
         return subprocess.run(
@@ -409,7 +410,7 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_loadable_files(
         assert resumed.returncode != 0 and "no loadable checkpoint_epoch=*.pt in" in resumed.stderr
         restarted = run(0, overwrite=True)
         assert restarted.returncode == 0, restarted.stderr[-2000:]
-    assert os.path.exists(models / "checkpoint_epoch=3.pt")
+    assert os.path.exists(models / "checkpoint_epoch=5.pt")
     torch.load(models / "model.pt", map_location="cpu", weights_only=True)
 
 
