@@ -741,7 +741,10 @@ def section_pacs(cases, repeats):
                 (study,) = find_studies(study_dir, segmenter.rules)
 
                 def nifti_inference(case=case):
-                    wf = inference_workflow("demo", bundle_root, os.path.join(root, "TESTING", case), workdir)
+                    # the PACS run's settings (float32 torch), so that the two differ by the PACS round trip only
+                    wf = inference_workflow(
+                        "demo", bundle_root, os.path.join(root, "TESTING", case), workdir, amp=False
+                    )
                     wf.initialize()
                     wf.run()
                     wf.finalize()
