@@ -42,8 +42,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from scipy import ndimage, special, stats
 from scripts.data.isles18 import LABEL, smir_name
 from scripts.data.perfusion_maps import (
@@ -58,7 +56,7 @@ from scripts.data.perfusion_maps import (
 )
 from scripts.data.synthetic import EDGE, LAYOUTS_2024, _irregular, _Patient, _sigmoid
 from scripts.dicom.results import derived_uid
-from scripts.dicom.synthetic import STUDY_DATE, UID_NAMESPACE, _ds, _geometry, _series_dataset, _stored_pixels
+from scripts.dicom.synthetic import STUDY_DATE, UID_NAMESPACE, _geometry, _series_dataset, _stored_pixels, _write_slice
 
 __all__ = [
     "TISSUE_CLASSES",
@@ -515,18 +513,9 @@ def write_dicom_series(folder, series: CtpSeries, case: str, seed: int, study=No
         template.AcquisitionDateTime = STUDY_DATE + clock
         template.AcquisitionNumber = t + 1
         for k in range(frames.shape[2]):
-            ds = template.copy()
-            ds.SOPInstanceUID = derived_uid(UID_NAMESPACE, series_uid, t, k)
-            ds.InstanceNumber = t * frames.shape[2] + k + 1
-            ds.ImagePositionPatient = _ds(geometry["positions"][k])
-            ds.SliceLocation = _ds([geometry["locations"][k]])[0]
-            ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            uid = derived_uid(UID_NAMESPACE, series_uid, t, k)
             path = out / f"{CTP_SERIES_NUMBER:02d}_{t + 1:03d}_{k + 1:04d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            _write_slice(template, uid, t * frames.shape[2] + k + 1, geometry, k, stored[:, :, k], path)
             paths.append(str(path))
     return paths
 

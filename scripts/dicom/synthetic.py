@@ -182,6 +182,22 @@ def _series_dataset(channel, number, study, series_uid, geometry, shape, storage
     return ds
 
 
+def _write_slice(template, sop_instance_uid, instance_number, geometry, k, pixels, path) -> None:
+    """One CT Image Storage file: ``template`` with slice ``k``'s position (``geometry``), ``pixels`` (x, y) as
+    stored values, its UID and number, written to ``path``."""
+    ds = template.copy()
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = _ds(geometry["positions"][k])
+    ds.SliceLocation = _ds([geometry["locations"][k]])[0]
+    ds.PixelData = np.ascontiguousarray(pixels.T).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+
+
 def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str | None = None) -> dict:
     """Write one case as a DICOM study under ``folder``: one series per channel, ``<number>_<channel>/``, holding
     ``<number:02d>_<instance:04d>.dcm`` per slice (classic CT Image Storage, explicit VR little endian).
@@ -237,18 +253,9 @@ def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str
         series_dir = folder / f"{number}_{channel}"
         series_dir.mkdir(parents=True, exist_ok=True)
         for k in range(shape[2]):
-            ds = template.copy()
-            ds.SOPInstanceUID = derived_uid(UID_NAMESPACE, *identity, "instance", channel, k)
-            ds.InstanceNumber = k + 1
-            ds.ImagePositionPatient = _ds(geometry["positions"][k])
-            ds.SliceLocation = _ds([geometry["locations"][k]])[0]
-            ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            uid = derived_uid(UID_NAMESPACE, *identity, "instance", channel, k)
             path = series_dir / f"{number:02d}_{k + 1:04d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            _write_slice(template, uid, k + 1, geometry, k, stored[:, :, k], path)
             files.append(str(path))
     return {"study_instance_uid": study["study_instance_uid"], "series": series, "files": files, "folder": str(folder)}
 
