@@ -78,6 +78,11 @@ def _irregular(field):
     return 1.0 - 0.3 * np.clip(field, -2.0, 2.0)
 
 
+def healthy_tissue_hu(grey, csf):
+    """The NCCT's noise-free HU of healthy tissue: grey matter 40, white matter 30, CSF 5, mixed by fraction."""
+    return (30 + 10 * grey) * (1 - csf) + 5 * csf
+
+
 def _region(distance, field, scale):
     """Soft mask (0-1) of an irregular region `scale` times the lesions' size, its edge shaped by `field`."""
     return _sigmoid((1 - distance * _irregular(field) / scale) / EDGE)
@@ -233,6 +238,16 @@ class _Patient:
             distances.append(np.sqrt((u / rx) ** 2 + (v / ry) ** 2 + ((gz - cz) / rz) ** 2))
         return np.minimum.reduce(distances)
 
+    def severity(self, fields, distance):
+        """The deficit regions (0 to 1) of CBF, CBV and Tmax from the noise-free ``fields`` (``core``, ``cbf``,
+        ``cbv``, ``tmax``) and the ``lesion_distance``."""
+        scale = self.penumbra_factor
+        return {  # the CBF deficit follows the core's edge loosely, the others not at all
+            "cbf": _region(distance, 0.6 * fields["core"] + 0.8 * fields["cbf"], scale["cbf"]),
+            "cbv": _region(distance, fields["cbv"], scale["cbv"]),
+            "tmax": _region(distance, fields["tmax"], scale["tmax"]),
+        }
+
     def case(self, slab, rng):
         """The six arrays (stored dtypes) and the affine of the case acquired as `slab`; `rng` draws its noise."""
         x, y, z = self.x, self.y, slab.z
@@ -241,12 +256,7 @@ class _Patient:
         f = {name: self.fields[name](x, y, z) for name in ("perfusion", "core", "cbf", "cbv", "tmax")}
         distance = self.lesion_distance(x, y, z)
         core_q = distance * _irregular(f["core"])  # < 1 in the core
-        scale = self.penumbra_factor
-        severity = {  # the CBF deficit follows the core's edge loosely, the others not at all
-            "cbf": _region(distance, 0.6 * f["core"] + 0.8 * f["cbf"], scale["cbf"]),
-            "cbv": _region(distance, f["cbv"], scale["cbv"]),
-            "tmax": _region(distance, f["tmax"], scale["tmax"]),
-        }
+        severity = self.severity(f, distance)
         brain = anatomy["brain_depth"] >= 0
         grey, csf = anatomy["grey"], anatomy["csf"]
         white = 1 - grey
@@ -257,7 +267,7 @@ class _Patient:
 
         skull_fraction = np.clip((anatomy["depth"] - SCALP_MM) / (anatomy["skull_end"] - SCALP_MM), 0, 1)
         bone = 800 + 650 * np.abs(np.cos(np.pi * skull_fraction)) + 40 * anatomy["skull_field"]
-        tissue = (30 + 10 * grey) * (1 - csf) + 5 * csf - self.core_hypodensity * _sigmoid((1 - core_q) / EDGE)
+        tissue = healthy_tissue_hu(grey, csf) - self.core_hypodensity * _sigmoid((1 - core_q) / EDGE)
         ct = np.select([brain, anatomy["depth"] >= SCALP_MM, anatomy["depth"] >= 0], [tissue, bone, 40.0], -1000.0)
         ct = ct + noise(4.0)
 
@@ -318,6 +328,21 @@ def _with_dicom_values(arrays):
     return {**arrays, **dicom_representable({key: arrays[key] for key in CHANNELS})}
 
 
+def split_slabs(seed, split_index, num_cases, in_plane, slices, two_slab_fraction):
+    """``(patient_index, patient, slab, rng)`` of each case of one split, in order: ``num_cases`` slabs of patients
+    drawn one after another (``two_slab_fraction`` of them with two), each with the ``rng`` its case is drawn with."""
+    done = 0
+    for patient_index in itertools.count(1):
+        if done == num_cases:
+            return
+        rng = np.random.default_rng([seed, split_index, patient_index])
+        n_slabs = 2 if rng.random() < two_slab_fraction else 1
+        patient = _Patient(rng, in_plane, slices, n_slabs)
+        for slab_index, slab in enumerate(patient.slabs[: num_cases - done]):
+            done += 1
+            yield patient_index, patient, slab, np.random.default_rng([seed, split_index, patient_index, slab_index])
+
+
 def _drawn_case(patient, slab, rng):
     """A case's arrays and affine as ``_Patient.case`` draws them, and no raw series."""
     return (*patient.case(slab, rng), None)
@@ -340,31 +365,27 @@ def _write_split(
     ``dicom_dir/<case>/``; return the (case, patient) rows. A raw series that ``case_source`` gives is written beside
     the case (and into its study)."""
     rows = []
-    for patient_index in itertools.count(1):
-        if len(rows) == num_cases:
-            return rows
-        rng = np.random.default_rng([seed, split_index, patient_index])
-        n_slabs = 2 if rng.random() < two_slab_fraction else 1
-        patient = _Patient(rng, in_plane, slices, n_slabs)
-        for slab_index, slab in enumerate(patient.slabs[: num_cases - len(rows)]):
-            case = f"case_{len(rows) + 1}"
-            rng = np.random.default_rng([seed, split_index, patient_index, slab_index])
-            arrays, affine, raw = case_source(patient, slab, rng)
-            if dicom_dir is not None:
-                arrays = _with_dicom_values(arrays)
-                split = split_dir.name.lower()
-                maps = {key: arrays[key] for key in CHANNELS}
-                name = f"{split}-{case}"
-                study = write_study(dicom_dir / case, maps, affine, name, seed, f"{split}-patient_{patient_index}")
-                if LABEL in keys:
-                    write_label(study, arrays[LABEL], affine, name, seed)
-                if raw is not None:
-                    raw.write_dicom(study, affine, name, seed)
-            arrays = _with_optional(arrays, keys)
-            _write_case(split_dir / case, {key: arrays[key] for key in keys}, affine, smir_ids)
+    for patient_index, patient, slab, rng in split_slabs(
+        seed, split_index, num_cases, in_plane, slices, two_slab_fraction
+    ):
+        case = f"case_{len(rows) + 1}"
+        arrays, affine, raw = case_source(patient, slab, rng)
+        if dicom_dir is not None:
+            arrays = _with_dicom_values(arrays)
+            split = split_dir.name.lower()
+            maps = {key: arrays[key] for key in CHANNELS}
+            name = f"{split}-{case}"
+            study = write_study(dicom_dir / case, maps, affine, name, seed, f"{split}-patient_{patient_index}")
+            if LABEL in keys:
+                write_label(study, arrays[LABEL], affine, name, seed)
             if raw is not None:
-                raw.write_isles18(split_dir / case, next(smir_ids), affine)
-            rows.append((case, f"patient_{patient_index}"))
+                raw.write_dicom(study, affine, name, seed)
+        arrays = _with_optional(arrays, keys)
+        _write_case(split_dir / case, {key: arrays[key] for key in keys}, affine, smir_ids)
+        if raw is not None:
+            raw.write_isles18(split_dir / case, next(smir_ids), affine)
+        rows.append((case, f"patient_{patient_index}"))
+    return rows
 
 
 def generate(
