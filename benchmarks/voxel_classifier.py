@@ -21,12 +21,16 @@ import time
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.data.utils import affine_to_spacing
 from scipy import ndimage, optimize
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from scripts.data.channels import CHANNELS  # noqa: E402
 from scripts.data.datalist import load_fold  # noqa: E402
+from scripts.data.readers import LoadCased  # noqa: E402
 from scripts.report.metrics import METRIC_NAMES, score_case  # noqa: E402
 from scripts.safe_files import write_atomically  # noqa: E402
 from scripts.tools.cli import run  # noqa: E402
@@ -37,19 +41,21 @@ SAMPLES = 200_000  # brain voxels drawn from the training cases, in equal shares
 L2 = 1e-4
 
 
-def _read(item) -> tuple:
-    """(maps as a (5, X, Y, Z) float32 array, label or None, affine) of a datalist item (the five maps of ISLES 2018's
-    order: CT, CBF, CBV, MTT, Tmax)."""
-    images = [nib.load(path) for path in item["image"]]
-    maps = np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in images])
-    label = np.asarray(nib.load(item["label"]).dataobj) > 0 if item.get("label") else None
-    return maps, label, images[0].affine
+def _read(item, channels) -> tuple:
+    """(maps as a {channel: (X, Y, Z) float32 array}, label or None, affine) of a datalist item, read and checked by
+    the bundle's own loader (``LoadCased``: a bad file is named with its case)."""
+    keys = ["image", "label"] if item.get("label") else ["image"]
+    case = LoadCased(keys, channels=channels)(item)
+    maps = {name: case["image"][i].numpy() for i, name in enumerate(channels)}
+    label = case["label"][0].numpy() > 0 if "label" in case else None
+    return maps, label, np.asarray(case["image"].affine, dtype=np.float64)
 
 
 def features(maps) -> tuple:
-    """(voxels x 10 features, brain mask as a flat boolean array): the windowed maps and their local means."""
-    ct, cbf, cbv, mtt, tmax = maps
-    brain = (maps[1:] != 0).any(0)
+    """(voxels x 10 features, brain mask as a flat boolean array): the five windowed maps of ``maps`` ({channel:
+    array}; any other channel, e.g. the CTA, is left out) and their local means."""
+    ct, cbf, cbv, mtt, tmax = (maps[name] for name in CHANNELS)
+    brain = (np.stack([cbf, cbv, mtt, tmax]) != 0).any(0)
     windowed = [np.clip(ct / 100.0, 0, 1)]
     for m in (cbf, cbv):
         ref = float(np.median(m[brain])) if brain.any() else 1.0
@@ -95,22 +101,22 @@ def predict(model, maps) -> np.ndarray:
     w, mean, std = model
     f, brain = features(maps)
     probability = 1 / (1 + np.exp(-((_quadratic(f) - mean) / std) @ w))
-    return ((probability >= 0.5) & brain).reshape(maps.shape[1:])
+    return ((probability >= 0.5) & brain).reshape(maps[CHANNELS[0]].shape)
 
 
 def evaluate(data_list_file_path, dataset_dir, fold=0, channels=None, output_dir=None) -> dict:
     """Fit on the fold's training cases, score its held-out ones; ``{"rows": [{case, metrics...}], "fit_s",
     "predict_s_per_case"}``."""
-    kwargs = {"channels": channels} if channels else {}
-    split = load_fold(data_list_file_path, dataset_dir, fold, **kwargs)
+    channels = list(channels or CHANNELS)
+    split = load_fold(data_list_file_path, dataset_dir, fold, channels)
     start = time.perf_counter()
-    model = fit([_read(item)[:2] for item in split["train"]])
+    model = fit([_read(item, channels)[:2] for item in split["train"]])
     fit_s = time.perf_counter() - start
     rows, start = [], time.perf_counter()
     for item in split["validation"]:
-        maps, label, affine = _read(item)
+        maps, label, affine = _read(item, channels)
         mask = predict(model, maps)
-        spacing = [float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(0))]
+        spacing = [float(s) for s in affine_to_spacing(torch.as_tensor(affine), r=3)]
         rows.append({"case": item["case"], **score_case(mask, label, spacing)})
         if output_dir:
             path = os.path.join(output_dir, f"{item['case']}.nii.gz")
