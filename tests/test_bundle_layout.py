@@ -260,8 +260,9 @@ def test_the_runtime_the_configs_call_imports_no_command_line_tool_and_no_import
 
 
 def test_the_paper_profile_builds_the_papers_training(repo_root):
-    """configs/paper.json after train.json: the IoU loss, Adam at 2e-4 with L2 1e-3, 650 epochs and dropout 0.5 in
-    the built objects (the default recipe, train.json alone, trains with Dice + cross-entropy)."""
+    """configs/paper.json after train.json (it sets the loss, train.json's defaults are the paper's other settings):
+    the IoU loss, Adam at 2e-4 with L2 1e-3, 650 epochs and dropout 0.5 in the built objects; train.json alone trains
+    with Dice + cross-entropy."""
     import torch
     from monai.losses import DiceCELoss, DiceLoss
 
