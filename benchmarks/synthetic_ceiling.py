@@ -94,7 +94,9 @@ def main(seed: int = 0, num_cases: int = 20, in_plane: int = 256, oracle_tree: l
     for index, (_, patient, slab, rng) in enumerate(slabs, start=1):
         rows.append(case_ceilings(patient, slab, rng))
         if oracle_tree is not None:
-            (ct_path,) = glob.glob(os.path.join(oracle_tree[1], "isles", "TRAINING", f"case_{index}", "*.CT.*", "*.nii*"))
+            (ct_path,) = glob.glob(
+                os.path.join(oracle_tree[1], "isles", "TRAINING", f"case_{index}", "*.CT.*", "*.nii*")
+            )
             write_oracle_ct(ct_path, patient, slab)
     print(f"synthetic ISLES 2018 training cases, seed {seed}, {len(rows)} cases: mean Dice against the label")
     for name in rows[0]:
