@@ -71,7 +71,7 @@ def check_overrides(overrides, networks, profile):
     Args:
         overrides: ``{id: value}`` as given on the command line.
         networks: the networks to train.
-        profile: None or ``"demo"``.
+        profile: None or a key of ``PROFILES``.
 
     Raises:
         ValueError: naming the unknown IDs.
