@@ -108,14 +108,15 @@ def read_case(case, case_dir, with_label, channels=CHANNELS):
             continue
         if key in found:
             raise InvalidCaseError(f"{case}: two folders for {key}: {os.path.dirname(found[key])} and {path}")
-        found[key] = _map_file(case, path)
+        # the raw series' folder is looked into only where its maps are computed (a case with maps never reads it)
+        found[key] = os.path.join(path, "") if key == spec.RAW_CTP.name else _map_file(case, path)
     if not found:
         raise InvalidCaseError(f"{case}: no SMIR.Brain.XX.O.<MOD>.<id> map folders in {case_dir}")
     computed = computed_channels(channels)
     raw = found.pop(spec.RAW_CTP.name, None)
     from_raw = raw is not None and not any(name in found for name in computed)
     if from_raw:
-        found.update({name: raw for name in computed})
+        found.update(dict.fromkeys(computed, _map_file(case, os.path.dirname(raw))))
     wanted = list(channels) + ([LABEL] if with_label else [])
     missing = [key for key in wanted if key not in found]
     if missing:

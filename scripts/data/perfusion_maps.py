@@ -250,7 +250,10 @@ def read_series(path) -> CtpSeries:
     check_series(path)
     image = nib.load(path)
     return CtpSeries(
-        np.asarray(image.dataobj, dtype=np.float32), _nifti_times(path, image.header, image.shape[3]), image.affine, path
+        np.asarray(image.dataobj, dtype=np.float32),
+        _nifti_times(path, image.header, image.shape[3]),
+        image.affine,
+        path,
     )
 
 

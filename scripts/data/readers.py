@@ -1,14 +1,14 @@
 """Loading a case, and checking it as it is loaded, so that each file is read once per run.
 
 ``LoadCased`` is MONAI's ``LoadImaged`` for one datalist item (``image``: the channels' files in order, or one 4D file;
-``label``; ``case``; ``maps_source``): for each key it picks, as ``LoadImage`` does, the first of its readers whose ``verify_suffix``
-takes the key's value (the reader registry, as nnU-Net's ``imageio``): ``ThreadSafeNibabelReader`` for NIfTI files, and
-the readers a profile adds (configs/dicom.json: ``scripts.dicom.series.DicomSeriesReader`` for DICOM series). With
-``check`` every file is checked as it is read (a ``.gz`` stream against its CRC, a map's dimensions, one grid for
-all the files of a case, values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, a binary label, and in
-training no blank perfusion map), and a problem stops the run with one ``InvalidCaseError`` naming the case and the
-file. ``scripts.data.datalist`` runs the same load outside a pipeline (``prepare_datalist --check``, and before
-inference and evaluation).
+``label``; ``case``; ``maps_source``): for each key it picks, as ``LoadImage`` does, the first of its readers whose
+``verify_suffix`` takes the key's value (the reader registry, as nnU-Net's ``imageio``): ``ThreadSafeNibabelReader``
+for NIfTI files, and the readers a profile adds (configs/dicom.json: ``scripts.dicom.series.DicomSeriesReader`` for
+DICOM series). With ``check`` every file is checked as it is read (a ``.gz`` stream against its CRC, a map's
+dimensions, one grid for all the files of a case, values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, a
+binary label, and in training no blank perfusion map), and a problem stops the run with one ``InvalidCaseError``
+naming the case and the file. ``scripts.data.datalist`` runs the same load outside a pipeline (``prepare_datalist
+--check``, and before inference and evaluation).
 
 A case whose ``maps_source`` is ``COMPUTED_MAPS`` (the layout readers decide it: a case with the raw CT perfusion series
 and no vendor maps) names that series as the file of each ``computed`` channel (``scripts.data.channels``): it is read
@@ -40,7 +40,14 @@ from monai.utils import PostFix, ensure_tuple
 from scripts.data import perfusion_maps
 from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, NCCT, VENDOR_MAPS, computed_channels
 
-__all__ = ["MAX_ABS_VALUE", "ThreadSafeNibabelReader", "InvalidCaseError", "LoadCased", "computed_positions", "onto_grid"]
+__all__ = [
+    "MAX_ABS_VALUE",
+    "ThreadSafeNibabelReader",
+    "InvalidCaseError",
+    "LoadCased",
+    "computed_positions",
+    "onto_grid",
+]
 
 # Largest magnitude accepted in a map or label, after the header's scaling. No CT (HU), perfusion map or label value
 # comes near it; beyond it lie "no value" markers such as FLT_MAX (3.4e38), and a float32 z-score over a slab with such
@@ -300,7 +307,9 @@ class LoadCased(LoadImaged):
             if key in d:
                 d[key].meta["lesion_voxels"] = int(torch.count_nonzero(d[key]))
         if self.check:
-            channels = self.channels if self.compute_maps else [c for i, c in enumerate(self.channels) if i not in computed]
+            channels = (
+                self.channels if self.compute_maps else [c for i, c in enumerate(self.channels) if i not in computed]
+            )
             self._check_case(d, files, image_key, [key for key in label_keys if key in d], channels)
         return d
 
@@ -347,8 +356,9 @@ class LoadCased(LoadImaged):
         for index, name in enumerate(channels):
             values = image[index]
             if self.refuse_blank and name in CHANNELS[1:] and values.numel() and values.min() == values.max():
+                path = files[min(self.channels.index(name), len(files) - 1)]
                 raise InvalidCaseError(
-                    f"{case}: {name} file {files[min(self.channels.index(name), len(files) - 1)]} has the same value ({float(values.min()):.4g})"
+                    f"{case}: {name} file {path} has the same value ({float(values.min()):.4g})"
                     " in every voxel: a blank map (the perfusion software produced none) teaches the network nothing"
                     " true; leave the case out"
                 )
