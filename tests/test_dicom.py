@@ -37,7 +37,7 @@ def rules(repo_root):
     return parser.get_parsed_content("series_rules")
 
 
-TEXT_COLUMNS = ("case", "perfusion_note")
+TEXT_COLUMNS = ("case", "maps_source", "perfusion_note")
 
 
 def assert_same_row(expected, row, case):

@@ -33,7 +33,9 @@ def phantom_trees(tmp_path_factory):
     training cases and one testing case, also as DICOM studies; ISLES 2024 with one subject."""
     root = tmp_path_factory.mktemp("phantom_trees")
     source = PhantomSource()
-    generate(str(root / "isles18"), 2, 1, seed=2, in_plane=64, slices=4, two_slab_fraction=0, dicom=True, case_source=source)
+    generate(
+        str(root / "isles18"), 2, 1, seed=2, in_plane=64, slices=4, two_slab_fraction=0, dicom=True, case_source=source
+    )
     generate_isles24(str(root / "isles24"), 1, 0, seed=2, in_plane=48, slices=16, case_source=source)
     return root
 

@@ -49,6 +49,7 @@ __all__ = [
     "check_series",
     "compute_maps",
     "isles18_maps",
+    "nifti_series",
     "read_dicom_series",
     "read_series",
     "relative_cbf",
@@ -230,7 +231,7 @@ def check_series(source, headers=None) -> None:
     image = nib.load(source)
     if len(image.shape) != 4:
         _refuse(source, f"has shape {image.shape}; a perfusion series is 4D (x, y, z, t)")
-    _check_times(source, image.shape[3], _nifti_times(source, image.header, image.shape[3]))
+    _check_times(source, image.shape[3], _nifti_times(source, image.header, image.shape[3]))  # no frame read
 
 
 def read_series(path) -> CtpSeries:
@@ -247,14 +248,22 @@ def read_series(path) -> CtpSeries:
         if not paths:
             _refuse(path, "holds no DICOM files")
         return read_dicom_series(paths, path)
-    check_series(path)
-    image = nib.load(path)
-    return CtpSeries(
-        np.asarray(image.dataobj, dtype=np.float32),
-        _nifti_times(path, image.header, image.shape[3]),
-        image.affine,
-        path,
-    )
+    return nifti_series(nib.load(path), path)
+
+
+def nifti_series(image, path) -> CtpSeries:
+    """The series of a 4D NIfTI image read from ``path`` (its sidecar beside it): ``read_series`` of a file that the
+    caller has read (``scripts.data.readers`` checks a ``.gz`` stream whole as it reads it).
+
+    Raises:
+        CtpSeriesError: as ``read_series``.
+    """
+    path = str(path)
+    if len(image.shape) != 4:
+        _refuse(path, f"has shape {image.shape}; a perfusion series is 4D (x, y, z, t)")
+    times = _nifti_times(path, image.header, image.shape[3])
+    _check_times(path, image.shape[3], times)
+    return CtpSeries(np.asarray(image.dataobj, dtype=np.float32), times, image.affine, path)
 
 
 def _check_times(source, count, times):

@@ -208,9 +208,12 @@ class ThreadSafeNibabelReader(NibabelReader):
 
     @staticmethod
     def perfusion_series(path, read=True):
-        """The raw CT perfusion series of a NIfTI file (``scripts.data.perfusion_maps.read_series``), or with
-        ``read`` False only its header checked (``check_series``): ``CtpSeriesError`` naming the file."""
-        return perfusion_maps.read_series(path) if read else perfusion_maps.check_series(str(path))
+        """The raw CT perfusion series of a NIfTI file, read once whole (``_read_nifti``: a ``.gz`` stream checked)
+        (``scripts.data.perfusion_maps.nifti_series``), or with ``read`` False only its header checked
+        (``check_series``): ``CtpSeriesError`` (or ``FileProblem``) naming the file."""
+        if not read:
+            return perfusion_maps.check_series(str(path))
+        return perfusion_maps.nifti_series(_read_nifti(path), path)
 
     def _check_grid(self, image, name, first):
         shape = image.shape
@@ -322,7 +325,7 @@ class LoadCased(LoadImaged):
         what = f"{case}: cannot compute perfusion maps from the raw CT perfusion series"
         try:
             series = reader.perfusion_series(source, read=self.compute_maps)
-        except perfusion_maps.CtpSeriesError as err:
+        except (perfusion_maps.CtpSeriesError, FileProblem) as err:
             raise InvalidCaseError(f"{what} {err}") from err
         except Exception as err:  # nibabel and pydicom raise several types for missing, truncated and foreign files
             raise InvalidCaseError(f"{what} {source}: it cannot be read ({err})") from err
