@@ -12,13 +12,14 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from helpers import read_rows, run_bundle, sr_texts, study_files
 from scripts.data.channels import COMPUTED_MAPS, VENDOR_MAPS, computed_channels, series_rules
-from scripts.data.datalist import build_datalist
+from scripts.data.datalist import build_datalist, find_inputs
 from scripts.data.isles18 import SMIR_NAME, TESTING_DIR, TRAINING_DIR, key_of_token
 from scripts.data.perfusion_maps import sidecar_path
 from scripts.data.phantom import CTP_SERIES_NUMBER, CTP_TOKEN, PhantomSource
-from scripts.data.readers import InvalidCaseError
+from scripts.data.readers import InvalidCaseError, LoadCased
 from scripts.data.synthetic import generate, generate_isles24
 from scripts.dicom.series import case_of, find_studies
 
@@ -188,3 +189,24 @@ def test_a_dicom_perfusion_series_with_an_untimed_slice_is_refused_with_the_stud
     case = case_of(ds.StudyInstanceUID)
     with pytest.raises(InvalidCaseError, match=f"{case}: CT perfusion series .*: cannot be timed: {path} has no"):
         find_studies(str(study), series_rules())
+
+
+def test_maps_of_a_series_on_another_grid_are_resampled_onto_the_nccts(phantom_trees, tmp_path):
+    """The raw CTP stored with its first axis reversed (the same voxels in space, another affine): the maps computed
+    from it and resampled onto the NCCT's grid are those computed on that grid."""
+    root = tmp_path / "isles24"
+    shutil.copytree(phantom_trees / "isles24", root)
+    shutil.rmtree(next(root.glob("derivatives/sub-*/ses-*/perfusion-maps")))
+    (item,) = find_inputs(str(root))
+    on_grid = LoadCased(("image",))(item)["image"]
+    path = item["image"][1]
+    image = nib.load(path)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = image.shape[0] - 1
+    reversed_image = nib.Nifti1Image(np.asanyarray(image.dataobj)[::-1], image.affine @ flip, image.header)
+    reversed_image.set_qform(image.affine @ flip, code=1)
+    reversed_image.set_sform(image.affine @ flip, code=1)
+    nib.save(reversed_image, path)
+    resampled = LoadCased(("image",))(item)["image"]
+    assert resampled.shape == on_grid.shape and np.allclose(resampled.affine, on_grid.affine)
+    assert torch.allclose(resampled, on_grid, atol=1e-3) and on_grid[1:].abs().sum() > 0
