@@ -6,6 +6,7 @@ Synthetic: every figure is on phantoms, none on patients.
     python benchmarks/perfusion_maps.py --seeds 12 --in_plane 128
     python benchmarks/perfusion_maps.py --seeds 0 --speed true   # one 512 x 512 x 20 x 40-frame series only
     python benchmarks/perfusion_maps.py --seeds 0 --tree DIR     # the threshold core's Dice on an ISLES 2018 tree
+    python benchmarks/perfusion_maps.py --seeds 0 --load DIR     # loading its TESTING cases raw-only vs with maps
 
 Tables (markdown, printed):
 - per tissue class (healthy, benign oligaemia, penumbra, core) and map: the bias of the mean (CBF, CBV, MTT relative
@@ -14,7 +15,10 @@ Tables (markdown, printed):
 - the mean absolute error of each map, both methods, and by how much ours is lower;
 - the Tmax > 6 s and rCBF < 30 % volumes (mL) against the true ones (the truth's own Tmax and rCBF);
 - with ``--speed``: seconds and peak memory of ``compute_maps`` on one 512 x 512 x 20 x 40 series, and the part the
-  deconvolution itself took.
+  deconvolution itself took;
+- with ``--load``: the seconds ``scripts.data.readers.LoadCased`` takes to load each TESTING case of an ISLES 2018
+  tree of phantoms as it is (its maps read) and raw-only (a copy without its maps: the maps computed from its
+  ``CT_4DPWI``), alternating, three rounds, the median.
 """
 
 import argparse
@@ -160,6 +164,42 @@ def threshold_dice(root):
     return "\n".join(lines)
 
 
+def load_time(root, rounds=3):
+    """Median seconds of ``LoadCased`` per TESTING case of an ISLES 2018 tree, with its maps and raw-only."""
+    import shutil
+    import tempfile
+
+    import nibabel as nib
+    from scripts.data.datalist import find_inputs
+    from scripts.data.isles18 import SMIR_NAME, TESTING_DIR, key_of_token
+    from scripts.data.readers import LoadCased
+
+    lines = ["| case | grid x frames | with maps (s) | raw-only, maps computed (s) |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as copy:
+        raw_root = os.path.join(copy, TESTING_DIR)
+        shutil.copytree(os.path.join(root, TESTING_DIR), raw_root)
+        for case in os.listdir(raw_root):
+            for name in os.listdir(os.path.join(raw_root, case)):
+                match = SMIR_NAME.match(name)
+                if match and key_of_token(match.group("mod")) in MAPS:
+                    shutil.rmtree(os.path.join(raw_root, case, name))
+        load = LoadCased(("image",))
+        vendor, raw = find_inputs(os.path.join(root, TESTING_DIR)), find_inputs(raw_root)
+        for with_maps, raw_only in zip(vendor, raw):
+            seconds = {"vendor": [], "raw": []}
+            for _ in range(rounds):
+                for key, item in (("vendor", with_maps), ("raw", raw_only)):
+                    started = time.perf_counter()
+                    image = load(item)["image"]
+                    seconds[key].append(time.perf_counter() - started)
+            frames = nib.load(raw_only["image"][1]).shape[3]
+            lines.append(
+                f"| {with_maps['case']} | {' x '.join(map(str, image.shape[1:]))} x {frames} |"
+                f" {np.median(seconds['vendor']):.2f} | {np.median(seconds['raw']):.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=6, help="phantoms 1..N (0: none, e.g. with --speed)")
@@ -167,7 +207,10 @@ def main():
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--speed", default="false", choices=("true", "false"))
     parser.add_argument("--tree", default=None, help="an ISLES 2018 tree: the threshold core's Dice per case")
+    parser.add_argument("--load", default=None, help="an ISLES 2018 tree of phantoms: loading raw-only vs with maps")
     args = parser.parse_args()
+    if args.load:
+        print(load_time(args.load), end="\n\n")
     if args.tree:
         print(threshold_dice(args.tree), end="\n\n")
     if args.seeds > 0:

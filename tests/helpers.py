@@ -1,9 +1,14 @@
 """Helpers shared by the test modules (pytest puts tests/ on sys.path: `from helpers import ...`)."""
 
+import csv
+import json
 import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
+from conftest import TINY_NETWORK
 from panoptica import ConnectedComponentsInstanceApproximator, InputType, NaiveThresholdMatching, Panoptica_Evaluator
 
 
@@ -50,3 +55,28 @@ def canonical(array, affine):
     """(array, affine) reoriented to the closest RAS axes: one image gives one result whatever its voxel order."""
     image = nib.as_closest_canonical(nib.Nifti1Image(np.asanyarray(array), affine))
     return np.asanyarray(image.dataobj), image.affine
+
+
+def run_bundle(repo_root, configs, bundle_root, dataset_dir, output_dir, *extra):
+    """`python -m monai.bundle run` with the tiny network; the finished process (stdout and stderr as text)."""
+    args = [f"--{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY_NETWORK.items()]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle_root)]
+    cmd += ["--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *args, *extra]
+    return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600, check=False)
+
+
+def read_rows(path):
+    """The rows of a CSV file (per_case.csv), by their ``case``."""
+    with open(path, newline="") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def sr_texts(dataset):
+    """Every TEXT content item of an SR, ``{concept meaning: [values]}``, from its content tree at any depth."""
+    found = {}
+    for item in dataset.get("ContentSequence", []):
+        if item.get("ValueType") == "TEXT":
+            found.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(item.TextValue)
+        for meaning, values in sr_texts(item).items():
+            found.setdefault(meaning, []).extend(values)
+    return found

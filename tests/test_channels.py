@@ -35,7 +35,8 @@ def test_the_required_inputs_come_first_and_an_optional_one_after_them():
 
 def test_a_sites_series_rule_changes_only_the_tests_it_gives():
     rules = series_rules([*CHANNELS, "CTA"], {"CBF": {"description": "^PERF FLOW$"}})
-    assert list(rules) == [*CHANNELS, "CTA"] and rules["CTA"] == channels.channel("CTA").series_rule
+    assert list(rules) == [*CHANNELS, "CTA", "CTP"] and rules["CTA"] == channels.channel("CTA").series_rule
+    assert rules["CTP"] == channels.RAW_CTP.series_rule  # the raw perfusion series the maps can be computed from
     assert rules["CBF"] == {**channels.channel("CBF").series_rule, "description": "^PERF FLOW$"}
     with pytest.raises(ValueError, match="no input named CFB; scripts/data/channels.py declares"):
         series_rules(CHANNELS, {"CFB": {"description": "flow"}})

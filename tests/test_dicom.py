@@ -2,7 +2,6 @@
 and SR read back with highdicom, bad studies refused naming the series before anything is written, a file we did
 not write (pydicom's CT test file) and multi-frame series read."""
 
-import csv
 import json
 import os
 import re
@@ -15,8 +14,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import TINY_NETWORK
-from helpers import canonical, study_files
+from helpers import canonical, read_rows, run_bundle, sr_texts, study_files
 from monai.bundle import ConfigParser
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -39,20 +37,7 @@ def rules(repo_root):
     return parser.get_parsed_content("series_rules")
 
 
-def run_bundle(repo_root, configs, bundle_root, dataset_dir, output_dir, *extra):
-    """`python -m monai.bundle run` with the tiny network; the finished process (stdout and stderr as text)."""
-    args = [f"--{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY_NETWORK.items()]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle_root)]
-    cmd += ["--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *args, *extra]
-    return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600, check=False)
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return {row["case"]: row for row in csv.DictReader(f)}
-
-
-TEXT_COLUMNS = ("case", "perfusion_note")
+TEXT_COLUMNS = ("case", "maps_source", "perfusion_note")
 
 
 def assert_same_row(expected, row, case):
@@ -132,6 +117,8 @@ def test_the_seg_reads_back_as_the_mask_and_the_sr_holds_the_volumes(both_runs, 
         figures = {concepts[m.name.value]: float(m.value) for m in perfusion.get_measurements()}
         expected = {k: float(v) for k, v in rows[study].items() if k in concepts.values() and v not in ("", None)}
         assert expected and figures == pytest.approx(expected), case
+        parameters = sr_texts(sr)["Algorithm Parameters"]  # of the core's group and the figures' group
+        assert rows[study]["maps_source"] == "vendor" and parameters == ["perfusion maps: vendor"] * 2, case
 
 
 def test_no_patient_name_or_id_in_the_logs_or_file_names(both_runs, dicom_tree):

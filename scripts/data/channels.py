@@ -11,7 +11,20 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["CHANNELS", "NCCT", "SPEC", "Channel", "channel", "check_channels", "series_rules"]
+__all__ = [
+    "CHANNELS",
+    "COMPUTED_MAPS",
+    "MAPS_SOURCE",
+    "NCCT",
+    "RAW_CTP",
+    "SPEC",
+    "VENDOR_MAPS",
+    "Channel",
+    "channel",
+    "check_channels",
+    "computed_channels",
+    "series_rules",
+]
 
 # The tests of a map's default DICOM rule besides its description: a map, not a thresholded region or mask.
 MAP_MODALITIES = ("CT", "MR", "OT")
@@ -37,6 +50,8 @@ class Channel:
             adds optional ones after them.
         synthetic: how the synthetic generator draws it from a case's arrays (name -> array, in the release's
             units); None for the required ones, which the generator draws itself; by default a float32 copy of CBF.
+        computed: the bundle computes it from the raw CT perfusion series (``RAW_CTP``) of a case that has none of
+            the computed inputs' files (``scripts.data.perfusion_maps``, in ISLES 2018's units).
     """
 
     name: str
@@ -46,15 +61,15 @@ class Channel:
     normalisation: str = "zscore"
     required: bool = False
     synthetic: Callable | None = lambda arrays: np.asarray(arrays["CBF"], dtype=np.float32)
+    computed: bool = False
 
 
 def _perfusion_map(name, isles18, description, exclude=MAP_EXCLUDE):
     """A required perfusion map: ISLES 2024 keeps it in ``perfusion-maps``, its DICOM rule takes maps of any modality
     named by ``description`` and not thresholded regions or masks."""
     rule = {"modality": list(MAP_MODALITIES), "description": description, "exclude": exclude}
-    return Channel(
-        name, isles18, f"derivatives/perfusion-maps/space-ncct_{name.lower()}", rule, required=True, synthetic=None
-    )
+    where = f"derivatives/perfusion-maps/space-ncct_{name.lower()}"
+    return Channel(name, isles18, where, rule, required=True, synthetic=None, computed=True)
 
 
 def _cta(arrays):
@@ -88,6 +103,23 @@ SPEC = (
     ),
 )
 
+# The raw 4D CT perfusion series: no input of the model, but what the ``computed`` inputs are computed from where a case
+# has none of their files (ISLES 2018 ``CT_4DPWI``, ISLES 2024 ``raw/.../*_ctp``, a DICOM perfusion series).
+RAW_CTP = Channel(
+    "CTP",
+    ("CT_4DPWI", "MR_4DPWI"),  # MR_: an early ISLES 2018 release's
+    "raw/ctp",
+    {
+        "modality": ["CT"],
+        "description": "perf|ctp|4d|dynamic",
+        "exclude": "cbf|cbv|mtt|t.?max|ttp|flow|volume|transit|mip|<|%|thresh|mask|summary|map",
+    },
+    synthetic=None,
+)
+MAPS_SOURCE = "maps_source"  # the item key (and per_case.csv column) that says where a case's perfusion maps came from
+VENDOR_MAPS = "vendor"
+COMPUTED_MAPS = "computed by the bundle (oSVD)"
+
 CHANNELS = tuple(c.name for c in SPEC if c.required)  # the model's inputs, in the order of metadata.json's channel_def
 NCCT = CHANNELS[0]
 # What reads SPEC reads it when called (``channel``, ``SPEC`` through this module), never a copy made at import: a test
@@ -116,14 +148,23 @@ def check_channels(channels):
         )
 
 
+def computed_channels(channels=CHANNELS) -> list:
+    """The names of ``channels`` that the bundle computes from the raw series where a case has no vendor maps."""
+    return [name for name in channels if channel(name).computed]
+
+
 def series_rules(channels=CHANNELS, site_rules=None) -> dict:
-    """The DICOM rule of each of ``channels``: its ``SPEC`` default with the tests that ``site_rules[channel]`` gives
-    replaced (configs/dicom.json's ``site_series_rules``).
+    """The DICOM rule of each of ``channels``, and of the raw perfusion series (``RAW_CTP``, under its name) where
+    some channel is ``computed``: its default with the tests that ``site_rules[name]`` gives replaced (configs/
+    dicom.json's ``site_series_rules``).
 
     Raises:
         ValueError: for a site rule of a channel that ``SPEC`` does not declare.
     """
     site_rules = dict(site_rules or {})
     for name in site_rules:
-        channel(name)
-    return {name: {**channel(name).series_rule, **site_rules.get(name, {})} for name in channels}
+        if name != RAW_CTP.name:
+            channel(name)
+    names = [*channels, *([RAW_CTP.name] if computed_channels(channels) else [])]
+    defaults = {name: (RAW_CTP if name == RAW_CTP.name else channel(name)).series_rule for name in names}
+    return {name: {**defaults[name], **site_rules.get(name, {})} for name in names}

@@ -6,8 +6,10 @@ a datalist), each item's structure checked before any file is read.
 
 The sources, tried in order (a registry, as nnU-Net's ``imageio``): ``TREES`` for datalists (ISLES 2024, ISLES
 2018), ``FOLDERS`` for inference (ISLES 2024, ISLES 2018 roots and case folders, 4D NIfTI files); each names its cases
-(``case``). DICOM studies come from configs/dicom.json (``scripts.dicom.series.find_studies``). Every item is read by
-``scripts.data.readers.LoadCased``, which checks its files as it reads them.
+(``case``) and decides where its perfusion maps come from (``maps_source``: the vendor's files, or computed from the
+raw CT perfusion series where a case has it and no maps). DICOM studies come from configs/dicom.json
+(``scripts.dicom.series.find_studies``). Every item is read by ``scripts.data.readers.LoadCased``, which checks its
+files as it reads them (and computes the maps of a case that has none).
 """
 
 import csv
@@ -23,8 +25,8 @@ from monai.data import load_decathlon_datalist
 from monai.utils import ensure_tuple
 from scripts.data import channels as spec
 from scripts.data import isles18, isles24
-from scripts.data.channels import CHANNELS, check_channels
-from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError, LoadCased, file_stem
+from scripts.data.channels import CHANNELS, MAPS_SOURCE, check_channels
+from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError, LoadCased, computed_positions, file_stem
 from scripts.flags import as_bool
 
 logger = logging.getLogger(__name__)
@@ -280,6 +282,7 @@ def check_entries(items, source, need_label=False, need_fold=False, channels=CHA
                     f"{case}: 'image' in {source} gives {path}, a {named} map, as channel {position + 1}; the"
                     f" channels are {', '.join(channels)}, in that order"
                 )
+        computed_positions(item, channels)
         if need_label and not isinstance(item.get("label"), str):
             raise InvalidCaseError(f"{case}: no 'label' file in {source}; training and evaluation need one per case")
         fold = item.get("fold")
@@ -302,9 +305,10 @@ def check_unique_names(items):
 
 def _check_all(items, check, channels):
     """With ``check``, every item loaded with its checks before any work: inference and evaluation read their cases
-    one at a time, so a bad case would otherwise stop the run part-way."""
+    one at a time, so a bad case would otherwise stop the run part-way. A raw series that maps are computed from is
+    checked from its header here (read once, in the run, where the maps are computed)."""
     if as_bool(check, "check_inputs"):
-        load = LoadCased(("image", "label"), channels)
+        load = LoadCased(("image", "label"), channels, compute_maps=False)
         for item in items:
             load(item)
 
@@ -396,15 +400,12 @@ def find_inputs(source, data_list_key="testing", check=False, channels=CHANNELS)
     check_channels(channels)
     source = os.path.abspath(source)
     if os.path.isfile(source) and source.lower().endswith(".json"):
-        items = [
-            {"image": item["image"], "case": item["case"]}
-            for item in _read_section(source, data_list_key, is_segmentation=False, channels=channels)
-        ]
+        items = _read_section(source, data_list_key, is_segmentation=False, channels=channels)
     elif not os.path.isdir(source):
         raise FileNotFoundError(f"{source} is neither a folder nor a datalist .json file")
     else:
         items = next(found for find in FOLDERS if (found := find(source, channels)) is not None)
-        items = [{"image": item["image"], "case": item["case"]} for item in items]
+    items = [{key: item[key] for key in ("image", "case", MAPS_SOURCE) if key in item} for item in items]
     if not items:
         raise InvalidCaseError(
             f"{source}: no cases (an ISLES 2018 or 2024 root, a folder of case folders or of 4D NIfTI files,"

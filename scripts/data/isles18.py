@@ -1,6 +1,8 @@
 """The ISLES 2018 CT-perfusion release on disk: ``TRAINING/`` and ``TESTING/`` folders of ``case_N`` folders, each map in
 ``SMIR.Brain.XX.O.<MOD>.<id>/SMIR.Brain.XX.O.<MOD>.<id>.nii``, found by the modality tokens of ``scripts.data.channels``
-(``OT``: the label), read into datalist items named after their case folder.
+(``OT``: the label), read into datalist items named after their case folder. A case with the raw series (``CT_4DPWI``)
+and none of the perfusion maps gets them computed from it (its item's ``maps_source``); where it has the maps, they are
+used and the raw series is not read.
 
 MONAI reads datalists and NIfTI files but knows nothing of the ISLES folder layout; this module fills that gap.
 """
@@ -10,13 +12,12 @@ import os
 import re
 
 from scripts.data import channels as spec
-from scripts.data.channels import CHANNELS
+from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, computed_channels
 from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError
 
 logger = logging.getLogger(__name__)
 
 LABEL = "OT"
-IGNORED_TOKENS = ("CT_4DPWI", "MR_4DPWI")  # the raw 4D perfusion series: in the release, not read
 TRAINING_DIR = "TRAINING"
 TESTING_DIR = "TESTING"
 # SMIR.Brain.XX.O.<MOD>.<id>, the name of both the map folder and the NIfTI file inside it.
@@ -78,7 +79,9 @@ def _map_file(case, map_dir):
 
 
 def read_case(case, case_dir, with_label, channels=CHANNELS):
-    """Map the case's folders to ``{"image": [a file per channel], "label": OT, "case": case}`` (absolute paths).
+    """Map the case's folders to ``{"image": [a file per channel], "label": OT, "case": case}`` (absolute paths); a
+    case with the raw series (``CT_4DPWI``) and none of the maps that can be computed from it names that series as
+    their file, with ``maps_source`` ``COMPUTED_MAPS`` (``scripts.data.readers.LoadCased`` computes them).
 
     Raises:
         InvalidCaseError: naming the case and the folder, for a dangling link, no map folders, two folders of one
@@ -93,27 +96,33 @@ def read_case(case, case_dir, with_label, channels=CHANNELS):
         raise InvalidCaseError(
             f"{case}: {case_dir} is a symbolic link to {os.readlink(case_dir)}, which does not exist"
         )
-    found = {}
+    found, raw_tokens = {}, [token.upper() for token in spec.RAW_CTP.isles18]
     for entry in sorted(os.listdir(case_dir)):
         path = os.path.join(case_dir, entry)
         match = SMIR_NAME.match(entry)
         if not os.path.isdir(path) or match is None:
             continue
-        key = key_of_token(match.group("mod"))
+        key = spec.RAW_CTP.name if match.group("mod").upper() in raw_tokens else key_of_token(match.group("mod"))
         if key is None:
-            if match.group("mod").upper() not in IGNORED_TOKENS:
-                logger.warning("%s: ignoring folder %s (unknown modality %s)", case, path, match.group("mod"))
+            logger.warning("%s: ignoring folder %s (unknown modality %s)", case, path, match.group("mod"))
             continue
         if key in found:
             raise InvalidCaseError(f"{case}: two folders for {key}: {os.path.dirname(found[key])} and {path}")
-        found[key] = _map_file(case, path)
+        # the raw series' folder is looked into only where its maps are computed (a case with maps never reads it)
+        found[key] = os.path.join(path, "") if key == spec.RAW_CTP.name else _map_file(case, path)
     if not found:
         raise InvalidCaseError(f"{case}: no SMIR.Brain.XX.O.<MOD>.<id> map folders in {case_dir}")
+    computed = computed_channels(channels)
+    raw = found.pop(spec.RAW_CTP.name, None)
+    from_raw = raw is not None and not any(name in found for name in computed)
+    if from_raw:
+        found.update(dict.fromkeys(computed, _map_file(case, os.path.dirname(raw))))
     wanted = list(channels) + ([LABEL] if with_label else [])
     missing = [key for key in wanted if key not in found]
     if missing:
-        raise InvalidCaseError(f"{case}: missing {', '.join(missing)} in {case_dir} (found {', '.join(found)})")
-    item = {"image": [found[c] for c in channels], "case": case}
+        hint = "" if raw or set(computed) - set(missing) else f"; nor a raw series ({spec.RAW_CTP.isles18[0]})"
+        raise InvalidCaseError(f"{case}: missing {', '.join(missing)} in {case_dir} (found {', '.join(found)}){hint}")
+    item = {"image": [found[c] for c in channels], "case": case, **({MAPS_SOURCE: COMPUTED_MAPS} if from_raw else {})}
     if with_label:
         item["label"] = found[LABEL]
     return item

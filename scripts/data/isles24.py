@@ -8,7 +8,9 @@ Two layouts are seen in public copies: the challenge's README
 ..._space-ncct_tmax.nii.gz``, ``train/derivatives/sub-stroke0001/ses-02/..._space-ncct_lesion-msk.nii.gz``). Both
 are read by pattern: the NCCT in a session folder of the raw tree, the four maps in a ``perfusion-maps`` folder of
 the derivatives, the lesion mask in another derivatives session. The maps are registered to the NCCT; the mask is
-the final infarct from follow-up MRI, on the NCCT grid. A subject without a mask is a testing case.
+the final infarct from follow-up MRI, on the NCCT grid. A subject without a mask is a testing case. A subject with
+the raw CTP (``<raw>/sub-*/ses-*/sub-*_ses-*_ctp.nii.gz``) and no perfusion maps gets them computed from it (its
+item's ``maps_source``); where it has the maps, they are used and the raw CTP is not read.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import re
 
 from scripts.data import channels as spec
-from scripts.data.channels import CHANNELS
+from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, computed_channels
 from scripts.data.isles18 import TESTING_DIR, TRAINING_DIR, find_dir
 from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError
 
@@ -109,21 +111,35 @@ def _refuse_misnamed_mask(subject, derivatives_dir):
 def read_subject(subject: str, raw_dir: str, derivatives_dir: str, channels=CHANNELS) -> dict:
     """The datalist item of one subject: ``{"image": [a file per channel], "case": subject}`` with absolute paths, and
     ``"label"`` when the subject has a lesion mask; each channel's file where ``scripts.data.channels`` says ISLES
-    2024 keeps it (the NCCT in the raw tree, the maps in ``perfusion-maps``, the CTA registered to the NCCT beside it).
+    2024 keeps it (the NCCT in the raw tree, the maps in ``perfusion-maps``, the CTA registered to the NCCT beside it);
+    a subject with the raw CTP and none of the maps that can be computed from it names the CTP as their file, with
+    ``maps_source`` ``COMPUTED_MAPS`` (``scripts.data.readers.LoadCased`` computes them).
 
     Raises:
         InvalidCaseError: naming the subject and the file pattern that matched nothing (or more than one file).
     """
     trees = {"raw": raw_dir, "derivatives": derivatives_dir}
+
+    def find(entry, what, required=True):
+        tree, *folder, ending = entry.isles24.split("/")
+        pattern = os.path.join(trees[tree], subject, "ses-*", *folder, f"{subject}_ses-*_{ending}")
+        return _one(subject, pattern + "*", what, required)
+
+    computed = computed_channels(channels)
+    raw = None
+    if not any(find(spec.channel(name), f"{name} map", required=False) for name in computed):
+        raw = find(spec.RAW_CTP, "raw CTP", required=False)
     image = []
     for name in channels:
         if not spec.channel(name).isles24:
             raise InvalidCaseError(f"{subject}: ISLES 2024 has no {name}")
-        tree, *folder, ending = spec.channel(name).isles24.split("/")
-        pattern = os.path.join(trees[tree], subject, "ses-*", *folder, f"{subject}_ses-*_{ending}")
-        image.append(_one(subject, pattern + "*", "NCCT" if name == CHANNELS[0] else f"{name} map"))
+        if raw and name in computed:
+            image.append(raw)
+            continue
+        image.append(find(spec.channel(name), "NCCT" if name == CHANNELS[0] else f"{name} map"))
     sessions = os.path.join(derivatives_dir, subject, "ses-*", f"{subject}_ses-*_")
     mask = _one(subject, sessions + "*" + MASK_SUFFIX + "*", "lesion mask", required=False)
     if mask is None:
         _refuse_misnamed_mask(subject, derivatives_dir)
-    return {"image": image, "case": subject, **({"label": mask} if mask else {})}
+    item = {"image": image, "case": subject, **({"label": mask} if mask else {})}
+    return {**item, MAPS_SOURCE: COMPUTED_MAPS} if raw else item

@@ -42,9 +42,19 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 from scipy import fft as sfft
 from scipy import ndimage
-from scripts.data.isles18 import InvalidCaseError
 
-__all__ = ["CtpSeries", "CtpSeriesError", "compute_maps", "isles18_maps", "read_series", "relative_cbf", "sidecar_path"]
+__all__ = [
+    "CtpSeries",
+    "CtpSeriesError",
+    "check_series",
+    "compute_maps",
+    "isles18_maps",
+    "nifti_series",
+    "read_dicom_series",
+    "read_series",
+    "relative_cbf",
+    "sidecar_path",
+]
 
 RHO_BRAIN = 1.04  # g/mL, brain tissue density
 K_H = (1 - 0.45) / (1 - 0.25)  # hematocrit of large vessels (0.45) against small ones (0.25)
@@ -78,8 +88,9 @@ TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 EPOCH = datetime.datetime(1970, 1, 1)
 
 
-class CtpSeriesError(InvalidCaseError):
-    """A raw CT perfusion series the maps cannot be computed from; the message names the file and the reason."""
+class CtpSeriesError(ValueError):
+    """A raw CT perfusion series the maps cannot be computed from; the message names the file and the reason
+    (``scripts.data.readers.LoadCased`` adds the case)."""
 
 
 @dataclass
@@ -143,21 +154,17 @@ def _dicom_time(ds):
     return (moment - EPOCH).total_seconds()
 
 
-def _read_dicom(folder, paths):
-    """A CT perfusion series from its single-frame slices: grouped by position, each position's slices in order of
-    acquisition time; a frame's time is the median of its slices'."""
-    datasets = []
-    for path in paths:
-        try:
-            datasets.append(pydicom.dcmread(path))
-        except (pydicom.errors.InvalidDicomError, OSError) as err:
-            _refuse(folder, f"cannot read {path} as DICOM: {err}")
+def _dicom_layout(name, datasets):
+    """The slices of a CT perfusion series from their headers: each position's slices in order of acquisition time
+    (``stacks``), the frames' times (each the median of its slices') and the RAS affine; refused (naming ``name``)
+    where a slice has no time, the series mixes series, or its positions differ in frame count or spacing."""
     times = [_dicom_time(ds) for ds in datasets]
-    untimed = [p for p, t in zip(paths, times) if t is None]
+    untimed = [ds for ds, t in zip(datasets, times) if t is None]
     if untimed:
-        _refuse(folder, f"cannot be timed: {untimed[0]} has no AcquisitionDateTime or AcquisitionTime")
+        where = getattr(untimed[0], "filename", None) or f"instance {untimed[0].get('InstanceNumber', '?')}"
+        _refuse(name, f"cannot be timed: {where} has no AcquisitionDateTime or AcquisitionTime")
     if len({ds.SeriesInstanceUID for ds in datasets}) > 1:
-        _refuse(folder, "holds more than one series; pass the folder of the perfusion series alone")
+        _refuse(name, "holds more than one series; pass the folder of the perfusion series alone")
     first = datasets[0]
     orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     normal = np.cross(orientation[:3], orientation[3:])
@@ -167,13 +174,13 @@ def _read_dicom(folder, paths):
         positions.setdefault(round(level, 1), []).append((t, level, ds))
     counts = {len(v) for v in positions.values()}
     if len(counts) != 1:
-        _refuse(folder, f"cannot be timed: its slice positions have different numbers of frames ({sorted(counts)})")
+        _refuse(name, f"cannot be timed: its slice positions have different numbers of frames ({sorted(counts)})")
     stacks = [sorted(positions[key], key=lambda entry: entry[0]) for key in sorted(positions)]
     levels = [np.mean([level for _, level, _ in stack]) for stack in stacks]
     frame_times = np.median(np.array([[t for t, _, _ in stack] for stack in stacks]), axis=0)
     gaps = np.diff(levels)
     if len(levels) > 1 and (gaps.min() <= 0 or np.ptp(gaps) > 0.01 * gaps.mean()):
-        _refuse(folder, f"its slices are not regularly spaced (gaps {gaps.min():.3g}-{gaps.max():.3g} mm)")
+        _refuse(name, f"its slices are not regularly spaced (gaps {gaps.min():.3g}-{gaps.max():.3g} mm)")
     rows, columns = (float(v) for v in first.PixelSpacing)
     slice_step = float(gaps.mean()) if len(levels) > 1 else float(first.get("SliceThickness", 1.0))
     lps = np.eye(4)
@@ -181,11 +188,50 @@ def _read_dicom(folder, paths):
     lps[:3, 1] = orientation[3:] * rows
     lps[:3, 2] = normal * slice_step
     lps[:3, 3] = np.asarray(stacks[0][0][2].ImagePositionPatient, dtype=np.float64)
-    frames = np.empty((int(first.Columns), int(first.Rows), len(levels), len(frame_times)), dtype=np.float32)
+    return stacks, frame_times - frame_times[0], np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def read_dicom_series(sources, name) -> CtpSeries:
+    """A CT perfusion series from its single-frame slices, ``sources`` their files or datasets (a study held in
+    memory), in any order: grouped by position, each position's slices in order of acquisition time; a frame's time
+    is the median of its slices'. ``name`` names the series in errors.
+
+    Raises:
+        CtpSeriesError: as ``read_series``.
+    """
+    datasets = []
+    for source in sources:
+        try:
+            datasets.append(source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(source))
+        except (pydicom.errors.InvalidDicomError, OSError) as err:
+            _refuse(name, f"cannot read {source} as DICOM: {err}")
+    stacks, times, affine = _dicom_layout(name, datasets)
+    first = datasets[0]
+    frames = np.empty((int(first.Columns), int(first.Rows), len(stacks), len(times)), dtype=np.float32)
     for k, stack in enumerate(stacks):
         for i, (_, _, ds) in enumerate(stack):
             frames[:, :, k, i] = apply_modality_lut(ds.pixel_array, ds).T
-    return CtpSeries(frames, frame_times - frame_times[0], np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, str(folder))
+    series = CtpSeries(frames, times, affine, str(name))
+    _check_times(series.source, frames.shape[3], times)
+    return series
+
+
+def check_series(source, headers=None) -> None:
+    """Refuse, from its headers alone (no frame read), a raw series that ``read_series`` would refuse: a NIfTI file
+    (``source``) that is not 4D, has too few frames or cannot be timed; with ``headers`` (DICOM datasets without
+    pixel data, ``source`` naming the series), slices that cannot be timed or placed.
+
+    Raises:
+        CtpSeriesError: naming ``source`` and the reason.
+    """
+    if headers is not None:
+        _, times, _ = _dicom_layout(source, headers)
+        _check_times(source, len(times), times)
+        return
+    image = nib.load(source)
+    if len(image.shape) != 4:
+        _refuse(source, f"has shape {image.shape}; a perfusion series is 4D (x, y, z, t)")
+    _check_times(source, image.shape[3], _nifti_times(source, image.header, image.shape[3]))  # no frame read
 
 
 def read_series(path) -> CtpSeries:
@@ -201,26 +247,34 @@ def read_series(path) -> CtpSeries:
         paths = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
         if not paths:
             _refuse(path, "holds no DICOM files")
-        series = _read_dicom(path, paths)
-    else:
-        image = nib.load(path)
-        if len(image.shape) != 4:
-            _refuse(path, f"has shape {image.shape}; a perfusion series is 4D (x, y, z, t)")
-        frames = np.asarray(image.dataobj, dtype=np.float32)
-        series = CtpSeries(frames, _nifti_times(path, image.header, image.shape[3]), image.affine, path)
-    _check_times(series)
-    return series
+        return read_dicom_series(paths, path)
+    return nifti_series(nib.load(path), path)
 
 
-def _check_times(series):
-    count, times = series.frames.shape[3], np.asarray(series.times, dtype=np.float64)
+def nifti_series(image, path) -> CtpSeries:
+    """The series of a 4D NIfTI image read from ``path`` (its sidecar beside it): ``read_series`` of a file that the
+    caller has read (``scripts.data.readers`` checks a ``.gz`` stream whole as it reads it).
+
+    Raises:
+        CtpSeriesError: as ``read_series``.
+    """
+    path = str(path)
+    if len(image.shape) != 4:
+        _refuse(path, f"has shape {image.shape}; a perfusion series is 4D (x, y, z, t)")
+    times = _nifti_times(path, image.header, image.shape[3])
+    _check_times(path, image.shape[3], times)
+    return CtpSeries(np.asarray(image.dataobj, dtype=np.float32), times, image.affine, path)
+
+
+def _check_times(source, count, times):
+    times = np.asarray(times, dtype=np.float64)
     if count < MIN_FRAMES:
-        _refuse(series.source, f"has {count} frames; at least {MIN_FRAMES} sample a bolus")
+        _refuse(source, f"has {count} frames; at least {MIN_FRAMES} sample a bolus")
     steps = np.diff(times)
     if len(times) != count or not np.isfinite(times).all() or steps.min() <= 0:
-        _refuse(series.source, f"cannot be timed: its {len(times)} frame times do not increase: {times.round(2)}")
+        _refuse(source, f"cannot be timed: its {len(times)} frame times do not increase: {times.round(2)}")
     if steps.max() > MAX_INTERVAL_S:
-        _refuse(series.source, f"cannot be timed: a gap of {steps.max():.3g} s between frames")
+        _refuse(source, f"cannot be timed: a gap of {steps.max():.3g} s between frames")
 
 
 def _skull_image(frames, grid):
@@ -616,7 +670,7 @@ def compute_maps(
         CtpSeriesError: naming the series' file: it cannot be timed, has no bolus, the bolus is truncated, the head
             moved too much, or no skull encloses a brain.
     """
-    _check_times(series)
+    _check_times(series.source, series.frames.shape[3], series.times)
     times = np.asarray(series.times, dtype=np.float64)
     spacing = np.sqrt((np.asarray(series.affine)[:3, :3] ** 2).sum(axis=0))
     frames, motion = _realign(series, float(spacing[:2].mean()))

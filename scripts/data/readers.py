@@ -1,14 +1,20 @@
 """Loading a case, and checking it as it is loaded, so that each file is read once per run.
 
 ``LoadCased`` is MONAI's ``LoadImaged`` for one datalist item (``image``: the channels' files in order, or one 4D file;
-``label``; ``case``): for each key it picks, as ``LoadImage`` does, the first of its readers whose ``verify_suffix``
-takes the key's value (the reader registry, as nnU-Net's ``imageio``): ``ThreadSafeNibabelReader`` for NIfTI files, and
-the readers a profile adds (configs/dicom.json: ``scripts.dicom.series.DicomSeriesReader`` for DICOM series). With
-``check`` every file is checked as it is read (a ``.gz`` stream against its CRC, a map's dimensions, one grid for
-all the files of a case, values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, a binary label, and in
-training no blank perfusion map), and a problem stops the run with one ``InvalidCaseError`` naming the case and the
-file. ``scripts.data.datalist`` runs the same load outside a pipeline (``prepare_datalist --check``, and before
-inference and evaluation).
+``label``; ``case``; ``maps_source``): for each key it picks, as ``LoadImage`` does, the first of its readers whose
+``verify_suffix`` takes the key's value (the reader registry, as nnU-Net's ``imageio``): ``ThreadSafeNibabelReader``
+for NIfTI files, and the readers a profile adds (configs/dicom.json: ``scripts.dicom.series.DicomSeriesReader`` for
+DICOM series). With ``check`` every file is checked as it is read (a ``.gz`` stream against its CRC, a map's
+dimensions, one grid for all the files of a case, values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, a
+binary label, and in training no blank perfusion map), and a problem stops the run with one ``InvalidCaseError``
+naming the case and the file. ``scripts.data.datalist`` runs the same load outside a pipeline (``prepare_datalist
+--check``, and before inference and evaluation).
+
+A case whose ``maps_source`` is ``COMPUTED_MAPS`` (the layout readers decide it: a case with the raw CT perfusion series
+and no vendor maps) names that series as the file of each ``computed`` channel (``scripts.data.channels``): it is read
+once, its maps computed (``scripts.data.perfusion_maps``: oSVD, in ISLES 2018's units, ``isles18_maps``) and
+resampled onto the NCCT's grid where they are not on it, and they take those channels' places in the image; a series
+the maps cannot be computed from stops the run with one ``InvalidCaseError`` naming the case and the file.
 
 The reader race (MONAI 1.6.1): ``NibabelReader.read()`` stores the file names of the call on the reader
 (``self.filenames``) and ``get_data()`` zips the loaded images with them. ``CacheDataset`` fills its cache from a thread
@@ -27,13 +33,21 @@ import zlib
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import NibabelReader
+from monai.data import MetaTensor, NibabelReader
 from monai.data.utils import correct_nifti_header_if_necessary
-from monai.transforms import LoadImage, LoadImaged, MapTransform
+from monai.transforms import LoadImage, LoadImaged, MapTransform, SpatialResample
 from monai.utils import PostFix, ensure_tuple
-from scripts.data.channels import CHANNELS, NCCT
+from scripts.data import perfusion_maps
+from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, NCCT, VENDOR_MAPS, computed_channels
 
-__all__ = ["MAX_ABS_VALUE", "ThreadSafeNibabelReader", "InvalidCaseError", "LoadCased"]
+__all__ = [
+    "MAX_ABS_VALUE",
+    "ThreadSafeNibabelReader",
+    "InvalidCaseError",
+    "LoadCased",
+    "computed_positions",
+    "onto_grid",
+]
 
 # Largest magnitude accepted in a map or label, after the header's scaling. No CT (HU), perfusion map or label value
 # comes near it; beyond it lie "no value" markers such as FLT_MAX (3.4e38), and a float32 z-score over a slab with such
@@ -98,6 +112,40 @@ def _values_problem(data):
     return None
 
 
+def computed_positions(item, channels, image_key="image") -> list:
+    """The positions in ``channels`` of the maps a case's item has computed from its raw series (``maps_source``
+    ``COMPUTED_MAPS``; ``[]`` for vendor maps), whose ``image`` entries all name that one series.
+
+    Raises:
+        InvalidCaseError: naming the case, for another ``maps_source``, or computed channels given different files.
+    """
+    source = item.get(MAPS_SOURCE, VENDOR_MAPS)
+    if source == VENDOR_MAPS:
+        return []
+    case, image = item.get("case", "a case"), item[image_key]
+    if source != COMPUTED_MAPS:
+        raise InvalidCaseError(f"{case}: {MAPS_SOURCE} is {source!r}; it is {VENDOR_MAPS!r} or {COMPUTED_MAPS!r}")
+    names = computed_channels(channels)
+    positions = [list(channels).index(name) for name in names]
+    files = image if isinstance(image, (list, tuple)) else [image]
+    if len(files) != len(channels) or len({str(files[i]) for i in positions}) != 1:
+        raise InvalidCaseError(
+            f"{case}: maps computed from a raw series name that one series as the file of each of {', '.join(names)};"
+            f" 'image' gives {[str(f) for f in files]}"
+        )
+    return positions
+
+
+def onto_grid(array, affine, shape, target_affine):
+    """``array`` resampled (MONAI's ``SpatialResample``: trilinear, 0 outside) onto the grid of ``shape`` and
+    ``target_affine``."""
+    image = MetaTensor(torch.as_tensor(np.ascontiguousarray(array))[None], affine=torch.as_tensor(affine))
+    resampled = SpatialResample(mode="bilinear", padding_mode="zeros")(
+        image, dst_affine=torch.as_tensor(target_affine), spatial_size=tuple(shape)
+    )
+    return resampled[0].numpy()
+
+
 class ThreadSafeNibabelReader(NibabelReader):
     """MONAI's ``NibabelReader`` with each file read once whole (``_read_nifti``), checked as it is read where
     ``check``, and the file names of the current ``read()`` kept per thread (the reader race, module docstring).
@@ -158,6 +206,15 @@ class ThreadSafeNibabelReader(NibabelReader):
                 self._check_grid(image, name, images[0])
         return super().get_data(img)
 
+    @staticmethod
+    def perfusion_series(path, read=True):
+        """The raw CT perfusion series of a NIfTI file, read once whole (``_read_nifti``: a ``.gz`` stream checked)
+        (``scripts.data.perfusion_maps.nifti_series``), or with ``read`` False only its header checked
+        (``check_series``): ``CtpSeriesError`` (or ``FileProblem``) naming the file."""
+        if not read:
+            return perfusion_maps.check_series(str(path))
+        return perfusion_maps.nifti_series(_read_nifti(path), path)
+
     def _check_grid(self, image, name, first):
         shape = image.shape
         if len(shape) < 3 or shape[3:] != (1,) * (len(shape) - 3):
@@ -212,54 +269,99 @@ class LoadCased(LoadImaged):
         check: check the files and the case; a problem raises ``InvalidCaseError`` naming the case and the file.
         refuse_blank: refuse a blank perfusion map (training: it teaches the network nothing true).
         reader: a reader (or several) besides ``ThreadSafeNibabelReader``, tried first (configs/dicom.json's).
+        compute_maps: compute a ``computed`` case's maps; False loads the case's other files and checks its raw
+            series' header only (``scripts.data.datalist``'s check before any work: the series is read once, in the
+            run).
     """
 
-    def __init__(self, keys, channels=CHANNELS, check=True, refuse_blank=False, reader=None):
+    def __init__(self, keys, channels=CHANNELS, check=True, refuse_blank=False, reader=None, compute_maps=True):
         MapTransform.__init__(self, keys, allow_missing_keys=True)
         self._loader = _LoadWithGivenReader()
         self.readers = [r for r in ensure_tuple(reader) if r is not None] + [ThreadSafeNibabelReader(check=check)]
         self.channels, self.check, self.refuse_blank = list(channels), check, refuse_blank
+        self.compute_maps = compute_maps
 
     def __call__(self, data):
         d = dict(data)
         image_key, *label_keys = self.keys
         files = ensure_tuple(d[image_key])
         d.setdefault("case", file_stem(files[0]))
+        d.setdefault(MAPS_SOURCE, VENDOR_MAPS)
+        computed = computed_positions(d, self.channels, image_key)
         names = dict(zip(map(str, files), self.channels if len(files) > 1 else ["image"]))
         names.update({str(d[key]): LABEL for key in label_keys if key in d})
         for key in self.key_iterator(d):
-            reader = next((r for r in self.readers if r.verify_suffix(d[key])), None)
+            value = [f for i, f in enumerate(files) if i not in computed] if key == image_key and computed else d[key]
+            reader = next((r for r in self.readers if r.verify_suffix(value)), None)
             if reader is None:
-                raise InvalidCaseError(f"{d['case']}: no reader takes {d[key]} ({', '.join(NIFTI_SUFFIXES)} files)")
+                raise InvalidCaseError(f"{d['case']}: no reader takes {value} ({', '.join(NIFTI_SUFFIXES)} files)")
             try:
-                loaded = self._loader(d[key], reader)
+                loaded = self._loader(value, reader)
             except FileProblem as err:
                 raise err.for_case(d["case"], names.get(err.path, "a")) from err
             if isinstance(
                 loaded, tuple
             ):  # image_only off (MONAI Label sets it): the meta dict too, as LoadImaged keeps it
                 loaded, d[f"{key}_{PostFix.meta()}"] = loaded
+            if key == image_key and computed:
+                loaded = self._with_computed_maps(d["case"], loaded, files[computed[0]], computed)
             d[key] = loaded
         for key in label_keys:
             if key in d:
                 d[key].meta["lesion_voxels"] = int(torch.count_nonzero(d[key]))
         if self.check:
-            self._check_case(d, files, image_key, [key for key in label_keys if key in d])
+            channels = (
+                self.channels if self.compute_maps else [c for i, c in enumerate(self.channels) if i not in computed]
+            )
+            self._check_case(d, files, image_key, [key for key in label_keys if key in d], channels)
         return d
 
-    def _check_case(self, d, files, image_key, label_keys):
+    def _with_computed_maps(self, case, loaded, source, positions):
+        """The case's image with the maps computed from its raw series ``source`` in their ``positions``, on the grid
+        of its other channels (the NCCT's); without ``compute_maps`` only the series' header is checked."""
+        reader = next((r for r in self.readers if r.verify_suffix(source) and hasattr(r, "perfusion_series")), None)
+        if reader is None:
+            raise InvalidCaseError(f"{case}: no reader reads the raw CT perfusion series {source}")
+        what = f"{case}: cannot compute perfusion maps from the raw CT perfusion series"
+        try:
+            series = reader.perfusion_series(source, read=self.compute_maps)
+        except (perfusion_maps.CtpSeriesError, FileProblem) as err:
+            raise InvalidCaseError(f"{what} {err}") from err
+        except Exception as err:  # nibabel and pydicom raise several types for missing, truncated and foreign files
+            raise InvalidCaseError(f"{what} {source}: it cannot be read ({err})") from err
+        if not self.compute_maps:
+            return loaded
+        try:
+            maps = perfusion_maps.isles18_maps(perfusion_maps.compute_maps(series))
+        except perfusion_maps.CtpSeriesError as err:
+            raise InvalidCaseError(f"{what} {err}") from err
+        affine, shape = np.asarray(loaded.affine, dtype=np.float64), tuple(loaded.shape[1:])
+        on_grid = series.frames.shape[:3] == shape and np.allclose(series.affine, affine, atol=1e-3)
+        given, channels = iter(loaded.as_tensor()), []
+        for index, name in enumerate(self.channels):
+            if index not in positions:
+                channels.append(next(given))
+                continue
+            values = np.asarray(maps[name], dtype=np.float32)
+            channels.append(torch.as_tensor(values if on_grid else onto_grid(values, series.affine, shape, affine)))
+        image = MetaTensor(torch.stack(channels).to(loaded.dtype))
+        image.copy_meta_from(loaded)
+        return image
+
+    def _check_case(self, d, files, image_key, label_keys, channels):
         image, case = d[image_key], d["case"]
-        if len(files) == 1 and (image.shape[0] != len(self.channels) or image.ndim != 4):
+        if len(files) == 1 and (image.shape[0] != len(channels) or image.ndim != 4):
             raise InvalidCaseError(
                 f"{case}: image file {files[0]} holds {image.shape[0]} channel(s) of shape {tuple(image.shape[1:])};"
-                f" a single-file input must be (x, y, z, {len(self.channels)}) with the channels"
-                f" {', '.join(self.channels)} last"
+                f" a single-file input must be (x, y, z, {len(channels)}) with the channels"
+                f" {', '.join(channels)} last"
             )
-        for index, name in enumerate(self.channels):
+        for index, name in enumerate(channels):
             values = image[index]
             if self.refuse_blank and name in CHANNELS[1:] and values.numel() and values.min() == values.max():
+                path = files[min(self.channels.index(name), len(files) - 1)]
                 raise InvalidCaseError(
-                    f"{case}: {name} file {files[min(index, len(files) - 1)]} has the same value ({float(values.min()):.4g})"
+                    f"{case}: {name} file {path} has the same value ({float(values.min()):.4g})"
                     " in every voxel: a blank map (the perfusion software produced none) teaches the network nothing"
                     " true; leave the case out"
                 )

@@ -14,7 +14,9 @@ with anything changed makes new objects, never new content under the old UIDs. T
 (SNOMED CT 55641003, a morphologically abnormal structure of the brain) labelled "ischemic core" and names the network
 that the config built (``network_name``); the SR's figures are named after the thresholds used; the series
 descriptions say "predicted, research use", and where the perfusion maps cover part of the NCCT (a CT perfusion
-slab), "CTP slab": the SEG then covers those NCCT slices only (``scripts.dicom.series.Study.coverage``).
+slab), "CTP slab": the SEG then covers those NCCT slices only (``scripts.dicom.series.Study.coverage``). Where the
+perfusion maps came from (the vendor's series, or computed by the bundle from the raw CT perfusion series, with the
+method) is a text item (an algorithm parameter) of both measurement groups of the SR.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
-from scripts.data.channels import NCCT
+from scripts.data.channels import MAPS_SOURCE, NCCT, VENDOR_MAPS
 from scripts.dicom.series import MANUFACTURER
 from scripts.flags import as_bool
 from scripts.report.cases import PER_CASE, file_stamps
@@ -250,12 +252,13 @@ def measurement_report(
 ) -> hd.sr.Comprehensive3DSR:
     """The case's figures as a TID 1500 measurement report: the segment's volume (SNOMED CT Volume, mL) in a
     volumetric group that references the SEG's segment, and the perfusion figures present in ``row`` (blank ones
-    left out) in a second group, named after ``thresholds``.
+    left out) in a second group, named after ``thresholds``; each group's algorithm says where the perfusion maps came
+    from (``maps_source``, a TEXT parameter: ``perfusion maps: vendor``, or computed by the bundle with the method).
 
     Args:
         seg: ``segmentation``'s SEG.
         ct_headers: the NCCT series' datasets.
-        row: the case's row of volumes.csv (``volume_pred_ml`` and the perfusion figures).
+        row: the case's row of volumes.csv (``volume_pred_ml``, ``maps_source`` and the perfusion figures).
         uids: ``result_uids``'s.
         software_version: the bundle's version.
         algorithm_name: the network that made the mask (the config's ``network_name``).
@@ -268,6 +271,7 @@ def measurement_report(
             uid=derived_uid(MANUFACTURER), name=MANUFACTURER, model_name=algorithm_name
         ),
     )
+    maps = [f"perfusion maps: {row.get(MAPS_SOURCE) or VENDOR_MAPS}"]
     measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=float(row["volume_pred_ml"]), unit=UNITS["ml"])]
     if coverage:
         fraction = (coverage["last"] - coverage["first"] + 1) / coverage["of"]
@@ -282,7 +286,7 @@ def measurement_report(
         ),
         finding_type=INFARCT,
         finding_sites=[hd.sr.FindingSite(codes.SCT.Brain)],
-        algorithm_id=hd.sr.AlgorithmIdentification(name=algorithm_name, version=software_version),
+        algorithm_id=hd.sr.AlgorithmIdentification(name=algorithm_name, version=software_version, parameters=maps),
         measurements=measurements,
     )
     figures = [
@@ -297,7 +301,9 @@ def measurement_report(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=uids["perfusion_tracking"], identifier="perfusion figures"
                 ),
-                algorithm_id=hd.sr.AlgorithmIdentification(name="threshold perfusion report", version=software_version),
+                algorithm_id=hd.sr.AlgorithmIdentification(
+                    name="threshold perfusion report", version=software_version, parameters=maps
+                ),
                 measurements=figures,
             )
         )

@@ -15,6 +15,11 @@ name or a log.
 for them, turns them into one (5, x, y, z) float32 array with the NCCT's affine (RAS, as ``NibabelReader`` gives a
 NIfTI's) on highdicom's grid (``volume_arrays``), the rescale slope and intercept applied, and a map on another grid of
 the same frame of reference resampled (trilinear) onto the NCCT's, as the ISLES 2024 maps are.
+
+A study with a CT perfusion series (the raw 4D series, picked by the ``CTP`` rule, ``scripts.data.channels.RAW_CTP``)
+and none of the maps gets its maps computed from that series (``Study.maps_source``): the series is checked from its
+headers with the study (every slice timed and placed: ``scripts.data.perfusion_maps.check_series``) and read once
+when the case is loaded (``scripts.data.readers.LoadCased``). A study with the maps uses them.
 """
 
 from __future__ import annotations
@@ -28,14 +33,13 @@ from dataclasses import dataclass, field
 import highdicom as hd
 import numpy as np
 import pydicom
-import torch
 from highdicom.spatial import convert_affine_to_convention, get_series_volume_positions
-from monai.data import ImageReader, MetaTensor
-from monai.transforms import SpatialResample
+from monai.data import ImageReader
 from monai.utils import ensure_tuple
 from pydicom.pixels import apply_modality_lut, get_decoder
-from scripts.data.channels import CHANNELS, NCCT
-from scripts.data.readers import InvalidCaseError
+from scripts.data import perfusion_maps
+from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, NCCT, RAW_CTP, VENDOR_MAPS, computed_channels
+from scripts.data.readers import InvalidCaseError, onto_grid
 
 __all__ = [
     "MANUFACTURER",
@@ -109,11 +113,13 @@ class Study:
     series: dict
     label: Series | None = None
     coverage: dict | None = None
+    maps_source: str = VENDOR_MAPS
 
     def item(self) -> dict:
-        """The datalist item: the channels' series as ``image``, the ground truth as ``label`` (``GroundTruth``)."""
+        """The datalist item: the channels' series as ``image`` (the raw perfusion series for each map computed from
+        it), the ground truth as ``label`` (``GroundTruth``), and where the maps come from (``maps_source``)."""
         label = {"label": GroundTruth(self.label, self.series[NCCT])} if self.label is not None else {}
-        return {"image": list(self.series.values()), "case": self.case, **label}
+        return {"image": list(self.series.values()), "case": self.case, MAPS_SOURCE: self.maps_source, **label}
 
 
 def _digits(uid) -> str:
@@ -259,12 +265,36 @@ def _matches(rule, series) -> bool:
     return matches_description(rule, header.get("Modality"), series.description)
 
 
+def _raw_series(case, series_of_study, rules, channels):
+    """The study's raw perfusion series (the ``CTP`` rule's one match) where it has none of the maps that can be
+    computed from it, else None; an error for two matches."""
+    computed = computed_channels(channels)
+    if RAW_CTP.name not in rules or any(
+        _matches(rules[channel], s) for channel in computed for s in series_of_study.values()
+    ):
+        return None
+    candidates = [s for s in series_of_study.values() if _matches(rules[RAW_CTP.name], s)]
+    if len(candidates) > 1:
+        raise InvalidCaseError(
+            f"{case}: no perfusion maps, and two or more series match the raw CT perfusion series (rule"
+            f" {RAW_CTP.name}): {'; '.join(s.name for s in candidates)}; set site_series_rules to tell them apart"
+            " (docs/dicom.md)"
+        )
+    return candidates[0] if candidates else None
+
+
 def _pick(case, series_of_study, rules, channels):
-    """The one series of each channel, or an error naming the candidates (or the series there are)."""
+    """The one series of each channel (the raw perfusion series for each map computed from it, ``_raw_series``) and
+    the raw series or None, or an error naming the candidates (or the series there are)."""
     picked = {}
     for channel in channels:
         if channel not in rules:
             raise ValueError(f"series_rules has no rule for channel {channel}; it has {', '.join(rules)}")
+    raw = _raw_series(case, series_of_study, rules, channels)
+    for channel in channels:
+        if raw is not None and channel in computed_channels(channels):
+            picked[channel] = raw
+            continue
         candidates = [s for s in series_of_study.values() if _matches(rules[channel], s)]
         if not candidates:
             present = "; ".join(s.name for s in series_of_study.values()) or "none"
@@ -278,11 +308,11 @@ def _pick(case, series_of_study, rules, channels):
                 " site_series_rules to tell them apart (docs/dicom.md)"
             )
         picked[channel] = candidates[0]
-    repeated = {s.uid for s in picked.values() if list(picked.values()).count(s) > 1}
+    repeated = {s.uid for s in picked.values() if s is not raw and list(picked.values()).count(s) > 1}
     if repeated:
         names = [f"{c} {s.name}" for c, s in picked.items() if s.uid in repeated]
         raise InvalidCaseError(f"{case}: one series matches two maps ({'; '.join(names)}); set site_series_rules")
-    return picked
+    return picked, raw
 
 
 def _frame_positions(header):
@@ -400,12 +430,16 @@ class _Stack:
 
 
 def _stack(series):
+    """A series' ``_Stack``: each position once (a perfusion series has one slice per frame at each), in the order
+    they first appear."""
     positions = []
     for header in series.headers:
         orientation, frame_positions = _frame_positions(header)
         positions.extend(frame_positions)
+    positions = np.asarray(positions)
+    first = np.sort(np.unique(positions.round(3), axis=0, return_index=True)[1])
     header = series.headers[0]
-    return _Stack(orientation, np.asarray(positions), _pixel_spacing(header), int(header.Rows), int(header.Columns))
+    return _Stack(orientation, positions[first], _pixel_spacing(header), int(header.Rows), int(header.Columns))
 
 
 def _slice_step(header, along):
@@ -507,7 +541,7 @@ def _coverage(case, picked):
 def _check_unique_instances(case, picked):
     """Refuse two instances of the picked series that share one SOPInstanceUID (a frame a viewer cannot place)."""
     seen = {}
-    for series in picked.values():
+    for series in {s.uid: s for s in picked.values()}.values():
         for source, header in zip(series.sources, series.headers):
             uid = header.SOPInstanceUID
             if uid in seen:
@@ -611,7 +645,7 @@ def _studies(found, where, rules, channels, labels):
     images, segmentations = _group(found)
     for study_uid, series_of_study in sorted(images.items()):
         case = case_of(study_uid)
-        picked = _pick(case, series_of_study, rules, channels)
+        picked, raw = _pick(case, series_of_study, rules, channels)
         frames = {s.headers[0].get("FrameOfReferenceUID") for s in picked.values()}
         if len(frames) > 1 or None in frames:
             listed = "; ".join(
@@ -620,14 +654,22 @@ def _studies(found, where, rules, channels, labels):
             )
             raise InvalidCaseError(f"{case}: the series are not in one frame of reference ({listed})")
         for channel, series in picked.items():
-            _check_geometry(case, channel, series)
-            _check_decodable(case, channel, series)
+            if series is not raw:
+                _check_geometry(case, channel, series)
+                _check_decodable(case, channel, series)
+        if raw is not None:
+            _check_decodable(case, RAW_CTP.name, raw)
+            try:
+                perfusion_maps.check_series(f"CT perfusion series {raw.name}", raw.headers)
+            except perfusion_maps.CtpSeriesError as err:
+                raise InvalidCaseError(f"{case}: {err}") from err
         _check_unique_instances(case, picked)
-        if "Tmax" in picked:
+        if "Tmax" in picked and picked["Tmax"] is not raw:
             _check_tmax_unit(case, picked["Tmax"])
         picked, coverage = _coverage(case, picked)
         label = _ground_truth(case, segmentations.get(study_uid, {}), picked[NCCT]) if labels else None
-        studies.append(Study(case, study_uid, picked, label, coverage))
+        source = VENDOR_MAPS if raw is None else COMPUTED_MAPS
+        studies.append(Study(case, study_uid, picked, label, coverage, source))
         logger.info("%s: %s", case, ", ".join(f"{c} {len(s.sources)} instance(s)" for c, s in picked.items()))
     if not studies:
         raise InvalidCaseError(f"{where}: no DICOM study with image series found")
@@ -702,16 +744,6 @@ def _geometry(headers):
     return geometry, order
 
 
-def _onto_grid(array, affine, shape, target_affine):
-    """``array`` resampled (MONAI's ``SpatialResample``: trilinear, 0 outside) onto the grid of ``shape`` and
-    ``target_affine``."""
-    image = MetaTensor(torch.as_tensor(np.ascontiguousarray(array))[None], affine=torch.as_tensor(affine))
-    resampled = SpatialResample(mode="bilinear", padding_mode="zeros")(
-        image, dst_affine=torch.as_tensor(target_affine), spatial_size=tuple(shape)
-    )
-    return resampled[0].numpy()
-
-
 class DicomSeriesReader(ImageReader):
     """MONAI ``ImageReader`` of the ``Series`` (a case's ``image``) and ``GroundTruth`` (its ``label``) that
     ``find_studies`` picked: ``Study.item``'s objects, not paths.
@@ -724,6 +756,15 @@ class DicomSeriesReader(ImageReader):
 
     def verify_suffix(self, filename) -> bool:
         return all(isinstance(item, (Series, GroundTruth)) for item in ensure_tuple(filename))
+
+    @staticmethod
+    def perfusion_series(series, read=True):
+        """The raw CT perfusion ``series`` read (``scripts.data.perfusion_maps.read_dicom_series``), or with ``read``
+        False checked from its headers: ``CtpSeriesError`` naming it."""
+        name = f"CT perfusion series {series.name}"
+        if not read:
+            return perfusion_maps.check_series(name, series.headers)
+        return perfusion_maps.read_dicom_series(series.sources, name)
 
     def read(self, data, **kwargs):
         return [
@@ -743,7 +784,7 @@ class DicomSeriesReader(ImageReader):
             (
                 array
                 if array.shape == reference.shape and np.allclose(a, affine, atol=1e-3)
-                else _onto_grid(array, a, reference.shape, affine)
+                else onto_grid(array, a, reference.shape, affine)
             )
             for array, a in others
         ]

@@ -25,6 +25,7 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import string_list_all_gather
+from scripts.data.channels import MAPS_SOURCE, VENDOR_MAPS
 from scripts.flags import as_bool
 from scripts.report.metrics import METRIC_NAMES, score_case, volume_ml
 from scripts.report.overlay import overlay_image, report_line
@@ -44,9 +45,11 @@ THRESHOLD_CORE = "threshold_core"  # the engine key of the threshold core (Perfu
 
 def table_columns(scored=False, baselines=()) -> list:
     """The columns of per_case.csv: ``case``; the predicted volume (inference) or every metric (evaluation, with
-    ``scored``); the perfusion figures; then each baseline's metrics, ``<baseline>_<metric>``."""
+    ``scored``); where the perfusion maps came from (``maps_source``: ``vendor``, or computed by the bundle from the
+    raw series, with the method) and the perfusion figures; then each baseline's metrics, ``<baseline>_<metric>``."""
     measured = list(METRIC_NAMES) if scored else ["volume_pred_ml"]
-    return ["case", *measured, *COLUMNS, *(f"{key}_{name}" for key in baselines for name in METRIC_NAMES)]
+    baseline_columns = (f"{key}_{name}" for key in baselines for name in METRIC_NAMES)
+    return ["case", *measured, MAPS_SOURCE, *COLUMNS, *baseline_columns]
 
 
 def file_stamps(paths) -> list:
@@ -275,6 +278,7 @@ class CaseOutputsWriter:
         """The case's row: its predicted volume and perfusion figures, and the metrics of each scored mask."""
         pred = case_data[self.pred_key]
         row = {"case": case, "volume_pred_ml": volume_ml(pred, _spacing(pred)), **case_data[self.report_key]}
+        row[MAPS_SOURCE] = case_data.get(MAPS_SOURCE, VENDOR_MAPS)
         if self.reference_key is not None:
             label = case_data[self.reference_key]
             row.update(score_case(pred, label, _spacing(pred)))

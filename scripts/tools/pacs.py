@@ -91,11 +91,12 @@ class StudySegmenter:
         self.settings = hashlib.sha256(json.dumps(parser.get(), sort_keys=True, default=repr).encode()).hexdigest()
 
     def inputs(self, study_uid) -> list:
-        """The study's series that a rule may pick (by modality and description, as the PACS lists them)."""
+        """The study's series that a channel's rule may pick (by modality and description, as the PACS lists them);
+        not a raw perfusion series: a study segmented from the PACS uses its vendor maps."""
         return [
             series
             for series in self.pacs.input_series(study_uid)
-            if any(matches_description(rule, series.modality, series.description) for rule in self.rules.values())
+            if any(matches_description(self.rules[c], series.modality, series.description) for c in self.channels)
         ]
 
     def __call__(self, study_uid, series, overwrite) -> list:
