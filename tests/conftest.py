@@ -20,6 +20,19 @@ from scripts.engine.inferers import NATIVE_BF16_ENV  # noqa: E402
 os.environ[NATIVE_BF16_ENV] = "false"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory):
+    """The user's cache folder (``XDG_CACHE_HOME``: OpenVINO's converted networks) of the suite and of every process
+    it starts, in a temp folder: no test reads or writes the real one."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user_cache"))
+    yield os.environ["XDG_CACHE_HOME"]
+    if before is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO_ROOT

@@ -3,6 +3,9 @@ one's masks are torch's float32 masks, through the inferers alone and through co
 
 import logging
 import os
+import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -146,6 +149,205 @@ def test_new_weights_are_exported_again_and_training_mode_stays_in_torch():
     meta = MetaTensor(x, affine=torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0])))
     out = OpenVinoInferer(SimpleInferer(), "f32")(meta, net.eval())
     assert isinstance(out, MetaTensor) and torch.equal(out.affine, meta.affine)
+
+
+def test_the_cache_key_is_what_determines_the_converted_network(monkeypatch):
+    """The same network, weights, input shape and versions give one key; any of them changed, another."""
+    shape = (1, 5, 32, 32, 16)
+    key = backends.cache_key(network(0), shape)
+    assert backends.cache_key(network(0), shape) == key
+    assert backends.cache_key(network(0).to(memory_format=torch.channels_last_3d), shape) == key, "same weights"
+    other_weights = network(0)
+    with torch.no_grad():
+        next(other_weights.parameters()).view(-1)[0] += 1e-6
+    other_config = ModifiedUNet(features=FEATURES, dilations=(1, 1, 1, 1, 1)).eval()
+    other_config.load_state_dict(network(0).state_dict())
+    others = [
+        backends.cache_key(other_weights, shape),
+        backends.cache_key(network(0), (1, 5, 32, 32, 32)),
+        backends.cache_key(other_config, shape),
+    ]
+    monkeypatch.setattr(backends, "openvino_version", lambda: "0.0.0")
+    others.append(backends.cache_key(network(0), shape))
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    others.append(backends.cache_key(network(0), shape))
+    assert len({key, *others}) == 6
+
+
+def test_the_cache_folder_is_the_users_and_the_configs_id(repo_root, monkeypatch, tmp_path):
+    from monai.bundle import ConfigParser
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert backends.default_cache_dir() == str(tmp_path / "isles_ctp_segmentation" / "openvino")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert backends.default_cache_dir() == str(tmp_path / "home" / ".cache" / "isles_ctp_segmentation" / "openvino")
+    parser = ConfigParser()
+    parser.read_config(os.path.join(repo_root, "configs", "inference.json"))
+    assert parser.get_parsed_content("openvino_cache_dir") == backends.default_cache_dir()
+
+
+def cache_entries(cache_dir):
+    """The cache folder's entries (one per converted network), OpenVINO's compiled networks and anything else."""
+    names = sorted(os.listdir(cache_dir))
+    compiled = sorted(os.listdir(os.path.join(cache_dir, backends.COMPILED))) if backends.COMPILED in names else []
+    return [name for name in names if name != backends.COMPILED], compiled
+
+
+def stamps(folder):
+    """Every file under ``folder`` with its inode, size and modification time: what a rewrite would change."""
+    return {
+        os.path.relpath(os.path.join(root, name), folder): (os.stat(os.path.join(root, name)).st_ino,)
+        + (os.stat(os.path.join(root, name)).st_size, os.stat(os.path.join(root, name)).st_mtime_ns)
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+@needs_openvino
+def test_a_second_process_reads_the_converted_network_from_the_cache(repo_root, synthetic_tree, tmp_path):
+    """Two runs of configs/inference.json in two fresh processes (``monai.bundle run``, the default ``auto`` on a CPU
+    with native bfloat16): the first converts the network and stores it in ``openvino_cache_dir``, the second reads
+    it from there (its log says so, no file of the cache folder is written again) and writes the same masks."""
+    checkpoint = tmp_path / "model.pt"
+    torch.save(network(0).state_dict(), checkpoint)
+    cache_dir = tmp_path / "cache"
+    masks, logs = [], []
+    for run in range(2):
+        output_dir = tmp_path / f"run_{run}"
+        args = {
+            "config_file": "configs/inference.json",
+            "meta_file": "configs/metadata.json",
+            "logging_file": "configs/logging.conf",
+            "bundle_root": str(output_dir),
+            "output_dir": str(output_dir),
+            "dataset_dir": synthetic_tree,
+            "ensemble_checkpoints": f"['{checkpoint}']",
+            "features": str(FEATURES).replace(" ", ""),
+            "spatial_size": "[32,32,16]",
+            "num_workers": "0",
+            "openvino_cache_dir": str(cache_dir),
+        }
+        cmd = [sys.executable, "-m", "monai.bundle", "run", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+        env = {**os.environ, NATIVE_BF16_ENV: "true"}
+        result = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        logs.append(result.stdout + result.stderr)
+        folder = output_dir / "predictions" / "masks"
+        masks.append({name: np.asanyarray(nib.load(folder / name).dataobj) for name in sorted(os.listdir(folder))})
+        if run == 0:
+            entries, compiled = cache_entries(cache_dir)
+            assert len(entries) == 1 and len(compiled) == 1, (entries, compiled)
+            assert sorted(os.listdir(cache_dir / entries[0])) == sorted([*backends.MODEL_FILES, backends.DIGESTS])
+            written = stamps(cache_dir)
+    assert "inference runs in openvino" in logs[0] and "inference runs in openvino" in logs[1]
+    assert f"network converted for input [1, 5, 32, 32, 16], cached in {cache_dir / entries[0]}" in logs[0]
+    assert "network converted" not in logs[1]
+    assert f"network for input [1, 5, 32, 32, 16] read from the cache {cache_dir / entries[0]}" in logs[1]
+    assert stamps(cache_dir) == written, "nothing converted, compiled or stored again"
+    assert masks[0].keys() == masks[1].keys() and len(masks[0]) == 2
+    assert any(mask.any() for mask in masks[0].values()), "masks that mean something"
+    assert all(np.array_equal(masks[0][case], masks[1][case]) for case in masks[0])
+
+
+def corrupt(entry, compiled_dir, how):
+    """Damage a cache entry (and OpenVINO's compiled networks) as a kill, a full disk or a bad sector would."""
+    xml, bin_, digests = (os.path.join(entry, name) for name in (*backends.MODEL_FILES, backends.DIGESTS))
+    if how == "weights truncated":
+        os.truncate(bin_, os.path.getsize(bin_) // 2)
+    elif how == "one weight byte changed":
+        with open(bin_, "r+b") as f:
+            f.seek(os.path.getsize(bin_) // 3)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x10]))
+    elif how == "model garbage":
+        with open(xml, "w") as f:
+            f.write("<net")
+    elif how == "no digest (partial)":
+        os.remove(digests)
+    elif how == "digest garbage":
+        with open(digests, "w") as f:
+            f.write("[1, 2")
+    elif how == "weights missing":
+        os.remove(bin_)
+    for folder, _, names in os.walk(compiled_dir):
+        for name in names:
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(b"garbage")
+
+
+@pytest.fixture(scope="module")
+def cached_network(tmp_path_factory):
+    """A cache folder holding one converted network (and OpenVINO's compiled network): the network and the folder."""
+    net, cache_dir = network(), tmp_path_factory.mktemp("openvino_cache")
+    x = torch.randn(1, 5, 32, 32, 16, generator=torch.Generator().manual_seed(5))
+    backends.OpenVinoNetwork(net, "f32", str(cache_dir))(x)
+    return net, cache_dir
+
+
+@needs_openvino
+@pytest.mark.parametrize(
+    "how",
+    [
+        "weights truncated",
+        "one weight byte changed",
+        "model garbage",
+        "no digest (partial)",
+        "digest garbage",
+        "weights missing",
+    ],
+)
+def test_a_partial_or_corrupt_cache_entry_is_ignored_and_rebuilt(cached_network, tmp_path, caplog, how):
+    """A damaged entry is not run: it is removed with a warning naming it, the network converted and stored again,
+    and the outputs are the torch network's; OpenVINO itself recompiles over damaged compiled networks."""
+    net, cached = cached_network
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(cached, cache_dir)
+    (entry,), _ = cache_entries(cache_dir)
+    corrupt(cache_dir / entry, cache_dir / backends.COMPILED, how)
+    x = torch.randn(1, 5, 32, 32, 16, generator=torch.Generator().manual_seed(5))
+    with caplog.at_level(logging.INFO, logger="scripts.engine.backends"), torch.no_grad():
+        torch.testing.assert_close(backends.OpenVinoNetwork(net, "f32", str(cache_dir))(x), net(x), atol=1e-4, rtol=0)
+    assert f"cache entry {cache_dir / entry} is partial or corrupt" in caplog.text
+    assert f"network converted for input [1, 5, 32, 32, 16], cached in {cache_dir / entry}" in caplog.text
+    assert cache_entries(cache_dir)[0] == [entry], "rebuilt in place, nothing left beside it"
+    assert stamps(cache_dir / entry).keys() == stamps(cached / entry).keys()
+    weights = backends.MODEL_FILES[1]  # the model's XML differs between conversions in its node names only
+    assert (cache_dir / entry / weights).read_bytes() == (cached / entry / weights).read_bytes()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scripts.engine.backends"):
+        backends.OpenVinoNetwork(net, "f32", str(cache_dir))(x)
+    assert "read from the cache" in caplog.text and "converted" not in caplog.text
+
+
+@needs_openvino
+def test_one_cache_folder_serves_both_precisions(tmp_path):
+    """A network compiled in float32 and then in bfloat16 through one cache folder runs as it runs without the cache
+    in each precision (OpenVINO 2026.4.1's own compiled cache, shared, gave the float32 network to the bfloat16
+    compile, which then ran it wrong: Dice 0.73)."""
+    net = network()
+    x = torch.randn(1, 5, 32, 32, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for precision in ("f32", "bf16", "f32", "bf16"):
+            got = torch.softmax(backends.OpenVinoNetwork(net, precision, str(tmp_path))(x), 1)[:, 1] > 0.5
+            expected = torch.softmax(backends.OpenVinoNetwork(net, precision)(x), 1)[:, 1] > 0.5
+            assert dice(got.numpy(), expected.numpy()) >= 0.999, precision
+    assert sorted(os.listdir(tmp_path / backends.COMPILED)) == ["bf16", "f32"]
+
+
+@needs_openvino
+def test_without_a_usable_cache_folder_the_network_is_converted_each_time(tmp_path, caplog):
+    """A cache folder that cannot be created (here a file stands in its way) costs the cache, not the run: a warning
+    names it and the network runs; ``None`` means no cache."""
+    net = network()
+    (tmp_path / "a_file").write_text("")
+    x = torch.randn(1, 5, 32, 32, 16, generator=torch.Generator().manual_seed(5))
+    with caplog.at_level(logging.INFO, logger="scripts.engine.backends"), torch.no_grad():
+        for cache_dir in (str(tmp_path / "a_file" / "cache"), None):
+            torch.testing.assert_close(backends.OpenVinoNetwork(net, "f32", cache_dir)(x), net(x), atol=1e-4, rtol=0)
+    assert f"could not be cached in {tmp_path / 'a_file' / 'cache'}" in caplog.text
+    assert caplog.text.count("network converted for input [1, 5, 32, 32, 16]\n") == 2
 
 
 def infer(repo_root, dataset_dir, checkpoints, output_dir, **settings):

@@ -60,7 +60,9 @@ def engine_amp(amp, device) -> bool:
     return as_bool(amp, "amp") and torch.device(device).type == "cuda"
 
 
-def make_inferer(tta_flips=False, amp=False, device="cpu", sliding_window_size=None, backend="torch") -> Inferer:
+def make_inferer(
+    tta_flips=False, amp=False, device="cpu", sliding_window_size=None, backend="torch", openvino_cache_dir=None
+) -> Inferer:
     """The inferer of training, evaluation and inference.
 
     Args:
@@ -73,6 +75,8 @@ def make_inferer(tta_flips=False, amp=False, device="cpu", sliding_window_size=N
             weights (as nnU-Net), for volumes kept at their resolution (``target_spacing``).
         backend: the runtime of the network's forward: ``torch``, ``openvino`` (``OpenVinoInferer``) or ``auto``
             (the faster one on this CPU, ``scripts.engine.backends.choose_backend``); the choice is logged.
+        openvino_cache_dir: where OpenVINO keeps the converted network (``backends.default_cache_dir``); None: no
+            cache, the network converted in every run.
 
     Returns:
         The inferer.
@@ -92,7 +96,7 @@ def make_inferer(tta_flips=False, amp=False, device="cpu", sliding_window_size=N
     if amp and cpu and not native:
         warn_emulated_bf16()
     if runtime == "openvino":
-        return OpenVinoInferer(inferer, OPENVINO_PRECISIONS[amp])
+        return OpenVinoInferer(inferer, OPENVINO_PRECISIONS[amp], openvino_cache_dir)
     if amp and cpu:
         inferer = CpuAutocastInferer(inferer)
     return inferer
