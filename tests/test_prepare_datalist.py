@@ -13,8 +13,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import tiny_training
 from helpers import raised_messages
-from monai.bundle import ConfigWorkflow
 from monai.data import load_decathlon_datalist
 from scripts.data.channels import CHANNELS
 from scripts.data.datalist import build_datalist, find_inputs, load_fold, load_section, refuse_empty_fold
@@ -449,23 +449,11 @@ def test_malformed_datalist_entries_are_named_before_training(tree, tmp_path, ch
         load_fold(str(path), tree, fold=0)
 
 
-def test_a_fold_whose_training_labels_are_all_empty_is_refused(repo_root, tree, tmp_path):
+def test_a_fold_whose_training_labels_are_all_empty_is_refused(tree, tmp_path):
     """As training starts: the labels counted as CacheDataset loaded them (each file read once), before any epoch."""
     for label in glob.glob(os.path.join(tree, "TRAINING", "*", "*.OT.*", "*.nii*")):
         rewrite(label, lambda d, a: (np.zeros_like(d), a))
-    path = tmp_path / "datalist.json"
-    with open(path, "w") as f:
-        json.dump(build_datalist(tree, folds=3, seed=0), f)
-    settings = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0, "epochs": 1}
-    workflow = ConfigWorkflow(
-        config_file=os.path.join(repo_root, "configs", "train.json"),
-        meta_file=os.path.join(repo_root, "configs", "metadata.json"),
-        workflow_type="train",
-        bundle_root=str(tmp_path),
-        dataset_dir=tree,
-        data_list_file_path=str(path),
-        **settings,
-    )
+    workflow = tiny_training(tmp_path, tree)
     workflow.initialize()
     refuse_empty_fold(workflow.parser.get_parsed_content("train#dataset"), 0, check=False)  # without the check
     with pytest.raises(Exception) as excinfo:
