@@ -5,12 +5,21 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[0] != REPO_ROOT:
     sys.path.insert(0, REPO_ROOT)
+
+# MONAI imports pytorch-ignite, whose ignite/handlers/checkpoint.py imports torch.distributed.optim, whose functional
+# optimisers torch 2.13 compiles at import with the @torch.jit.script (66 times) and @torch.jit.interface it deprecates:
+# torch's own code run at import, nothing a call of ours can change, and silent outside pytest (a DeprecationWarning
+# raised in a library). Imported first here, so that pytest does not list these 67 warnings for every test process.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", r"`torch\.jit\.(script|interface)` is deprecated", DeprecationWarning)
+    import torch.distributed.optim  # noqa: F401
 
 from helpers import bundle_run_command  # noqa: E402
 from scripts.data.synthetic import generate  # noqa: E402
