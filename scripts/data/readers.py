@@ -190,11 +190,14 @@ def _affine_problem(affine, reference):
 class _LoadWithGivenReader(LoadImage):
     """MONAI's ``LoadImage`` for calls that pass their reader (``LoadCased``'s choice): built without MONAI's default
     readers, which ``LoadImage.__init__`` builds for every instance, and whose ``NvImgCodecPydicomReader`` warns on
-    each build that nvImageCodec is not installed. Its attributes are those ``LoadImage.__call__`` reads."""
+    each build that nvImageCodec is not installed. Its attributes are those ``LoadImage.__call__`` reads; with
+    ``simple_keys`` the meta keeps no copy of the NIfTI header's geometry (``pixdim``, ``dim``, ``srow_*``,
+    ``quatern_*``: the affine holds it), into which MONAI's spatial transforms would write the new spacing as a tensor
+    (numpy 2's DeprecationWarning of ``Tensor.__array__`` without ``copy``, from monai/transforms/inverse.py)."""
 
     def __init__(self):  # noqa: D107 (not LoadImage's: it would build the default readers)
         attributes = dict(readers=[], auto_select=False, expanduser=False, dtype=np.float32, image_only=True)
-        vars(self).update(attributes, ensure_channel_first=True, simple_keys=False, pattern=None, sep=".")
+        vars(self).update(attributes, ensure_channel_first=True, simple_keys=True, pattern=None, sep=".")
 
 
 class LoadCased(LoadImaged):
