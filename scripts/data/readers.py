@@ -190,14 +190,11 @@ def _affine_problem(affine, reference):
 class _LoadWithGivenReader(LoadImage):
     """MONAI's ``LoadImage`` for calls that pass their reader (``LoadCased``'s choice): built without MONAI's default
     readers, which ``LoadImage.__init__`` builds for every instance, and whose ``NvImgCodecPydicomReader`` warns on
-    each build that nvImageCodec is not installed. Its attributes are those ``LoadImage.__call__`` reads; with
-    ``simple_keys`` the meta keeps no copy of the NIfTI header's geometry (``pixdim``, ``dim``, ``srow_*``,
-    ``quatern_*``: the affine holds it), into which MONAI's spatial transforms would write the new spacing as a tensor
-    (numpy 2's DeprecationWarning of ``Tensor.__array__`` without ``copy``, from monai/transforms/inverse.py)."""
+    each build that nvImageCodec is not installed. Its attributes are those ``LoadImage.__call__`` reads."""
 
-    def __init__(self):  # noqa: D107 (not LoadImage's: it would build the default readers)
+    def __init__(self, simple_keys):  # noqa: D107 (not LoadImage's: it would build the default readers)
         attributes = dict(readers=[], auto_select=False, expanduser=False, dtype=np.float32, image_only=True)
-        vars(self).update(attributes, ensure_channel_first=True, simple_keys=True, pattern=None, sep=".")
+        vars(self).update(attributes, ensure_channel_first=True, simple_keys=simple_keys, pattern=None, sep=".")
 
 
 class LoadCased(LoadImaged):
@@ -215,11 +212,15 @@ class LoadCased(LoadImaged):
         check: check the files and the case; a problem raises ``InvalidCaseError`` naming the case and the file.
         refuse_blank: refuse a blank perfusion map (training: it teaches the network nothing true).
         reader: a reader (or several) besides ``ThreadSafeNibabelReader``, tried first (configs/dicom.json's).
+        simple_keys: ``LoadImage``'s: the meta keeps no copy of the NIfTI header's geometry (``pixdim``, ``dim``,
+            ``srow_*``, ``quatern_*``; the affine holds it), into which MONAI's spatial transforms would write the
+            new spacing as a tensor (numpy 2's DeprecationWarning of ``Tensor.__array__`` without ``copy``, from
+            monai/transforms/inverse.py). False where the header is copied (``scripts.tools.make_studies``).
     """
 
-    def __init__(self, keys, channels=CHANNELS, check=True, refuse_blank=False, reader=None):
+    def __init__(self, keys, channels=CHANNELS, check=True, refuse_blank=False, reader=None, simple_keys=True):
         MapTransform.__init__(self, keys, allow_missing_keys=True)
-        self._loader = _LoadWithGivenReader()
+        self._loader = _LoadWithGivenReader(simple_keys)
         self.readers = [r for r in ensure_tuple(reader) if r is not None] + [ThreadSafeNibabelReader(check=check)]
         self.channels, self.check, self.refuse_blank = list(channels), check, refuse_blank
 
