@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -12,6 +13,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[0] != REPO_ROOT:
     sys.path.insert(0, REPO_ROOT)
 
+# MONAI imports pytorch-ignite, whose ignite/handlers/checkpoint.py imports torch.distributed.optim, whose functional
+# optimisers torch 2.13 compiles at import with the @torch.jit.script (66 times) and @torch.jit.interface it deprecates:
+# torch's own code run at import, nothing a call of ours can change, and silent outside pytest (a DeprecationWarning
+# raised in a library). Imported first here, so that pytest does not list these 67 warnings for every test process.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", r"`torch\.jit\.(script|interface)` is deprecated", DeprecationWarning)
+    import torch.distributed.optim  # noqa: F401
+
+from helpers import bundle_run_command  # noqa: E402
 from scripts.data.synthetic import generate  # noqa: E402
 from scripts.engine.inferers import NATIVE_BF16_ENV  # noqa: E402
 
@@ -61,19 +71,8 @@ def demo_run(tmp_path_factory):
     """`python -m monai.bundle run training` of train.json + demo.json in a temp bundle root, once per session: the
     root, the finished process and the overrides (its model is demo_data/models/model.pt)."""
     root = tmp_path_factory.mktemp("demo")
-    args = [x for key, value in DEMO_OVERRIDES.items() for x in (f"--{key}", str(value).replace(" ", ""))]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "['configs/train.json','configs/demo.json']",
-        "--bundle_root",
-        str(root),
-        *args,
-    ]
+    configs = "['configs/train.json','configs/demo.json']"
+    cmd = bundle_run_command("training", configs, bundle_root=root, **DEMO_OVERRIDES)
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, result, DEMO_OVERRIDES
@@ -83,26 +82,32 @@ def demo_run(tmp_path_factory):
 TINY_NETWORK = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 
 
-@pytest.fixture(scope="session")
-def tiny_model(synthetic_tree, tmp_path_factory):
-    """A bundle root whose models/model.pt is a tiny network trained for one epoch on the session's synthetic tree."""
+def tiny_training(bundle_root, dataset_dir, **override):
+    """MONAI's ``ConfigWorkflow`` of configs/train.json that trains the tiny network for one epoch on the ISLES tree
+    ``dataset_dir`` into ``bundle_root``, with the 3-fold datalist of ``build_datalist`` written there first
+    (datalist.json); ``override`` sets other ids."""
     from monai.bundle import ConfigWorkflow
     from scripts.data.datalist import build_datalist
 
-    root = tmp_path_factory.mktemp("tiny_bundle")
-    datalist = root / "datalist.json"
-    datalist.write_text(json.dumps(build_datalist(synthetic_tree, folds=3, seed=0)))
-    workflow = ConfigWorkflow(
+    datalist = os.path.join(bundle_root, "datalist.json")
+    with open(datalist, "w") as f:
+        json.dump(build_datalist(str(dataset_dir), folds=3, seed=0), f)
+    return ConfigWorkflow(
         config_file=os.path.join(REPO_ROOT, "configs", "train.json"),
         meta_file=os.path.join(REPO_ROOT, "configs", "metadata.json"),
         workflow_type="train",
-        bundle_root=str(root),
-        dataset_dir=synthetic_tree,
-        data_list_file_path=str(datalist),
-        epochs=1,
-        val_interval=1,
-        **TINY_NETWORK,
+        bundle_root=str(bundle_root),
+        dataset_dir=str(dataset_dir),
+        data_list_file_path=datalist,
+        **{"epochs": 1, "val_interval": 1, **TINY_NETWORK, **override},
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synthetic_tree, tmp_path_factory):
+    """A bundle root whose models/model.pt is a tiny network trained for one epoch on the session's synthetic tree."""
+    root = tmp_path_factory.mktemp("tiny_bundle")
+    workflow = tiny_training(root, synthetic_tree)
     workflow.initialize()
     workflow.run()
     workflow.finalize()

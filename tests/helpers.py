@@ -12,6 +12,13 @@ from conftest import TINY_NETWORK
 from panoptica import ConnectedComponentsInstanceApproximator, InputType, NaiveThresholdMatching, Panoptica_Evaluator
 
 
+def bundle_run_command(run_id, config_file, **ids) -> list:
+    """``python -m monai.bundle run <run_id> --config_file <config_file> --<id> <value> ...`` as a user types it: each
+    value as text, a list without spaces."""
+    flags = [x for key, value in ids.items() for x in (f"--{key}", str(value).replace(" ", ""))]
+    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *flags]
+
+
 def initialize_and_run(workflow):
     """``initialize()`` then ``run()`` of a MONAI bundle workflow: one call, for a ``pytest.raises`` block."""
     workflow.initialize()

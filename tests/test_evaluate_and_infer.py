@@ -528,7 +528,7 @@ def test_a_run_stopped_by_a_bad_case_is_finished_by_the_same_command(repo_root, 
     shutil.copytree(six_scans, data)
     (tmax,) = glob.glob(str(data / "TESTING" / "case_4" / "*.CT_Tmax.*" / "*.nii"))
     intact = nib.load(tmax)
-    intact_data = np.array(intact.dataobj)  # a copy: the file is memory-mapped and is about to be replaced
+    intact_data = np.asarray(intact.dataobj).copy()  # a copy: the file is memory-mapped and is about to be replaced
     broken = intact_data.astype(np.float32)
     broken.flat[7] = np.nan
     nib.save(nib.Nifti1Image(broken, intact.affine), tmax)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import jsonschema
 import numpy as np
@@ -22,6 +23,7 @@ ONNX_AXES = (
     "{'image': {0: 'batch', 2: 'x', 3: 'y', 4: 'z'}, 'pred': {0: 'batch', 2: 'x', 3: 'y', 4: 'z'}}}"
 )
 SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "meta_schema_20240725.json")
+SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"  # verify_metadata checks the file against it (else it warns it cannot)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,15 @@ def bundle(repo_root, eager):
             *CONFIG,
         ],
         "verify_net_in_out": ["verify_net_in_out", "network_def", "--device", "cpu", *CONFIG],
-        "verify_metadata": ["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", SCHEMA],
+        "verify_metadata": [
+            "verify_metadata",
+            "--meta_file",
+            "configs/metadata.json",
+            "--filepath",
+            SCHEMA,
+            "--hash_val",
+            SCHEMA_MD5,
+        ],
     }
     logs = {name: ckpt.parent / f"{name}.log" for name in commands}  # files, not pipes: no process blocks on output
     running = {}
@@ -121,7 +131,9 @@ def meta(repo_root):
 def test_torchscript_export_matches_eager(bundle, eager, meta, command, file, config):
     net, ckpt = eager
     bundle(command)
-    ts_net, ts_meta, extras = load_net_with_metadata(str(ckpt.parent / file), more_extra_files=[config])
+    with warnings.catch_warnings():  # torch 2.13 deprecates torch.jit.load, which MONAI's loader of the zoo's .ts uses
+        warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", DeprecationWarning)
+        ts_net, ts_meta, extras = load_net_with_metadata(str(ckpt.parent / file), more_extra_files=[config])
     assert ts_meta["network_data_format"] == meta["network_data_format"]
     assert json.loads(extras[config])["network_def"]["_target_"] == "scripts.engine.networks.ModifiedUNet"
     with torch.no_grad():
@@ -155,6 +167,7 @@ def test_metadata_is_valid_offline(bundle):
     """MONAI's own `verify_metadata`: the schema file exists, so nothing is downloaded."""
     out = bundle("verify_metadata")
     assert "skipped downloading" in out and "metadata is verified with no error" in out
+    assert f"Verified 'meta_schema_20240725.json', md5: {SCHEMA_MD5}" in out and "NOT verified" not in out
 
 
 @pytest.mark.parametrize(

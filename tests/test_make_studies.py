@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 from monai.data import correct_nifti_header_if_necessary
-from monai.transforms import LoadImaged
 from scripts.data.channels import CHANNELS
 from scripts.data.isles18 import find_cases, read_case
-from scripts.data.readers import InvalidCaseError, ThreadSafeNibabelReader
+from scripts.data.readers import InvalidCaseError, LoadCased
 from scripts.tools.make_studies import convert
 
 # The header fields that place a NIfTI in the world; the study and the label must carry the CT's.
@@ -44,10 +43,10 @@ def test_one_case_is_one_4d_float32_file_with_the_cts_geometry(synthetic_tree, t
 
 
 def test_the_bundle_loads_the_study_and_the_five_maps_to_the_same_tensor(synthetic_tree, tmp_path):
-    """What configs/*.json's LoadImaged(ensure_channel_first=True) makes of either input: same values and affine."""
+    """What the bundle's loader (LoadCased, configs/*.json's) makes of either input: same values and affine."""
     case_dir = os.path.join(synthetic_tree, "TESTING", "case_1")
     convert(case_dir, str(tmp_path))
-    load = LoadImaged("image", ensure_channel_first=True, image_only=True)
+    load = LoadCased(("image",))
     maps = load({"image": read_case("case_1", case_dir, with_label=False)["image"]})["image"]
     study = load({"image": str(tmp_path / "case_1.nii.gz")})["image"]
     assert study.shape == maps.shape and study.shape[0] == 5
@@ -102,7 +101,7 @@ def test_the_study_and_label_carry_the_cts_geometry_as_the_bundle_reads_it(
     synthetic_tree, tmp_path, edit, read_differently
 ):
     """The study and its label get the CT's geometry fields verbatim (codes, quaternion, offsets, srows, pixdim, units)
-    and load in the bundle (its reader, LoadImaged as configs/*.json) to exactly the maps' tensor and affine; where MONAI
+    and load in the bundle (its loader, LoadCased, as configs/*.json) to exactly the maps' tensor and affine; where MONAI
     reads the CT's header differently (``correct_nifti_header_if_necessary``), they carry the header as MONAI reads it.
     """
     case_dir = tmp_path / "case_3"
@@ -129,13 +128,12 @@ def test_the_study_and_label_carry_the_cts_geometry_as_the_bundle_reads_it(
     assert study.shape == ct.shape + (5,) and study.get_data_dtype() == np.float32
     assert label.shape == ct.shape and label.get_data_dtype() == np.uint8
 
-    load = LoadImaged("image", reader=ThreadSafeNibabelReader(), ensure_channel_first=True, image_only=True)
-    maps, from_study = load({"image": item["image"]})["image"], load({"image": study.get_filename()})["image"]
-    assert from_study.shape == maps.shape and np.array_equal(from_study.numpy(), maps.numpy())
-    assert np.array_equal(from_study.affine.numpy(), maps.affine.numpy())
-    ot, from_label = load({"image": item["label"]})["image"], load({"image": label.get_filename()})["image"]
-    assert np.array_equal(from_label.numpy(), ot.numpy())
-    assert np.array_equal(from_label.affine.numpy(), maps.affine.numpy())
+    load = LoadCased(("image", "label"))
+    maps = load({"image": item["image"], "label": item["label"]})
+    from_study = load({"image": study.get_filename(), "label": label.get_filename()})
+    for key in ("image", "label"):
+        assert from_study[key].shape == maps[key].shape and np.array_equal(from_study[key].numpy(), maps[key].numpy())
+        assert np.array_equal(from_study[key].affine.numpy(), maps["image"].affine.numpy()), key
 
 
 def test_a_tree_fills_a_monai_label_studies_folder(synthetic_tree, tmp_path):
@@ -179,6 +177,12 @@ def test_bad_cases_are_named_and_can_be_skipped(synthetic_tree, tmp_path):
     assert not os.path.exists(tmp_path / "b" / "testing_case_2.nii.gz")
 
 
+def make_studies(repo_root, *args):
+    """``python -m scripts.tools.make_studies`` with ``args`` (as text): the finished process."""
+    cmd = [sys.executable, "-m", "scripts.tools.make_studies", *map(str, args)]
+    return subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
+
+
 def test_a_bad_later_case_stops_the_run_before_any_study_is_written(repo_root, synthetic_tree, tmp_path):
     """Every case is read and checked first, so a rerun after fixing the case is not refused for files half a run
     wrote; with --skip_invalid the other cases are written."""
@@ -189,26 +193,15 @@ def test_a_bad_later_case_stops_the_run_before_any_study_is_written(repo_root, s
     with open(cbf, "r+b") as f:
         f.truncate(os.path.getsize(cbf) // 2)
     out = tmp_path / "studies"
-    cmd = [
-        sys.executable,
-        "-m",
-        "scripts.tools.make_studies",
-        "--source",
-        str(root),
-        "--output_dir",
-        str(out),
-        "--labels",
-    ]
-    result = subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    args = ["--source", root, "--output_dir", out, "--labels"]
+    result = make_studies(repo_root, *args)
     assert result.returncode == 1, result.stderr
     error = result.stderr[result.stderr.find("error: ") :]  # nibabel's reason runs over two lines
     assert error.startswith(f"error: TRAINING/{case}: ") and cbf in error.splitlines()[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists(), "no study is written when a case is bad"
 
-    skipping = subprocess.run(
-        cmd + ["--skip_invalid"], check=False, cwd=repo_root, capture_output=True, text=True, timeout=300
-    )
+    skipping = make_studies(repo_root, *args, "--skip_invalid")
     assert skipping.returncode == 0, skipping.stderr
     assert f"skipped 1 invalid case(s):\n  TRAINING/{case}: " in skipping.stderr
     training = [c for c, _ in find_cases(str(root), "TRAINING") if c != case]
@@ -223,7 +216,7 @@ def test_shape_mismatch_is_reported_with_case_and_file(synthetic_tree, tmp_path)
     shutil.copytree(os.path.join(synthetic_tree, "TESTING", "case_1"), case_dir)
     tmax = read_case("case_9", str(case_dir), with_label=False)["image"][4]
     img = nib.load(tmax)
-    data = np.array(img.dataobj)[:-1]  # a copy: the file is memory-mapped and is about to be replaced
+    data = np.asarray(img.dataobj)[:-1].copy()  # a copy: the file is memory-mapped and is about to be replaced
     nib.save(nib.Nifti1Image(data, img.affine), tmax)
     with pytest.raises(InvalidCaseError, match=r"case_9: Tmax file .* has shape"):
         convert(str(case_dir), str(tmp_path / "out"))
@@ -234,22 +227,12 @@ def test_shape_mismatch_is_reported_with_case_and_file(synthetic_tree, tmp_path)
 
 def test_cli(repo_root, synthetic_tree, tmp_path):
     out = tmp_path / "studies"
-    cmd = [
-        sys.executable,
-        "-m",
-        "scripts.tools.make_studies",
-        "--source",
-        synthetic_tree,
-        "--output_dir",
-        str(out),
-        "--sections",
-        "TESTING",
-    ]
-    result = subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    args = ["--source", synthetic_tree, "--output_dir", out, "--sections", "TESTING"]
+    result = make_studies(repo_root, *args)
     assert result.returncode == 0, result.stderr
     assert "wrote 2 5-channel studies" in result.stdout
     assert sorted(os.listdir(out)) == ["testing_case_1.nii.gz", "testing_case_2.nii.gz"]
-    again = subprocess.run(cmd, check=False, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    again = make_studies(repo_root, *args)
     assert again.returncode != 0
     assert again.stderr.strip().splitlines()[-1].startswith("error: ") and "--overwrite" in again.stderr
 

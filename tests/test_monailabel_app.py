@@ -148,27 +148,18 @@ def test_overwrite_never_removes_through_a_link(tmp_path, sample_app, tiny_model
     assert snapshot(tmp_path) == before
 
 
+def monailabel_app(repo_root, *args):
+    """``python -m scripts.tools.monailabel_app`` with ``args`` (as text): the finished process."""
+    cmd = [sys.executable, "-m", "scripts.tools.monailabel_app", *map(str, args)]
+    return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+
+
 def test_cli_refuses_a_name_that_is_no_folder_of_its_own(repo_root, tmp_path, sample_app, tiny_model):
     app = tmp_path / "app"
     install(str(app), tiny_model, features=TINY, sample_app=sample_app)
     before = snapshot(tmp_path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "scripts.tools.monailabel_app",
-        "--app_dir",
-        str(app),
-        "--model",
-        tiny_model,
-        "--features",
-        str(TINY),
-        "--sample_app",
-        sample_app,
-        "--name",
-        "..",
-        "--overwrite",
-    ]
-    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+    args = ["--app_dir", app, "--model", tiny_model, "--features", TINY, "--sample_app", sample_app]
+    result = monailabel_app(repo_root, *args, "--name", "..", "--overwrite")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         (
@@ -191,20 +182,8 @@ BROKEN_CHECKPOINTS = {  # how to write each, from a good checkpoint
 def test_a_file_that_is_no_checkpoint_is_named_in_one_line(repo_root, tmp_path, sample_app, tiny_model, kind):
     model = tmp_path / f"{kind}.pt"
     BROKEN_CHECKPOINTS[kind](model, Path(tiny_model))
-    cmd = [
-        sys.executable,
-        "-m",
-        "scripts.tools.monailabel_app",
-        "--app_dir",
-        str(tmp_path / "app"),
-        "--model",
-        str(model),
-        "--features",
-        str(TINY),
-        "--sample_app",
-        sample_app,
-    ]
-    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+    args = ["--app_dir", tmp_path / "app", "--model", model, "--features", TINY, "--sample_app", sample_app]
+    result = monailabel_app(repo_root, *args)
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {model}: not a ") and " PyTorch checkpoint " in line, line
@@ -212,17 +191,7 @@ def test_a_file_that_is_no_checkpoint_is_named_in_one_line(repo_root, tmp_path, 
 
 
 def test_cli_errors_are_one_line(repo_root, tmp_path, sample_app):
-    cmd = [
-        sys.executable,
-        "-m",
-        "scripts.tools.monailabel_app",
-        "--app_dir",
-        str(tmp_path / "app"),
-        "--model",
-        str(tmp_path / "missing.pt"),
-        "--sample_app",
-        sample_app,
-    ]
-    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+    args = ["--app_dir", tmp_path / "app", "--model", tmp_path / "missing.pt", "--sample_app", sample_app]
+    result = monailabel_app(repo_root, *args)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: no trained model at")

@@ -190,8 +190,15 @@ def test_segment_stores_seg_and_sr_reads_them_back_and_other_settings_make_new_o
     study_uid = study_uid_of(study_files(study_dir))
     out = tmp_path / "out"
     segment = ["segment", "--study_uid", study_uid, "--orthanc_url", orthanc.url]
-    result = pacs(repo_root, *segment, *common_args(orthanc, tiny_model, tiny_settings, out), secrets=tree_secrets)
+
+    def segment_with(*flags, settings=()):
+        """``segment`` with ``flags`` and the config files ``settings`` after the tiny network's."""
+        args = common_args(orthanc, tiny_model, tiny_settings, out, *settings)
+        return pacs(repo_root, *segment, *flags, *args, secrets=tree_secrets)
+
+    result = segment_with()
     assert result.returncode == 0, result.stderr[-3000:]
+    assert " - WARNING - " not in result.stdout + result.stderr, "a site's config file brings no warning"
     assert orthanc.password not in result.stdout + result.stderr
     assert "the PACS holds what was sent" in result.stdout + result.stderr
 
@@ -207,30 +214,16 @@ def test_segment_stores_seg_and_sr_reads_them_back_and_other_settings_make_new_o
 
     # the same command again is refused (its results are there); with --overwrite true and the same settings the
     # objects are the same (same UIDs, same content): the PACS holds one of each, whichever copy it keeps
-    again = pacs(repo_root, *segment, *common_args(orthanc, tiny_model, tiny_settings, out), secrets=tree_secrets)
+    again = segment_with()
     assert again.returncode == 1 and "--overwrite true" in again.stderr
-    again = pacs(
-        repo_root,
-        *segment,
-        "--overwrite",
-        "true",
-        *common_args(orthanc, tiny_model, tiny_settings, out),
-        secrets=tree_secrets,
-    )
+    again = segment_with("--overwrite", "true")
     assert again.returncode == 0, again.stderr[-3000:]
     assert [len(x) for x in results_in_orthanc(orthanc, study_uid)] == [1, 1]
 
     # other thresholds and another network name: new objects beside the first ones, named after what made them
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"perfusion_thresholds#tmax_s": 4.0, "network_name": "OtherNet"}))
-    again = pacs(
-        repo_root,
-        *segment,
-        "--overwrite",
-        "true",
-        *common_args(orthanc, tiny_model, tiny_settings, out, other),
-        secrets=tree_secrets,
-    )
+    again = segment_with("--overwrite", "true", settings=[other])
     assert again.returncode == 0, again.stderr[-3000:]
     segs, srs = results_in_orthanc(orthanc, study_uid)
     assert len(segs) == 2 and len(srs) == 2

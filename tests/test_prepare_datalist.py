@@ -13,8 +13,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import tiny_training
 from helpers import raised_messages
-from monai.bundle import ConfigWorkflow
 from monai.data import load_decathlon_datalist
 from scripts.data.channels import CHANNELS
 from scripts.data.datalist import build_datalist, find_inputs, load_fold, load_section, refuse_empty_fold
@@ -384,8 +384,9 @@ def test_load_fold_splits_and_reports_bad_values(synthetic_tree, tmp_path):
 
 @pytest.mark.parametrize("offset", [1e-9, 2e-4], ids=["rounding", "off_grid"])
 def test_check_refuses_exactly_the_affines_monai_cannot_stack(tree, offset):
-    """One rule for check and pipeline: a map is accepted by the check if and only if LoadImaged stacks it."""
-    from monai.transforms import LoadImage
+    """One rule for check and pipeline: a map is accepted by the check if and only if MONAI's NIfTI reader stacks it
+    (``NibabelReader``, which ``LoadImage`` picks for these files)."""
+    from monai.data import NibabelReader
 
     path = map_file(tree, "case_4", "CBV")
 
@@ -397,7 +398,8 @@ def test_check_refuses_exactly_the_affines_monai_cannot_stack(tree, offset):
     item = next(i for i in build_datalist(tree, folds=2)["training"] if i["case"] == "case_4")
     item = dict(item, image=[os.path.join(tree, p) for p in item["image"]], label=os.path.join(tree, item["label"]))
     try:
-        LoadImage(image_only=True)(item["image"])
+        reader = NibabelReader()
+        reader.get_data(reader.read(item["image"]))
         loads = True
     except RuntimeError as err:
         assert "affine matrix of all images should be the same" in str(err)
@@ -449,23 +451,11 @@ def test_malformed_datalist_entries_are_named_before_training(tree, tmp_path, ch
         load_fold(str(path), tree, fold=0)
 
 
-def test_a_fold_whose_training_labels_are_all_empty_is_refused(repo_root, tree, tmp_path):
+def test_a_fold_whose_training_labels_are_all_empty_is_refused(tree, tmp_path):
     """As training starts: the labels counted as CacheDataset loaded them (each file read once), before any epoch."""
     for label in glob.glob(os.path.join(tree, "TRAINING", "*", "*.OT.*", "*.nii*")):
         rewrite(label, lambda d, a: (np.zeros_like(d), a))
-    path = tmp_path / "datalist.json"
-    with open(path, "w") as f:
-        json.dump(build_datalist(tree, folds=3, seed=0), f)
-    settings = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0, "epochs": 1}
-    workflow = ConfigWorkflow(
-        config_file=os.path.join(repo_root, "configs", "train.json"),
-        meta_file=os.path.join(repo_root, "configs", "metadata.json"),
-        workflow_type="train",
-        bundle_root=str(tmp_path),
-        dataset_dir=tree,
-        data_list_file_path=str(path),
-        **settings,
-    )
+    workflow = tiny_training(tmp_path, tree)
     workflow.initialize()
     refuse_empty_fold(workflow.parser.get_parsed_content("train#dataset"), 0, check=False)  # without the check
     with pytest.raises(Exception) as excinfo:

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import initialize_and_run, raised_messages
+from helpers import bundle_run_command, initialize_and_run, raised_messages
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from PIL import Image
@@ -449,18 +449,7 @@ def test_a_flt_max_marker_never_reaches_the_network(repo_root, synthetic_tree, t
 def bundle_training(repo_root, bundle_root, synthetic_tree, datalist_file, **override):
     """`python -m monai.bundle run training` with train.json, as a user types it (values as text)."""
     args = {**tiny(synthetic_tree, datalist_file), "bundle_root": str(bundle_root), **override}
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "configs/train.json",
-        "--meta_file",
-        "configs/metadata.json",
-        *[x for k, v in args.items() for x in (f"--{k}", str(v))],
-    ]
+    cmd = bundle_run_command("training", "configs/train.json", meta_file="configs/metadata.json", **args)
     return subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -509,15 +498,9 @@ def test_one_run_per_checkpoint_folder_and_a_killed_runs_lock_is_taken_over(
     import signal
     import time
 
-    settings = tiny(synthetic_tree, datalist_file, epochs=500)
-    args = [x for key, value in settings.items() for x in (f"--{key}", str(value).replace(" ", ""))]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json"]
-    first = subprocess.Popen(
-        [*cmd, "--bundle_root", str(tmp_path), *args],
-        cwd=repo_root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    settings = tiny(synthetic_tree, datalist_file, bundle_root=tmp_path, epochs=500)
+    cmd = bundle_run_command("training", "configs/train.json", **settings)
+    first = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = tmp_path / "models" / ".in_use"
     deadline = time.monotonic() + 300
     while not lock.exists() and time.monotonic() < deadline:

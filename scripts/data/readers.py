@@ -249,9 +249,9 @@ class _LoadWithGivenReader(LoadImage):
     readers, which ``LoadImage.__init__`` builds for every instance, and whose ``NvImgCodecPydicomReader`` warns on
     each build that nvImageCodec is not installed. Its attributes are those ``LoadImage.__call__`` reads."""
 
-    def __init__(self):  # noqa: D107 (not LoadImage's: it would build the default readers)
+    def __init__(self, simple_keys):  # noqa: D107 (not LoadImage's: it would build the default readers)
         attributes = dict(readers=[], auto_select=False, expanduser=False, dtype=np.float32, image_only=True)
-        vars(self).update(attributes, ensure_channel_first=True, simple_keys=False, pattern=None, sep=".")
+        vars(self).update(attributes, ensure_channel_first=True, simple_keys=simple_keys, pattern=None, sep=".")
 
 
 class LoadCased(LoadImaged):
@@ -272,11 +272,17 @@ class LoadCased(LoadImaged):
         compute_maps: compute a ``computed`` case's maps; False loads the case's other files and checks its raw
             series' header only (``scripts.data.datalist``'s check before any work: the series is read once, in the
             run).
+        simple_keys: ``LoadImage``'s: the meta keeps no copy of the NIfTI header's geometry (``pixdim``, ``dim``,
+            ``srow_*``, ``quatern_*``; the affine holds it), into which MONAI's spatial transforms would write the
+            new spacing as a tensor (numpy 2's DeprecationWarning of ``Tensor.__array__`` without ``copy``, from
+            monai/transforms/inverse.py). False where the header is copied (``scripts.tools.make_studies``).
     """
 
-    def __init__(self, keys, channels=CHANNELS, check=True, refuse_blank=False, reader=None, compute_maps=True):
+    def __init__(
+        self, keys, channels=CHANNELS, check=True, refuse_blank=False, reader=None, compute_maps=True, simple_keys=True
+    ):
         MapTransform.__init__(self, keys, allow_missing_keys=True)
-        self._loader = _LoadWithGivenReader()
+        self._loader = _LoadWithGivenReader(simple_keys)
         self.readers = [r for r in ensure_tuple(reader) if r is not None] + [ThreadSafeNibabelReader(check=check)]
         self.channels, self.check, self.refuse_blank = list(channels), check, refuse_blank
         self.compute_maps = compute_maps

@@ -135,7 +135,7 @@ def convert(
     # every case read and checked before the first study is written
     items, skipped = read_valid_cases([partial(read_case, *job[:3]) for job in jobs], check, skip_invalid)
     by_case = {item["case"]: item for item in items}
-    written, load = {}, LoadCased(("image", "label"))
+    written, load = {}, LoadCased(("image", "label"), simple_keys=False)  # stack_case copies the CT's header
     for case, case_dir, _, study, study_path, label_path in jobs:
         if case not in by_case:
             continue

@@ -32,6 +32,7 @@ other settings (e.g. ``series_rules`` fixed as its refusal said). No UID, patien
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -69,6 +70,24 @@ def config_files(config_file) -> list:
     if missing:
         raise FileNotFoundError(f"--config_file {missing[0]}: no such file")
     return [os.path.join(BUNDLE_ROOT, "configs", name) for name in CONFIGS] + extra
+
+
+@contextlib.contextmanager
+def _without_config_root_notice():
+    """MONAI 1.6.1's ``ConfigWorkflow.__init__`` (monai/bundle/workflows.py) logs "Not all config files are in
+    <folder>. If logging_file and meta_file are not specified, <folder> will be used ..." for each config file outside
+    the first one's folder, even when both are given. ``StudySegmenter`` gives both, and a site's own config file is
+    meant to lie elsewhere: the notice says nothing a user can act on, so it is dropped while the workflow is built."""
+
+    def other_than_the_notice(record):
+        return not record.getMessage().startswith("Not all config files are in")
+
+    monai_logger = logging.getLogger("monai.bundle.workflows")
+    monai_logger.addFilter(other_than_the_notice)
+    try:
+        yield
+    finally:
+        monai_logger.removeFilter(other_than_the_notice)
 
 
 class StudySegmenter:
@@ -124,17 +143,18 @@ class StudySegmenter:
         if os.path.isfile(stored):  # --overwrite true: it says so again only once this run's results are stored
             os.remove(stored)
         studies = studies_in_memory(self.pacs.retrieve(study_uid, series), self.rules, self.channels)
-        workflow = ConfigWorkflow(
-            config_file=self.config_files,
-            meta_file=os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
-            logging_file=os.path.join(BUNDLE_ROOT, "configs", "logging.conf"),
-            workflow_type="infer",
-            bundle_root=self.bundle_root,
-            dataset_dir=self.output_dir,
-            studies=studies,
-            output_dir=results,
-            overwrite=True,  # this study's own folder: a run stopped before its results were stored is done again
-        )
+        with _without_config_root_notice():
+            workflow = ConfigWorkflow(
+                config_file=self.config_files,
+                meta_file=os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
+                logging_file=os.path.join(BUNDLE_ROOT, "configs", "logging.conf"),
+                workflow_type="infer",
+                bundle_root=self.bundle_root,
+                dataset_dir=self.output_dir,
+                studies=studies,
+                output_dir=results,
+                overwrite=True,  # this study's own folder: a run stopped before its results were stored is done again
+            )
         try:
             workflow.initialize()
             workflow.run()
