@@ -21,7 +21,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", r"`torch\.jit\.(script|interface)` is deprecated", DeprecationWarning)
     import torch.distributed.optim  # noqa: F401
 
-from helpers import bundle_run_command  # noqa: E402
+from helpers import TINY_NETWORK, bundle_run_command  # noqa: E402
 from scripts.data.synthetic import generate  # noqa: E402
 from scripts.engine.inferers import NATIVE_BF16_ENV  # noqa: E402
 
@@ -76,10 +76,6 @@ def demo_run(tmp_path_factory):
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, result, DEMO_OVERRIDES
-
-
-# The tiny network of the DICOM and PACS tests (tests/test_dicom.py, tests/test_pacs.py).
-TINY_NETWORK = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 
 
 def tiny_training(bundle_root, dataset_dir, **override):

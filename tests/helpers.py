@@ -1,15 +1,16 @@
 """Helpers shared by the test modules (pytest puts tests/ on sys.path: `from helpers import ...`)."""
 
 import csv
-import json
 import os
 import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
-from conftest import TINY_NETWORK
 from panoptica import ConnectedComponentsInstanceApproximator, InputType, NaiveThresholdMatching, Panoptica_Evaluator
+
+# The tiny network of the DICOM, PACS and training tests.
+TINY_NETWORK = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 
 
 def bundle_run_command(run_id, config_file, **ids) -> list:
@@ -66,9 +67,8 @@ def canonical(array, affine):
 
 def run_bundle(repo_root, configs, bundle_root, dataset_dir, output_dir, *extra):
     """`python -m monai.bundle run` with the tiny network; the finished process (stdout and stderr as text)."""
-    args = [f"--{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY_NETWORK.items()]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle_root)]
-    cmd += ["--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *args, *extra]
+    folders = {"bundle_root": bundle_root, "dataset_dir": dataset_dir, "output_dir": output_dir}
+    cmd = bundle_run_command("run", configs, **folders, **TINY_NETWORK) + list(extra)
     return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600, check=False)
 
 

@@ -16,8 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_NETWORK
-from helpers import challenge_scoring, initialize_and_run, raised_messages
+from helpers import TINY_NETWORK, challenge_scoring, initialize_and_run, raised_messages
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from monai.transforms import Invertd

@@ -20,9 +20,8 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from conftest import TINY_NETWORK
 from dicomweb_client import DICOMwebClient
-from helpers import canonical, study_files
+from helpers import TINY_NETWORK, canonical, study_files
 from orthanc import delete_instance, instances_of_study, orthanc_available, start_orthanc, upload
 from pydicom.uid import JPEGLSLossless
 from scripts.dicom.series import case_of, volume_as_nifti
