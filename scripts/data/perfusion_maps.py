@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_modality_lut
 from scipy import fft as sfft
 from scipy import ndimage
 
@@ -205,6 +204,10 @@ def read_dicom_series(sources, name) -> CtpSeries:
             datasets.append(source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(source))
         except (pydicom.errors.InvalidDicomError, OSError) as err:
             _refuse(name, f"cannot read {source} as DICOM: {err}")
+    # pydicom 3's module, imported where a DICOM series is read: the NIfTI path also runs beside MONAI Label 0.8.5,
+    # whose environment keeps pydicom 2.4.5 (requirements-monailabel.txt)
+    from pydicom.pixels import apply_modality_lut
+
     stacks, times, affine = _dicom_layout(name, datasets)
     first = datasets[0]
     frames = np.empty((int(first.Columns), int(first.Rows), len(stacks), len(times)), dtype=np.float32)
