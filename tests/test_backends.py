@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -319,6 +320,26 @@ def test_a_partial_or_corrupt_cache_entry_is_ignored_and_rebuilt(cached_network,
     with caplog.at_level(logging.INFO, logger="scripts.engine.backends"):
         backends.OpenVinoNetwork(net, "f32", str(cache_dir))(x)
     assert "read from the cache" in caplog.text and "converted" not in caplog.text
+
+
+@needs_openvino
+def test_a_store_killed_before_its_rename_leaves_nothing_that_stays(cached_network, tmp_path):
+    """The temporary folder of a store killed before its rename (kill -9) is never read as an entry, and the next
+    store removes it once it is older than ``STALE_PARTIAL_S``; a younger one (another process writing) stays."""
+    net, cached = cached_network
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(cached, cache_dir)
+    (entry,), _ = cache_entries(cache_dir)
+    killed, writing = cache_dir / f".{entry}.killed.partial", cache_dir / f".{entry}.writing.partial"
+    for folder in (killed, writing):
+        shutil.copytree(cache_dir / entry, folder)
+    old = time.time() - backends.STALE_PARTIAL_S - 60
+    os.utime(killed, (old, old))
+    x = torch.randn(1, 5, 32, 64, 16, generator=torch.Generator().manual_seed(5))  # another shape: a new entry
+    with torch.no_grad():
+        torch.testing.assert_close(backends.OpenVinoNetwork(net, "f32", str(cache_dir))(x), net(x), atol=1e-4, rtol=0)
+    assert not killed.exists() and writing.exists()
+    assert len([name for name in cache_entries(cache_dir)[0] if not name.startswith(".")]) == 2, "the new entry"
 
 
 @needs_openvino

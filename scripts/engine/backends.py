@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 import weakref
 
@@ -56,6 +57,7 @@ DIGESTS = "sha256.json"
 # OpenVINO's CACHE_DIR, inside the cache folder: compiled/<precision>. Its key leaves out the precision: OpenVINO
 # 2026.4.1 imported a network compiled in f32 for a bf16 compile, and ran it wrong (Dice 0.73 against torch).
 COMPILED = "compiled"
+STALE_PARTIAL_S = 3600.0  # a temporary entry folder untouched this long was left by a killed store: removed
 
 
 def openvino_version() -> str | None:
@@ -172,6 +174,16 @@ def _read_entry(entry: str):
         return None
 
 
+def _remove_stale_partials(folder: str) -> None:
+    """Remove the temporary entry folders (``.<key>.*.partial``) that a store killed before its rename left in
+    ``folder``: those untouched for ``STALE_PARTIAL_S``, so that one another process is writing stays."""
+    now = time.time()
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.startswith(".") and name.endswith(".partial") and now - os.path.getmtime(path) > STALE_PARTIAL_S:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _store_entry(model, entry: str) -> bool:
     """Write ``model`` as cache ``entry``, whole: the IR and its SHA-256 in a temporary folder beside it, flushed to
     disk, then renamed into place; False (and the reason logged) where the folder cannot be written. Another process
@@ -182,6 +194,7 @@ def _store_entry(model, entry: str) -> bool:
     partial = None
     try:
         os.makedirs(folder, exist_ok=True)
+        _remove_stale_partials(folder)
         partial = tempfile.mkdtemp(prefix=f".{key}.", suffix=".partial", dir=folder)
         openvino.save_model(model, os.path.join(partial, MODEL_FILES[0]), compress_to_fp16=False)
         digests = {name: _file_sha256(os.path.join(partial, name)) for name in MODEL_FILES}
