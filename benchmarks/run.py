@@ -125,7 +125,7 @@ def networks(features):
 
 def make_step(net, memory_format, precision="fp32"):
     """One training step of ``net`` on a batch dict, the loss and optimizer of configs/train.json; with ``bf16`` the
-    forward runs under autocast and the loss on its float32 output, as scripts/engine/inferers.py's CpuAutocastInferer.
+    forward runs under autocast and the loss on its float32 output, as scripts/monai_gaps.py's CpuAutocastInferer.
     """
     from monai.losses import DiceLoss
 

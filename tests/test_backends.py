@@ -17,8 +17,9 @@ from monai.data import MetaTensor
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 from scripts.engine import backends
 from scripts.engine.backends import OpenVinoInferer, choose_backend
-from scripts.engine.inferers import NATIVE_BF16_ENV, CpuAutocastInferer, FlipInferer, make_inferer
+from scripts.engine.inferers import NATIVE_BF16_ENV, FlipInferer, make_inferer
 from scripts.engine.networks import ModifiedUNet
+from scripts.monai_gaps import CpuAutocastInferer
 
 OPENVINO_MISSING = "OpenVINO is not installed (pip install openvino, pinned in requirements-dev.txt)"
 needs_openvino = pytest.mark.skipif(backends.openvino_version() is None, reason=OPENVINO_MISSING)

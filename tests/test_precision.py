@@ -9,15 +9,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.inferers import SimpleInferer
-from scripts.engine.inferers import (
-    NATIVE_BF16_ENV,
-    CpuAutocastInferer,
-    FlipInferer,
-    cpu_has_native_bf16,
-    engine_amp,
-    make_inferer,
-    warn_emulated_bf16,
-)
+from scripts.engine.inferers import NATIVE_BF16_ENV, FlipInferer, cpu_has_native_bf16, make_inferer, warn_emulated_bf16
+from scripts.monai_gaps import CpuAutocastInferer, engine_amp
 
 
 @pytest.mark.parametrize(

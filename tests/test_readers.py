@@ -12,8 +12,11 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset
 from scripts.data.datalist import build_datalist, load_fold
-from scripts.data.readers import ThreadSafeNibabelReader
+from scripts.data.readers import CheckedNiftiReader
 from scripts.data.synthetic import generate
+from scripts.monai_gaps import ThreadSafeNibabelReader
+
+READERS = pytest.mark.parametrize("reader_class", [ThreadSafeNibabelReader, CheckedNiftiReader])
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +34,12 @@ def mixed_tree(tmp_path_factory):
     return root, datalist
 
 
-def test_names_of_a_read_stay_with_the_thread_that_read(mixed_tree):
+@READERS
+def test_names_of_a_read_stay_with_the_thread_that_read(mixed_tree, reader_class):
     """The interleaving that broke MONAI's reader: thread A reads 5 maps, thread B a label, then A gets its data."""
     root, datalist = mixed_tree
     item = load_fold(datalist, root, 0)["train"][0]
-    reader = ThreadSafeNibabelReader()
+    reader = reader_class()
     images = reader.read(item["image"])
     other = threading.Thread(target=reader.read, args=(item["label"],))
     other.start()
@@ -62,9 +66,10 @@ def test_cache_built_by_four_threads_has_every_channel_and_the_right_case(repo_r
             assert cached["label"].meta["filename_or_obj"] == item["label"]
 
 
-def test_reader_survives_deepcopy_and_pickle():
+@READERS
+def test_reader_survives_deepcopy_and_pickle(reader_class):
     """Spawned DataLoader workers pickle the transforms, MONAI deep-copies them; a thread-local cannot be either."""
-    reader = ThreadSafeNibabelReader(as_closest_canonical=True)
+    reader = reader_class(as_closest_canonical=True)
     reader.filenames = ("a.nii",)
     for clone in (copy.deepcopy(reader), pickle.loads(pickle.dumps(reader))):
         assert clone.as_closest_canonical

@@ -2,7 +2,7 @@
 
 ``LoadCased`` is MONAI's ``LoadImaged`` for one datalist item (``image``: the channels' files in order, or one 4D file;
 ``label``; ``case``; ``maps_source``): for each key it picks, as ``LoadImage`` does, the first of its readers whose
-``verify_suffix`` takes the key's value (the reader registry, as nnU-Net's ``imageio``): ``ThreadSafeNibabelReader``
+``verify_suffix`` takes the key's value (the reader registry, as nnU-Net's ``imageio``): ``CheckedNiftiReader``
 for NIfTI files, and the readers a profile adds (configs/dicom.json: ``scripts.dicom.series.DicomSeriesReader`` for
 DICOM series). With ``check`` every file is checked as it is read (a ``.gz`` stream against its CRC, a map's
 dimensions, one grid for all the files of a case, values that are NaN/Inf as float32 or beyond ``MAX_ABS_VALUE``, a
@@ -15,39 +15,26 @@ and no vendor maps) names that series as the file of each ``computed`` channel (
 once, its maps computed (``scripts.data.perfusion_maps``: oSVD, in ISLES 2018's units, ``isles18_maps``) and
 resampled onto the NCCT's grid where they are not on it, and they take those channels' places in the image; a series
 the maps cannot be computed from stops the run with one ``InvalidCaseError`` naming the case and the file.
-
-The reader race (MONAI 1.6.1): ``NibabelReader.read()`` stores the file names of the call on the reader
-(``self.filenames``) and ``get_data()`` zips the loaded images with them. ``CacheDataset`` fills its cache from a thread
-pool that shares one ``LoadImaged``, so when another thread reads a case's one-file label between this thread's
-``read()`` of the five maps and its ``get_data()``, the five images are zipped with one name and the image comes back
-with one channel. ``ThreadSafeNibabelReader`` keeps the names per thread.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-import threading
 import zlib
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor, NibabelReader
+from monai.data import MetaTensor
 from monai.data.utils import correct_nifti_header_if_necessary
-from monai.transforms import LoadImage, LoadImaged, MapTransform, SpatialResample
+from monai.transforms import LoadImaged, MapTransform, SpatialResample
 from monai.utils import PostFix, ensure_tuple
 from scripts.data import perfusion_maps
 from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, NCCT, VENDOR_MAPS, computed_channels
+from scripts.monai_gaps import LoadImageWithGivenReader, ThreadSafeNibabelReader
 
-__all__ = [
-    "MAX_ABS_VALUE",
-    "ThreadSafeNibabelReader",
-    "InvalidCaseError",
-    "LoadCased",
-    "computed_positions",
-    "onto_grid",
-]
+__all__ = ["MAX_ABS_VALUE", "CheckedNiftiReader", "InvalidCaseError", "LoadCased", "computed_positions", "onto_grid"]
 
 # Largest magnitude accepted in a map or label, after the header's scaling. No CT (HU), perfusion map or label value
 # comes near it; beyond it lie "no value" markers such as FLT_MAX (3.4e38), and a float32 z-score over a slab with such
@@ -146,9 +133,9 @@ def onto_grid(array, affine, shape, target_affine):
     return resampled[0].numpy()
 
 
-class ThreadSafeNibabelReader(NibabelReader):
-    """MONAI's ``NibabelReader`` with each file read once whole (``_read_nifti``), checked as it is read where
-    ``check``, and the file names of the current ``read()`` kept per thread (the reader race, module docstring).
+class CheckedNiftiReader(ThreadSafeNibabelReader):
+    """MONAI's ``NibabelReader`` (race-free: ``scripts.monai_gaps.ThreadSafeNibabelReader``) with each file read once
+    whole (``_read_nifti``) and checked as it is read where ``check``.
 
     Args:
         check: check every file (``FileProblem`` naming it): a ``.gz`` stream that is not whole, a file that cannot be
@@ -159,28 +146,8 @@ class ThreadSafeNibabelReader(NibabelReader):
     """
 
     def __init__(self, check=True, **kwargs):
-        self._per_thread = threading.local()
         self.check = check
         super().__init__(**kwargs)
-
-    @property
-    def filenames(self):
-        """The file names of this thread's latest ``read()``."""
-        return self._per_thread.filenames
-
-    @filenames.setter
-    def filenames(self, names):
-        self._per_thread.filenames = names
-
-    def __getstate__(self):
-        """Pickle (spawned DataLoader workers) and deepcopy without the thread-local store, which neither supports."""
-        state = self.__dict__.copy()
-        del state["_per_thread"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._per_thread = threading.local()
 
     def verify_suffix(self, filename) -> bool:
         return all(isinstance(name, (str, os.PathLike)) for name in ensure_tuple(filename)) and super().verify_suffix(
@@ -244,16 +211,6 @@ def _affine_problem(affine, reference):
     )
 
 
-class _LoadWithGivenReader(LoadImage):
-    """MONAI's ``LoadImage`` for calls that pass their reader (``LoadCased``'s choice): built without MONAI's default
-    readers, which ``LoadImage.__init__`` builds for every instance, and whose ``NvImgCodecPydicomReader`` warns on
-    each build that nvImageCodec is not installed. Its attributes are those ``LoadImage.__call__`` reads."""
-
-    def __init__(self, simple_keys):  # noqa: D107 (not LoadImage's: it would build the default readers)
-        attributes = dict(readers=[], auto_select=False, expanduser=False, dtype=np.float32, image_only=True)
-        vars(self).update(attributes, ensure_channel_first=True, simple_keys=simple_keys, pattern=None, sep=".")
-
-
 class LoadCased(LoadImaged):
     """``LoadImaged`` of one case (its ``image`` and, where listed, ``label``), each key read by the first of
     ``readers`` that takes it, with the checks of the readers and of the case as a whole where ``check``.
@@ -268,7 +225,7 @@ class LoadCased(LoadImaged):
         channels: the inputs ``image`` lists, in order.
         check: check the files and the case; a problem raises ``InvalidCaseError`` naming the case and the file.
         refuse_blank: refuse a blank perfusion map (training: it teaches the network nothing true).
-        reader: a reader (or several) besides ``ThreadSafeNibabelReader``, tried first (configs/dicom.json's).
+        reader: a reader (or several) besides ``CheckedNiftiReader``, tried first (configs/dicom.json's).
         compute_maps: compute a ``computed`` case's maps; False loads the case's other files and checks its raw
             series' header only (``scripts.data.datalist``'s check before any work: the series is read once, in the
             run).
@@ -282,8 +239,8 @@ class LoadCased(LoadImaged):
         self, keys, channels=CHANNELS, check=True, refuse_blank=False, reader=None, compute_maps=True, simple_keys=True
     ):
         MapTransform.__init__(self, keys, allow_missing_keys=True)
-        self._loader = _LoadWithGivenReader(simple_keys)
-        self.readers = [r for r in ensure_tuple(reader) if r is not None] + [ThreadSafeNibabelReader(check=check)]
+        self._loader = LoadImageWithGivenReader(simple_keys)
+        self.readers = [r for r in ensure_tuple(reader) if r is not None] + [CheckedNiftiReader(check=check)]
         self.channels, self.check, self.refuse_blank = list(channels), check, refuse_blank
         self.compute_maps = compute_maps
 

@@ -79,7 +79,7 @@ def case_preprocessing(
             ``MaskIntensityd``: the CT and optional inputs; the maps are 0 there already) and cropped to its bounding
             box (``CropForegroundd``) before the resize or the resampling, so the loss covers the brain's box only;
             ``Invertd`` pads the prediction back.
-        reader: a reader besides the NIfTI one (``scripts.data.readers.ThreadSafeNibabelReader``), or None; configs/dicom.json
+        reader: a reader besides the NIfTI one (``scripts.data.readers.CheckedNiftiReader``), or None; configs/dicom.json
             gives ``scripts.dicom.series.DicomSeriesReader``.
         check: check each file and case as it is loaded (the ``check_inputs`` id; ``LoadCased``).
         refuse_blank: with ``check``, refuse a blank perfusion map (training).

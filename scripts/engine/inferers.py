@@ -2,8 +2,8 @@
 
 MONAI's ``TestTimeAugmentation`` draws random transforms on dictionaries to estimate uncertainty; there is no
 inferer that averages the fixed set of mirror images, which is what nnU-Net does at test time. MONAI's engines
-autocast for CUDA only (``torch.autocast("cuda")`` under ``amp``), so on a CPU ``amp`` does nothing there; the
-inferer is where the bundle runs the network in bfloat16 on CPUs that compute it in hardware.
+autocast for CUDA only (``scripts.monai_gaps``); the inferer is where the bundle runs the network in bfloat16 on CPUs
+that compute it in hardware.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 from scripts.engine.backends import OPENVINO_PRECISIONS, OpenVinoInferer, choose_backend
 from scripts.flags import as_bool
+from scripts.monai_gaps import CpuAutocastInferer
 
-__all__ = ["CpuAutocastInferer", "FlipInferer", "amp_default", "cpu_has_native_bf16", "engine_amp", "make_inferer"]
+__all__ = ["FlipInferer", "amp_default", "cpu_has_native_bf16", "make_inferer"]
 
 # /proc/cpuinfo flags of bfloat16 arithmetic in hardware: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
@@ -48,16 +49,6 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 def amp_default() -> bool:
     """The default of the ``amp`` id of inference and evaluation: on with CUDA, and on a CPU with native bfloat16."""
     return torch.cuda.is_available() or cpu_has_native_bf16()
-
-
-def engine_amp(amp, device) -> bool:
-    """``amp`` as MONAI's engines take it: they autocast for CUDA only, so it is on only for a CUDA ``device``.
-
-    Args:
-        amp: the ``amp`` id (a bool, or true/false as typed on the command line).
-        device: the ``device`` id (a ``torch.device`` or its name).
-    """
-    return as_bool(amp, "amp") and torch.device(device).type == "cuda"
 
 
 def make_inferer(
@@ -110,25 +101,6 @@ def warn_emulated_bf16() -> None:
         "several times slower than float32 (--amp false runs float32)",
         stacklevel=3,
     )
-
-
-class CpuAutocastInferer(Inferer):
-    """Runs ``inferer`` under ``torch.autocast("cpu", dtype)`` and returns float32: convolutions run in bfloat16,
-    autocast keeps norms, softmax and losses in float32, and what follows (loss, post-processing) gets float32.
-
-    Args:
-        inferer: the inferer to run, e.g. ``SimpleInferer()`` or ``FlipInferer()``.
-        dtype: the lower precision, ``torch.bfloat16``.
-    """
-
-    def __init__(self, inferer: Inferer, dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.inferer, self.dtype = inferer, dtype
-
-    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=self.dtype):
-            outputs = self.inferer(inputs, network, *args, **kwargs)
-        return outputs.float()
 
 
 class FlipInferer(Inferer):

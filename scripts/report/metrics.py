@@ -15,8 +15,6 @@ empty and 0 when one is, as the ISLES 2024 scoring has it; the lesion-count diff
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from monai.metrics import (
@@ -35,6 +33,7 @@ from panoptica import (
     Panoptica_Evaluator,
     disable_citation_reminder,
 )
+from scripts.monai_gaps import surface_distance_deprecation_ignored
 
 __all__ = ["LESION_MATCHING_IOU", "METRIC_NAMES", "LesionF1Metric", "lesion_figures", "score_case", "volume_ml"]
 
@@ -57,8 +56,6 @@ METRIC_NAMES = (
     "lesion_f1",
     "lesion_count_diff",
 )
-# The one deprecation MONAI 1.6.1 warns of from its own call (metrics/utils.py), whatever the caller passes
-DEPRECATED_BY_MONAI_ITSELF = r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy: "
 
 
 def volume_ml(mask, spacing) -> float:
@@ -96,8 +93,7 @@ def score_case(pred, label, spacing, matching_iou=LESION_MATCHING_IOU) -> dict:
     }
     values = {name: float(value.flatten()[0]) for name, value in values.items()}
     if pred.any() and label.any():
-        with warnings.catch_warnings():  # MONAI 1.6.1's own get_edge_surface_distance passes an argument it deprecates
-            warnings.filterwarnings("ignore", message=DEPRECATED_BY_MONAI_ITSELF, category=FutureWarning)
+        with surface_distance_deprecation_ignored():
             hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)
             assd = compute_average_surface_distance(y_pred, y, include_background=True, symmetric=True, spacing=spacing)
         values.update(hd95_mm=float(hd95.flatten()[0]), assd_mm=float(assd.flatten()[0]))

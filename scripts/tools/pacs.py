@@ -32,7 +32,6 @@ other settings (e.g. ``series_rules`` fixed as its refusal said). No UID, patien
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -48,6 +47,7 @@ from scripts.data.readers import InvalidCaseError
 from scripts.dicom.dicomweb import ListenerState, Pacs, Redactor, fingerprint, read_credentials
 from scripts.dicom.series import case_of, matches_description, studies_in_memory
 from scripts.flags import as_bool
+from scripts.monai_gaps import config_root_notice_dropped
 from scripts.safe_files import write_atomically
 from scripts.tools.cli import run
 
@@ -70,24 +70,6 @@ def config_files(config_file) -> list:
     if missing:
         raise FileNotFoundError(f"--config_file {missing[0]}: no such file")
     return [os.path.join(BUNDLE_ROOT, "configs", name) for name in CONFIGS] + extra
-
-
-@contextlib.contextmanager
-def _without_config_root_notice():
-    """MONAI 1.6.1's ``ConfigWorkflow.__init__`` (monai/bundle/workflows.py) logs "Not all config files are in
-    <folder>. If logging_file and meta_file are not specified, <folder> will be used ..." for each config file outside
-    the first one's folder, even when both are given. ``StudySegmenter`` gives both, and a site's own config file is
-    meant to lie elsewhere: the notice says nothing a user can act on, so it is dropped while the workflow is built."""
-
-    def other_than_the_notice(record):
-        return not record.getMessage().startswith("Not all config files are in")
-
-    monai_logger = logging.getLogger("monai.bundle.workflows")
-    monai_logger.addFilter(other_than_the_notice)
-    try:
-        yield
-    finally:
-        monai_logger.removeFilter(other_than_the_notice)
 
 
 class StudySegmenter:
@@ -143,7 +125,7 @@ class StudySegmenter:
         if os.path.isfile(stored):  # --overwrite true: it says so again only once this run's results are stored
             os.remove(stored)
         studies = studies_in_memory(self.pacs.retrieve(study_uid, series), self.rules, self.channels)
-        with _without_config_root_notice():
+        with config_root_notice_dropped():  # a site's config lies outside configs/
             workflow = ConfigWorkflow(
                 config_file=self.config_files,
                 meta_file=os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
