@@ -63,7 +63,12 @@ sys.path.insert(0, REPO_ROOT)
 from scripts.data.datalist import load_fold  # noqa: E402
 from scripts.data.demo import network_settings  # noqa: E402
 from scripts.data.synthetic import generate, generate_isles24  # noqa: E402
-from scripts.engine.backends import OPENVINO_PRECISIONS, choose_backend, openvino_version  # noqa: E402
+from scripts.engine.backends import (  # noqa: E402
+    OPENVINO_PRECISIONS,
+    choose_backend,
+    openvino_version,
+    signal_stack_kept,
+)
 from scripts.engine.inferers import amp_default, cpu_has_native_bf16  # noqa: E402
 from scripts.engine.networks import ModifiedUNet  # noqa: E402
 from scripts.flags import as_bool  # noqa: E402
@@ -445,9 +450,10 @@ def peer_runtimes(net, x, precisions, workdir):
         import openvino
 
         for precision in precisions:
-            compiled = openvino.Core().compile_model(
-                path, "CPU", {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision == "bf16"]}
-            )
+            with signal_stack_kept():  # a Core per precision, freed in any order (scripts/engine/backends.py)
+                compiled = openvino.Core().compile_model(
+                    path, "CPU", {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision == "bf16"]}
+                )
             peers[f"openvino {precision}"] = lambda compiled=compiled: compiled({0: x.numpy()})
     return peers
 
@@ -812,12 +818,14 @@ def scaling_point(features, batch_size, spatial, repeats):
 
 
 def run_child(section, kwargs):
-    """Run one section in a fresh process so its peak RSS is its own."""
+    """Run one section in a fresh process so its peak RSS is its own; its stderr is this process's, with Python's
+    fault handler on, so a child that crashes shows where."""
     code = (
         f"import json, sys; sys.path.insert(0, {REPO_ROOT!r}); from benchmarks.run import child; "
         f"print('@@' + json.dumps(child({section!r}, {json.dumps(kwargs)!r})))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    command = [sys.executable, "-X", "faulthandler", "-c", code]
+    out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
     return json.loads(out.rsplit("@@", 1)[1])
 
 

@@ -1,6 +1,7 @@
 """The inference runtimes (scripts/engine/backends.py): which one ``auto`` picks on each kind of CPU, and that each
 one's masks are torch's float32 masks, through the inferers alone and through configs/inference.json."""
 
+import ctypes
 import logging
 import os
 import shutil
@@ -151,6 +152,46 @@ def test_new_weights_are_exported_again_and_training_mode_stays_in_torch():
     meta = MetaTensor(x, affine=torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0])))
     out = OpenVinoInferer(SimpleInferer(), "f32")(meta, net.eval())
     assert isinstance(out, MetaTensor) and torch.equal(out.affine, meta.affine)
+
+
+def signal_stack():
+    """(address, flags, size) of this thread's alternate signal stack (sigaltstack(2))."""
+    current = backends._SignalStack()
+    ctypes.CDLL(None).sigaltstack(None, ctypes.byref(current))
+    return current.ss_sp, current.ss_flags, current.ss_size
+
+
+@needs_openvino
+@pytest.mark.skipif(sys.platform != "linux", reason="sigaltstack is read through Linux's libc")
+def test_openvino_leaves_the_threads_signal_stack_as_it_found_it():
+    """OpenVINO gives a compiling thread an 11.5 KB alternate signal stack, which it frees with the network."""
+    before = signal_stack()
+    with torch.no_grad():
+        OpenVinoInferer(SimpleInferer(), "f32")(torch.randn(1, 5, 32, 32, 16), network(0))
+    assert signal_stack() == before
+
+
+@needs_openvino
+@pytest.mark.skipif(sys.platform != "linux", reason="sigaltstack is read through Linux's libc")
+def test_a_signal_after_openvino_networks_freed_out_of_order_is_handled(repo_root):
+    """Two runtimes freed in the order they were compiled left the thread a signal stack in freed memory: the next
+    Python signal handler (a DataLoader's SIGCHLD) killed the process with SIGSEGV (benchmarks/run.py's crash)."""
+    code = """if True:
+        import gc, os, signal, torch, openvino
+        from scripts.engine.backends import signal_stack_kept
+        x = torch.randn(1, 5, 16, 16, 8)
+        model = openvino.convert_model(torch.nn.Conv3d(5, 4, 3), example_input=x)
+        with signal_stack_kept():
+            first = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        with signal_stack_kept():
+            second = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+        first({0: x.numpy()}), second({0: x.numpy()})
+        del first; gc.collect(); del second; gc.collect()
+        signal.signal(signal.SIGUSR1, lambda *args: print("handled", flush=True))
+        os.kill(os.getpid(), signal.SIGUSR1)
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=repo_root)
+    assert done.returncode == 0 and "handled" in done.stdout, (done.returncode, done.stderr[-2000:])
 
 
 def test_the_cache_key_is_what_determines_the_converted_network(monkeypatch):

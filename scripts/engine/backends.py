@@ -18,6 +18,8 @@ removed and converted again, with a warning.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import hashlib
 import importlib.metadata
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -246,6 +249,35 @@ def converted_model(network: torch.nn.Module, example: torch.Tensor, cache_dir: 
     return _read_entry(entry) or model  # as a later process reads it: OpenVINO's compiled cache then has one entry
 
 
+class _SignalStack(ctypes.Structure):
+    """Linux's ``stack_t`` (sigaltstack(2))."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def signal_stack_kept():
+    """Inside, OpenVINO may change this thread's alternate signal stack; on leaving, the one it had is put back.
+
+    OpenVINO 2026.4's CPU plugin gives the thread that compiles a network an alternate signal stack of 11.5 KB and
+    puts back the one it found when the network's runtime is freed. Freed in another order than compiled (two
+    ``openvino.Core`` objects), the thread is left with a stack in freed memory, and the next signal handled on it
+    kills the process with SIGSEGV: Python's signal handlers run on the alternate stack, e.g. the SIGCHLD handler of a
+    DataLoader whose workers exit (seen as a crash of benchmarks/run.py after its OpenVINO peers). On CPUs with AMX
+    the signal frame alone fills 11.5 KB. OpenVINO installs no signal handler of its own that would need the stack.
+    """
+    if sys.platform != "linux":
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = _SignalStack()
+    libc.sigaltstack(None, ctypes.byref(before))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(before), None)
+
+
 @functools.cache
 def _core():
     """One OpenVINO runtime per process."""
@@ -278,7 +310,8 @@ class OpenVinoNetwork:
         shape = tuple(x.shape)
         if shape not in self.compiled:
             self.compiled[shape] = self._compile(x)
-        outputs = torch.from_numpy(np.asarray(self.compiled[shape](x.numpy())[0]))
+        with signal_stack_kept():
+            outputs = torch.from_numpy(np.asarray(self.compiled[shape](x.numpy())[0]))
         if isinstance(inputs, MetaTensor):
             return MetaTensor(outputs, meta=inputs.meta, applied_operations=inputs.applied_operations)
         return outputs
@@ -291,7 +324,8 @@ class OpenVinoNetwork:
         if usable:  # OpenVINO's own cache of compiled networks, one folder per precision (see COMPILED)
             settings["CACHE_DIR"] = os.path.join(self.cache_dir, COMPILED, self.precision)
         logger.info("OpenVINO: network compiled for input %s, precision %s", list(example.shape), self.precision)
-        return _core().compile_model(model, "CPU", settings)
+        with signal_stack_kept():
+            return _core().compile_model(model, "CPU", settings)
 
 
 class OpenVinoInferer(Inferer):
