@@ -29,7 +29,6 @@ import shutil
 
 import highdicom as hd
 import numpy as np
-import torch
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
@@ -39,7 +38,7 @@ from scripts.flags import as_bool
 from scripts.report.cases import PER_CASE, file_stamps
 from scripts.report.perfusion import DEFAULT_THRESHOLDS
 from scripts.report.tables import read_csv
-from scripts.safe_files import write_atomically
+from scripts.safe_files import rank, write_atomically
 
 __all__ = [
     "DicomResultsWriter",
@@ -356,7 +355,7 @@ def remove_stale_objects(prediction_dir) -> None:
     wrote for a case that this run does again, or that is no longer in it (``--overwrite true``), is never sent to a
     PACS with this run's objects. Run after ``scripts.report.cases.prepare_outputs`` (configs/dicom.json's
     ``+initialize``), which keeps the rows of the cases that stay; on rank 0 only."""
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if rank() != 0:
         return
     folder = os.path.join(prediction_dir, DICOM_FOLDER)
     if not os.path.isdir(folder):

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 
-import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 from PIL import Image, ImageDraw
 from scripts.report.tables import write_csv
-from scripts.safe_files import write_atomically
+from scripts.safe_files import rank, write_atomically
 
 __all__ = ["LearningCurves", "plot_curves"]
 
@@ -69,7 +68,7 @@ class LearningCurves:
 
     def write(self) -> None:
         """Write ``curves.csv`` and ``curves.png``, each whole (rank 0 of a distributed run)."""
-        if idist.get_rank() != 0:
+        if rank() != 0:
             return
         columns = ["epoch", LOSS, *dict.fromkeys(k for r in self.rows for k in r if k not in ("epoch", LOSS))]
         rows = [{c: _cell(r.get(c)) for c in columns} for r in self.rows]
