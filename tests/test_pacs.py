@@ -28,6 +28,7 @@ from scripts.dicom.series import case_of, volume_as_nifti
 
 PACS = [sys.executable, "-m", "scripts.tools.pacs"]
 NO_SERVER = ["--dicomweb_url", "http://127.0.0.1:9/dicom-web"]  # nothing listens there
+EVERYTHING_THEN_STOP = ["--until_idle", "true", "--backfill_from", "beginning"]  # a listener run over every study
 
 
 def start(tmp_path, **settings):
@@ -484,13 +485,7 @@ def test_a_study_refused_under_the_rules_is_done_again_once_the_rules_are_fixed(
     files = study_files(tmp_path / "study")
     upload(orthanc, files)
     study_uid, out = study_uid_of(files), tmp_path / "listener"
-    args = [
-        *listener_args(orthanc, tiny_model, tiny_settings, out),
-        "--until_idle",
-        "true",
-        "--backfill_from",
-        "beginning",
-    ]
+    args = listener_args(orthanc, tiny_model, tiny_settings, out, *EVERYTHING_THEN_STOP)
     result = pacs(repo_root, *args, secrets=tree_secrets)
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads((out / "listener.json").read_text())["studies"][case_of(study_uid)]["outcome"]
@@ -532,13 +527,7 @@ def test_one_failing_study_never_stops_the_listener(
     out = tmp_path / "listener"
     upload(orthanc, study_files(tmp_path / "broken"))
     upload(orthanc, study_files(tmp_path / "bare"))
-    args = [
-        *listener_args(orthanc, tiny_model, tiny_settings, out),
-        "--until_idle",
-        "true",
-        "--backfill_from",
-        "beginning",
-    ]
+    args = listener_args(orthanc, tiny_model, tiny_settings, out, *EVERYTHING_THEN_STOP)
     result = pacs(repo_root, *args, secrets=secrets)
     assert result.returncode == 0, result.stderr[-3000:]
     studies = json.loads((out / "listener.json").read_text())["studies"]
