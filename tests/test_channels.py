@@ -9,7 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import raised_messages
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.transforms import Compose
 from scripts.data import channels
 from scripts.data.channels import CHANNELS, Channel, check_channels, series_rules
 from scripts.data.datalist import build_datalist, find_inputs
@@ -87,3 +89,42 @@ def test_a_sixth_input_is_one_spec_entry_and_a_profile(repo_root, tmp_path, monk
     assert masks == ["case_1.nii.gz", "case_2.nii.gz"]
     ct = nib.load(find_inputs(str(isles18_root), channels=six)[0]["image"][0])
     assert nib.load(tmp_path / "runs" / "predictions" / "masks" / "case_1.nii.gz").shape == ct.shape
+
+
+def test_map_normalisation_window_reads_each_map_in_its_fixed_window(repo_root, synthetic_tree):
+    """`map_normalisation` "window" (the ISLES 2024 entries' windows, configs/isles24_native.json): CBF and CBV as a
+    fraction of their mean over healthy tissue (Tmax <= 6 s, as the threshold core's reference) over 0-400 %, MTT and
+    Tmax over 0-20 s, the CT in `ct_window`; "zscore" z-scores the maps; any other value is refused."""
+    item = find_inputs(synthetic_tree)[0]
+    read = {c: np.asarray(nib.load(path).dataobj, dtype=np.float64) for c, path in zip(CHANNELS, item["image"])}
+    healthy = (read["Tmax"] <= 6.0) & (read["CBF"] > 0)
+    assert healthy.any() and (read["Tmax"] > 6.0).any()  # a case with healthy and hypoperfused tissue
+
+    def on_the_read_grid(map_normalisation):
+        """The pipeline of configs/inference.json up to the channels' concatenation (before any resampling)."""
+        parser = ConfigParser()
+        parser.read_config(os.path.join(repo_root, "configs", "inference.json"))
+        parser["map_normalisation"] = map_normalisation
+        transforms = parser.get_parsed_content("preprocessing_transforms")
+        upto = next(i for i, t in enumerate(transforms) if type(t).__name__ == "ConcatItemsd")
+        return Compose(transforms[: upto + 1])(dict(item))["image"].numpy().astype(np.float64)
+
+    image = on_the_read_grid("window")
+    expected = {
+        "CT": (read["CT"] - 20.0) / 40.0,  # ct_window [20, 60]
+        "CBF": read["CBF"] / read["CBF"][healthy].mean() / 4.0,
+        "CBV": read["CBV"] / read["CBV"][(read["Tmax"] <= 6.0) & (read["CBV"] > 0)].mean() / 4.0,
+        "MTT": read["MTT"] / 20.0,
+        "Tmax": read["Tmax"] / 20.0,
+    }
+    for i, name in enumerate(CHANNELS):
+        np.testing.assert_allclose(image[i], np.clip(expected[name], 0, 1), atol=1e-5, err_msg=name)
+    assert 0.2 < image[1][healthy].mean() < 0.3  # healthy CBF reads as 100 % of itself
+
+    zscored = on_the_read_grid("zscore")
+    for i, name in enumerate(CHANNELS[1:], start=1):
+        inside = read[name] != 0
+        assert abs(zscored[i][inside].mean()) < 1e-4 and abs(zscored[i][inside].std() - 1) < 1e-3, name
+    with pytest.raises(Exception) as excinfo:
+        on_the_read_grid("minmax")
+    assert "ValueError: map_normalisation 'minmax': expected one of zscore, window" in raised_messages(excinfo)

@@ -45,7 +45,12 @@ class Channel:
         series_rule: its default DICOM rule (docs/dicom.md): ``modality``, ``description`` and ``exclude`` (regular
             expressions on the SeriesDescription), optional ``image_type``; a site changes it in its own config.
         normalisation: ``"window"`` (``ct_window`` in HU to [0, 1], clipped) or ``"zscore"`` (within the non-zero
-            voxels).
+            voxels); with ``map_normalisation`` ``"window"`` the ``"zscore"`` inputs take their ``window`` instead.
+        window: its fixed window, mapped to [0, 1] and clipped, for ``map_normalisation`` ``"window"`` (the windows of
+            the ISLES 2024 entries), in its own unit or, where ``relative``, as a multiple of the healthy tissue's
+            mean.
+        relative: ``window`` is relative to the mean over healthy tissue (Tmax at most 6 s, as the threshold core's
+            reference), so that a map in any software's units reads as a fraction of normal.
         required: every case has it; the required inputs are the model's first, in ``SPEC``'s order, and a profile
             adds optional ones after them.
         synthetic: how the synthetic generator draws it from a case's arrays (name -> array, in the release's
@@ -59,17 +64,21 @@ class Channel:
     isles24: str = ""
     series_rule: dict = field(default_factory=dict)
     normalisation: str = "zscore"
+    window: tuple = ()
+    relative: bool = False
     required: bool = False
     synthetic: Callable | None = lambda arrays: np.asarray(arrays["CBF"], dtype=np.float32)
     computed: bool = False
 
 
-def _perfusion_map(name, isles18, description, exclude=MAP_EXCLUDE):
+def _perfusion_map(name, isles18, description, window, relative=False, exclude=MAP_EXCLUDE):
     """A required perfusion map: ISLES 2024 keeps it in ``perfusion-maps``, its DICOM rule takes maps of any modality
     named by ``description`` and not thresholded regions or masks."""
     rule = {"modality": list(MAP_MODALITIES), "description": description, "exclude": exclude}
     where = f"derivatives/perfusion-maps/space-ncct_{name.lower()}"
-    return Channel(name, isles18, where, rule, required=True, synthetic=None, computed=True)
+    return Channel(
+        name, isles18, where, rule, window=window, relative=relative, required=True, synthetic=None, computed=True
+    )
 
 
 def _cta(arrays):
@@ -86,10 +95,13 @@ NCCT_RULE = {
 SPEC = (
     # the non-contrast CT: the grid the other inputs lie on, which the results are drawn on
     Channel("CT", ("CT",), "raw/ncct", NCCT_RULE, "window", required=True, synthetic=None),
-    _perfusion_map("CBF", ("CT_CBF",), "\\br?cbf\\b|blood.?flow"),
-    _perfusion_map("CBV", ("CT_CBV",), "\\br?cbv\\b|blood.?vol"),
-    _perfusion_map("MTT", ("CT_MTT", "MR_MTT"), "\\bmtt\\b|mean.?transit"),  # MR_: an early ISLES 2018 release's
-    _perfusion_map("Tmax", ("CT_Tmax", "MR_Tmax"), "t.?max|time.?to.?max", "<|>|%|thresh|mask"),
+    # maps' windows: CBF and CBV 0-400 % of healthy tissue, MTT and Tmax 0-20 s
+    _perfusion_map("CBF", ("CT_CBF",), "\\br?cbf\\b|blood.?flow", (0.0, 4.0), relative=True),
+    _perfusion_map("CBV", ("CT_CBV",), "\\br?cbv\\b|blood.?vol", (0.0, 4.0), relative=True),
+    _perfusion_map(
+        "MTT", ("CT_MTT", "MR_MTT"), "\\bmtt\\b|mean.?transit", (0.0, 20.0)
+    ),  # MR_: an early ISLES 2018 release's
+    _perfusion_map("Tmax", ("CT_Tmax", "MR_Tmax"), "t.?max|time.?to.?max", (0.0, 20.0), exclude="<|>|%|thresh|mask"),
     # ISLES 2024's CT angiography registered to the NCCT (configs/isles24_cta.json)
     Channel(
         "CTA",
@@ -99,6 +111,7 @@ SPEC = (
             "description": "\\bcta\\b|angio",
             "exclude": "mip|perf|ctp|4d|dynamic|cbf|cbv|mtt|t.?max",
         },
+        window=(0.0, 200.0),
         synthetic=_cta,
     ),
 )

@@ -15,6 +15,7 @@ from monai.transforms import (
     DeleteItemsd,
     EnsureTyped,
     Lambdad,
+    MapTransform,
     MaskIntensityd,
     NormalizeIntensityd,
     Orientationd,
@@ -29,9 +30,11 @@ from scripts.data.readers import LoadCased
 from scripts.engine.finite import RequireFinited
 from scripts.flags import as_bool
 
-__all__ = ["REPORT_MAPS", "case_preprocessing", "in_brain", "lesion_mask"]
+__all__ = ["MAP_NORMALISATIONS", "REPORT_MAPS", "RelativeToHealthyd", "case_preprocessing", "in_brain", "lesion_mask"]
 
 REPORT_MAPS = ("CT", "CBF", "Tmax")  # the maps the per-case report reads as they were loaded
+MAP_NORMALISATIONS = ("zscore", "window")  # the values of ``map_normalisation``
+HEALTHY_TMAX_S = 6.0  # healthy tissue: Tmax at most this (s), the threshold core's reference (scripts.report.perfusion)
 
 
 def lesion_mask(label):
@@ -45,6 +48,34 @@ def in_brain(image):
     return (image[1 : len(CHANNELS)] != 0).any(0, keepdim=True)
 
 
+class RelativeToHealthyd(MapTransform):
+    """Each map of ``keys`` divided by its mean over healthy tissue: where it is above 0 and the Tmax map
+    (``tmax_key``, in seconds) is at most ``healthy_tmax_s``, as the threshold core takes its reference; over all its
+    non-zero voxels where none is healthy. A blank map stays as it is.
+
+    Args:
+        keys: the maps to make relative.
+        tmax_key: the Tmax map, in seconds.
+        healthy_tmax_s: the Tmax up to which tissue counts as healthy.
+    """
+
+    def __init__(self, keys, tmax_key, healthy_tmax_s=HEALTHY_TMAX_S):
+        super().__init__(keys)
+        self.tmax_key, self.healthy_tmax_s = tmax_key, healthy_tmax_s
+
+    def __call__(self, data):
+        d = dict(data)
+        healthy = d[self.tmax_key] <= self.healthy_tmax_s
+        for key in self.key_iterator(d):
+            values = d[key]
+            reference = values[healthy & (values > 0)]
+            if reference.numel() == 0:
+                reference = values[values > 0]
+            if reference.numel():
+                d[key] = values / reference.float().mean()
+        return d
+
+
 def case_preprocessing(
     channels,
     ct_window,
@@ -53,6 +84,7 @@ def case_preprocessing(
     spatial_keys,
     resize_modes,
     input_map_keys=None,
+    map_normalisation="zscore",
     target_spacing=None,
     brain_mask=False,
     reader=None,
@@ -60,9 +92,10 @@ def case_preprocessing(
     refuse_blank=False,
 ) -> list:
     """Load a case's maps as the channels of ``image_key`` (``scripts.data.readers.LoadCased``), window the CT to
-    [0, 1] and z-score each perfusion map within the brain (non-zero voxels; ``scripts.data.channels`` says which
-    input is which), refuse NaN/Inf, bring it to RAS and resize it to ``spatial_size`` (the
-    paper's recipe), or resample it to ``target_spacing`` and pad it to at least ``spatial_size`` (patches).
+    [0, 1] and z-score each perfusion map within the brain (non-zero voxels) or window it (``map_normalisation``;
+    ``scripts.data.channels`` says which input is which and gives the windows), refuse NaN/Inf, bring it to RAS and
+    resize it to ``spatial_size`` (the paper's recipe), or resample it to ``target_spacing`` and pad it to at least
+    ``spatial_size`` (patches).
 
     Args:
         channels: the channel names in order, CT first (``image_key`` becomes ``image_<name>`` while split).
@@ -73,6 +106,9 @@ def case_preprocessing(
         resize_modes: the interpolation of each of ``spatial_keys``.
         input_map_keys: where to keep a copy of ``REPORT_MAPS`` as read, for the per-case report
             (``scripts.report.cases``); None keeps nothing (training).
+        map_normalisation: ``"zscore"``: each input but the CT z-scored within its non-zero voxels; ``"window"``: each
+            mapped from its fixed ``window`` to [0, 1] and clipped, CBF and CBV first made relative to healthy tissue
+            (``RelativeToHealthyd``); an input without a window is z-scored.
         target_spacing: None resizes the whole volume to ``spatial_size``; a voxel size in mm resamples to it
             (``Spacingd``) instead, and ``spatial_size`` is then the patch (training) and window (inference) size.
         brain_mask: restrict the input to the brain (``in_brain``): the image set to 0 outside it (MONAI's
@@ -87,9 +123,14 @@ def case_preprocessing(
     Returns:
         The transforms, in order.
     """
+    if map_normalisation not in MAP_NORMALISATIONS:
+        raise ValueError(f"map_normalisation {map_normalisation!r}: expected one of {', '.join(MAP_NORMALISATIONS)}")
     image_key, label_keys = load_keys[0], list(load_keys[1:])
-    channel_keys = [f"{image_key}_{c}" for c in channels]
-    windowed = [key for c, key in zip(channels, channel_keys) if channel(c).normalisation == "window"]
+    keys = {c: f"{image_key}_{c}" for c in channels}
+    windowed = [keys[c] for c in channels if channel(c).normalisation == "window"]
+    fixed = [c for c in channels if map_normalisation == "window" and keys[c] not in windowed and channel(c).window]
+    zscored = [keys[c] for c in channels if keys[c] not in windowed and c not in fixed]
+    relative = [keys[c] for c in fixed if channel(c).relative]
     transforms = [
         LoadCased(load_keys, channels, as_bool(check, "check_inputs"), as_bool(refuse_blank, "refuse_blank"), reader),
         *([Lambdad(keys=label_keys, func=lesion_mask)] if label_keys else []),
@@ -99,9 +140,14 @@ def case_preprocessing(
         transforms.append(CopyItemsd(keys=[f"{image_key}_{c}" for c in REPORT_MAPS], names=input_map_keys))
     return transforms + [
         ScaleIntensityRanged(keys=windowed, a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True),
-        NormalizeIntensityd(keys=[key for key in channel_keys if key not in windowed], nonzero=True),
-        ConcatItemsd(keys=channel_keys, name=image_key, dim=0),
-        DeleteItemsd(keys=channel_keys),
+        *([RelativeToHealthyd(relative, tmax_key=keys["Tmax"])] if relative else []),
+        *(
+            ScaleIntensityRanged(keys=keys[c], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+            for c, (lo, hi) in ((c, channel(c).window) for c in fixed)
+        ),
+        *([NormalizeIntensityd(keys=zscored, nonzero=True)] if zscored else []),
+        ConcatItemsd(keys=list(keys.values()), name=image_key, dim=0),
+        DeleteItemsd(keys=list(keys.values())),
         RequireFinited(keys=image_key, channel_names=channels),
         *(
             [
