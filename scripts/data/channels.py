@@ -95,12 +95,10 @@ NCCT_RULE = {
 SPEC = (
     # the non-contrast CT: the grid the other inputs lie on, which the results are drawn on
     Channel("CT", ("CT",), "raw/ncct", NCCT_RULE, "window", required=True, synthetic=None),
-    # maps' windows: CBF and CBV 0-400 % of healthy tissue, MTT and Tmax 0-20 s
+    # the maps' windows: CBF and CBV 0-400 % of healthy tissue, MTT and Tmax 0-20 s; MR_: an early ISLES 2018 release's
     _perfusion_map("CBF", ("CT_CBF",), "\\br?cbf\\b|blood.?flow", (0.0, 4.0), relative=True),
     _perfusion_map("CBV", ("CT_CBV",), "\\br?cbv\\b|blood.?vol", (0.0, 4.0), relative=True),
-    _perfusion_map(
-        "MTT", ("CT_MTT", "MR_MTT"), "\\bmtt\\b|mean.?transit", (0.0, 20.0)
-    ),  # MR_: an early ISLES 2018 release's
+    _perfusion_map("MTT", ("CT_MTT", "MR_MTT"), "\\bmtt\\b|mean.?transit", (0.0, 20.0)),
     _perfusion_map("Tmax", ("CT_Tmax", "MR_Tmax"), "t.?max|time.?to.?max", (0.0, 20.0), exclude="<|>|%|thresh|mask"),
     # ISLES 2024's CT angiography registered to the NCCT (configs/isles24_cta.json)
     Channel(
