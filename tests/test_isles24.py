@@ -182,6 +182,10 @@ def test_train_one_epoch_and_segment_on_the_nccts_exact_grid(repo_root, tree, tm
     if "target_spacing" in sizes:  # patches of the network's size, sampled around lesions and in the background
         batch = train.parser.get_parsed_content("train#dataset")[0]
         assert len(batch) == 2 and all(tuple(p["image"].shape) == (5, 32, 32, 16) for p in batch)
+        # the maps in their fixed windows (tests/test_channels.py checks the values): in [0, 1], not z-scores
+        assert train.parser.get_parsed_content("map_normalisation") == "window"
+        unaugmented = train.parser.get_parsed_content("validate#dataset")[0]["image"]
+        assert float(unaugmented.min()) >= 0 and float(unaugmented.max()) <= 1 and float(unaugmented.max()) > 0.5
         validate = train.parser.get_parsed_content("validate#dataset")[0]["image"]
         assert validate.shape[1] > 32 and validate.shape[3] > 16  # more than one window
         assert isinstance(train.parser.get_parsed_content("validate#inferer"), SlidingWindowInferer)
