@@ -91,7 +91,7 @@ def test_a_sixth_input_is_one_spec_entry_and_a_profile(repo_root, tmp_path, monk
     assert nib.load(tmp_path / "runs" / "predictions" / "masks" / "case_1.nii.gz").shape == ct.shape
 
 
-def test_map_normalisation_window_reads_each_map_in_its_fixed_window(repo_root, synthetic_tree):
+def test_map_normalisation_window_reads_each_map_in_its_fixed_window(repo_root, synthetic_tree, tmp_path):
     """`map_normalisation` "window" (the ISLES 2024 entries' windows, configs/isles24_native.json): CBF and CBV as a
     fraction of their mean over healthy tissue (Tmax <= 6 s, as the threshold core's reference) over 0-400 %, MTT and
     Tmax over 0-20 s, the CT in `ct_window`; "zscore" z-scores the maps; any other value is refused."""
@@ -100,7 +100,7 @@ def test_map_normalisation_window_reads_each_map_in_its_fixed_window(repo_root, 
     healthy = (read["Tmax"] <= 6.0) & (read["CBF"] > 0)
     assert healthy.any() and (read["Tmax"] > 6.0).any()  # a case with healthy and hypoperfused tissue
 
-    def on_the_read_grid(map_normalisation):
+    def on_the_read_grid(map_normalisation, item=item):
         """The pipeline of configs/inference.json up to the channels' concatenation (before any resampling)."""
         parser = ConfigParser()
         parser.read_config(os.path.join(repo_root, "configs", "inference.json"))
@@ -125,6 +125,12 @@ def test_map_normalisation_window_reads_each_map_in_its_fixed_window(repo_root, 
     for i, name in enumerate(CHANNELS[1:], start=1):
         inside = read[name] != 0
         assert abs(zscored[i][inside].mean()) < 1e-4 and abs(zscored[i][inside].std() - 1) < 1e-3, name
+    # a Tmax map in tenths of a second: the windows would read it as 10x longer; refused, naming the case
+    tenths = tmp_path / "tmax_tenths.nii.gz"
+    nib.save(nib.Nifti1Image((10 * read["Tmax"]).astype(np.float32), nib.load(item["image"][4]).affine), tenths)
+    with pytest.raises(Exception) as excinfo:
+        on_the_read_grid("window", {**item, "image": [*item["image"][:4], str(tenths)]})
+    assert f"ValueError: {item['case']}: the Tmax map is not in seconds" in raised_messages(excinfo)
     with pytest.raises(Exception) as excinfo:
         on_the_read_grid("minmax")
     assert "ValueError: map_normalisation 'minmax': expected one of zscore, window" in raised_messages(excinfo)

@@ -18,6 +18,7 @@ __all__ = [
     "NCCT",
     "RAW_CTP",
     "SPEC",
+    "TMAX_MEDIAN_LIMIT_S",
     "VENDOR_MAPS",
     "Channel",
     "channel",
@@ -45,7 +46,7 @@ class Channel:
         series_rule: its default DICOM rule (docs/dicom.md): ``modality``, ``description`` and ``exclude`` (regular
             expressions on the SeriesDescription), optional ``image_type``; a site changes it in its own config.
         normalisation: ``"window"`` (``ct_window`` in HU to [0, 1], clipped) or ``"zscore"`` (within the non-zero
-            voxels); with ``map_normalisation`` ``"window"`` the ``"zscore"`` inputs take their ``window`` instead.
+            voxels); with ``map_normalisation`` ``"window"`` the ``"zscore"`` inputs that have a ``window`` take it instead.
         window: its fixed window, mapped to [0, 1] and clipped, for ``map_normalisation`` ``"window"`` (the windows of
             the ISLES 2024 entries), in its own unit or, where ``relative``, as a multiple of the healthy tissue's
             mean.
@@ -127,6 +128,7 @@ RAW_CTP = Channel(
     },
     synthetic=None,
 )
+TMAX_MEDIAN_LIMIT_S = 5.0  # a Tmax map in seconds has its median over measured voxels (Tmax > 0) below this
 MAPS_SOURCE = "maps_source"  # the item key (and per_case.csv column) that says where a case's perfusion maps came from
 VENDOR_MAPS = "vendor"
 COMPUTED_MAPS = "computed by the bundle (oSVD)"

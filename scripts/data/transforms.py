@@ -25,7 +25,7 @@ from monai.transforms import (
     SpatialPadd,
     SplitDimd,
 )
-from scripts.data.channels import CHANNELS, channel
+from scripts.data.channels import CHANNELS, TMAX_MEDIAN_LIMIT_S, channel
 from scripts.data.readers import LoadCased
 from scripts.engine.finite import RequireFinited
 from scripts.flags import as_bool
@@ -51,7 +51,9 @@ def in_brain(image):
 class RelativeToHealthyd(MapTransform):
     """Each map of ``keys`` divided by its mean over healthy tissue: where it is above 0 and the Tmax map
     (``tmax_key``, in seconds) is at most ``healthy_tmax_s``, as the threshold core takes its reference; over all its
-    non-zero voxels where none is healthy. A blank map stays as it is.
+    non-zero voxels where none is healthy. A blank map stays as it is. A Tmax map that is not in seconds (its median
+    over measured voxels above ``TMAX_MEDIAN_LIMIT_S``: tenths of a second, milliseconds) is refused, naming the
+    case: the healthy tissue and the fixed windows read it in seconds.
 
     Args:
         keys: the maps to make relative.
@@ -65,7 +67,14 @@ class RelativeToHealthyd(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
-        healthy = d[self.tmax_key] <= self.healthy_tmax_s
+        tmax = d[self.tmax_key]
+        measured = tmax[tmax > 0]
+        if measured.numel() and float(measured.median()) > TMAX_MEDIAN_LIMIT_S:
+            raise ValueError(
+                f"{d.get('case', 'a case')}: the Tmax map is not in seconds (median {float(measured.median()):.3g} over"
+                " its measured voxels; healthy tissue is 0-4 s), and map_normalisation 'window' reads it in seconds"
+            )
+        healthy = tmax <= self.healthy_tmax_s
         for key in self.key_iterator(d):
             values = d[key]
             reference = values[healthy & (values > 0)]

@@ -25,6 +25,7 @@ import logging
 
 import numpy as np
 from scipy import ndimage
+from scripts.data.channels import TMAX_MEDIAN_LIMIT_S
 from scripts.flags import as_fraction
 
 __all__ = ["COLUMNS", "DEFAULT_THRESHOLDS", "check_thresholds", "perfusion_regions", "perfusion_figures"]
@@ -32,7 +33,6 @@ __all__ = ["COLUMNS", "DEFAULT_THRESHOLDS", "check_thresholds", "perfusion_regio
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = {"tmax_s": 6.0, "tmax_severe_s": 10.0, "rcbf": 0.3}
-TMAX_MEDIAN_LIMIT_S = 5.0  # the median Tmax of the brain's measured voxels, in seconds, is below this
 # the columns perfusion_figures adds to a case's row of per_case.csv
 COLUMNS = (
     "hypoperfusion_ml",
