@@ -1,5 +1,5 @@
 """Perfusion maps from raw 4D CT perfusion series (scripts.data.perfusion_maps) against the truth of phantom series
-(scripts.data.phantom), and against a plain block-circulant SVD with a fixed 15 % truncation on the same series.
+(scripts.synthetic.phantom), and against a plain block-circulant SVD with a fixed 15 % truncation on the same series.
 Synthetic: every figure is on phantoms, none on patients.
 
     python benchmarks/perfusion_maps.py                      # 6 phantoms, 64 x 64 x 8, 40 frames
@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts.data import perfusion_maps as pm  # noqa: E402
-from scripts.data.phantom import TISSUE_CLASSES, draw_phantom  # noqa: E402
+from scripts.synthetic.phantom import TISSUE_CLASSES, draw_phantom  # noqa: E402
 
 MAPS = ("CBF", "CBV", "MTT", "Tmax")
 RELATIVE = ("CBF", "CBV", "MTT")

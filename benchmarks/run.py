@@ -61,8 +61,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from scripts.data.datalist import load_fold  # noqa: E402
-from scripts.data.demo import network_settings  # noqa: E402
-from scripts.data.synthetic import generate, generate_isles24  # noqa: E402
 from scripts.engine.backends import (  # noqa: E402
     OPENVINO_PRECISIONS,
     choose_backend,
@@ -73,6 +71,8 @@ from scripts.engine.inferers import amp_default, cpu_has_native_bf16  # noqa: E4
 from scripts.engine.networks import ModifiedUNet  # noqa: E402
 from scripts.flags import as_bool  # noqa: E402
 from scripts.safe_files import write_atomically  # noqa: E402
+from scripts.synthetic.demo import network_settings  # noqa: E402
+from scripts.synthetic.isles import generate, generate_isles24  # noqa: E402
 from scripts.tools.cli import run  # noqa: E402
 from scripts.tools.prepare_datalist import main as write_datalist  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     python benchmarks/synthetic_ceiling.py [--seed 0] [--num_cases 20] [--in_plane 256] [--oracle_tree SRC DST]
 
-Regenerates the training cases that ``scripts.data.synthetic.generate`` writes for ``seed`` (by its ``split_slabs``,
+Regenerates the training cases that ``scripts.synthetic.isles.generate`` writes for ``seed`` (by its ``split_slabs``,
 with its default slabs; the demo's tree: seed 0, 20 cases) and scores, per case, against the written label (Dice,
 mean over the cases):
 

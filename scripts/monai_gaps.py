@@ -23,7 +23,8 @@
   ``config_root_notice_dropped``.
 
 Handlers whose behaviour goes beyond a gap live with their concern: the atomic ``CheckpointSaver`` and the
-validation after the last epoch in ``scripts.engine.checkpoints``, the non-finite guards in ``scripts.engine.finite``;
+validation after the last epoch in ``scripts.engine.checkpoints``, the non-finite guards in ``scripts.engine.finite`` (training)
+and ``scripts.data.transforms.RequireFinited`` (inputs, predictions);
 masks are written with nibabel because MONAI's NIfTI writer fails on one-slice and head-foot-first scans
 (``scripts.report.cases``).
 """

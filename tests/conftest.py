@@ -22,8 +22,8 @@ with warnings.catch_warnings():
     import torch.distributed.optim  # noqa: F401
 
 from helpers import TINY_NETWORK, bundle_run_command  # noqa: E402
-from scripts.data.synthetic import generate  # noqa: E402
 from scripts.engine.inferers import NATIVE_BF16_ENV  # noqa: E402
+from scripts.synthetic.isles import generate  # noqa: E402
 
 # No test depends on this CPU's bfloat16: the suite (and every process it starts) runs as on a CPU without it, and
 # the tests of the native path set it themselves (tests/test_precision.py).

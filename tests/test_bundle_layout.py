@@ -156,7 +156,7 @@ DOC_PAGES = (
     "benchmarks/README.md",
 )
 WRITTEN_BY_A_RUN = {"configs/datalist.json", "benchmarks/gpu_results.json"}
-SCRIPTS_NAME = re.compile(r"(?<![\w.])scripts\.((?:tools|data|dicom|engine|report)\.\w+|\w+)(?:\.(\w+))?")
+SCRIPTS_NAME = re.compile(r"(?<![\w.])scripts\.((?:tools|data|dicom|engine|report|synthetic)\.\w+|\w+)(?:\.(\w+))?")
 REPO_PATH = re.compile(r"(?<![\w./-])((?:scripts|configs|tests|docs|tools|benchmarks)/[\w.=/-]*[\w/])")
 
 
@@ -246,7 +246,7 @@ def test_requirements_dev_pins_every_version_the_metadata_records(repo_root):
 
 def test_the_runtime_the_configs_call_imports_no_command_line_tool_and_no_import_is_circular():
     """What the configs call, and all it imports (what the MONAI Label app gets), holds no command-line tool; no
-    module of scripts/ reaches itself through its imports."""
+    module of scripts/ reaches itself through its imports, and none imports a later stage."""
     from scripts.tools.monailabel_app import import_graph, runtime_modules
 
     runtime = runtime_modules()
@@ -257,6 +257,16 @@ def test_the_runtime_the_configs_call_imports_no_command_line_tool_and_no_import
     for _ in graph:  # the transitive closure
         reached = {m: r | {n for k in r for n in reached[k]} for m, r in reached.items()}
     assert not [m for m in graph if m in reached[m]], "an import cycle"
+    # the folders are stages (docs/architecture.md): each imports only the shared top-level modules and earlier stages
+    stages = ["data", "engine", "report", "dicom", "synthetic", "tools"]
+
+    def stage(module):
+        folder = module.split(".")[0]
+        return stages.index(folder) + 1 if "." in module or folder == "tools" else 0
+
+    assert {m.split(".")[0] for m in graph if "." in m} <= set(stages), "a folder of scripts/ that is no stage"
+    upward = sorted(f"{m} -> {n}" for m in graph for n in graph[m] if stage(n) > stage(m))
+    assert not upward, f"imports of a later stage: {upward}"
 
 
 def test_the_paper_profile_builds_the_papers_training(repo_root):

@@ -15,7 +15,7 @@ from monai.transforms import Compose
 from scripts.data import channels
 from scripts.data.channels import CHANNELS, Channel, check_channels, series_rules
 from scripts.data.datalist import build_datalist, find_inputs
-from scripts.data.synthetic import generate, generate_isles24
+from scripts.synthetic.isles import generate, generate_isles24
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 # a permeability-surface map, as some perfusion software exports it: the sixth input of these tests

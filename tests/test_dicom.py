@@ -23,9 +23,9 @@ from pydicom.uid import UID, JPEGLosslessSV1, JPEGLSLossless, generate_uid
 from pydicom.valuerep import format_number_as_ds
 from scripts.data.datalist import build_datalist
 from scripts.data.readers import InvalidCaseError
-from scripts.data.synthetic import generate
 from scripts.dicom.results import figure_concepts
 from scripts.dicom.series import DicomSeriesReader, case_of, find_studies, volume_arrays, volume_as_nifti
+from scripts.synthetic.isles import generate
 
 DICOM_CONFIGS = "['configs/inference.json','configs/dicom.json']"
 

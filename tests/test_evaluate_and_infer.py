@@ -26,13 +26,13 @@ from scripts.data.channels import CHANNELS
 from scripts.data.datalist import build_datalist, find_inputs, load_section
 from scripts.data.isles18 import read_case
 from scripts.data.readers import InvalidCaseError
-from scripts.data.synthetic import generate
 from scripts.engine.inferers import FlipInferer
 from scripts.report.cases import PER_CASE, SUMMARY, THRESHOLD_CORE, prepare_outputs, table_columns
 from scripts.report.metrics import METRIC_NAMES
 from scripts.report.overlay import overlay_image
 from scripts.report.perfusion import perfusion_regions
 from scripts.safe_files import hold_folder, release_folder
+from scripts.synthetic.isles import generate
 
 TINY = TINY_NETWORK
 COLUMNS = list(METRIC_NAMES)  # the metrics evaluation scores, in their order

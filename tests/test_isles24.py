@@ -16,7 +16,7 @@ from monai.inferers import SlidingWindowInferer
 from scripts.data.channels import CHANNELS
 from scripts.data.datalist import build_datalist, find_inputs
 from scripts.data.readers import InvalidCaseError
-from scripts.data.synthetic import generate_isles24
+from scripts.synthetic.isles import generate_isles24
 
 SMALL = {"num_train": 4, "num_test": 1, "seed": 2, "in_plane": 48, "slices": 20}
 TOKENS = ("_ncct.", "_space-ncct_cbf.", "_space-ncct_cbv.", "_space-ncct_mtt.", "_space-ncct_tmax.")

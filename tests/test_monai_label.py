@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
 from scripts.data.isles18 import read_case
-from scripts.data.synthetic import generate
+from scripts.synthetic.isles import generate
 from scripts.tools.make_studies import convert
 from scripts.tools.monailabel_app import install
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import challenge_scoring
 from scripts.data.channels import CHANNELS
 from scripts.data.datalist import build_datalist, case_name
-from scripts.data.synthetic import generate_isles24
+from scripts.synthetic.isles import generate_isles24
 
 from benchmarks.peers import NNUNET_CHANNEL_NAMES, nnunet_raw_dataset, score_case
 

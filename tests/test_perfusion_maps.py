@@ -1,5 +1,5 @@
 """Perfusion maps from raw 4D CT perfusion series (scripts.data.perfusion_maps), checked against the truth of phantom
-series (scripts.data.phantom), written to and read back from NIfTI and DICOM files."""
+series (scripts.synthetic.phantom), written to and read back from NIfTI and DICOM files."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from scripts.data import perfusion_maps as pm
-from scripts.data.phantom import TISSUE_CLASSES, draw_phantom, write_dicom_series, write_nifti_series
+from scripts.synthetic.phantom import TISSUE_CLASSES, draw_phantom, write_dicom_series, write_nifti_series
 
 SMALL = {"in_plane": 64, "slices": 4}
 SEEDS = (1, 2, 3)

@@ -18,10 +18,10 @@ from scripts.data.channels import COMPUTED_MAPS, VENDOR_MAPS, computed_channels,
 from scripts.data.datalist import build_datalist, find_inputs
 from scripts.data.isles18 import SMIR_NAME, TESTING_DIR, TRAINING_DIR, key_of_token
 from scripts.data.perfusion_maps import sidecar_path
-from scripts.data.phantom import CTP_SERIES_NUMBER, CTP_TOKEN, PhantomSource
 from scripts.data.readers import InvalidCaseError, LoadCased
-from scripts.data.synthetic import generate, generate_isles24
 from scripts.dicom.series import case_of, find_studies
+from scripts.synthetic.isles import generate, generate_isles24
+from scripts.synthetic.phantom import CTP_SERIES_NUMBER, CTP_TOKEN, PhantomSource
 
 DICOM_CONFIGS = "['configs/inference.json','configs/dicom.json']"
 EVALUATE_CONFIGS = "['configs/inference.json','configs/evaluate.json']"

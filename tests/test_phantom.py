@@ -1,4 +1,4 @@
-"""The CT perfusion digital phantom (scripts.data.phantom): its truth, its series, its writers, and synthetic trees
+"""The CT perfusion digital phantom (scripts.synthetic.phantom): its truth, its series, its writers, and synthetic trees
 whose maps are computed from phantom series (``python -m scripts.tools.synthetic_isles --phantom true``)."""
 
 import json
@@ -13,7 +13,8 @@ import pytest
 from scripts.data import perfusion_maps as pm
 from scripts.data.isles18 import TRAINING_DIR, find_cases, read_case
 from scripts.data.isles24 import find_root, read_subject
-from scripts.data.phantom import (
+from scripts.synthetic.dicom_studies import dicom_representable
+from scripts.synthetic.phantom import (
     CTP_SERIES_NUMBER,
     TISSUE_CLASSES,
     TRUTH_DIR,
@@ -24,7 +25,6 @@ from scripts.data.phantom import (
     write_dicom_series,
     write_isles18_series,
 )
-from scripts.dicom.synthetic import dicom_representable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"in_plane": 64, "slices": 4}

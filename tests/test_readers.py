@@ -13,8 +13,8 @@ from monai.bundle import ConfigParser
 from monai.data import CacheDataset
 from scripts.data.datalist import build_datalist, load_fold
 from scripts.data.readers import CheckedNiftiReader
-from scripts.data.synthetic import generate
 from scripts.monai_gaps import ThreadSafeNibabelReader
+from scripts.synthetic.isles import generate
 
 READERS = pytest.mark.parametrize("reader_class", [ThreadSafeNibabelReader, CheckedNiftiReader])
 

@@ -1,4 +1,4 @@
-"""The synthetic cases as DICOM studies (scripts.dicom.synthetic, generate(..., dicom=True)): read back with pydicom and
+"""The synthetic cases as DICOM studies (scripts.synthetic.dicom_studies, generate(..., dicom=True)): read back with pydicom and
 highdicom, they hold exactly the NIfTI form's values on its grid; checked on the files written to temp dirs."""
 
 import shutil
@@ -15,9 +15,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 from scripts.data.channels import CHANNELS
 from scripts.data.isles18 import SMIR_NAME, key_of_token
-from scripts.data.synthetic import generate, generate_isles24
 from scripts.dicom.series import volume_as_nifti
-from scripts.dicom.synthetic import SERIES_DESCRIPTIONS, dicom_representable, write_study
+from scripts.synthetic.dicom_studies import SERIES_DESCRIPTIONS, dicom_representable, write_study
+from scripts.synthetic.isles import generate, generate_isles24
 
 ISLES18 = {"num_train": 1, "num_test": 1, "seed": 7, "in_plane": 32, "slices": (3,)}
 ISLES24 = {"num_train": 1, "num_test": 0, "seed": 7, "in_plane": 32, "slices": 6}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scripts.data.channels import CHANNELS
 from scripts.data.isles18 import LABEL, SMIR_NAME, TESTING_DIR, TRAINING_DIR, key_of_token
-from scripts.data.synthetic import generate
+from scripts.synthetic.isles import generate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLICES = (2, 4, 8)

@@ -1,1 +1,2 @@
-"""Reading the data: the ISLES 2018 and 2024 layouts, datalists and folds, the pre-processing, synthetic trees."""
+"""Reading the data: the inputs' specification, the ISLES 2018 and 2024 layouts, datalists and folds, the readers,
+the pre-processing and the perfusion maps computed from a raw series."""

@@ -2,12 +2,15 @@
 
 The two configs must each stand alone (MONAI Label reads each without the other, and a ``%file#id`` macro resolves
 against the working folder, not the bundle), so the transform list they share lives here; each config builds it from
-its own top-level ids. Every step is a MONAI transform but ``scripts.engine.finite.RequireFinited``.
+its own top-level ids. Every step is a MONAI transform but the two defined here: ``RequireFinited`` (MONAI has no
+transform that refuses non-finite tensors: a NaN input would give an empty mask and 0 mL without a word) and
+``RelativeToHealthyd``.
 """
 
 from __future__ import annotations
 
 import torch
+from monai.config import KeysCollection
 from monai.transforms import (
     ConcatItemsd,
     CopyItemsd,
@@ -27,10 +30,17 @@ from monai.transforms import (
 )
 from scripts.data.channels import CHANNELS, TMAX_MEDIAN_LIMIT_S, channel
 from scripts.data.readers import LoadCased
-from scripts.engine.finite import RequireFinited
 from scripts.flags import as_bool
 
-__all__ = ["MAP_NORMALISATIONS", "REPORT_MAPS", "RelativeToHealthyd", "case_preprocessing", "in_brain", "lesion_mask"]
+__all__ = [
+    "MAP_NORMALISATIONS",
+    "REPORT_MAPS",
+    "RelativeToHealthyd",
+    "RequireFinited",
+    "case_preprocessing",
+    "in_brain",
+    "lesion_mask",
+]
 
 REPORT_MAPS = ("CT", "CBF", "Tmax")  # the maps the per-case report reads as they were loaded
 MAP_NORMALISATIONS = ("zscore", "window")  # the values of ``map_normalisation``
@@ -46,6 +56,36 @@ def in_brain(image):
     """The brain of an image (CT first, then the four perfusion maps, then optional inputs), one channel: where the
     perfusion maps give a value, as the perfusion software leaves them (0 outside)."""
     return (image[1 : len(CHANNELS)] != 0).any(0, keepdim=True)
+
+
+class RequireFinited(MapTransform):
+    """Raise ``ValueError`` naming the case and the channels when ``keys`` hold NaN or Inf.
+
+    Args:
+        keys: keys of the (channel-first) tensors to check.
+        channel_names: a name per channel for the message, e.g. the input maps; default the channel index.
+        what: what the tensor is, for the message (``"input"``, ``"prediction"``).
+        allow_missing_keys: do not raise for absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, channel_names=None, what: str = "input", allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.channel_names = None if channel_names is None else list(channel_names)
+        self.what = what
+
+    def __call__(self, data):
+        for key in self.key_iterator(data):
+            values = data[key]
+            finite = torch.isfinite(torch.as_tensor(values)).flatten(1).all(1)
+            if not finite.all():
+                bad = [int(c) for c in torch.nonzero(~finite).flatten()]
+                names = [self.channel_names[c] if self.channel_names else str(c) for c in bad]
+                source = getattr(values, "meta", {}).get("filename_or_obj", "?")
+                raise ValueError(
+                    f"{data.get('case', '?')}: the {self.what} '{key}' holds NaN or Inf in channel(s)"
+                    f" {', '.join(names)} (from {source}); nothing was written for this case"
+                )
+        return data
 
 
 class RelativeToHealthyd(MapTransform):

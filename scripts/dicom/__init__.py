@@ -1,1 +1,1 @@
-"""DICOM studies in (series picked by rules), DICOM SEG and SR out, the PACS over DICOMweb, synthetic studies."""
+"""DICOM studies in (series picked by rules), DICOM SEG and SR out, the PACS over DICOMweb."""

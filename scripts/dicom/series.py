@@ -688,7 +688,7 @@ def volume_as_nifti(volume) -> tuple:
     (column, row, slice): highdicom's ``permute_spatial_axes`` reverses them, ``ensure_handedness`` flips the slice
     axis where that makes the axes left-handed (so the RAS affine is right-handed, whatever the slice order in the
     files), and ``highdicom.spatial.convert_affine_to_convention`` gives the affine in NIfTI's RAS convention. For a
-    series that ``scripts.dicom.synthetic.write_study`` wrote from a right-handed affine this gives back that affine
+    series that ``scripts.synthetic.dicom_studies.write_study`` wrote from a right-handed affine this gives back that affine
     (up to the DS rounding, ~1e-10 mm) and the array exactly.
 
     Args:

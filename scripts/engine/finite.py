@@ -1,7 +1,7 @@
-"""Stop NaN and Inf before they reach a saved model, a mask or a reported volume.
+"""Stop a training whose loss or weights turn NaN or Inf before they reach a saved model.
 
-Ignite's ``TerminateOnNan`` ends training quietly (the run exits 0 and its last checkpoint stands), and MONAI has no
-transform that refuses non-finite tensors; a NaN input gives an empty mask and 0 mL without a word.
+Ignite's ``TerminateOnNan`` ends training quietly (the run exits 0 and its last checkpoint stands). The inputs and
+the predictions are checked by ``scripts.data.transforms.RequireFinited``.
 """
 
 from __future__ import annotations
@@ -10,41 +10,9 @@ import math
 
 import torch
 from ignite.engine import Engine, Events
-from monai.config import KeysCollection
 from monai.handlers import from_engine
-from monai.transforms import MapTransform
 
-__all__ = ["RequireFinited", "StopOnNonFinite"]
-
-
-class RequireFinited(MapTransform):
-    """Raise ``ValueError`` naming the case and the channels when ``keys`` hold NaN or Inf.
-
-    Args:
-        keys: keys of the (channel-first) tensors to check.
-        channel_names: a name per channel for the message, e.g. the input maps; default the channel index.
-        what: what the tensor is, for the message (``"input"``, ``"prediction"``).
-        allow_missing_keys: do not raise for absent keys.
-    """
-
-    def __init__(self, keys: KeysCollection, channel_names=None, what: str = "input", allow_missing_keys=False):
-        super().__init__(keys, allow_missing_keys)
-        self.channel_names = None if channel_names is None else list(channel_names)
-        self.what = what
-
-    def __call__(self, data):
-        for key in self.key_iterator(data):
-            values = data[key]
-            finite = torch.isfinite(torch.as_tensor(values)).flatten(1).all(1)
-            if not finite.all():
-                bad = [int(c) for c in torch.nonzero(~finite).flatten()]
-                names = [self.channel_names[c] if self.channel_names else str(c) for c in bad]
-                source = getattr(values, "meta", {}).get("filename_or_obj", "?")
-                raise ValueError(
-                    f"{data.get('case', '?')}: the {self.what} '{key}' holds NaN or Inf in channel(s)"
-                    f" {', '.join(names)} (from {source}); nothing was written for this case"
-                )
-        return data
+__all__ = ["StopOnNonFinite"]
 
 
 class StopOnNonFinite:

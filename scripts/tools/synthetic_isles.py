@@ -1,8 +1,8 @@
-"""Command line of the synthetic ISLES-like trees (``scripts.data.synthetic``): ``python -m scripts.tools.synthetic_isles
+"""Command line of the synthetic ISLES-like trees (``scripts.synthetic.isles``): ``python -m scripts.tools.synthetic_isles
 --output_dir DIR [--layout isles18|isles24|isles24_archive] [--dicom true] [--phantom true] ...``."""
 
-from scripts.data.phantom import PhantomSource
-from scripts.data.synthetic import generate, generate_isles24
+from scripts.synthetic.isles import generate, generate_isles24
+from scripts.synthetic.phantom import PhantomSource
 from scripts.tools.cli import run
 
 
@@ -22,7 +22,7 @@ def main(
     """CLI: a synthetic tree in ``layout``: ``isles18`` (``generate``) or ``isles24`` / ``isles24_archive``
     (``generate_isles24``); ``in_plane`` and ``slices`` default to each release's (256 and 2-22 slice slabs; 512 and
     100 slices); ``--dicom true`` also writes each case's maps as a DICOM study; ``--phantom true`` makes each case a
-    CT perfusion phantom (``scripts.data.phantom``) whose maps are computed from its raw series, written beside the
+    CT perfusion phantom (``scripts.synthetic.phantom``) whose maps are computed from its raw series, written beside the
     case (ISLES 2018 ``CT_4DPWI``, ISLES 2024 raw CTP, a DICOM series in the study) with the phantom's truth."""
     source = PhantomSource() if phantom else None
     if layout == "isles18":

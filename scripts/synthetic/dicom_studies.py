@@ -38,7 +38,7 @@ MAX_SCALE_EXPONENT = 15
 # Fixed dates and times, so that the same arguments give byte-identical files.
 STUDY_DATE, STUDY_TIME = "20240101", "120000"
 MANUFACTURER, MODEL_NAME = "SYNTHETIC", "synthetic_isles"
-UID_NAMESPACE = "scripts.dicom.synthetic"
+UID_NAMESPACE = "scripts.dicom.synthetic"  # the module's first name, kept: the same arguments give the same UIDs
 
 
 def _storage_range(signed):

@@ -32,8 +32,8 @@ import numpy as np
 from scripts.data import channels as spec
 from scripts.data.channels import CHANNELS
 from scripts.data.isles18 import LABEL, TESTING_DIR, TRAINING_DIR, modality_tokens, smir_name
-from scripts.dicom.synthetic import dicom_representable, write_label, write_study
 from scripts.safe_files import refuse_existing
+from scripts.synthetic.dicom_studies import dicom_representable, write_label, write_study
 
 FIRST_SMIR_ID = 345560
 DTYPES = {"CT": np.int32, "CBF": np.uint16, "CBV": np.uint16, "MTT": np.float64, "Tmax": np.float64, LABEL: np.uint8}
@@ -404,13 +404,13 @@ def generate(
 
     `slices` is a slab depth or the choices each case draws its depth from; a training patient gives two consecutive
     cases with probability `two_slab_fraction`. With `dicom`, each case's five maps are also written as a DICOM study
-    (`scripts.dicom.synthetic.write_study`) in dicom/TRAINING/case_N/ or dicom/TESTING/case_N/ (a training case's
+    (`scripts.synthetic.dicom_studies.write_study`) in dicom/TRAINING/case_N/ or dicom/TESTING/case_N/ (a training case's
     label too, as a ground-truth DICOM SEG: `write_label`), and the NIfTI files
     hold the same values (`dicom_representable`: MTT and Tmax on a power-of-two grid) instead of the full float64
     ones. The same arguments give byte-identical files. Existing TRAINING, TESTING or dicom folders (or patients.csv)
     are replaced only with `overwrite=True`; the dicom folder is removed then even without `dicom`, so that no studies
     of an earlier tree stay beside the new one. `case_source(patient, slab, rng)` gives each case's arrays, affine
-    and raw series (or None) instead of the patient's drawn maps: `scripts.data.phantom.PhantomSource` computes the maps from a
+    and raw series (or None) instead of the patient's drawn maps: `scripts.synthetic.phantom.PhantomSource` computes the maps from a
     phantom's raw series and writes that series beside the case (`write_isles18`, `write_dicom`).
     """
     slices = (int(slices),) if np.isscalar(slices) else tuple(int(s) for s in slices)
@@ -531,7 +531,7 @@ def generate_isles24(
     maps float32 (CBV in mL/100 g), a CTA registered to the NCCT (int16 HU, enhanced with the CBV), the mask uint16
     0/65535 with a scale factor of 1/65535. Subjects after the first
     ``num_train`` have no mask (testing cases). With ``dicom``, each subject's NCCT and maps are also written as a
-    DICOM study (``scripts.dicom.synthetic.write_study``, oblique as the affine; a mask as a ground-truth SEG) in
+    DICOM study (``scripts.synthetic.dicom_studies.write_study``, oblique as the affine; a mask as a ground-truth SEG) in
     sourcedata/<subject>/<session>/,
     and the NIfTI files (and the CTA made from them) hold the same values (``dicom_representable``). Existing trees
     (sourcedata included, with or without ``dicom``) are replaced only with ``overwrite``. ``case_source`` as

@@ -2,7 +2,7 @@
 was drawn from (CBF, CBV, MTT, Tmax, arterial delay and dispersion, tissue classes, the core label), deterministic
 per seed; and its writers: ISLES 2018 ``CT_4DPWI``, ISLES 2024 raw CTP, a DICOM CT perfusion series.
 
-The head is a patient of ``scripts.data.synthetic`` (skull, scalp, grey and white matter, CSF, lesions, smooth random
+The head is a patient of ``scripts.synthetic.isles`` (skull, scalp, grey and white matter, CSF, lesions, smooth random
 fields), so that a phantom case and a drawn one share their anatomy; this module adds vessels, physiology and time.
 
 Physiology (per patient, shared by its slabs; per voxel through the patient's smooth random fields):
@@ -54,9 +54,16 @@ from scripts.data.perfusion_maps import (
     relative_cbf,
     sidecar_path,
 )
-from scripts.data.synthetic import EDGE, LAYOUTS_2024, _irregular, _Patient, _sigmoid
 from scripts.dicom.results import derived_uid
-from scripts.dicom.synthetic import STUDY_DATE, UID_NAMESPACE, _geometry, _series_dataset, _stored_pixels, _write_slice
+from scripts.synthetic.dicom_studies import (
+    STUDY_DATE,
+    UID_NAMESPACE,
+    _geometry,
+    _series_dataset,
+    _stored_pixels,
+    _write_slice,
+)
+from scripts.synthetic.isles import EDGE, LAYOUTS_2024, _irregular, _Patient, _sigmoid
 
 __all__ = [
     "TISSUE_CLASSES",
@@ -351,10 +358,10 @@ def phantom_case(
     truncate_s: float | None = None,
     regular: bool = False,
 ) -> Phantom:
-    """The phantom of one slab of a ``scripts.data.synthetic`` patient, its noise and timing drawn from ``rng``.
+    """The phantom of one slab of a ``scripts.synthetic.isles`` patient, its noise and timing drawn from ``rng``.
 
     Args:
-        patient: the head (``scripts.data.synthetic._Patient``).
+        patient: the head (``scripts.synthetic.isles._Patient``).
         slab: which of its slabs.
         rng: a numpy Generator for this case.
         frames: the number of frames (before ``truncate_s``).
@@ -542,7 +549,7 @@ def load_truth(folder) -> dict:
 
 @dataclass
 class RawSeries:
-    """A phantom case's raw series and truth, written beside the case by ``scripts.data.synthetic``'s generators."""
+    """A phantom case's raw series and truth, written beside the case by ``scripts.synthetic.isles``'s generators."""
 
     phantom: Phantom
 
@@ -564,7 +571,7 @@ class RawSeries:
 
 
 class PhantomSource:
-    """A ``case_source`` of ``scripts.data.synthetic.generate``/``generate_isles24``: each case a phantom
+    """A ``case_source`` of ``scripts.synthetic.isles.generate``/``generate_isles24``: each case a phantom
     (``phantom_case`` with ``options``), its CBF, CBV, MTT and Tmax computed from its raw series by
     ``scripts.data.perfusion_maps.compute_maps``, its NCCT and label the phantom's; the raw series and the truth are
     written beside the case (``RawSeries``)."""

@@ -7,8 +7,8 @@ import os
 
 from scripts import BUNDLE_ROOT
 from scripts.data.datalist import build_datalist
-from scripts.data.synthetic import generate
 from scripts.safe_files import write_atomically
+from scripts.synthetic.isles import generate
 
 __all__ = ["network_settings", "prepare_demo_data"]
 
