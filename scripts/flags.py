@@ -16,15 +16,17 @@ import inspect
 import os
 import sys
 
-from monai.bundle import ConfigParser, ConfigWorkflow
-from monai.bundle.scripts import create_workflow, run
-
 __all__ = ["as_bool", "as_fraction", "refuse_unknown_overrides"]
 
 
 def _run_arguments() -> set:
     """The named parameters of ``monai.bundle run`` itself (``monai.bundle.scripts.run``, ``create_workflow`` and
     ``ConfigWorkflow``, which it hands them to): every other ``--ID`` of its command line is a config override."""
+    # monai is imported where it is used, here and below: the command-line tools import this module for ``as_bool``
+    # and check their flags before anything else, which should not wait the seconds monai takes to import
+    from monai.bundle import ConfigWorkflow
+    from monai.bundle.scripts import create_workflow, run
+
     return {
         name
         for function in (run, create_workflow, ConfigWorkflow.__init__)
@@ -116,6 +118,8 @@ def refuse_unknown_overrides(argv=None) -> None:
     config_file, overrides = _command_line_overrides(argv)
     if not config_file or not overrides:
         return
+    from monai.bundle import ConfigParser
+
     parser = ConfigParser()
     parser.read_config(config_file)
     unknown = [key for key in overrides if key.lstrip("+") not in parser]

@@ -173,3 +173,12 @@ def test_monai_bundle_run_refuses_an_override_no_config_defines(
     assert result.returncode != 0
     assert f"--{typo}: no config of this run defines that id (the nearest: --{nearest})" in result.stderr
     assert not bundle_root.exists(), "nothing is written"
+
+
+@pytest.mark.parametrize("module", ["prepare_datalist", "synthetic_isles", "monailabel_app"])
+def test_a_tool_can_refuse_its_flags_before_torch_and_monai_are_imported(repo_root, module):
+    """Importing the tool (what `python -m` does before `run` checks the flags) loads neither torch nor monai, which take
+    seconds on a small CPU: a mistyped flag is refused at once, and the tool imports them when its work starts."""
+    code = f"import sys, scripts.tools.{module}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'torch', 'monai'}}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout

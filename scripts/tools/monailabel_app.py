@@ -27,8 +27,6 @@ import shutil
 import sys
 
 from scripts import BUNDLE_ROOT
-from scripts.engine.checkpoints import NamedCheckpointLoader
-from scripts.engine.networks import check_spatial_size
 from scripts.tools.cli import run
 
 SAMPLE_APP = os.path.join("monailabel", "sample-apps", "monaibundle")  # under the environment's sys.prefix
@@ -162,6 +160,8 @@ def check_model(model_path, settings=None):
     ``settings`` applied, as MONAI Label will not; raises ``ValueError`` naming the file and the settings to pass."""
     from ignite.engine import Engine
     from monai.bundle import ConfigParser
+    from scripts.engine.checkpoints import NamedCheckpointLoader
+    from scripts.engine.networks import check_spatial_size
 
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))

@@ -8,7 +8,6 @@ python -m scripts.tools.prepare_datalist --data_root DIR --output datalist.json 
 import json
 
 from scripts.data.channels import CHANNELS
-from scripts.data.datalist import build_datalist
 from scripts.safe_files import refuse_existing, write_atomically
 from scripts.tools.cli import run
 
@@ -29,6 +28,9 @@ def main(
     """CLI: write the datalist of ``data_root`` to ``output``; never replaces an existing file without ``--overwrite``.
     ``--channels`` lists the inputs of each case, the required ones (``scripts.data.channels``) then optional ones,
     e.g. ``CT,CBF,CBV,MTT,Tmax,CTA`` for configs/isles24_cta.json."""
+    # imported here, not at the top: the flags are checked before the seconds monai takes to import
+    from scripts.data.datalist import build_datalist
+
     refuse_existing([output], overwrite)
     channels = [c.strip() for c in channels.split(",") if c.strip()] if isinstance(channels, str) else list(channels)
     datalist = build_datalist(data_root, folds, seed, patients_csv, check, skip_invalid, channels)

@@ -1,8 +1,6 @@
 """Command line of the synthetic ISLES-like trees (``scripts.synthetic.isles``): ``python -m scripts.tools.synthetic_isles
 --output_dir DIR [--layout isles18|isles24|isles24_archive] [--dicom true] [--phantom true] ...``."""
 
-from scripts.synthetic.isles import generate, generate_isles24
-from scripts.synthetic.phantom import PhantomSource
 from scripts.tools.cli import run
 
 
@@ -24,6 +22,10 @@ def main(
     100 slices); ``--dicom true`` also writes each case's maps as a DICOM study; ``--phantom true`` makes each case a
     CT perfusion phantom (``scripts.synthetic.phantom``) whose maps are computed from its raw series, written beside the
     case (ISLES 2018 ``CT_4DPWI``, ISLES 2024 raw CTP, a DICOM series in the study) with the phantom's truth."""
+    # imported here, not at the top: the flags are checked before the seconds monai takes to import
+    from scripts.synthetic.isles import generate, generate_isles24
+    from scripts.synthetic.phantom import PhantomSource
+
     source = PhantomSource() if phantom else None
     if layout == "isles18":
         return generate(
