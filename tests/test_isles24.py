@@ -184,9 +184,8 @@ def test_train_one_epoch_and_segment_on_the_nccts_exact_grid(repo_root, tree, tm
         assert len(batch) == 2 and all(tuple(p["image"].shape) == (5, 32, 32, 16) for p in batch)
         # the maps in their fixed windows (tests/test_channels.py checks the values): in [0, 1], not z-scores
         assert train.parser.get_parsed_content("map_normalisation") == "window"
-        unaugmented = train.parser.get_parsed_content("validate#dataset")[0]["image"]
-        assert float(unaugmented.min()) >= 0 and float(unaugmented.max()) <= 1 and float(unaugmented.max()) > 0.5
-        validate = train.parser.get_parsed_content("validate#dataset")[0]["image"]
+        validate = train.parser.get_parsed_content("validate#dataset")[0]["image"]  # unaugmented
+        assert float(validate.min()) >= 0 and float(validate.max()) <= 1 and float(validate.max()) > 0.5
         assert validate.shape[1] > 32 and validate.shape[3] > 16  # more than one window
         assert isinstance(train.parser.get_parsed_content("validate#inferer"), SlidingWindowInferer)
     if sizes.get("brain_mask"):  # the CT is 0 where no perfusion map gives a value, and the box is the brain's

@@ -14,6 +14,7 @@ import numpy as np
 __all__ = [
     "CHANNELS",
     "COMPUTED_MAPS",
+    "HEALTHY_TMAX_S",
     "MAPS_SOURCE",
     "NCCT",
     "RAW_CTP",
@@ -25,6 +26,7 @@ __all__ = [
     "check_channels",
     "computed_channels",
     "series_rules",
+    "tmax_not_in_seconds",
 ]
 
 # The tests of a map's default DICOM rule besides its description: a map, not a thresholded region or mask.
@@ -129,6 +131,7 @@ RAW_CTP = Channel(
     synthetic=None,
 )
 TMAX_MEDIAN_LIMIT_S = 5.0  # a Tmax map in seconds has its median over measured voxels (Tmax > 0) below this
+HEALTHY_TMAX_S = 6.0  # tissue with a Tmax up to this (s) is healthy: the threshold core's reference and default
 MAPS_SOURCE = "maps_source"  # the item key (and per_case.csv column) that says where a case's perfusion maps came from
 VENDOR_MAPS = "vendor"
 COMPUTED_MAPS = "computed by the bundle (oSVD)"
@@ -181,3 +184,15 @@ def series_rules(channels=CHANNELS, site_rules=None) -> dict:
     names = [*channels, *([RAW_CTP.name] if computed_channels(channels) else [])]
     defaults = {name: (RAW_CTP if name == RAW_CTP.name else channel(name)).series_rule for name in names}
     return {name: {**defaults[name], **site_rules.get(name, {})} for name in names}
+
+
+def tmax_not_in_seconds(tmax):
+    """The median of a Tmax map over its measured voxels (Tmax > 0) where it is above ``TMAX_MEDIAN_LIMIT_S``, so the
+    map is not in seconds (tenths of a second, milliseconds: most brain tissue is healthy, 0-4 s); else None.
+
+    Args:
+        tmax: the Tmax map (a numpy array or a CPU tensor).
+    """
+    measured = np.asarray(tmax)[np.asarray(tmax) > 0]
+    median = float(np.median(measured)) if measured.size else 0.0
+    return median if median > TMAX_MEDIAN_LIMIT_S else None

@@ -28,7 +28,7 @@ from monai.transforms import (
     SpatialPadd,
     SplitDimd,
 )
-from scripts.data.channels import CHANNELS, TMAX_MEDIAN_LIMIT_S, channel
+from scripts.data.channels import CHANNELS, HEALTHY_TMAX_S, channel, tmax_not_in_seconds
 from scripts.data.readers import LoadCased
 from scripts.flags import as_bool
 
@@ -44,7 +44,6 @@ __all__ = [
 
 REPORT_MAPS = ("CT", "CBF", "Tmax")  # the maps the per-case report reads as they were loaded
 MAP_NORMALISATIONS = ("zscore", "window")  # the values of ``map_normalisation``
-HEALTHY_TMAX_S = 6.0  # healthy tissue: Tmax at most this (s), the threshold core's reference (scripts.report.perfusion)
 
 
 def lesion_mask(label):
@@ -91,9 +90,9 @@ class RequireFinited(MapTransform):
 class RelativeToHealthyd(MapTransform):
     """Each map of ``keys`` divided by its mean over healthy tissue: where it is above 0 and the Tmax map
     (``tmax_key``, in seconds) is at most ``healthy_tmax_s``, as the threshold core takes its reference; over all its
-    non-zero voxels where none is healthy. A blank map stays as it is. A Tmax map that is not in seconds (its median
-    over measured voxels above ``TMAX_MEDIAN_LIMIT_S``: tenths of a second, milliseconds) is refused, naming the
-    case: the healthy tissue and the fixed windows read it in seconds.
+    non-zero voxels where none is healthy. A blank map stays as it is. A Tmax map that is not in seconds
+    (``scripts.data.channels.tmax_not_in_seconds``: tenths of a second, milliseconds) is refused, naming the case:
+    the healthy tissue and the fixed windows read it in seconds.
 
     Args:
         keys: the maps to make relative.
@@ -108,10 +107,10 @@ class RelativeToHealthyd(MapTransform):
     def __call__(self, data):
         d = dict(data)
         tmax = d[self.tmax_key]
-        measured = tmax[tmax > 0]
-        if measured.numel() and float(measured.median()) > TMAX_MEDIAN_LIMIT_S:
+        median = tmax_not_in_seconds(tmax)
+        if median is not None:
             raise ValueError(
-                f"{d.get('case', 'a case')}: the Tmax map is not in seconds (median {float(measured.median()):.3g} over"
+                f"{d.get('case', 'a case')}: the Tmax map is not in seconds (median {median:.3g} over"
                 " its measured voxels; healthy tissue is 0-4 s), and map_normalisation 'window' reads it in seconds"
             )
         healthy = tmax <= self.healthy_tmax_s

@@ -12,8 +12,8 @@ Per case, on the scan's own grid (voxel volume from its affine; the maps are 0 o
 No figure is printed as real when the maps cannot give it; the figures are left blank and the note says why:
 - a blank CBF or Tmax map (no value above 0: the perfusion software failed), named;
 - Tmax not in seconds: most brain tissue is healthy, with a Tmax of 0 to 4 s, so the median Tmax of the brain's
-  measured voxels (Tmax > 0) is at most ``TMAX_MEDIAN_LIMIT_S`` in seconds; a map stored in tenths of a second
-  (x10) or milliseconds (x1000) is far above it, and which of the two it is cannot be told from the values alone;
+  measured voxels (Tmax > 0) is at most 5 s (``scripts.data.channels.tmax_not_in_seconds``); a map stored in tenths
+  of a second (x10) or milliseconds (x1000) is far above it, and which of the two it is cannot be told from the values alone;
 - no healthy tissue to take the reference CBF from.
 Voxels inside the brain outline where both maps give no value (0), next to the hypoperfused region, are what a
 no-flow core looks like when the software leaves it blank: they cannot be counted, and the note gives their volume.
@@ -25,14 +25,14 @@ import logging
 
 import numpy as np
 from scipy import ndimage
-from scripts.data.channels import TMAX_MEDIAN_LIMIT_S
+from scripts.data.channels import HEALTHY_TMAX_S, tmax_not_in_seconds
 from scripts.flags import as_fraction
 
 __all__ = ["COLUMNS", "DEFAULT_THRESHOLDS", "check_thresholds", "perfusion_regions", "perfusion_figures"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLDS = {"tmax_s": 6.0, "tmax_severe_s": 10.0, "rcbf": 0.3}
+DEFAULT_THRESHOLDS = {"tmax_s": HEALTHY_TMAX_S, "tmax_severe_s": 10.0, "rcbf": 0.3}
 # the columns perfusion_figures adds to a case's row of per_case.csv
 COLUMNS = (
     "hypoperfusion_ml",
@@ -87,8 +87,8 @@ def perfusion_regions(cbf, tmax, thresholds=None):
             f"the {maps} map{'s are' if len(blank) > 1 else ' is'} blank (no value above 0): the perfusion software"
             " gave none, and the network's mask was computed without it"
         )
-    median = float(np.median(tmax[tmax > 0]))
-    if median > TMAX_MEDIAN_LIMIT_S:
+    median = tmax_not_in_seconds(tmax)
+    if median is not None:
         return None, (
             f"Tmax is not in seconds: its median in the brain is {median:.3g}, healthy tissue is 0-4 s (tenths of a"
             " second or milliseconds cannot be told apart from the values)"
