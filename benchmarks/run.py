@@ -323,7 +323,7 @@ def train_parser(size, root, datalist_path, **override):
     parser.read_config(os.path.join(REPO_ROOT, "configs", "train.json"))
     parser.update(
         {
-            "bundle_root": tempfile.mkdtemp(),
+            "bundle_root": tempfile.mkdtemp(dir=os.path.dirname(root)),  # in the workdir, removed with it
             "dataset_dir": root,
             "data_list_file_path": datalist_path,
             "features": features,

@@ -6,6 +6,7 @@ whose ``channels`` lists it (docs/architecture.md, "Where to change what").
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,7 @@ __all__ = [
     "channel",
     "check_channels",
     "computed_channels",
+    "matches_description",
     "series_rules",
     "tmax_not_in_seconds",
 ]
@@ -196,3 +198,13 @@ def tmax_not_in_seconds(tmax):
     measured = np.asarray(tmax)[np.asarray(tmax) > 0]
     median = float(np.median(measured)) if measured.size else 0.0
     return median if median > TMAX_MEDIAN_LIMIT_S else None
+
+
+def matches_description(rule, modality, description) -> bool:
+    """Whether a series of ``modality`` and ``description`` passes a rule's modality and description tests (what a
+    PACS query tells of a series before it is downloaded)."""
+    if rule.get("modality") and modality not in rule["modality"]:
+        return False
+    if not re.search(rule["description"], description, re.IGNORECASE):
+        return False
+    return not (rule.get("exclude") and re.search(rule["exclude"], description, re.IGNORECASE))

@@ -32,6 +32,7 @@ from monai.transforms import LoadImaged, MapTransform, SpatialResample
 from monai.utils import PostFix, ensure_tuple
 from scripts.data import perfusion_maps
 from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, NCCT, VENDOR_MAPS, computed_channels
+from scripts.data.errors import InvalidCaseError
 from scripts.monai_gaps import LoadImageWithGivenReader, ThreadSafeNibabelReader
 
 __all__ = ["MAX_ABS_VALUE", "CheckedNiftiReader", "InvalidCaseError", "LoadCased", "computed_positions", "onto_grid"]
@@ -42,10 +43,6 @@ __all__ = ["MAX_ABS_VALUE", "CheckedNiftiReader", "InvalidCaseError", "LoadCased
 MAX_ABS_VALUE = 1e6
 LABEL = "OT"  # how messages name a case's label (ISLES's name for it)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class InvalidCaseError(ValueError):
-    """A case that cannot be used; the message names the case and the file."""
 
 
 class FileProblem(ValueError):

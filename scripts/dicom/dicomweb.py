@@ -26,8 +26,8 @@ from typing import NamedTuple
 import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
-from scripts.data.readers import InvalidCaseError
-from scripts.dicom.series import case_of, uid_name
+from scripts.data.errors import InvalidCaseError
+from scripts.dicom.uids import case_of, uid_name
 from scripts.safe_files import write_atomically
 
 __all__ = [

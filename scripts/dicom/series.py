@@ -24,7 +24,6 @@ when the case is loaded (``scripts.data.readers.LoadCased``). A study with the m
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -38,8 +37,19 @@ from monai.data import ImageReader
 from monai.utils import ensure_tuple
 from pydicom.pixels import apply_modality_lut, get_decoder
 from scripts.data import perfusion_maps
-from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, NCCT, RAW_CTP, VENDOR_MAPS, computed_channels
-from scripts.data.readers import InvalidCaseError, onto_grid
+from scripts.data.channels import (
+    CHANNELS,
+    COMPUTED_MAPS,
+    MAPS_SOURCE,
+    NCCT,
+    RAW_CTP,
+    VENDOR_MAPS,
+    computed_channels,
+    matches_description,
+)
+from scripts.data.errors import InvalidCaseError
+from scripts.data.readers import onto_grid
+from scripts.dicom.uids import case_of, uid_name
 
 __all__ = [
     "MANUFACTURER",
@@ -120,20 +130,6 @@ class Study:
         it), the ground truth as ``label`` (``GroundTruth``), and where the maps come from (``maps_source``)."""
         label = {"label": GroundTruth(self.label, self.series[NCCT])} if self.label is not None else {}
         return {"image": list(self.series.values()), "case": self.case, MAPS_SOURCE: self.maps_source, **label}
-
-
-def _digits(uid) -> str:
-    return hashlib.sha256(str(uid).encode()).hexdigest()[:12]
-
-
-def case_of(study_uid) -> str:
-    """A study's case name: ``study-`` and 12 hex digits of its StudyInstanceUID's SHA-256."""
-    return "study-" + _digits(study_uid)
-
-
-def uid_name(uid) -> str:
-    """How logs and messages name any other UID (an identifier): ``uid-`` and 12 hex digits of its SHA-256."""
-    return "uid-" + _digits(uid)
 
 
 def _read_headers(dataset_dir):
@@ -243,16 +239,6 @@ def _group(found):
         series.headers.append(header)
         series.sources.append(source)
     return images, segmentations
-
-
-def matches_description(rule, modality, description) -> bool:
-    """Whether a series of ``modality`` and ``description`` passes a rule's modality and description tests (what a
-    PACS query tells of a series before it is downloaded)."""
-    if rule.get("modality") and modality not in rule["modality"]:
-        return False
-    if not re.search(rule["description"], description, re.IGNORECASE):
-        return False
-    return not (rule.get("exclude") and re.search(rule["exclude"], description, re.IGNORECASE))
 
 
 def _matches(rule, series) -> bool:

@@ -41,13 +41,12 @@ import time
 
 import pydicom
 import requests
-from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts import BUNDLE_ROOT
-from scripts.data.readers import InvalidCaseError
+from scripts.data.channels import matches_description
+from scripts.data.errors import InvalidCaseError
 from scripts.dicom.dicomweb import ListenerState, Pacs, Redactor, fingerprint, read_credentials
-from scripts.dicom.series import case_of, matches_description, studies_in_memory
+from scripts.dicom.uids import case_of
 from scripts.flags import as_bool
-from scripts.monai_gaps import config_root_notice_dropped
 from scripts.safe_files import write_atomically
 from scripts.tools.cli import run
 
@@ -83,6 +82,10 @@ class StudySegmenter:
     """
 
     def __init__(self, pacs, output_dir, bundle_root, config_files):
+        # imported here, not at the top: flags, credentials and the PACS's first answer are checked before the
+        # seconds MONAI and torch take to import
+        from monai.bundle import ConfigParser
+
         self.pacs, self.output_dir, self.bundle_root, self.config_files = pacs, output_dir, bundle_root, config_files
         parser = ConfigParser()
         parser.read_config(config_files)
@@ -102,6 +105,10 @@ class StudySegmenter:
 
     def __call__(self, study_uid, series, overwrite) -> list:
         """Segment the study from its ``series`` (``inputs``'s) and store the results; returns the stored files."""
+        from monai.bundle import ConfigWorkflow
+        from scripts.dicom.series import studies_in_memory
+        from scripts.monai_gaps import config_root_notice_dropped
+
         case = case_of(study_uid)
         unmatched = [
             channel
