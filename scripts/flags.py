@@ -16,7 +16,7 @@ import inspect
 import os
 import sys
 
-__all__ = ["as_bool", "as_fraction", "refuse_unknown_overrides"]
+__all__ = ["as_bool", "as_fraction", "as_names", "refuse_unknown_overrides"]
 
 
 def _run_arguments() -> set:
@@ -60,6 +60,12 @@ def as_bool(value, name):
     if text in ("false", "no", "0"):
         return False
     raise ValueError(f"--{name} must be true or false, got {value!r}")
+
+
+def as_names(value) -> list:
+    """A flag's list of names: ``"CT,CBF,CBV"`` (as fire passes it on) or a list or tuple, each name stripped."""
+    names = value.split(",") if isinstance(value, str) else value
+    return [str(name).strip() for name in names if str(name).strip()]
 
 
 def as_fraction(value, name) -> float:

@@ -7,15 +7,18 @@ import os
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
-from helpers import raised_messages
+from helpers import raised_messages, study_files
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
 from scripts.data import channels
 from scripts.data.channels import CHANNELS, Channel, check_channels, series_rules
 from scripts.data.datalist import build_datalist, find_inputs
+from scripts.synthetic.dicom_studies import series_description
 from scripts.synthetic.isles import generate, generate_isles24
+from scripts.tools.make_studies import convert
 
 TINY = {"features": [2, 4, 8, 16, 32], "spatial_size": [32, 32, 16], "num_workers": 0}
 # a permeability-surface map, as some perfusion software exports it: the sixth input of these tests
@@ -25,6 +28,23 @@ PS = Channel(
     isles24="derivatives/perfusion-maps/space-ncct_ps",
     series_rule={"modality": ["CT", "OT"], "description": "\\bps\\b|permeab", "exclude": "<|%|thresh|mask"},
 )
+
+
+def six_channel_model(repo_root, bundle_root, config_names):
+    """The bundle's configs ``config_names`` and a profile listing the six inputs, and a tiny 6-channel network saved
+    as ``bundle_root/models/model.pt``; returns the config files."""
+    profile = bundle_root / "ps.json"
+    profile.write_text(json.dumps({"channels": [*CHANNELS, "PS"]}))
+    configs = [os.path.join(repo_root, "configs", name) for name in config_names] + [str(profile)]
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update(TINY)
+    network = parser.get_parsed_content("network_def")
+    assert next(w for w in network.parameters() if w.dim() == 5).shape[1] == 6, "in_channels follows the channels"
+    (bundle_root / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(network.state_dict(), bundle_root / "models" / "model.pt")
+    return configs
 
 
 def test_the_required_inputs_come_first_and_an_optional_one_after_them():
@@ -61,17 +81,7 @@ def test_a_sixth_input_is_one_spec_entry_and_a_profile(repo_root, tmp_path, monk
     assert np.array_equal(nib.load(item["image"][5]).get_fdata(), nib.load(item["image"][1]).get_fdata())
     assert series_rules(six)["PS"] == PS.series_rule
 
-    profile = tmp_path / "ps.json"
-    profile.write_text(json.dumps({"channels": six}))
-    configs = [os.path.join(repo_root, "configs", "inference.json"), str(profile)]
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update(TINY)
-    network = parser.get_parsed_content("network_def")
-    assert next(w for w in network.parameters() if w.dim() == 5).shape[1] == 6, "in_channels follows the channels"
-    (tmp_path / "models").mkdir()
-    torch.manual_seed(0)
-    torch.save(network.state_dict(), tmp_path / "models" / "model.pt")
+    configs = six_channel_model(repo_root, tmp_path, ["inference.json"])
     infer = ConfigWorkflow(
         config_file=configs,
         meta_file=os.path.join(repo_root, "configs", "metadata.json"),
@@ -89,6 +99,42 @@ def test_a_sixth_input_is_one_spec_entry_and_a_profile(repo_root, tmp_path, monk
     assert masks == ["case_1.nii.gz", "case_2.nii.gz"]
     ct = nib.load(find_inputs(str(isles18_root), channels=six)[0]["image"][0])
     assert nib.load(tmp_path / "runs" / "predictions" / "masks" / "case_1.nii.gz").shape == ct.shape
+
+
+def test_a_sixth_input_reaches_the_dicom_studies_and_make_studies(repo_root, tmp_path, monkeypatch):
+    """The same PS entry, and nothing else: the synthetic DICOM studies hold a PS series that its rule finds, DICOM
+    inference with the profile reads six series and segments, and make_studies --channels writes 6-channel studies."""
+    monkeypatch.setattr(channels, "SPEC", channels.SPEC + (PS,))
+    six = [*CHANNELS, "PS"]
+    root = tmp_path / "isles18"
+    generate(str(root), num_train=1, num_test=1, seed=2, in_plane=32, slices=(4,), dicom=True)
+    study = root / "dicom" / "TESTING" / "case_1"
+    described = {pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription for f in study_files(study)}
+    assert described == {series_description(name) for name in six} and "PS" in described
+
+    configs = six_channel_model(repo_root, tmp_path, ["inference.json", "dicom.json"])
+    infer = ConfigWorkflow(
+        config_file=configs,
+        meta_file=os.path.join(repo_root, "configs", "metadata.json"),
+        workflow_type="infer",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(study.parent),
+        **TINY,
+    )
+    infer.initialize()
+    (item,) = infer.parser.get_parsed_content("datalist")
+    assert [series.description for series in item["image"]] == [series_description(name) for name in six]
+    image = infer.parser.get_parsed_content("preprocessing")(item)["image"]
+    assert image.shape[0] == 6 and torch.equal(image[5], image[1]), "PS is the generator's copy of CBF"
+    infer.run()
+    infer.finalize()
+    assert os.listdir(tmp_path / "runs" / "predictions" / "masks") == [f"{item['case']}.nii.gz"]
+
+    written = convert(str(root), str(tmp_path / "studies"), sections="TESTING", channels=six)
+    stacked = nib.load(written["testing_case_1"])
+    (ps_file,) = find_inputs(str(root / "TESTING"), channels=six)[0]["image"][5:]
+    assert stacked.shape[-1] == 6 and stacked.header["descrip"].tobytes().decode().rstrip("\x00").endswith(",PS")
+    assert np.array_equal(stacked.get_fdata(dtype=np.float32)[..., 5], nib.load(ps_file).get_fdata(dtype=np.float32))
 
 
 def test_map_normalisation_window_reads_each_map_in_its_fixed_window(repo_root, synthetic_tree, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 DATALIST_FLAGS = (
     "--data_root, --output, --folds, --seed, --patients_csv, --check, --skip_invalid, --overwrite, --channels"
 )
-STUDIES_FLAGS = "--source, --output_dir, --sections, --labels, --overwrite, --check, --skip_invalid"
+STUDIES_FLAGS = "--source, --output_dir, --sections, --labels, --overwrite, --check, --skip_invalid, --channels"
 APP_FLAGS = "--app_dir, --model, --name, --features, --spatial_size, --settings, --sample_app, --overwrite"
 
 

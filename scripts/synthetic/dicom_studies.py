@@ -1,5 +1,6 @@
 """Synthetic cases as a hospital's PACS holds CT perfusion results: one DICOM study per case, with a series for the
-NCCT and one for each perfusion map, each classic CT Image Storage with one file per slice.
+NCCT, one for each perfusion map and one for each optional input the case has (``scripts.data.channels``), each
+classic CT Image Storage with one file per slice.
 
 The NIfTI and the DICOM forms of a case hold the same values (``dicom_representable``) on the same grid, so the
 bundle's pipeline gives identical inputs, and identical masks, from either.
@@ -19,11 +20,13 @@ from highdicom.spatial import convert_affine_to_convention
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
+from scripts.data import channels as spec
+from scripts.data.channels import CHANNELS, matches_description
 from scripts.dicom.results import derived_uid, segmentation
 
-__all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "write_label", "write_study"]
+__all__ = ["SERIES_DESCRIPTIONS", "dicom_representable", "series_description", "write_label", "write_study"]
 
-# Series description of each channel (the keys in the order of scripts.data.channels.CHANNELS), as a vendor names them.
+# Series description of each required input, as a vendor names them; an optional input's series is named after it.
 SERIES_DESCRIPTIONS = {
     "CT": "NCCT Head 5mm",
     "CBF": "RAPID CBF",
@@ -38,6 +41,8 @@ MAX_SCALE_EXPONENT = 15
 # Fixed dates and times, so that the same arguments give byte-identical files.
 STUDY_DATE, STUDY_TIME = "20240101", "120000"
 MANUFACTURER, MODEL_NAME = "SYNTHETIC", "synthetic_isles"
+LABEL_SERIES_NUMBER = len(CHANNELS) + 1  # after the required inputs' series
+FIRST_OPTIONAL_SERIES_NUMBER = LABEL_SERIES_NUMBER + 2  # after the label and the phantom's raw perfusion series
 UID_NAMESPACE = "scripts.dicom.synthetic"  # the module's first name, kept: the same arguments give the same UIDs
 
 
@@ -135,6 +140,24 @@ def _geometry(affine, depth):
     }
 
 
+def series_description(name) -> str:
+    """The SeriesDescription of an input's series: a vendor's name for a required input, the input's name for an
+    optional one, which its default DICOM rule must match (else its series could not be found)."""
+    description, rule = SERIES_DESCRIPTIONS.get(name, name), spec.channel(name).series_rule
+    if not matches_description(rule, "CT", description):
+        raise ValueError(f"{name}: its DICOM rule {rule} does not match its synthetic series' name {description!r}")
+    return description
+
+
+def _series_numbers(names) -> dict:
+    """Each input's SeriesNumber: the required ones 1 to 5, optional ones after the label and the raw series."""
+    optional = [name for name in names if name not in CHANNELS]
+    return {
+        name: CHANNELS.index(name) + 1 if name in CHANNELS else FIRST_OPTIONAL_SERIES_NUMBER + optional.index(name)
+        for name in names
+    }
+
+
 def _series_dataset(channel, number, study, series_uid, geometry, shape, storage):
     """The attributes shared by every slice of one series."""
     slope, intercept, signed = storage
@@ -150,8 +173,8 @@ def _series_dataset(channel, number, study, series_uid, geometry, shape, storage
     ds.ManufacturerModelName = MODEL_NAME
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CT PERFUSION HEAD"
-    ds.SeriesDescription = SERIES_DESCRIPTIONS[channel]
-    if channel != "CT":
+    ds.SeriesDescription = series_description(channel)
+    if channel in SERIES_DESCRIPTIONS and channel != "CT":
         ds.DerivationDescription = f"{channel} map computed from the CT perfusion series (synthetic)"
     ds.PatientName = study["patient_name"]
     ds.PatientID = study["patient_id"]
@@ -208,8 +231,8 @@ def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str
 
     Args:
         folder: the study folder (created).
-        arrays: channel -> (x, y, z) numpy array, already ``dicom_representable``, one per key of
-            ``SERIES_DESCRIPTIONS``, all of one shape.
+        arrays: input -> (x, y, z) numpy array, already ``dicom_representable``, for every required input and any
+            optional ones (``scripts.data.channels``), all of one shape.
         affine: 4 x 4 RAS affine (NIfTI) of all the arrays.
         case: a name of the case unique in its tree (e.g. ``training-case_1``); it names the patient unless
             ``patient`` does.
@@ -221,20 +244,23 @@ def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str
         slice order], "folder"}``.
 
     Raises:
-        ValueError: for other channels than ``SERIES_DESCRIPTIONS``', arrays of different or non-3D shapes, or values
-            that are not ``dicom_representable``.
+        ValueError: for a required input missing or an undeclared one, arrays of different or non-3D shapes, or
+            values that are not ``dicom_representable``.
     """
-    if set(arrays) != set(SERIES_DESCRIPTIONS):
-        raise ValueError(f"a study holds the channels {', '.join(SERIES_DESCRIPTIONS)}, got {', '.join(arrays)}")
+    names = [c.name for c in spec.SPEC if c.name in arrays]
+    if not set(CHANNELS) <= set(arrays) or len(names) != len(arrays):
+        raise ValueError(
+            f"a study holds the channels {', '.join(CHANNELS)} and optional inputs, got {', '.join(arrays)}"
+        )
     shapes = {np.shape(array) for array in arrays.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
         raise ValueError(f"the arrays must share one (x, y, z) shape, got {sorted(shapes)}")
     shape = shapes.pop()
     affine = np.asarray(affine, dtype=np.float64)
     digest = hashlib.sha256(affine.tobytes())
-    for channel in SERIES_DESCRIPTIONS:
-        digest.update(f"{channel}:{arrays[channel].dtype.str}".encode())
-        digest.update(np.ascontiguousarray(arrays[channel]))
+    for name in names:
+        digest.update(f"{name}:{arrays[name].dtype.str}".encode())
+        digest.update(np.ascontiguousarray(arrays[name]))
     identity = (case, seed, digest.hexdigest())
     patient = case if patient is None else patient
     study = {
@@ -246,7 +272,7 @@ def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str
     geometry = _geometry(affine, shape[2])
     folder = Path(folder)
     series, files = {}, []
-    for number, channel in enumerate(SERIES_DESCRIPTIONS, start=1):
+    for channel, number in _series_numbers(names).items():
         stored, *storage = _stored_pixels(channel, arrays[channel])
         series[channel] = derived_uid(UID_NAMESPACE, *identity, "series", channel)
         template = _series_dataset(channel, number, study, series[channel], geometry, shape, storage)
@@ -260,7 +286,6 @@ def write_study(folder, arrays: dict, affine, case: str, seed: int, patient: str
     return {"study_instance_uid": study["study_instance_uid"], "series": series, "files": files, "folder": str(folder)}
 
 
-LABEL_SERIES_NUMBER = len(SERIES_DESCRIPTIONS) + 1
 LABEL_DESCRIPTION = "Lesion (ground truth, synthetic)"
 
 

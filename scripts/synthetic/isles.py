@@ -316,16 +316,16 @@ def _with_optional(arrays, names):
     return arrays | {c.name: c.synthetic(arrays) for c in spec.SPEC if c.name in names and c.name not in arrays}
 
 
+def _with_dicom_values(arrays, names=CHANNELS):
+    """``arrays`` with the values of the inputs ``names`` as their DICOM series hold them (``dicom_representable``)."""
+    return {**arrays, **dicom_representable({key: arrays[key] for key in names})}
+
+
 def _write_case(case_dir, arrays, affine, smir_ids):
     """Write each array as SMIR.Brain.XX.O.<TOKEN>.<id>/SMIR.Brain.XX.O.<TOKEN>.<id>.nii under `case_dir`."""
     for key, data in arrays.items():
         name = smir_name(modality_tokens()[key][0], next(smir_ids))
         _save_nifti(case_dir / name / f"{name}.nii", data, affine)
-
-
-def _with_dicom_values(arrays):
-    """``arrays`` with the maps' values as their DICOM series hold them (``dicom_representable``), the label as is."""
-    return {**arrays, **dicom_representable({key: arrays[key] for key in CHANNELS})}
 
 
 def split_slabs(seed, split_index, num_cases, in_plane, slices, two_slab_fraction):
@@ -370,17 +370,18 @@ def _write_split(
     ):
         case = f"case_{len(rows) + 1}"
         arrays, affine, raw = case_source(patient, slab, rng)
+        arrays = _with_optional(arrays, keys)
         if dicom_dir is not None:
-            arrays = _with_dicom_values(arrays)
+            inputs = [key for key in keys if key != LABEL]  # the study holds every input of the case's folder
+            arrays = _with_dicom_values(arrays, inputs)  # and the NIfTI files the values its series hold
             split = split_dir.name.lower()
-            maps = {key: arrays[key] for key in CHANNELS}
             name = f"{split}-{case}"
+            maps = {key: arrays[key] for key in inputs}
             study = write_study(dicom_dir / case, maps, affine, name, seed, f"{split}-patient_{patient_index}")
             if LABEL in keys:
                 write_label(study, arrays[LABEL], affine, name, seed)
             if raw is not None:
                 raw.write_dicom(study, affine, name, seed)
-        arrays = _with_optional(arrays, keys)
         _write_case(split_dir / case, {key: arrays[key] for key in keys}, affine, smir_ids)
         if raw is not None:
             raw.write_isles18(split_dir / case, next(smir_ids), affine)
@@ -403,7 +404,7 @@ def generate(
     """Write a synthetic ISLES 2018 tree (TRAINING with labels, TESTING without, patients.csv) to `output_dir`.
 
     `slices` is a slab depth or the choices each case draws its depth from; a training patient gives two consecutive
-    cases with probability `two_slab_fraction`. With `dicom`, each case's five maps are also written as a DICOM study
+    cases with probability `two_slab_fraction`. With `dicom`, each case's inputs are also written as a DICOM study
     (`scripts.synthetic.dicom_studies.write_study`) in dicom/TRAINING/case_N/ or dicom/TESTING/case_N/ (a training case's
     label too, as a ground-truth DICOM SEG: `write_label`), and the NIfTI files
     hold the same values (`dicom_representable`: MTT and Tmax on a power-of-two grid) instead of the full float64

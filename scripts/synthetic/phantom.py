@@ -56,6 +56,7 @@ from scripts.data.perfusion_maps import (
 )
 from scripts.dicom.results import derived_uid
 from scripts.synthetic.dicom_studies import (
+    LABEL_SERIES_NUMBER,
     STUDY_DATE,
     UID_NAMESPACE,
     _geometry,
@@ -90,7 +91,7 @@ DISPERSION_MAX = 6.0  # s
 MTT_MAX = 20.0  # s: blood volume is lowered where it would give more
 BLOOD_HU = 40.0
 VESSEL_MIN_PV = 0.1  # a voxel with more blood than this is a vessel (no tissue truth)
-CTP_SERIES_NUMBER = 7  # after the study's five channels and its label
+CTP_SERIES_NUMBER = LABEL_SERIES_NUMBER + 1  # after the study's required inputs and its label
 CTP_DESCRIPTION = "CT Perfusion 4D (synthetic phantom)"
 CTP_TOKEN = "CT_4DPWI"
 TRUTH_DIR = "phantom_truth"  # beside the raw series: the truth maps, NIfTI, one per name

@@ -1,16 +1,18 @@
-"""Turn ISLES 2018 cases (five co-registered maps each) into single 5-channel NIfTI studies, e.g. for MONAI Label.
+"""Turn ISLES 2018 cases (co-registered inputs, a file each) into single 4D NIfTI studies, e.g. for MONAI Label.
 
-MONAI Label hands a bundle ONE image file per study, while an ISLES case is five files (CT, CBF, CBV, MTT, Tmax).
-This writes each case as one 4D NIfTI of shape (x, y, z, 5), float32, channels in metadata.json's channel_def order,
-with the CT's affine (sform and qform copied from the CT header as MONAI reads it, below): the case as the bundle loads
-it (``scripts.data.readers.LoadCased``), written as one file. The bundle's pre-processing loads that file and the five
-separate maps to the same (5, x, y, z) float32 array and affine, so both give the same mask.
+MONAI Label hands a bundle ONE image file per study, while an ISLES case is five files (CT, CBF, CBV, MTT, Tmax; more
+with a profile's optional inputs, ``--channels``). This writes each case as one 4D NIfTI of shape (x, y, z, channels),
+float32, channels in metadata.json's channel_def order (or ``--channels``'), with the CT's affine (sform and qform
+copied from the CT header as MONAI reads it, below): the case as the bundle loads it (``scripts.data.readers.
+LoadCased``), written as one file. The bundle's pre-processing loads that file and the separate maps to the same
+(channels, x, y, z) float32 array and affine, so both give the same mask.
 
     # one case folder -> OUT/case_7.nii.gz
     python -m scripts.tools.make_studies --source DIR/TESTING/case_7 --output_dir OUT
     # a whole ISLES root -> a MONAI Label studies folder: OUT/training_case_N.nii.gz, OUT/testing_case_N.nii.gz,
     # with --labels also the training labels as OUT/labels/final/training_case_N.nii.gz (what MONAI Label trains on)
-    python -m scripts.tools.make_studies --source DIR --output_dir OUT [--sections TRAINING,TESTING] [--labels]
+    python -m scripts.tools.make_studies --source DIR --output_dir OUT [--sections TRAINING,TESTING] [--labels] \\
+        [--channels CT,CBF,CBV,MTT,Tmax,<optional input>]
 
 Existing files are never replaced without ``--overwrite`` (checked for every planned file before anything is
 written); every case is read and checked with the datalist builder's checks before the first study is written, so
@@ -39,10 +41,11 @@ from functools import partial
 
 import nibabel as nib
 import numpy as np
-from scripts.data.channels import CHANNELS
+from scripts.data.channels import CHANNELS, check_channels
 from scripts.data.datalist import log_skipped, read_valid_cases
 from scripts.data.isles18 import TESTING_DIR, TRAINING_DIR, find_cases, find_dir, read_case
 from scripts.data.readers import InvalidCaseError, LoadCased
+from scripts.flags import as_names
 from scripts.safe_files import refuse_existing, write_atomically
 from scripts.tools.cli import run
 
@@ -50,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 STUDY_SUFFIX = ".nii.gz"
 LABELS_SUBDIR = os.path.join("labels", "final")  # MONAI Label's LocalDatastore: labels of tag "final"
-DESCRIPTION = "ISLES CTP channels: " + ",".join(CHANNELS)
+DESCRIPTION = "ISLES CTP channels: "  # and the study's channels
+DEFAULT_CHANNELS = ",".join(CHANNELS)
 # Header fields that define the CT's voxel-to-world mapping, copied verbatim so that the study's affine is the CT's.
 _GEOMETRY_FIELDS = ("qform_code", "sform_code", "xyzt_units", "srow_x", "srow_y", "srow_z")
 _GEOMETRY_FIELDS += tuple(f"quatern_{a}" for a in "bcd") + tuple(f"qoffset_{a}" for a in "xyz")
@@ -67,12 +71,12 @@ def _image(data, meta, dtype):
     return nib.Nifti1Image(data.astype(dtype), None, header=header)
 
 
-def stack_case(loaded):
-    """A case loaded by ``LoadCased`` as one ``(x, y, z, 5)`` float32 study with the CT's geometry, and its label (uint8,
-    same geometry) where it has one."""
+def stack_case(loaded, channels=CHANNELS):
+    """A case loaded by ``LoadCased`` as one ``(x, y, z, channels)`` float32 study with the CT's geometry, and its label
+    (uint8, same geometry) where it has one."""
     image = loaded["image"]
     study = _image(np.moveaxis(image.numpy(), 0, -1), image.meta, np.float32)
-    study.header["descrip"] = DESCRIPTION.encode()
+    study.header["descrip"] = (DESCRIPTION + ",".join(channels)).encode()
     label = _image(loaded["label"].numpy()[0], image.meta, np.uint8) if "label" in loaded else None
     return study, label
 
@@ -87,9 +91,7 @@ def _plan(source, sections):
     source = os.path.abspath(source)
     if not os.path.isdir(source):
         raise FileNotFoundError(f"source {source} is not a folder")
-    if isinstance(sections, str):
-        sections = [s for s in sections.split(",") if s]
-    sections = [s.upper() for s in sections]
+    sections = [s.upper() for s in as_names(sections)]
     unknown = [s for s in sections if s not in (TRAINING_DIR, TESTING_DIR)]
     if unknown or not sections:
         raise ValueError(f"sections must be {TRAINING_DIR} and/or {TESTING_DIR}, got {sections}")
@@ -115,14 +117,16 @@ def convert(
     overwrite=False,
     check=True,
     skip_invalid=False,
+    channels=CHANNELS,
 ):
-    """Write one 5-channel study per case of ``source`` into ``output_dir``; return ``{study_id: path}``.
+    """Write one study of ``channels`` per case of ``source`` into ``output_dir``; return ``{study_id: path}``.
 
     ``source`` is one case folder (``.../case_N`` with its ``SMIR.Brain.XX.O.<MOD>.<id>`` map folders, written as
     ``<case>.nii.gz``) or an ISLES root holding ``TRAINING/`` and/or ``TESTING/`` (each case written as
     ``<section>_<case>.nii.gz``, e.g. ``training_case_1.nii.gz``, so the two sections' case numbers do not clash).
     ``labels=True`` also writes each training case's OT as ``labels/final/<study_id>.nii.gz``.
     """
+    check_channels(channels)
     plan = _plan(source, sections)
     jobs = []
     for section, case, case_dir, study in plan:
@@ -133,14 +137,15 @@ def convert(
         jobs.append((case, case_dir, with_label, study, study_path, label_path))
     refuse_existing([p for job in jobs for p in job[4:] if p], overwrite)
     # every case read and checked before the first study is written
-    items, skipped = read_valid_cases([partial(read_case, *job[:3]) for job in jobs], check, skip_invalid)
+    reads = [partial(read_case, *job[:3], channels) for job in jobs]
+    items, skipped = read_valid_cases(reads, check, skip_invalid, channels)
     by_case = {item["case"]: item for item in items}
-    written, load = {}, LoadCased(("image", "label"), simple_keys=False)  # stack_case copies the CT's header
+    written, load = {}, LoadCased(("image", "label"), channels, simple_keys=False)  # stack_case copies the CT header
     for case, case_dir, _, study, study_path, label_path in jobs:
         if case not in by_case:
             continue
         try:  # loaded again, checked again: with --check false this is the only check
-            image, label = stack_case(load(by_case[case]))
+            image, label = stack_case(load(by_case[case]), channels)
         except InvalidCaseError as err:
             if not skip_invalid:
                 raise
@@ -163,12 +168,15 @@ def main(
     overwrite: bool = False,
     check: bool = True,
     skip_invalid: bool = False,
+    channels: str | tuple | list = DEFAULT_CHANNELS,
 ):
-    """CLI: see the module docstring."""
-    written = convert(source, output_dir, sections, labels, overwrite, check, skip_invalid)
+    """CLI: see the module docstring; ``--channels`` lists each study's inputs, the required ones (``scripts.data.
+    channels``) then optional ones, as the profile the studies are for (e.g. ``CT,CBF,CBV,MTT,Tmax,CTA``)."""
+    channels = as_names(channels)
+    written = convert(source, output_dir, sections, labels, overwrite, check, skip_invalid, channels)
     print(
-        f"{output_dir}: wrote {len(written)} 5-channel stud{'y' if len(written) == 1 else 'ies'}"
-        f" ({', '.join(CHANNELS)})" + (", with training labels in " + LABELS_SUBDIR if labels else "")
+        f"{output_dir}: wrote {len(written)} {len(channels)}-channel stud{'y' if len(written) == 1 else 'ies'}"
+        f" ({', '.join(channels)})" + (", with training labels in " + LABELS_SUBDIR if labels else "")
     )
 
 

@@ -8,6 +8,7 @@ python -m scripts.tools.prepare_datalist --data_root DIR --output datalist.json 
 import json
 
 from scripts.data.channels import CHANNELS
+from scripts.flags import as_names
 from scripts.safe_files import refuse_existing, write_atomically
 from scripts.tools.cli import run
 
@@ -32,8 +33,7 @@ def main(
     from scripts.data.datalist import build_datalist
 
     refuse_existing([output], overwrite)
-    channels = [c.strip() for c in channels.split(",") if c.strip()] if isinstance(channels, str) else list(channels)
-    datalist = build_datalist(data_root, folds, seed, patients_csv, check, skip_invalid, channels)
+    datalist = build_datalist(data_root, folds, seed, patients_csv, check, skip_invalid, as_names(channels))
     write_atomically(output, lambda f: f.write(json.dumps(datalist, indent=2).encode()))
     print(
         f"{output}: {len(datalist['training'])} training cases in {folds} folds, {len(datalist['testing'])} testing,"
