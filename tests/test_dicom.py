@@ -121,13 +121,18 @@ def test_the_seg_reads_back_as_the_mask_and_the_sr_holds_the_volumes(both_runs, 
         assert rows[study]["maps_source"] == "vendor" and parameters == ["perfusion maps: vendor"] * 2, case
 
 
-def test_no_patient_name_or_id_in_the_logs_or_file_names(both_runs, dicom_tree):
+def test_no_patient_name_id_or_uid_in_the_logs_or_file_names(both_runs, dicom_tree):
+    """Neither the patient's name and ID nor a UID of the studies (highdicom logs the UID of each dataset it copies
+    from at INFO: configs/logging.conf keeps it at WARNING) reaches the run's output or a file name."""
     out, cases, dicom = both_runs
     header = pydicom.dcmread(study_files(dicom_tree / "dicom" / "TESTING" / "case_1")[0])
     written = [os.path.join(d, n) for d, dirs, files in os.walk(out / "dicom") for n in dirs + files]
     for secret in (str(header.PatientName), str(header.PatientID)):
         assert secret and secret not in dicom.stdout + dicom.stderr
         assert not any(secret in path for path in written)
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in study_files(dicom_tree / "dicom" / "TESTING")]
+    uids = {ds.get(key) for ds in headers for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    assert len(uids) > len(headers) and not [uid for uid in uids if uid in dicom.stdout + dicom.stderr]
 
 
 def test_a_rerun_makes_objects_of_the_same_uids(repo_root, tiny_model, dicom_tree, both_runs):
