@@ -97,7 +97,11 @@ def bundle(repo_root, eager):
     for name, args in commands.items():
         with open(logs[name], "w") as log:
             running[name] = subprocess.Popen(
-                [sys.executable, "-m", "monai.bundle", *args], cwd=repo_root, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "monai.bundle", *args],
+                cwd=repo_root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TMPDIR": str(ckpt.parent)},  # torch's ONNX export leaves a tmp*.data file there
             )
     outputs = {name: (proc.wait(timeout=300), logs[name].read_text()) for name, proc in running.items()}
 

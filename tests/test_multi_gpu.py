@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -100,7 +101,10 @@ def torchrun(repo_root, run_id, configs, bundle_root, **override):
         repr(configs),
         *[x for key, value in override.items() for x in (f"--{key}", str(value))],
     ]
-    result = subprocess.run(cmd, cwd=repo_root, check=False, capture_output=True, text=True, timeout=300)
+    scratch = Path(bundle_root).parent / "torchrun_tmp"  # torchrun leaves a torchelastic_* folder in $TMPDIR
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    result = subprocess.run(cmd, cwd=repo_root, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
