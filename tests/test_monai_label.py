@@ -203,6 +203,7 @@ def server(app, studies, tmp_path_factory):
         str(port),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONAI_LABEL_", "PYTHONPATH"))}
+    env["TMPDIR"] = str(app_dir.parent)  # the server's logging config, a tmp*.json it leaves when stopped, goes there
     with open(log, "w") as out:
         process = subprocess.Popen(
             cmd, cwd=app_dir.parent, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
