@@ -175,7 +175,7 @@ def test_monai_bundle_run_refuses_an_override_no_config_defines(
     assert not bundle_root.exists(), "nothing is written"
 
 
-@pytest.mark.parametrize("module", ["prepare_datalist", "synthetic_isles", "monailabel_app", "pacs"])
+@pytest.mark.parametrize("module", ["prepare_datalist", "synthetic_isles", "monailabel_app", "pacs", "make_studies"])
 def test_a_tool_can_refuse_its_flags_before_torch_and_monai_are_imported(repo_root, module):
     """Importing the tool (what `python -m` does before `run` checks the flags) loads neither torch nor monai, which take
     seconds on a small CPU: a mistyped flag is refused at once, and the tool imports them when its work starts."""

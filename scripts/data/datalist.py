@@ -26,7 +26,8 @@ from monai.utils import ensure_tuple
 from scripts.data import channels as spec
 from scripts.data import isles18, isles24
 from scripts.data.channels import CHANNELS, MAPS_SOURCE, check_channels
-from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError, LoadCased, computed_positions, file_stem
+from scripts.data.files import NIFTI_SUFFIXES, InvalidCaseError, file_stem
+from scripts.data.readers import LoadCased, computed_positions
 from scripts.flags import as_bool
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import re
 
 from scripts.data import channels as spec
 from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, computed_channels
-from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError
+from scripts.data.files import NIFTI_SUFFIXES, InvalidCaseError
 
 logger = logging.getLogger(__name__)
 

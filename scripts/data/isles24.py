@@ -21,8 +21,8 @@ import re
 
 from scripts.data import channels as spec
 from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, computed_channels
+from scripts.data.files import NIFTI_SUFFIXES, InvalidCaseError
 from scripts.data.isles18 import TESTING_DIR, TRAINING_DIR, find_dir
-from scripts.data.readers import NIFTI_SUFFIXES, InvalidCaseError
 
 __all__ = ["EXPECTED", "find_root", "find_subjects", "read_subject", "subject_of"]
 

@@ -32,7 +32,7 @@ from monai.transforms import LoadImaged, MapTransform, SpatialResample
 from monai.utils import PostFix, ensure_tuple
 from scripts.data import perfusion_maps
 from scripts.data.channels import CHANNELS, COMPUTED_MAPS, MAPS_SOURCE, NCCT, VENDOR_MAPS, computed_channels
-from scripts.data.errors import InvalidCaseError
+from scripts.data.files import NIFTI_SUFFIXES, InvalidCaseError, file_stem
 from scripts.monai_gaps import LoadImageWithGivenReader, ThreadSafeNibabelReader
 
 __all__ = ["MAX_ABS_VALUE", "CheckedNiftiReader", "InvalidCaseError", "LoadCased", "computed_positions", "onto_grid"]
@@ -42,7 +42,6 @@ __all__ = ["MAX_ABS_VALUE", "CheckedNiftiReader", "InvalidCaseError", "LoadCased
 # a value loses the rest of the map (beyond about 1e19 its sum of squares overflows to Inf, and the input to NaN).
 MAX_ABS_VALUE = 1e6
 LABEL = "OT"  # how messages name a case's label (ISLES's name for it)
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 class FileProblem(ValueError):
@@ -351,9 +350,3 @@ class LoadCased(LoadImaged):
                 f"{case}: label file {path} is not a binary mask: values {np.unique(values)[:10].tolist()} (after the"
                 " header's scaling); a mask is 0 and one positive value, read as lesion where > 0"
             )
-
-
-def file_stem(path) -> str:
-    """A file's name without ``.nii``/``.nii.gz``."""
-    name = os.path.basename(str(path))
-    return next((name[: -len(s)] for s in (".nii.gz", ".nii") if name.lower().endswith(s)), name)

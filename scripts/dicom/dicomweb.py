@@ -26,7 +26,7 @@ from typing import NamedTuple
 import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
-from scripts.data.errors import InvalidCaseError
+from scripts.data.files import InvalidCaseError
 from scripts.dicom.uids import case_of, uid_name
 from scripts.safe_files import write_atomically
 

@@ -47,7 +47,7 @@ from scripts.data.channels import (
     computed_channels,
     matches_description,
 )
-from scripts.data.errors import InvalidCaseError
+from scripts.data.files import InvalidCaseError
 from scripts.data.readers import onto_grid
 from scripts.dicom.uids import case_of, uid_name
 

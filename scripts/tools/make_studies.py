@@ -42,9 +42,8 @@ from functools import partial
 import nibabel as nib
 import numpy as np
 from scripts.data.channels import CHANNELS, check_channels
-from scripts.data.datalist import log_skipped, read_valid_cases
+from scripts.data.files import InvalidCaseError
 from scripts.data.isles18 import TESTING_DIR, TRAINING_DIR, find_cases, find_dir, read_case
-from scripts.data.readers import InvalidCaseError, LoadCased
 from scripts.flags import as_names
 from scripts.safe_files import refuse_existing, write_atomically
 from scripts.tools.cli import run
@@ -126,6 +125,10 @@ def convert(
     ``<section>_<case>.nii.gz``, e.g. ``training_case_1.nii.gz``, so the two sections' case numbers do not clash).
     ``labels=True`` also writes each training case's OT as ``labels/final/<study_id>.nii.gz``.
     """
+    # imported here, not at the top: the flags are checked before the seconds MONAI and torch take to import
+    from scripts.data.datalist import log_skipped, read_valid_cases
+    from scripts.data.readers import LoadCased
+
     check_channels(channels)
     plan = _plan(source, sections)
     jobs = []

@@ -43,7 +43,7 @@ import pydicom
 import requests
 from scripts import BUNDLE_ROOT
 from scripts.data.channels import matches_description
-from scripts.data.errors import InvalidCaseError
+from scripts.data.files import InvalidCaseError
 from scripts.dicom.dicomweb import ListenerState, Pacs, Redactor, fingerprint, read_credentials
 from scripts.dicom.uids import case_of
 from scripts.flags import as_bool
