@@ -72,6 +72,12 @@ REFUSED = [  # (CLI, arguments after the required ones, exit status, the one lin
     ),
     ("make_studies", ["--sections", "1"], 1, "error: sections must be TRAINING and/or TESTING, got ['1']"),
     (
+        "make_studies",
+        ["--channels", "CT,CBF"],
+        1,
+        "error: channels ['CT', 'CBF']: the model's inputs are CT, CBF, CBV, MTT, Tmax, in that order, then optionally CTA",
+    ),
+    (
         "monailabel_app",
         ["--overwite"],
         2,

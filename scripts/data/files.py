@@ -15,4 +15,5 @@ class InvalidCaseError(ValueError):
 def file_stem(path) -> str:
     """A file's name without ``.nii``/``.nii.gz``."""
     name = os.path.basename(str(path))
-    return next((name[: -len(s)] for s in (".nii.gz", ".nii") if name.lower().endswith(s)), name)
+    longest_first = sorted(NIFTI_SUFFIXES, key=len, reverse=True)
+    return next((name[: -len(s)] for s in longest_first if name.lower().endswith(s)), name)

@@ -174,7 +174,7 @@ def _series_dataset(channel, number, study, series_uid, geometry, shape, storage
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CT PERFUSION HEAD"
     ds.SeriesDescription = series_description(channel)
-    if channel in SERIES_DESCRIPTIONS and channel != "CT":
+    if spec.channel(channel).computed:
         ds.DerivationDescription = f"{channel} map computed from the CT perfusion series (synthetic)"
     ds.PatientName = study["patient_name"]
     ds.PatientID = study["patient_id"]
