@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import pytest
+from filelock import FileLock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[0] != REPO_ROOT:
@@ -68,14 +69,23 @@ DEMO_OVERRIDES = {
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """`python -m monai.bundle run training` of train.json + demo.json in a temp bundle root, once per session: the
-    root, the finished process and the overrides (its model is demo_data/models/model.pt)."""
-    root = tmp_path_factory.mktemp("demo")
-    configs = "['configs/train.json','configs/demo.json']"
-    cmd = bundle_run_command("training", configs, bundle_root=root, **DEMO_OVERRIDES)
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root, result, DEMO_OVERRIDES
+    """`python -m monai.bundle run training` of train.json + demo.json in a temp bundle root, once per test session,
+    whose pytest-xdist workers share it (xdist's documented FileLock pattern): the root, the run's standard output and
+    the overrides (its model is demo_data/models/model.pt)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "demo"  # the session's folder above every worker's own
+    else:
+        root = tmp_path_factory.mktemp("demo")
+    stdout = root / "stdout.txt"
+    with FileLock(f"{root}.lock"):
+        if not stdout.is_file():
+            root.mkdir(exist_ok=True)
+            configs = "['configs/train.json','configs/demo.json']"
+            cmd = bundle_run_command("training", configs, bundle_root=root, **DEMO_OVERRIDES)
+            result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
+            assert result.returncode == 0, result.stderr[-3000:]
+            stdout.write_text(result.stdout)
+    return root, stdout.read_text(), DEMO_OVERRIDES
 
 
 def tiny_training(bundle_root, dataset_dir, **override):
