@@ -78,22 +78,24 @@ DEMO_OVERRIDES = {
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """`python -m monai.bundle run training` of train.json + demo.json in a temp bundle root, once per test session,
-    whose pytest-xdist workers share it (xdist's documented FileLock pattern): the root, the run's standard output and
-    the overrides (its model is demo_data/models/model.pt)."""
+    whose pytest-xdist workers share it (xdist's documented FileLock pattern; the run's output kept in files beside it):
+    the root, the finished process and the overrides (its model is demo_data/models/model.pt)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = tmp_path_factory.getbasetemp().parent / "demo"  # the session's folder above every worker's own
     else:
         root = tmp_path_factory.mktemp("demo")
-    stdout = root / "stdout.txt"
+    configs = "['configs/train.json','configs/demo.json']"
+    cmd = bundle_run_command("training", configs, bundle_root=root, **DEMO_OVERRIDES)
+    output = {name: root.parent / f"demo_{name}.txt" for name in ("stdout", "stderr")}
     with FileLock(f"{root}.lock"):
-        if not stdout.is_file():
+        if not output["stderr"].is_file():
             root.mkdir(exist_ok=True)
-            configs = "['configs/train.json','configs/demo.json']"
-            cmd = bundle_run_command("training", configs, bundle_root=root, **DEMO_OVERRIDES)
             result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
             assert result.returncode == 0, result.stderr[-3000:]
-            stdout.write_text(result.stdout)
-    return root, stdout.read_text(), DEMO_OVERRIDES
+            for name, path in output.items():
+                path.write_text(getattr(result, name))
+    result = subprocess.CompletedProcess(cmd, 0, output["stdout"].read_text(), output["stderr"].read_text())
+    return root, result, DEMO_OVERRIDES
 
 
 def tiny_training(bundle_root, dataset_dir, **override):

@@ -235,11 +235,11 @@ def test_bad_config_values_fail_clearly(repo_root, synthetic_tree, datalist_file
 
 def test_demo_learns(demo_run):
     """A shorter demo through `monai.bundle run`: validation Dice well above trivial all-background/all-lesion."""
-    bundle_root, stdout, _ = demo_run
-    assert "best model:" in stdout and "TensorBoard logs:" in stdout
+    bundle_root, result, _ = demo_run
+    assert "best model:" in result.stdout and "TensorBoard logs:" in result.stdout
     datalist = json.load(open(bundle_root / "demo_data" / "datalist.json"))
     assert len(datalist["training"]) == 12
-    dice = float(stdout.rsplit("| best val_mean_dice ", 1)[1].split()[0])
+    dice = float(result.stdout.rsplit("| best val_mean_dice ", 1)[1].split()[0])
     # all-lesion guess: Dice = 2|L| / (|L| + N) on the validation fold's labels; all-background scores 0
     fractions = [
         np.asanyarray(nib.load(bundle_root / "demo_data" / "isles" / item["label"]).dataobj).mean()
